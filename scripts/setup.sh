@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create .venv (Python >= 3.11) and install segstudio with the given extras,
+# pinned by requirements/constraints.txt. Re-runs are quick: nothing is
+# reinstalled unless pyproject.toml, the constraints or the extras changed.
+#   usage: bash scripts/setup.sh [EXTRAS]      (default: onnx,torch,gui)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-onnx,torch,gui}"
+
+py="${PYTHON:-}"
+if [ -z "$py" ]; then
+  for candidate in python3.13 python3.12 python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      py="$candidate"; break
+    fi
+  done
+fi
+if [ -z "$py" ]; then
+  echo "segstudio needs Python 3.11 or newer; none was found (set PYTHON=/path/to/python3.11)" >&2
+  exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "creating .venv with $($py --version)"
+  "$py" -m venv .venv
+fi
+stamp=".venv/.segstudio-installed"
+want="$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16) $extras"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "installing segstudio[$extras] into .venv (first time: a few minutes)"
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -c requirements/constraints.txt -e ".[$extras]"
+echo "$want" > "$stamp"

@@ -1,0 +1,192 @@
+"""The standalone segstudio window: a napari viewer with the segstudio panels docked.
+
+:func:`run_app` is what ``segstudio gui`` (and ``python -m segstudio``) call;
+:func:`build_window` sets the window up without entering the event loop, for
+tests and scripts.
+
+Files given on the command line and files dropped onto the window are read
+with :func:`~segstudio.core.io.read_image`, so the pixel size becomes the
+layer scale and channels become one layer each, exactly as the command line
+reads them.  Drops of anything else (folders, zarr stores, or a drop with
+Shift or Alt held, napari's "open as stack" / "choose plugin") go to napari's
+own drop handling.
+"""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+from typing import Iterable
+
+import napari
+from napari.qt import get_qapp
+from napari.utils.notifications import show_error
+from qtpy.QtCore import QEvent, QObject, Qt
+from qtpy.QtGui import QGuiApplication, QIcon
+from qtpy.QtWidgets import QApplication, QMainWindow
+
+from ..core.errors import SegStudioError
+from ..core.io import IMAGE_SUFFIXES, read_image
+from ..napari_plugin._layers import image_layer_data
+from ..napari_plugin._sample_data import load_sample, sample_id
+from ..napari_plugin._widget import SegmentWidget
+from ..qt.binding import check_qt_binding
+from ..qt.worker import shutdown_all
+from ..resources import ICON
+from ..sample_data import sample_pairs
+
+
+TITLE = "segstudio"
+WINDOW_SIZE = (1400, 900)
+
+
+def open_paths(viewer: napari.Viewer, paths: Iterable[str | Path]) -> list[str]:
+    """Open image files in ``viewer`` through :func:`read_image`.
+
+    A file that cannot be read does not stop the others: its message is shown
+    as a napari notification and returned.
+
+    Returns
+    -------
+    list of str
+        One message per file that could not be opened.
+    """
+    errors = []
+    for path in paths:
+        try:
+            image = read_image(path)
+        except SegStudioError as exc:
+            errors.append(str(exc))
+            show_error(str(exc))
+            continue
+        for data, kwargs, layer_type in image_layer_data(image):
+            getattr(viewer, f"add_{layer_type}")(data, **kwargs)
+    return errors
+
+
+def show_first_sample(viewer: napari.Viewer) -> None:
+    """Open the first bundled sample (with its hidden ground truth)."""
+    pairs = sample_pairs()
+    if not pairs:
+        return
+    for data, kwargs, layer_type in load_sample(sample_id(pairs[0][0])):
+        getattr(viewer, f"add_{layer_type}")(data, **kwargs)
+
+
+def droppable_files(urls) -> list[Path]:
+    """The local image files of a drop, or ``[]`` when the drop holds anything else."""
+    paths = []
+    for url in urls:
+        if not url.isLocalFile():
+            return []
+        path = Path(url.toLocalFile())
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            return []
+        paths.append(path)
+    return paths
+
+
+class FileDropFilter(QObject):
+    """Event filter that opens dropped image files with :func:`open_paths`."""
+
+    def __init__(self, viewer: napari.Viewer, parent: QObject | None = None):
+        super().__init__(parent)
+        self._viewer = weakref.ref(viewer)  # the filter is owned by the window: no cycle back to it
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt override
+        """Accept drags of image files and open them on drop; leave other events alone."""
+        kind = event.type()
+        if kind not in (QEvent.Type.DragEnter, QEvent.Type.DragMove, QEvent.Type.Drop):
+            return False
+        modifiers = QGuiApplication.keyboardModifiers()
+        if modifiers & (Qt.KeyboardModifier.ShiftModifier | Qt.KeyboardModifier.AltModifier):
+            return False  # napari's own "open as stack" / "choose a reader"
+        mime = event.mimeData()
+        paths = droppable_files(mime.urls()) if mime is not None and mime.hasUrls() else []
+        if not paths:
+            return False
+        viewer = self._viewer()
+        if viewer is None:
+            return False
+        event.acceptProposedAction()
+        if kind == QEvent.Type.Drop:
+            open_paths(viewer, paths)
+        return True
+
+
+def application() -> QApplication:
+    """napari's QApplication, created with segstudio's icon when there is none yet."""
+    if QApplication.instance() is None:
+        return get_qapp(icon=str(ICON))
+    return get_qapp()
+
+
+def build_window(
+    paths: Iterable[str | Path] = (),
+    show_sample: bool = False,
+    *,
+    viewer: napari.Viewer | None = None,
+    show: bool = True,
+) -> napari.Viewer:
+    """Set up the segstudio window and return its viewer, without running the event loop.
+
+    Parameters
+    ----------
+    paths : iterable of path
+        Image files to open.
+    show_sample : bool
+        Open the first bundled sample.
+    viewer : napari.Viewer, optional
+        Set up this viewer (tests pass one from ``make_napari_viewer``)
+        instead of creating one.
+    show : bool
+        Show the window.
+    """
+    icon = QIcon(str(ICON))
+    if viewer is None:
+        application()
+        viewer = napari.Viewer(title=TITLE, show=False)
+    viewer.title = TITLE
+    window: QMainWindow = viewer.window._qt_window
+    window._window_icon = str(ICON)  # napari re-reads this when the theme changes
+    window.setWindowIcon(icon)
+    QGuiApplication.setWindowIcon(icon)
+    window.resize(*WINDOW_SIZE)
+
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Segment", area="right")
+
+    drop_filter = FileDropFilter(viewer, window)
+    window.setAcceptDrops(True)
+    window.installEventFilter(drop_filter)
+    viewer.window._qt_viewer.installEventFilter(drop_filter)
+
+    if show_sample:
+        show_first_sample(viewer)
+    open_paths(viewer, paths)
+    if show:
+        window.show()
+    return viewer
+
+
+def segment_widget(viewer: napari.Viewer) -> SegmentWidget:
+    """The :class:`SegmentWidget` docked in a window made by :func:`build_window`."""
+    widgets = viewer.window._qt_window.findChildren(SegmentWidget)
+    if not widgets:
+        raise LookupError("this viewer has no segstudio Segment widget")
+    return widgets[0]
+
+
+def run_app(paths: list[Path], show_sample: bool) -> int:
+    """Open the standalone window and run the event loop until it closes.
+
+    Returns the process exit code.
+    """
+    check_qt_binding()
+    application()
+    build_window(paths, show_sample)
+    try:
+        napari.run()
+    finally:
+        shutdown_all()
+    return 0

@@ -1,0 +1,336 @@
+"""Command line: ``segstudio segment | eval | models | gui | start | self-test``.
+
+User errors (:class:`SegStudioError`) print one line and exit with code 2;
+anything unexpected prints one line pointing to a log file holding the
+traceback, and exits with code 3.  Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .core.errors import Cancelled, InputError, SegStudioError, write_crash_log
+
+EXIT_FAILED = 1  # some inputs failed, the rest were processed
+EXIT_USAGE = 2  # bad input or options
+EXIT_BUG = 3  # unexpected error
+
+
+def _err(msg: str) -> None:
+    print(f"segstudio: error: {msg}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def expand_inputs(paths: list[str], pattern: str | None = None) -> list[Path]:
+    """Files named on the command line, and the image files inside named folders."""
+    from .core.io import IMAGE_SUFFIXES
+
+    files: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(
+                f for f in (p.glob(pattern) if pattern else p.iterdir())
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+            )
+            if not found:
+                raise InputError(f"{p}: no image files in this folder", hint="segstudio reads .tif, .tiff, .png, .jpg, .npy")
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise InputError(f"{p}: no such file or folder")
+    return files
+
+
+class _Bar:
+    """A tqdm progress bar fed by Progress events (quiet when stderr is not a terminal)."""
+
+    def __init__(self, desc: str, total: int, quiet: bool):
+        from tqdm import tqdm
+
+        # disable=None: no bar when stderr is not a terminal (logs, pipes, tests)
+        self.bar = tqdm(total=total, desc=desc, unit="img", disable=True if quiet else None, file=sys.stderr)
+
+    def update(self, event) -> None:
+        if event.stage in ("network", "eval_image"):
+            self.bar.set_postfix_str(f"{event.stage} {event.done}/{event.total}", refresh=False)
+
+    def step(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _model_and_backend(args):
+    from .core.backends import create_backend
+    from .core.models.catalog import get_model
+
+    model = get_model(args.model)
+    backend = create_backend(args.backend, model, **({"threads": args.threads} if args.threads else {}))
+    return model, backend
+
+
+def _channel(value: str | None):
+    if value is None or value == "mean":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"--channel must be an index or 'mean', not {value!r}") from None
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_segment(args) -> int:
+    from .core.io import safe_stem
+    from .core.jobs import run_sync
+    from .core.measure import write_csv
+    from .core.segment import segment_job
+    from .core.sources import open_source
+
+    files = expand_inputs(args.paths, args.pattern)
+    model, backend = _model_and_backend(args)
+    out = Path(args.out)
+    print(f"model {model.name} v{model.spec.version} on {backend.describe()}")
+    bar = _Bar("segment", len(files), args.quiet)
+    failures, rows = [], []
+    try:
+        for path in files:
+            t0 = time.perf_counter()
+            try:
+                with open_source(path) as source:
+                    stem = safe_stem(source.name)
+                    out.mkdir(parents=True, exist_ok=True)
+                    result = run_sync(
+                        segment_job(source, model, backend, channel=_channel(args.channel), tile=args.tile,
+                                    batch_size=args.batch_size, labels_path=out / f"{stem}_labels.tif"),
+                        bar.update,
+                    )
+                write_csv(out / f"{stem}_cells.csv", result.table)
+                rows.append((path.name, result.n_cells, time.perf_counter() - t0, result.timings))
+            except SegStudioError as e:
+                failures.append((path, str(e)))
+                bar.bar.write(f"segstudio: error: {e}", file=sys.stderr)
+            bar.step()
+    finally:
+        bar.close()
+        backend.close()
+    for name, n, dt, timings in rows:
+        split = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items() if k != "wall")
+        print(f"{name}: {n} cells in {dt:.2f} s ({split})")
+    if rows:
+        print(f"wrote labels and measurements for {len(rows)} image(s) to {out}")
+    if failures:
+        if len(files) > 1:
+            print(f"{len(failures)} of {len(files)} image(s) failed", file=sys.stderr)
+        return EXIT_FAILED if rows else EXIT_USAGE
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .core.datasets import find_pairs
+    from .core.evaluate import evaluate_job
+    from .core.io import atomic_path
+    from .core.jobs import run_sync
+
+    pairs = find_pairs(args.images, args.labels or args.images, kind=args.kind)
+    model, backend = _model_and_backend(args)
+    print(f"model {model.name} v{model.spec.version} on {backend.describe()}; {len(pairs)} image(s)")
+    bar = _Bar("eval", len(pairs), args.quiet)
+
+    def on_progress(event):
+        if event.stage == "eval" and event.done:
+            bar.step()
+
+    try:
+        report = run_sync(evaluate_job(pairs, model, backend, channel=_channel(args.channel), tile=args.tile), on_progress)
+    finally:
+        bar.close()
+        backend.close()
+    report["model"] = model.name
+    report["backend"] = backend.describe()
+    if not args.quiet:
+        print(f"{'image':<24} {'AP50':>6} {'AP75':>6} {'F1':>6} {'Dice':>6} {'true':>5} {'pred':>5}")
+        for r in report["images"]:
+            print(f"{r['name']:<24} {r['ap50']:6.3f} {r['ap75']:6.3f} {r['f1']:6.3f} {r['dice']:6.3f} "
+                  f"{r['n_true']:5d} {r['n_pred']:5d}")
+    m = report["mean"]
+    print(f"mean over {len(pairs)} image(s): AP50 {m['ap50']:.4f}  AP75 {m['ap75']:.4f}  F1 {m['f1']:.4f}  "
+          f"Dice {m['dice']:.4f}  PQ {m['pq']:.4f}")
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .core.backends import available_backends
+    from .core.models.catalog import builtin_models
+
+    for model in builtin_models():
+        print(model.spec.card())
+        print(f"  files: {', '.join(f'{k}: {v.name}' for k, v in model.files.items())}")
+        print(f"  backends here: {', '.join(available_backends(model)) or 'none installed'}")
+        print()
+    return 0
+
+
+def has_display() -> bool:
+    if sys.platform.startswith("linux"):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True
+
+
+def cmd_gui(args) -> int:
+    if not has_display():
+        raise SegStudioError("no display to open a window on", hint="run `segstudio start` to segment the sample without one")
+    from .app.main_window import run_app
+
+    return run_app([Path(p) for p in args.paths], show_sample=not args.paths)
+
+
+def sample_folder() -> Path:
+    from .sample_data import SAMPLE_DIR
+
+    return SAMPLE_DIR
+
+
+def cmd_start(args) -> int:
+    """Open the app on the sample; with no display, segment the sample from the CLI."""
+    if has_display() and not args.no_gui:
+        try:
+            import napari  # noqa: F401
+        except ImportError:
+            print("napari is not installed: segmenting the sample from the command line instead", file=sys.stderr)
+        else:
+            args.paths = []
+            return cmd_gui(args)
+    else:
+        print("no display: segmenting the bundled sample from the command line", file=sys.stderr)
+    sample = sample_folder()
+    images = sorted(str(p) for p in sample.glob("*_img.tif"))
+    seg_args = argparse.Namespace(
+        paths=images, pattern=None, model="nuclei", backend="auto", out=args.out, channel=None,
+        tile=512, batch_size=4, threads=0, quiet=args.quiet,
+    )
+    code = cmd_segment(seg_args)
+    if code == 0:
+        ev_args = argparse.Namespace(
+            images=str(sample), labels=None, kind=None, model="nuclei", backend="auto", channel=None,
+            tile=512, threads=0, quiet=True, json=None,
+        )
+        print("accuracy against the sample's ground truth:")
+        code = cmd_eval(ev_args)
+    return code
+
+
+def cmd_self_test(args) -> int:
+    """Segment the sample with every installed backend and check the accuracy."""
+    from .core.backends import available_backends, create_backend
+    from .core.datasets import find_pairs
+    from .core.evaluate import evaluate_job
+    from .core.jobs import run_sync
+    from .core.models.catalog import get_model
+
+    model = get_model("nuclei")
+    pairs = find_pairs(sample_folder(), sample_folder())
+    names = available_backends(model)
+    if not names:
+        raise SegStudioError("no inference backend installed", hint="pip install segstudio[onnx]")
+    ok = True
+    for name in names:
+        with create_backend(name, model) as backend:
+            report = run_sync(evaluate_job(pairs, model, backend))
+        ap = report["mean"]["ap50"]
+        passed = ap >= args.min_ap50
+        ok &= passed
+        print(f"{'PASS' if passed else 'FAIL'} {backend.describe()}: mean AP50 {ap:.3f} on {len(pairs)} sample images")
+    return 0 if ok else EXIT_FAILED
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _add_model_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="nuclei", help="built-in model name or model card path (default: nuclei)")
+    p.add_argument("--backend", default="auto", help="auto, torch or onnxruntime (default: auto)")
+    p.add_argument("--channel", default=None, help="channel index for one-channel models, or 'mean'")
+    p.add_argument("--tile", type=int, default=512, help="tile size in pixels (default: 512)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-image lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segstudio", description="Fast microscopy segmentation.")
+    parser.add_argument("--version", action="version", version=f"segstudio {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("segment", help="segment images: labels (.tif) and measurements (.csv) per image")
+    p.add_argument("paths", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--pattern", default=None, help="glob for files inside folders (default: all images)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per network call (default: 4)")
+    _add_model_opts(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("eval", help="accuracy against ground-truth labels (AP50, AP75, F1, Dice)")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--labels", default=None, help="folder of label images (default: the images folder)")
+    p.add_argument("--kind", default=None, help="keep only images of this kind in index.json (e.g. fluorescence)")
+    p.add_argument("--json", default=None, help="write the report as JSON here")
+    _add_model_opts(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("models", help="list built-in models with their cards")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("gui", help="open the standalone app")
+    p.add_argument("paths", nargs="*", help="images to open")
+    p.set_defaults(func=cmd_gui)
+
+    p = sub.add_parser("start", help="open the app on the sample (or segment the sample when there is no display)")
+    p.add_argument("--out", default="segstudio_output", help="output folder without a display")
+    p.add_argument("--no-gui", action="store_true", help="segment the sample from the command line")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_start)
+
+    p = sub.add_parser("self-test", help="segment the sample with every installed backend and check accuracy")
+    p.add_argument("--min-ap50", type=float, default=0.7)
+    p.set_defaults(func=cmd_self_test)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SegStudioError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    except (Cancelled, KeyboardInterrupt):
+        _err("cancelled")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that reports bugs
+        try:
+            where = f"details in {write_crash_log(''.join(traceback.format_exception(e)))}"
+        except OSError:
+            where = "the crash log could not be written"
+        _err(f"unexpected error: {type(e).__name__}: {e} (this is a bug; {where})")
+        return EXIT_BUG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

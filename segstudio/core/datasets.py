@@ -1,0 +1,82 @@
+"""Pairing images with their label files.
+
+Two layouts are understood:
+
+* one folder holding ``X_img.tif`` and ``X_labels.tif`` (the layout of the
+  DSB2018 copy in ``../shared/data/dsb2018`` and of ``sample_data/``);
+* two folders holding files with the same stem (``a.tif`` / ``a.png``).
+
+An ``index.json`` next to the images (a list of ``{"file": "val/<stem>",
+"kind": ...}``) lets callers keep one kind of image (``--kind fluorescence``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+from .io import IMAGE_SUFFIXES
+
+IMG_TAG = "_img"
+LABEL_TAG = "_labels"
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    image: Path
+    labels: Path
+
+
+def _images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _strip_tag(stem: str, tag: str) -> str | None:
+    return stem[: -len(tag)] if stem.endswith(tag) else None
+
+
+def find_pairs(images: str | Path, labels: str | Path, *, kind: str | None = None) -> list[Pair]:
+    """Pair image files in ``images`` with label files in ``labels`` by stem.
+
+    Raises :class:`InputError` when nothing pairs up, so that a wrong folder
+    is reported rather than evaluated as "0 images".
+    """
+    images, labels = Path(images), Path(labels)
+    label_files = {p.stem: p for p in _images_in(labels)}
+    pairs = []
+    for img in _images_in(images):
+        base = _strip_tag(img.stem, IMG_TAG)
+        if base is not None and base + LABEL_TAG in label_files:
+            pairs.append(Pair(base, img, label_files[base + LABEL_TAG]))
+        elif images != labels and img.stem in label_files:
+            pairs.append(Pair(img.stem, img, label_files[img.stem]))
+    if kind is not None:
+        kinds = read_kinds(images)
+        if not kinds:
+            raise InputError(
+                f"--kind {kind} needs an index.json describing the images in {images} or its parent",
+            )
+        known = {k for k in kinds.values()}
+        if kind not in known:
+            raise InputError(f"no image of kind {kind!r}; kinds in index.json: {', '.join(sorted(known))}")
+        pairs = [p for p in pairs if kinds.get(p.name) == kind]
+    if not pairs:
+        raise InputError(
+            f"no image/label pairs found in {images} and {labels}",
+            hint="name them X_img.tif / X_labels.tif, or give two folders with the same file names",
+        )
+    return pairs
+
+
+def read_kinds(folder: Path) -> dict[str, str]:
+    """Map stem -> kind from an ``index.json`` in ``folder`` or its parent."""
+    for candidate in (folder / "index.json", folder.parent / "index.json"):
+        if candidate.is_file():
+            entries = json.loads(candidate.read_text())
+            return {Path(e["file"]).name: e["kind"] for e in entries if "file" in e and "kind" in e}
+    return {}

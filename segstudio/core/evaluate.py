@@ -1,0 +1,177 @@
+"""Instance segmentation metrics.
+
+Objects of a prediction and of the ground truth are matched one-to-one: a
+pair may match when their IoU is at least the threshold, and among such
+pairings the largest number of matches is taken (ties broken by the larger
+total IoU), as in the DSB2018 / StarDist / Cellpose convention.  Then, with
+TP matched pairs, FP unmatched predictions and FN unmatched true objects:
+
+* AP(t) = TP / (TP + FP + FN)  (the "average precision" of DSB2018)
+* F1(t) = 2 TP / (2 TP + FP + FN)
+* PQ    = (sum of matched IoUs) / (TP + FP / 2 + FN / 2)   at t = 0.5
+* Dice  = 2 |A and B| / (|A| + |B|) of the binary foregrounds.
+
+An image with no objects in either labels scores 1 everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse.csgraph import connected_components
+
+DEFAULT_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
+
+
+@dataclass(frozen=True)
+class Overlaps:
+    """Sparse IoU between every true object and every predicted object."""
+
+    gt_ids: np.ndarray  # (P,) ids of true objects in overlapping pairs
+    pred_ids: np.ndarray  # (P,)
+    iou: np.ndarray  # (P,)
+    n_true: int
+    n_pred: int
+
+
+def overlaps(true: np.ndarray, pred: np.ndarray) -> Overlaps:
+    """IoU of each overlapping (true, predicted) object pair."""
+    if true.shape != pred.shape:
+        raise ValueError(f"label shapes differ: {true.shape} vs {pred.shape}")
+    t = true.ravel().astype(np.int64)
+    p = pred.ravel().astype(np.int64)
+    t_ids, t_inv = np.unique(t, return_inverse=True)
+    p_ids, p_inv = np.unique(p, return_inverse=True)
+    t_area = np.bincount(t_inv)
+    p_area = np.bincount(p_inv)
+    key = t_inv * len(p_ids) + p_inv
+    pairs, inter = np.unique(key, return_counts=True)
+    ti, pi = pairs // len(p_ids), pairs % len(p_ids)
+    fg = (t_ids[ti] != 0) & (p_ids[pi] != 0)
+    ti, pi, inter = ti[fg], pi[fg], inter[fg]
+    iou = inter / (t_area[ti] + p_area[pi] - inter)
+    return Overlaps(
+        gt_ids=t_ids[ti], pred_ids=p_ids[pi], iou=iou,
+        n_true=int((t_ids != 0).sum()), n_pred=int((p_ids != 0).sum()),
+    )
+
+
+def match(ov: Overlaps, threshold: float) -> np.ndarray:
+    """IoUs of the one-to-one matches at ``threshold`` (maximum cardinality)."""
+    ok = ov.iou >= threshold
+    g, p, iou = ov.gt_ids[ok], ov.pred_ids[ok], ov.iou[ok]
+    if len(iou) == 0:
+        return iou
+    g_u, g_i = np.unique(g, return_inverse=True)
+    p_u, p_i = np.unique(p, return_inverse=True)
+    ng = len(g_u)
+    graph = sparse.coo_matrix((np.ones(len(iou)), (g_i, ng + p_i)), shape=(ng + len(p_u),) * 2)
+    _, comp = connected_components(graph, directed=False)
+    edge_comp = comp[g_i]
+    matched = []
+    # most components are a single pair; solve the rest exactly
+    order = np.argsort(edge_comp, kind="stable")
+    bounds = np.flatnonzero(np.diff(edge_comp[order])) + 1
+    for edges in np.split(order, bounds):
+        if len(edges) == 1:
+            matched.append(iou[edges[0]])
+            continue
+        rows, r_inv = np.unique(g_i[edges], return_inverse=True)
+        cols, c_inv = np.unique(p_i[edges], return_inverse=True)
+        score = np.zeros((len(rows), len(cols)))
+        # one point per match dominates; IoU (< 1 in total per row) breaks ties
+        score[r_inv, c_inv] = 1.0 + iou[edges] / (len(edges) + 1)
+        rr, cc = linear_sum_assignment(score, maximize=True)
+        real = score[rr, cc] > 0
+        lookup = {(a, b): v for a, b, v in zip(r_inv, c_inv, iou[edges])}
+        matched.extend(lookup[(a, b)] for a, b in zip(rr[real], cc[real]))
+    return np.asarray(matched)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Metrics of one image."""
+
+    ap: dict[float, float]
+    f1: dict[float, float]
+    precision: dict[float, float]
+    recall: dict[float, float]
+    pq: float
+    dice: float
+    n_true: int
+    n_pred: int
+
+    def as_dict(self) -> dict:
+        d = {
+            "ap50": self.ap.get(0.5), "ap75": self.ap.get(0.75), "f1": self.f1.get(0.5),
+            "dice": self.dice, "pq": self.pq, "n_true": self.n_true, "n_pred": self.n_pred,
+            "precision": self.precision.get(0.5), "recall": self.recall.get(0.5),
+        }
+        d["ap"] = {f"{t:.2f}": v for t, v in self.ap.items()}
+        return d
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den else 1.0
+
+
+def score(true: np.ndarray, pred: np.ndarray, thresholds=DEFAULT_THRESHOLDS) -> Scores:
+    """All metrics of a predicted label image against the true one."""
+    ov = overlaps(true, pred)
+    ap, f1, prec, rec = {}, {}, {}, {}
+    pq = 1.0
+    for t in sorted(set(thresholds) | {0.5}):
+        m = match(ov, t)
+        tp = len(m)
+        fp, fn = ov.n_pred - tp, ov.n_true - tp
+        ap[t] = _ratio(tp, tp + fp + fn)
+        f1[t] = _ratio(2 * tp, 2 * tp + fp + fn)
+        prec[t] = _ratio(tp, tp + fp)
+        rec[t] = _ratio(tp, tp + fn)
+        if t == 0.5:
+            pq = _ratio(float(m.sum()), tp + fp / 2 + fn / 2)
+    a, b = true > 0, pred > 0
+    dice = _ratio(2 * np.logical_and(a, b).sum(), a.sum() + b.sum())
+    keep = set(thresholds)
+    pick = lambda d: {t: v for t, v in d.items() if t in keep or t == 0.5}  # noqa: E731
+    return Scores(pick(ap), pick(f1), pick(prec), pick(rec), pq, dice, ov.n_true, ov.n_pred)
+
+
+def mean_scores(rows: list[dict]) -> dict:
+    """Mean of the per-image metrics (keys ap50, ap75, f1, dice, pq)."""
+    keys = ("ap50", "ap75", "f1", "dice", "pq")
+    out = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    out["count_error"] = float(np.mean([abs(r["n_pred"] - r["n_true"]) / max(r["n_true"], 1) for r in rows]))
+    thresholds = rows[0].get("ap", {}).keys() if rows else []
+    out["ap"] = {t: float(np.mean([r["ap"][t] for r in rows])) for t in thresholds}
+    return out
+
+
+def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, cancel=None):
+    """Segment each image of ``pairs`` and score it against its labels.
+
+    A job yielding one ``Progress("eval", i, n)`` per image; returns
+    ``{"mean": {...}, "images": [{"name", "ap50", ...}, ...]}``.
+    """
+    from .io import read_image
+    from .jobs import Progress
+    from .segment import segment_job
+
+    rows = []
+    yield Progress("eval", 0, len(pairs))
+    for i, pair in enumerate(pairs):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        image = read_image(pair.image)
+        truth = read_image(pair.labels).data
+        result = yield from segment_job(
+            image, model, backend, channel=channel, tile=tile, measure_cells=False, cancel=cancel
+        )
+        pred = result.labels.reshape(truth.shape) if result.labels.size == truth.size else result.labels
+        row = {"name": pair.name, **score(truth, pred).as_dict()}
+        rows.append(row)
+        yield Progress("eval", i + 1, len(pairs), f"{pair.name}: AP50 {row['ap50']:.3f}")
+    return {"mean": mean_scores(rows), "images": rows}

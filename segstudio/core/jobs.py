@@ -1,0 +1,83 @@
+"""Long-running work as generators.
+
+A *job* is a generator that yields :class:`Progress` events and returns its
+result (``Job = Generator[Progress, None, R]``).  The core never knows who is
+listening: the CLI draws a progress bar, the Qt shells turn events into
+signals, tests simply drain the generator with :func:`run_sync`.
+
+Cancellation goes through a :class:`CancelToken` that the job checks at its
+cancellation points (``token.raise_if_cancelled()``).  A cancelled job raises
+:class:`~segstudio.core.errors.Cancelled`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator, TypeVar
+
+from .errors import Cancelled
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress event.
+
+    Attributes
+    ----------
+    stage : str
+        Short name of what is happening ("read", "network", "post", ...).
+    done, total : int
+        Units finished and units in all for this stage (``total`` 0 if unknown).
+    message : str
+        Human-readable detail.
+    info : dict
+        Extra machine-readable data (timings, sizes).
+    """
+
+    stage: str
+    done: int = 0
+    total: int = 0
+    message: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def fraction(self) -> float | None:
+        return self.done / self.total if self.total else None
+
+
+Job = Generator[Progress, None, R]
+
+
+class CancelToken:
+    """Thread-safe cancellation flag shared by a job and whoever runs it."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("cancelled by the user")
+
+
+def run_sync(job: Job[R], on_progress: Callable[[Progress], Any] | None = None) -> R:
+    """Drain ``job`` in this thread, passing each event to ``on_progress``.
+
+    Returns the job's return value.
+    """
+    while True:
+        try:
+            event = next(job)
+        except StopIteration as stop:
+            return stop.value
+        if on_progress is not None:
+            on_progress(event)

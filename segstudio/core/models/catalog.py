@@ -1,0 +1,94 @@
+"""Built-in models and model cards.
+
+A model is a *card* (``<name>.json``: the :class:`ModelSpec` plus the files
+that hold its weights, with their SHA-256) and the files next to it: a
+PyTorch state dict (``.pt``, loaded with ``weights_only=True``) and/or an
+ONNX file.  Built-in cards live in ``segstudio/core/models/builtin/`` and
+ship with the package; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import IncompatibleArtifactError, InputError
+from .spec import ModelSpec, file_sha256
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+
+@dataclass
+class Model:
+    """A model spec plus its weight files (format -> path)."""
+
+    spec: ModelSpec
+    files: dict[str, Path]
+    card_path: Path
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def file(self, fmt: str) -> Path:
+        if fmt not in self.files:
+            raise IncompatibleArtifactError(
+                f"model {self.name!r} has no {fmt} file (it has: {', '.join(self.files) or 'none'})"
+            )
+        return self.files[fmt]
+
+
+def load_card(card: str | Path, *, verify: bool = True) -> Model:
+    """Read a model card and check that its files exist (and match their hash)."""
+    card = Path(card)
+    try:
+        payload = json.loads(card.read_text())
+    except (OSError, ValueError) as e:
+        raise IncompatibleArtifactError(f"{card}: not a readable model card ({e})") from None
+    spec = ModelSpec.from_dict(payload["spec"])
+    files = {}
+    for fmt, entry in payload.get("files", {}).items():
+        path = card.parent / entry["path"]
+        if not path.is_file():
+            raise IncompatibleArtifactError(f"{card.name}: its {fmt} file {path.name} is missing")
+        if verify and entry.get("sha256") and file_sha256(path) != entry["sha256"]:
+            raise IncompatibleArtifactError(
+                f"{path.name} does not match the checksum in {card.name}",
+                hint="the file is damaged or was replaced; reinstall or re-export the model",
+            )
+        files[fmt] = path
+    return Model(spec=spec, files=files, card_path=card)
+
+
+def write_card(spec: ModelSpec, files: dict[str, Path], card: str | Path) -> Path:
+    """Write ``card`` describing ``spec`` and ``files`` (which must sit next to it)."""
+    card = Path(card)
+    entries = {}
+    for fmt, path in files.items():
+        path = Path(path)
+        if path.parent.resolve() != card.parent.resolve():
+            raise ValueError("model files must sit next to their card")
+        entries[fmt] = {"path": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
+    card.write_text(json.dumps({"spec": spec.to_dict(), "files": entries}, indent=1) + "\n")
+    return card
+
+
+def builtin_models() -> list[Model]:
+    """All models shipped with segstudio, by name."""
+    return [load_card(p, verify=False) for p in sorted(BUILTIN_DIR.glob("*.json"))]
+
+
+def get_model(name_or_path: str | Path) -> Model:
+    """A built-in model by name, or a model card by path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".json" and candidate.is_file():
+        return load_card(candidate)
+    card = BUILTIN_DIR / f"{name_or_path}.json"
+    if card.is_file():
+        return load_card(card)
+    names = [p.stem for p in sorted(BUILTIN_DIR.glob("*.json"))]
+    raise InputError(
+        f"unknown model {str(name_or_path)!r}",
+        hint=f"built-in models: {', '.join(names) or 'none installed'}; or give the path of a model card (.json)",
+    )

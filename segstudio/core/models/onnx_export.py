@@ -1,0 +1,63 @@
+"""PyTorch -> ONNX export with dynamic height / width, and its verification."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_OPSET = 18
+
+
+def ir_version_for_opset(opset: int) -> int:
+    """The lowest ONNX IR version that carries ``opset``.
+
+    onnx writes its newest IR version by default, which older ONNX Runtime
+    releases refuse; the lowest one that fits the opset loads everywhere.
+    """
+    import onnx.helper
+
+    # rows: (onnx release, IR version, default opset, ml opset, training opset)
+    candidates = [row[1] for row in onnx.helper.VERSION_TABLE if row[2] == opset]
+    if not candidates:
+        raise ValueError(f"opset {opset} is unknown to the installed onnx package")
+    return min(candidates)
+
+
+def export_onnx(net, path: str | Path, *, in_channels: int, multiple: int, opset: int = DEFAULT_OPSET) -> Path:
+    """Export ``net`` (eval mode) to one ONNX file with dynamic batch, H and W."""
+    import onnx
+    import torch
+
+    path = Path(path)
+    net = net.eval()
+    example = torch.zeros(1, in_channels, 4 * multiple, 4 * multiple)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    h = torch.export.Dim("h", min=1, max=4096)
+    w = torch.export.Dim("w", min=1, max=4096)
+    # H and W are multiples of the network stride: express them as such
+    dims = {0: batch, 2: multiple * h, 3: multiple * w}
+    tmp = path.with_suffix(".export.onnx")
+    torch.onnx.export(
+        net, (example,), str(tmp), dynamo=True, opset_version=opset, external_data=False,
+        dynamic_shapes={"x": dims}, input_names=["input"], output_names=["output"],
+    )
+    model = onnx.load(str(tmp))
+    tmp.unlink()
+    actual = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    model.ir_version = ir_version_for_opset(actual)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def compare_outputs(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """Max abs error, mean abs error and cosine similarity of two outputs."""
+    a = reference.astype(np.float64).ravel()
+    b = other.astype(np.float64).ravel()
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    return {
+        "max_abs_error": float(np.max(np.abs(a - b))),
+        "mean_abs_error": float(np.mean(np.abs(a - b))),
+        "cosine": float(a @ b / denom) if denom else 1.0,
+    }

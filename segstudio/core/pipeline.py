@@ -1,0 +1,360 @@
+"""Streaming segmentation of one plane: read, normalize, network, post-process, measure, write.
+
+Stages run concurrently, linked by bounded queues, so the slowest one sets
+the pace and memory stays bounded by the tile size, not the image size:
+
+``reader`` thread
+    reads one band of rows (a row of tiles plus its halo) from the source,
+    normalizes it with the whole-plane percentiles and cuts it into tiles;
+``network`` (the job's own thread, or the device thread for a GPU)
+    runs batches of tiles through the backend;
+``post`` thread
+    keeps the network output of three rows of tiles, turns each block (a
+    tile's core plus ``context`` pixels around it) into instances, keeps the
+    objects the block *owns*, measures them and hands finished label rows to
+    the sink.
+
+Ownership: an object belongs to the block whose core holds its anchor, the
+first pixel of the object in raster order (its top-most, then left-most
+pixel).  Both blocks that see an object compute the same anchor, so every
+object is kept exactly once, whole, however the seams cut it, provided it
+and its neighbours fit in the context.  As the anchor is an object's top
+row, label rows above the current row of tiles are final and are written
+out at once.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .errors import Cancelled
+from .jobs import CancelToken, Job, Progress
+from .measure import Table, measure
+from .models.spec import ModelSpec
+from .postprocess import fg_dist_to_labels
+from .sources import ImageSource
+from .tiling import TilePlan, plan_tiles, read_region
+
+STAGES = ("read", "normalize", "network", "post", "measure", "write")
+_DONE = object()
+
+
+@dataclass
+class StageClock:
+    """Seconds spent per stage (summed over threads; stages overlap in wall time)."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, stage: str, dt: float) -> None:
+        with self._lock:
+            self.seconds[stage] += dt
+
+
+class _PlaneView:
+    """A source plane with NumPy-style ``[..., rows, cols]`` slicing (for ``read_region``)."""
+
+    def __init__(self, source: ImageSource, index: tuple[int, ...]):
+        self.source, self.index = source, index
+        self.shape = (source.n_channels, *source.plane_shape)
+
+    def __getitem__(self, key):
+        rows, cols = key[-2], key[-1]
+        return self.source.read(self.index, (rows.start, rows.stop), (cols.start, cols.stop))
+
+
+class _Failure:
+    def __init__(self) -> None:
+        self.exc: BaseException | None = None
+
+    def set(self, exc: BaseException) -> None:
+        if self.exc is None:
+            self.exc = exc
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put unless the pipeline is stopping; False when it is."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    while True:
+        try:
+            return q.get(timeout=0.05)
+        except queue.Empty:
+            if stop.is_set():
+                return _DONE
+
+
+@dataclass
+class PlaneResult:
+    n_objects: int
+    table: Table
+
+
+def segment_plane_job(
+    source: ImageSource,
+    index: tuple[int, ...],
+    spec: ModelSpec,
+    predict: Callable[[np.ndarray], np.ndarray],
+    write_rows: Callable[[int, np.ndarray], None],
+    *,
+    prepare: Callable[[np.ndarray], np.ndarray],
+    tile: int = 512,
+    batch_size: int = 4,
+    context: int = 64,
+    first_id: int = 1,
+    measure_cells: bool = True,
+    clock: StageClock | None = None,
+    cancel: CancelToken | None = None,
+) -> Job[PlaneResult]:
+    """Segment plane ``index`` of ``source`` tile by tile; see the module docstring.
+
+    ``predict`` maps a ``(B, C, h, w)`` batch to ``(B, K, h, w)``;
+    ``write_rows(y0, rows)`` receives finished uint32 label rows in order,
+    with ids from ``first_id`` on; ``prepare`` turns a raw ``(C, h, w)``
+    block into the model's normalized input.
+    """
+    clock = clock or StageClock()
+    cancel = cancel or CancelToken()
+    plan = plan_tiles(source.plane_shape, tile=tile, halo=spec.halo, multiple=spec.config.multiple)
+    view = _PlaneView(source, index)
+    stop = threading.Event()
+    failure = _Failure()
+    q_tiles: queue.Queue = queue.Queue(maxsize=2 * batch_size)
+    q_out: queue.Queue = queue.Queue(maxsize=2 * batch_size)
+    post = _PostStage(
+        plan, spec, view, write_rows, first_id=first_id, context=context, measure_cells=measure_cells,
+        names=source.channel_names, pixel_size=source.pixel_size, clock=clock,
+    )
+
+    def reader() -> None:
+        try:
+            rows = _tile_rows(plan)
+            halo = spec.halo
+            for row in rows:
+                t0 = time.perf_counter()
+                (y0, y1), _ = row[0].read
+                x_end = row[-1].read[1][1]
+                band = read_region(view, ((y0, y1), (-halo, x_end)))
+                t1 = time.perf_counter()
+                band = prepare(band)
+                clock.add("read", t1 - t0)
+                clock.add("normalize", time.perf_counter() - t1)
+                for t in row:
+                    x0 = t.read[1][0] + halo
+                    if not _put(q_tiles, (t, band[:, :, x0 : x0 + plan.tile_shape[1]]), stop):
+                        return
+            _put(q_tiles, _DONE, stop)
+        except BaseException as e:  # noqa: BLE001 - handed to the job's thread
+            failure.set(e)
+            stop.set()
+
+    def poster() -> None:
+        try:
+            while True:
+                item = _get(q_out, stop)
+                if item is _DONE:
+                    break
+                post.add(*item)
+            if not stop.is_set():
+                post.finish()
+        except BaseException as e:  # noqa: BLE001
+            failure.set(e)
+            stop.set()
+
+    threads = [threading.Thread(target=reader, name="segstudio-read", daemon=True),
+               threading.Thread(target=poster, name="segstudio-post", daemon=True)]
+    for th in threads:
+        th.start()
+    n = len(plan)
+    done = 0
+    try:
+        yield Progress("network", 0, n, f"{n} tile(s) of {plan.tile_shape[0]}x{plan.tile_shape[1]}")
+        finished = False
+        while not finished:
+            batch = []
+            while len(batch) < batch_size:
+                item = _get(q_tiles, stop)
+                if item is _DONE:
+                    finished = True
+                    break
+                batch.append(item)
+            if failure.exc is not None:
+                break
+            if cancel.cancelled:
+                raise Cancelled("cancelled by the user")
+            if batch:
+                t0 = time.perf_counter()
+                out = predict(np.stack([a for _, a in batch]))
+                clock.add("network", time.perf_counter() - t0)
+                for (t, _), o in zip(batch, out):
+                    if not _put(q_out, (t, o[(slice(None), *t.crop)]), stop):
+                        break
+                done += len(batch)
+                yield Progress("network", done, n)
+        _put(q_out, _DONE, stop)
+        for th in threads:
+            while th.is_alive():
+                th.join(timeout=0.1)
+                if cancel.cancelled:
+                    raise Cancelled("cancelled by the user")
+        if failure.exc is not None:
+            raise failure.exc
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    return PlaneResult(n_objects=post.next_id - first_id, table=post.table())
+
+
+def _tile_rows(plan: TilePlan) -> list[list]:
+    rows: dict[int, list] = {}
+    for t in plan.tiles:
+        rows.setdefault(t.out[0].start, []).append(t)
+    return [rows[k] for k in sorted(rows)]
+
+
+class _PostStage:
+    """Network output -> owned instances per block -> finished label rows."""
+
+    def __init__(self, plan, spec, view, write_rows, *, first_id, context, measure_cells, names, pixel_size, clock):
+        self.plan, self.spec, self.view, self.write_rows = plan, spec, view, write_rows
+        self.context, self.measure_cells = context, measure_cells
+        self.names, self.pixel_size, self.clock = names, pixel_size, clock
+        self.h, self.w = plan.shape
+        self.rows = _tile_rows(plan)
+        self.row_starts = [r[0].out[0].start for r in self.rows]
+        self.ncols = len(self.rows[0])
+        self.core_h = self.rows[0][0].out[0].stop - self.row_starts[0]
+        self.core_w = self.rows[0][0].out[1].stop
+        self.net: dict[int, np.ndarray] = {}  # tile row -> (K, rows of that tile row, W)
+        self.arrived: dict[int, int] = {}  # tile row -> tiles received (they come in order)
+        self.labels: dict[int, np.ndarray] = {}  # tile row -> (rows, W) uint32
+        self.next_block = (0, 0)
+        self.next_id = first_id
+        self.tables: list[Table] = []
+
+    def _row_of(self, tile) -> int:
+        return self.row_starts.index(tile.out[0].start)
+
+    def add(self, tile, core_out: np.ndarray) -> None:
+        r = self._row_of(tile)
+        if r not in self.net:
+            rh = tile.out[0].stop - tile.out[0].start
+            self.net[r] = np.empty((core_out.shape[0], rh, self.w), np.float32)
+            self.labels[r] = np.zeros((rh, self.w), np.uint32)
+        self.net[r][(slice(None), slice(None), tile.out[1])] = core_out
+        self.arrived[r] = self.arrived.get(r, 0) + 1
+        self._run_ready_blocks()
+
+    def finish(self) -> None:
+        self._run_ready_blocks(final=True)
+
+    def _ready(self, r: int, c: int, final: bool) -> bool:
+        if final:
+            return True
+        nr = min(r + 1, len(self.rows) - 1)
+        need_c = min(c + 1, self.ncols - 1)
+        if nr == r:
+            return self.arrived.get(r, 0) >= need_c + 1
+        if self.arrived.get(r, 0) < self.ncols:
+            return False
+        return self.arrived.get(nr, 0) >= need_c + 1
+
+    def _run_ready_blocks(self, final: bool = False) -> None:
+        while self.next_block is not None:
+            r, c = self.next_block
+            if not self._ready(r, c, final):
+                return
+            self._block(r, c)
+            if c + 1 < self.ncols:
+                self.next_block = (r, c + 1)
+            else:
+                self._row_done(r)
+                self.next_block = (r + 1, 0) if r + 1 < len(self.rows) else None
+
+    def _gather(self, store: dict, y0: int, y1: int, x0: int, x1: int, lead: tuple = ()) -> np.ndarray:
+        """Rows y0..y1 (global) of the per-tile-row arrays in ``store`` as one block."""
+        parts = []
+        for r, start in enumerate(self.row_starts):
+            if r not in store:
+                continue
+            arr = store[r]
+            stop = start + arr.shape[-2]
+            a, b = max(y0, start), min(y1, stop)
+            if a < b:
+                parts.append(arr[(*lead, slice(a - start, b - start), slice(x0, x1))])
+        return np.concatenate(parts, axis=-2)
+
+    def _block(self, r: int, c: int) -> None:
+        t0 = time.perf_counter()
+        tile = self.rows[r][c]
+        cy0, cy1 = tile.out[0].start, tile.out[0].stop
+        cx0, cx1 = tile.out[1].start, tile.out[1].stop
+        by0, by1 = max(0, cy0 - self.context), min(self.h, cy1 + self.context)
+        bx0, bx1 = max(0, cx0 - self.context), min(self.w, cx1 + self.context)
+        out = self._gather(self.net, by0, by1, bx0, bx1, lead=(slice(None),))
+        lab = fg_dist_to_labels(out[0], out[1], self.spec.postprocess)
+        ids, first = np.unique(lab.ravel(), return_index=True)
+        keep = ids != 0
+        ids, first = ids[keep], first[keep]
+        ay, ax = np.divmod(first, bx1 - bx0)
+        ay, ax = ay + by0, ax + bx0
+        owned = (ay >= cy0) & (ay < cy1) & (ax >= cx0) & (ax < cx1)
+        ids = ids[owned][np.argsort(first[owned], kind="stable")]  # raster order of anchors
+        lut = np.zeros(int(lab.max()) + 1, np.uint32)
+        lut[ids] = np.arange(self.next_id, self.next_id + len(ids), dtype=np.uint32)
+        mine = lut[lab]
+        self.next_id += len(ids)
+        # write owned pixels where nothing is yet (objects larger than the context may overlap)
+        for rr, start in enumerate(self.row_starts):
+            if rr not in self.labels:
+                continue
+            dst = self.labels[rr]
+            a, b = max(by0, start), min(by1, start + dst.shape[0])
+            if a >= b:
+                continue
+            src = mine[a - by0 : b - by0]
+            view = dst[a - start : b - start, bx0:bx1]
+            np.copyto(view, src, where=(view == 0) & (src != 0))
+        t1 = time.perf_counter()
+        self.clock.add("post", t1 - t0)
+        if self.measure_cells and len(ids):
+            raw = self.view.source.read(self.view.index, (by0, by1), (bx0, bx1))
+            table = measure(mine, raw, pixel_size=self.pixel_size, channel_names=self.names)
+            table["centroid_y"] = table["centroid_y"] + by0
+            table["centroid_x"] = table["centroid_x"] + bx0
+            if self.pixel_size is not None:
+                table["centroid_y_um"] = table["centroid_y"] * self.pixel_size[0]
+                table["centroid_x_um"] = table["centroid_x"] * self.pixel_size[1]
+            self.tables.append(table)
+        self.clock.add("measure", time.perf_counter() - t1)
+
+    def _row_done(self, r: int) -> None:
+        """All blocks of tile row ``r`` are done: rows above the next tile row are final."""
+        t0 = time.perf_counter()
+        for rr in sorted(k for k in self.labels if k <= r):
+            self.write_rows(self.row_starts[rr], self.labels.pop(rr))
+        for rr in [k for k in self.net if k < r]:
+            del self.net[rr]
+        self.clock.add("write", time.perf_counter() - t0)
+
+    def table(self) -> Table:
+        if not self.tables:
+            from .measure import empty_table
+
+            return empty_table(self.names, self.pixel_size is not None)
+        return {k: np.concatenate([t[k] for t in self.tables]) for k in self.tables[0]}

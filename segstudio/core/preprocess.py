@@ -1,0 +1,91 @@
+"""Intensity normalization.
+
+Percentiles are computed per channel over the *whole* image (or plane), never
+per tile: per-tile normalization stretches the noise of an empty tile into
+"cells".  For large planes the percentiles come from a regular subsample,
+which gives the same values to within a grey level at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .models.spec import Normalization
+
+SAMPLE_PIXELS = 4_000_000
+
+
+def channel_percentiles(plane: np.ndarray, norm: Normalization) -> np.ndarray:
+    """Per-channel ``(low, high)`` percentiles of a ``(C, Y, X)`` plane.
+
+    Returns an array of shape ``(C, 2)``.
+    """
+    c, h, w = plane.shape
+    step = max(1, int(np.ceil(np.sqrt(h * w / SAMPLE_PIXELS))))
+    sample = plane[:, ::step, ::step].reshape(c, -1)
+    return np.percentile(sample, [norm.low, norm.high], axis=1).T.astype(np.float64)
+
+
+def normalize(plane: np.ndarray, norm: Normalization, percentiles: np.ndarray | None = None) -> np.ndarray:
+    """Map each channel's low/high percentile to 0/1 (float32, not clipped).
+
+    A constant channel maps to zeros rather than dividing by zero.
+    """
+    if percentiles is None:
+        percentiles = channel_percentiles(plane, norm)
+    lo = percentiles[:, 0].reshape(-1, 1, 1)
+    span = percentiles[:, 1].reshape(-1, 1, 1) - lo
+    span = np.where(span > 1e-12, span, np.inf)
+    return ((plane.astype(np.float32, copy=False) - lo.astype(np.float32)) / span.astype(np.float32)).astype(
+        np.float32, copy=False
+    )
+
+
+def select_channels(plane: np.ndarray, n_model: int, channel: int | str | None) -> np.ndarray:
+    """Pick the ``n_model`` channels the model reads from a ``(C, Y, X)`` plane.
+
+    ``channel`` is an index, ``"mean"`` (average all channels) or ``None``
+    (the only channel; the mean of an RGB-like image; the first ``n_model``
+    channels otherwise).
+    """
+    from .errors import InputError
+
+    c = plane.shape[0]
+    if n_model != 1:
+        if channel is not None:
+            raise InputError("this model reads several channels; --channel does not apply")
+        if c < n_model:
+            raise InputError(f"the model needs {n_model} channels, the image has {c}")
+        return plane[:n_model]
+    if channel is None:
+        channel = 0 if c == 1 else "mean"
+    if channel == "mean":
+        return plane.astype(np.float32).mean(axis=0, keepdims=True)
+    try:
+        idx = int(channel)
+    except (TypeError, ValueError):
+        raise InputError(f"channel must be an index or 'mean', not {channel!r}") from None
+    if not -c <= idx < c:
+        raise InputError(f"channel {idx} does not exist; the image has {c} channel(s)")
+    return plane[idx : idx + 1]
+
+
+def sample_percentiles(
+    read_rows, shape: tuple[int, int], norm: Normalization, select, *, blocks: int = 64, block_rows: int = 8
+) -> np.ndarray:
+    """Per-channel percentiles of a plane too large to hold, from a regular sample.
+
+    ``read_rows(y0, y1) -> (C, y1 - y0, W)`` reads full-width row blocks;
+    ``select`` picks the model's channels.  Small planes are read whole;
+    large ones through ``blocks`` evenly spaced blocks of ``block_rows`` rows,
+    every ``step``-th column, about :data:`SAMPLE_PIXELS` pixels in all.
+    """
+    h, w = shape
+    if h * w <= SAMPLE_PIXELS or h <= blocks * block_rows:
+        return channel_percentiles(select(read_rows(0, h)).astype(np.float32, copy=False), norm)
+    step = max(1, int(np.ceil(blocks * block_rows * w / SAMPLE_PIXELS)))
+    starts = np.linspace(0, h - block_rows, blocks).astype(int)
+    sample = np.concatenate([select(read_rows(y, y + block_rows))[:, :, ::step] for y in starts], axis=1)
+    c = sample.shape[0]
+    flat = sample.reshape(c, -1).astype(np.float32, copy=False)
+    return np.percentile(flat, [norm.low, norm.high], axis=1).T.astype(np.float64)

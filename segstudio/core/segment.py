@@ -1,0 +1,135 @@
+"""Image -> instance labels + per-cell table, as a job.
+
+For every YX plane of the image (Z and T stacks are segmented plane by
+plane): pick the model's channels, normalize them with percentiles of the
+whole plane (sampled when the plane is large), then stream the plane through
+the stage pipeline of :mod:`segstudio.core.pipeline` (read, normalize,
+network, post-process, measure and write overlap, memory bounded by the
+tile size).  Labels go to a sink: an array in memory (default) or a tiled
+TIFF on disk (``labels_path``), so images of any size can be segmented.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backends import Backend
+from .io import ImageData
+from .jobs import CancelToken, Job, Progress
+from .measure import Table, concat_tables
+from .models.catalog import Model
+from .pipeline import STAGES, StageClock, segment_plane_job
+from .preprocess import normalize, sample_percentiles, select_channels
+from .sinks import ArraySink, TiffSink
+from .sources import ImageSource, source_from_image
+
+DEFAULT_CONTEXT = 64
+
+
+@dataclass
+class SegmentationResult:
+    """Labels (in memory, or the path of the labels TIFF), per-cell table and timings.
+
+    ``labels`` is shaped like the image's stack + ``(Y, X)``; ``timings``
+    holds seconds per stage (summed over threads) and ``wall`` seconds.
+    """
+
+    labels: np.ndarray | None
+    table: Table
+    timings: dict[str, float] = field(default_factory=dict)
+    model: str = ""
+    backend: str = ""
+    name: str = ""
+    pixel_size: tuple[float, float] | None = None
+    labels_path: Path | None = None
+    n_objects: int = 0
+
+    @property
+    def n_cells(self) -> int:
+        return self.n_objects
+
+
+def segment_job(
+    image: ImageData | ImageSource,
+    model: Model,
+    backend: Backend,
+    *,
+    channel: int | str | None = None,
+    tile: int = 512,
+    batch_size: int = 4,
+    context: int = DEFAULT_CONTEXT,
+    measure_cells: bool = True,
+    labels_path: str | Path | None = None,
+    cancel: CancelToken | None = None,
+) -> Job[SegmentationResult]:
+    """Segment ``image`` with ``model`` on ``backend``.
+
+    Yields :class:`Progress` (stage ``"network"`` per batch of tiles,
+    ``"plane"`` per plane); returns a :class:`SegmentationResult`.  Labels
+    are unique across the whole stack; the table has one row per object
+    with its ``t`` / ``z`` index columns.  With ``labels_path`` the labels
+    are streamed to that TIFF (written atomically) instead of memory.
+    ``context`` is how far around each tile post-processing looks: objects
+    up to about that size are never cut at tile seams.
+    """
+    spec = model.spec
+    source = image if isinstance(image, ImageSource) else source_from_image(image)
+    sink = (
+        TiffSink(labels_path, source.stack_shape, source.plane_shape, pixel_size=source.pixel_size)
+        if labels_path is not None else ArraySink(source.stack_shape, source.plane_shape)
+    )
+    clock = StageClock()
+    tables, extras = [], []
+    next_id = 1
+    indices = source.stack_indices()
+    t_start = time.perf_counter()
+    try:
+        for i, index in enumerate(indices):
+            def select(block):
+                return select_channels(block, spec.input_channels, channel)
+
+            t0 = time.perf_counter()
+            pct = sample_percentiles(
+                lambda y0, y1, index=index: source.read(index, (y0, y1), (0, source.plane_shape[1])),
+                source.plane_shape, spec.normalization, select,
+            )
+            clock.add("normalize", time.perf_counter() - t0)
+
+            def prepare(block, pct=pct):
+                return normalize(select(block), spec.normalization, pct)
+
+            result = yield from segment_plane_job(
+                source, index, spec, backend.predict,
+                lambda y0, rows, index=index: sink.write(index, y0, rows),
+                prepare=prepare, tile=tile, batch_size=batch_size, context=context, first_id=next_id,
+                measure_cells=measure_cells, clock=clock, cancel=cancel,
+            )
+            next_id += result.n_objects
+            if measure_cells:
+                tables.append(result.table)
+                extras.append(dict(zip(source.stack_axes.lower(), index)))
+            yield Progress("plane", i + 1, len(indices), f"plane {i + 1}/{len(indices)}: {result.n_objects} objects")
+        n_objects = next_id - 1
+        t0 = time.perf_counter()
+        out = sink.finish(n_objects)
+        clock.add("write", time.perf_counter() - t0)
+    except BaseException:
+        sink.abort()
+        raise
+    timings = {k: clock.seconds[k] for k in STAGES}
+    timings["wall"] = time.perf_counter() - t_start
+    return SegmentationResult(
+        labels=out if isinstance(out, np.ndarray) else None,
+        labels_path=out if isinstance(out, Path) else None,
+        table=concat_tables(tables, extras) if measure_cells else {},
+        timings=timings,
+        model=spec.name,
+        backend=backend.describe(),
+        name=source.name,
+        pixel_size=source.pixel_size,
+        n_objects=n_objects,
+    )

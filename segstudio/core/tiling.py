@@ -1,0 +1,129 @@
+"""Overlapping tiles with a halo, so that results do not depend on tile size.
+
+The output plane is cut into a grid of *cores* (``tile`` pixels, a multiple
+of the network's stride ``multiple``).  Each tile reads its core plus a halo
+of ``halo`` pixels on every side (also a multiple of the stride) and only its
+core is kept.  With the halo at least the network's receptive radius, every
+kept pixel sees exactly the context it would see in one whole-image pass:
+the result is independent of the tile size, up to floating-point rounding.
+
+Pixels outside the image are mirrored (``reflect``) from the whole plane,
+computed by index, so a tile at the border sees the same padding whatever the
+tiling.  All tiles of a plan have one shape, which lets backends batch them
+and engines use one static shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .jobs import CancelToken, Job, Progress
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: where to read, where its kept core goes, and where that is inside the tile."""
+
+    read: tuple[tuple[int, int], tuple[int, int]]  # ((y0, y1), (x0, x1)) may leave the image
+    out: tuple[slice, slice]  # in the output plane
+    crop: tuple[slice, slice]  # in the tile
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    shape: tuple[int, int]
+    tile_shape: tuple[int, int]  # (h, w) of every tile read, halo included
+    tiles: tuple[Tile, ...]
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+
+def plan_tiles(shape: tuple[int, int], *, tile: int = 512, halo: int = 64, multiple: int = 1) -> TilePlan:
+    """Plan tiles over a plane of ``shape`` ``(H, W)``.
+
+    ``tile`` and ``halo`` are rounded up to ``multiple``; a plane smaller than
+    ``tile`` gets one tile just large enough (rounded up to ``multiple``).
+    """
+    if tile < 1 or halo < 0 or multiple < 1:
+        raise ValueError("tile >= 1, halo >= 0 and multiple >= 1 are required")
+    halo = round_up(halo, multiple)
+    cores = [min(round_up(tile, multiple), round_up(n, multiple)) for n in shape]
+    tiles = []
+    for y0 in range(0, shape[0], cores[0]):
+        for x0 in range(0, shape[1], cores[1]):
+            y1, x1 = min(y0 + cores[0], shape[0]), min(x0 + cores[1], shape[1])
+            tiles.append(
+                Tile(
+                    read=((y0 - halo, y0 + cores[0] + halo), (x0 - halo, x0 + cores[1] + halo)),
+                    out=(slice(y0, y1), slice(x0, x1)),
+                    crop=(slice(halo, halo + y1 - y0), slice(halo, halo + x1 - x0)),
+                )
+            )
+    return TilePlan(shape=tuple(shape), tile_shape=(cores[0] + 2 * halo, cores[1] + 2 * halo), tiles=tuple(tiles))
+
+
+def reflect_indices(start: int, stop: int, n: int) -> np.ndarray:
+    """Indices ``start..stop-1`` mirrored into ``0..n-1`` (numpy's ``reflect``)."""
+    idx = np.arange(start, stop)
+    if n == 1:
+        return np.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = np.abs(idx) % period
+    return np.where(idx >= n, period - idx, idx)
+
+
+def read_region(source: np.ndarray, region: tuple[tuple[int, int], tuple[int, int]]) -> np.ndarray:
+    """Read ``source[..., y0:y1, x0:x1]`` with mirrored pixels outside the plane.
+
+    ``source`` may be any array-like with NumPy slicing (a memory map, a zarr
+    array); only the bounding box of the needed pixels is read.
+    """
+    (y0, y1), (x0, x1) = region
+    h, w = source.shape[-2:]
+    ys, xs = reflect_indices(y0, y1, h), reflect_indices(x0, x1, w)
+    ya, yb, xa, xb = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    block = np.asarray(source[..., ya:yb, xa:xb])
+    if y0 >= 0 and y1 <= h and x0 >= 0 and x1 <= w:
+        return block
+    return block[..., ys - ya, :][..., xs - xa]
+
+
+def predict_tiled(
+    image: np.ndarray,
+    predict: Callable[[np.ndarray], np.ndarray],
+    *,
+    tile: int = 512,
+    halo: int = 64,
+    multiple: int = 1,
+    batch_size: int = 1,
+    cancel: CancelToken | None = None,
+) -> Job[np.ndarray]:
+    """Run ``predict`` over ``image`` ``(C, H, W)`` tile by tile.
+
+    ``predict`` maps a batch ``(B, C, h, w)`` to ``(B, K, h, w)``.  Yields a
+    :class:`Progress` per batch of tiles; returns ``(K, H, W)`` float32.
+    """
+    plan = plan_tiles(image.shape[-2:], tile=tile, halo=halo, multiple=multiple)
+    out = None
+    n = len(plan)
+    yield Progress("network", 0, n, f"{n} tile(s) of {plan.tile_shape[0]}x{plan.tile_shape[1]}")
+    for start in range(0, n, batch_size):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        group = plan.tiles[start : start + batch_size]
+        batch = np.stack([read_region(image, t.read) for t in group])
+        result = predict(batch)
+        if out is None:
+            out = np.empty((result.shape[1], *plan.shape), np.float32)
+        for t, r in zip(group, result):
+            out[(slice(None), *t.out)] = r[(slice(None), *t.crop)]
+        yield Progress("network", start + len(group), n)
+    return out

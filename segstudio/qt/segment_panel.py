@@ -1,0 +1,424 @@
+"""The segmentation panel shared by the napari plugin and the standalone app.
+
+:class:`SegmentPanel` lets the user pick a model, a backend and a channel,
+runs :func:`~segstudio.core.segment.segment_job` on a background thread
+(:class:`~segstudio.qt.worker.JobRunner`), shows progress, a status line and
+errors, and emits :attr:`SegmentPanel.result_ready` with the
+:class:`~segstudio.core.segment.SegmentationResult`.
+
+It does not know napari: the shell gives it ``get_image() -> ImageData``,
+called on the GUI thread when the user presses Run, and listens to
+``result_ready``.  Models and backends are created on the worker thread and
+cached per (model, backend) in a :class:`BackendCache` shared by every panel
+of the process, so the second run does not load the model again and the GUI
+thread never runs inference.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import weakref
+from typing import Callable
+
+from qtpy.QtCore import QEvent, QObject, Qt, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..core.backends import Backend, auto_backend, available_backends, create_backend, resolve_name
+from ..core.io import ImageData
+from ..core.jobs import CancelToken, Job, Progress
+from ..core.models.catalog import Model, builtin_models, get_model
+from ..core.segment import SegmentationResult, segment_job
+from .worker import ErrorReport, JobRunner, describe_error, with_crash_log
+
+AUTO = "auto"
+
+
+class BackendCache:
+    """Models and ready backends, created on first use and kept per (model, backend).
+
+    :meth:`get` is called on worker threads; a lock makes concurrent calls
+    from several panels safe.  ``"auto"`` is resolved to a concrete backend
+    first, so ``auto`` and the backend it picks share one instance.
+    """
+
+    _shared: "BackendCache | None" = None
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[str, Model] = {}
+        self._backends: dict[tuple[str, str], Backend] = {}
+
+    @classmethod
+    def shared(cls) -> "BackendCache":
+        """The process-wide cache used by panels that are not given one."""
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
+
+    def get(self, model_name: str, backend_name: str) -> tuple[Model, Backend]:
+        """The model and a ready backend for it (slow the first time: call off the GUI thread)."""
+        with self._lock:
+            model = self._models.get(model_name)
+            if model is None:
+                model = self._models[model_name] = get_model(model_name)
+            name = resolve_name(backend_name)
+            if name == AUTO:
+                name = auto_backend(model)
+            backend = self._backends.get((model_name, name))
+            if backend is None:
+                backend = self._backends[(model_name, name)] = create_backend(name, model)
+            return model, backend
+
+
+class ErrorView(QWidget):
+    """One error: its message and hint, and for bugs a "Details" toggle with the traceback."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.message = QLabel()
+        self.message.setObjectName("segstudioErrorMessage")
+        self.message.setWordWrap(True)
+        self.message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.message.setStyleSheet("color: #e8543f;")
+        self.details_button = QToolButton()
+        self.details_button.setText("Details")
+        self.details_button.setCheckable(True)
+        self.details = QPlainTextEdit()
+        self.details.setReadOnly(True)
+        self.details.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
+        self.details.setMinimumHeight(120)
+        self.details.setVisible(False)
+        self.details_button.toggled.connect(self.details.setVisible)
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.message, 1)
+        row.addWidget(self.details_button, 0, Qt.AlignmentFlag.AlignTop)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(row)
+        layout.addWidget(self.details)
+        self.report: ErrorReport | None = None
+        self.clear()
+
+    def show_report(self, report: ErrorReport) -> None:
+        """Show ``report``; the details toggle only appears when there is a traceback."""
+        self.report = report
+        text = report.message + (f"\nHint: {report.hint}" if report.hint else "")
+        self.message.setText(text)
+        self.details.setPlainText(report.details)
+        self.details_button.setChecked(False)
+        self.details_button.setVisible(bool(report.details))
+        self.setVisible(True)
+
+    def clear(self) -> None:
+        """Hide the view and forget the error."""
+        self.report = None
+        self.message.clear()
+        self.details.clear()
+        self.details_button.setChecked(False)
+        self.setVisible(False)
+
+    def text(self) -> str:
+        """The message (and hint) shown, or ``""``."""
+        return self.message.text() if self.report is not None else ""
+
+
+class SegmentPanel(QWidget):
+    """Model, backend and channel choice, Run / Cancel, progress, status and errors.
+
+    Parameters
+    ----------
+    get_image : callable
+        Returns the :class:`ImageData` to segment; called on the GUI thread
+        when the user presses Run.  It may raise
+        :class:`~segstudio.core.errors.SegStudioError` (shown in the panel).
+    backends : BackendCache, optional
+        Where models and backends are cached (default: the process-wide one).
+    tile : int
+        Tile size passed to :func:`segment_job`.
+    parent : QWidget, optional
+
+    Signals
+    -------
+    result_ready(SegmentationResult)
+        A run finished.
+    """
+
+    result_ready = Signal(object)
+
+    def __init__(
+        self,
+        get_image: Callable[[], ImageData],
+        *,
+        backends: BackendCache | None = None,
+        tile: int = 512,
+        parent: QWidget | None = None,
+    ):
+        super().__init__(parent)
+        self._get_image = get_image
+        self._backends = backends or BackendCache.shared()
+        self._tile = tile
+        self._n_planes = 1
+        self._planes_done = 0
+        self._t_start = 0.0
+        self._watched: list[weakref.ref] = []
+        self._models = {m.name: m for m in builtin_models()}
+
+        self.runner = JobRunner(self)
+        self.runner.progress.connect(self._on_progress)
+        self.runner.finished.connect(self._on_finished)
+        self.runner.failed.connect(self._on_failed)
+        self.runner.cancelled.connect(self._on_cancelled)
+        self.runner.stopped.connect(self._set_idle)
+
+        self.model_combo = QComboBox()
+        for model in self._models.values():
+            self.model_combo.addItem(model.name, model.name)
+            self.model_combo.setItemData(
+                self.model_combo.count() - 1, model.spec.title or model.name, Qt.ItemDataRole.ToolTipRole
+            )
+        self.backend_combo = QComboBox()
+        self.backend_combo.setToolTip("auto picks the fastest backend installed for this model")
+        self.channel_combo = QComboBox()
+        self.channel_combo.setToolTip(
+            "the channel the model reads; auto: the only channel, or the mean of colour channels"
+        )
+        self.run_button = QPushButton("Run")
+        self.run_button.setToolTip("segment the image")
+        self.cancel_button = QPushButton("Cancel")
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setTextVisible(False)
+        self.status = QLabel("Ready")
+        self.status.setWordWrap(True)
+        self.status.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+        self.error_view = ErrorView()
+
+        form = QFormLayout()
+        form.setContentsMargins(0, 0, 0, 0)
+        form.addRow("Model", self.model_combo)
+        form.addRow("Backend", self.backend_combo)
+        form.addRow("Channel", self.channel_combo)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status)
+        layout.addWidget(self.error_view)
+
+        self.model_combo.currentIndexChanged.connect(self._update_backends)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self._update_backends()
+        self.set_channels([])
+        self._set_idle()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def model_name(self) -> str:
+        """The chosen model's name."""
+        return self.model_combo.currentData() or ""
+
+    @property
+    def backend_name(self) -> str:
+        """The chosen backend (``"auto"`` or a registry name)."""
+        return self.backend_combo.currentData() or AUTO
+
+    @property
+    def channel(self) -> int | None:
+        """The chosen channel index, or None for auto."""
+        return self.channel_combo.currentData()
+
+    def set_channels(self, names: list[str], current: int | None = None) -> None:
+        """Offer ``names`` as channels (besides auto); the combo is disabled for one channel."""
+        self.channel_combo.clear()
+        self.channel_combo.addItem(AUTO, None)
+        if len(names) > 1:
+            for i, name in enumerate(names):
+                self.channel_combo.addItem(f"{i}: {name}", i)
+        if current is not None and len(names) > 1:
+            self.channel_combo.setCurrentIndex(current + 1)
+        self.channel_combo.setEnabled(len(names) > 1 and not self.is_running())
+
+    def is_running(self) -> bool:
+        """True while a job runs."""
+        return self.runner.is_running()
+
+    def run(self) -> None:
+        """Fetch the image and start segmenting it in the background."""
+        if self.runner.is_running():
+            return
+        self.error_view.clear()
+        try:
+            image = self._get_image()
+        except Exception as exc:  # noqa: BLE001 - shown to the user: verbatim if expected, as a bug otherwise
+            self._show_error(exc)
+            return
+        model_name, backend_name, channel = self.model_name, self.backend_name, self.channel
+        self._n_planes = max(1, math.prod(image.stack_shape))
+        self._planes_done = 0
+        self._t_start = time.perf_counter()
+        self.progress_bar.setValue(0)
+        self.status.setText(f"Loading {model_name} ({backend_name})...")
+        self._set_busy()
+        backends, tile = self._backends, self._tile
+        self.runner.start(lambda cancel: _segment(image, backends, model_name, backend_name, channel, tile, cancel))
+
+    def cancel(self) -> None:
+        """Ask the running job to stop."""
+        if self.runner.is_running():
+            self.runner.cancel()
+            self.cancel_button.setEnabled(False)
+            self.status.setText("Cancelling...")
+
+    def shutdown(self, timeout_ms: int | None = None) -> bool:
+        """Cancel a running job and join its thread; True if no thread is left running."""
+        return self.runner.shutdown(timeout_ms)
+
+    def error_text(self) -> str:
+        """The error shown in the panel, or ``""``."""
+        return self.error_view.text()
+
+    # ------------------------------------------------------------------ slots (GUI thread)
+
+    def _on_progress(self, event: Progress) -> None:
+        plane = min(self._planes_done + 1, self._n_planes)
+        if event.stage == "network" and event.total:
+            fraction = (self._planes_done + event.done / event.total) / self._n_planes
+            where = f"plane {plane}/{self._n_planes}, " if self._n_planes > 1 else ""
+            self.status.setText(f"Segmenting: {where}tiles {event.done}/{event.total}")
+        elif event.stage == "plane" and event.total:
+            self._planes_done = event.done
+            fraction = event.done / event.total
+            self.status.setText(f"Segmenting: {event.message}")
+        else:
+            if event.message:
+                self.status.setText(event.message[:1].upper() + event.message[1:] + "...")
+            return
+        self.progress_bar.setValue(round(1000 * min(1.0, fraction)))
+
+    def _on_finished(self, result: SegmentationResult) -> None:
+        elapsed = time.perf_counter() - self._t_start
+        split = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
+        self.progress_bar.setValue(1000)
+        self.status.setText(f"{result.n_cells} objects in {elapsed:.1f} s ({split})\n{result.backend}")
+        self.result_ready.emit(result)
+
+    def _on_failed(self, exc: BaseException) -> None:
+        self.status.setText("Failed")
+        self._show_error(exc)
+
+    def _on_cancelled(self) -> None:
+        self.progress_bar.setValue(0)
+        self.status.setText("Cancelled")
+
+    def _show_error(self, exc: BaseException) -> None:
+        self.error_view.show_report(with_crash_log(describe_error(exc)))
+
+    def _update_backends(self) -> None:
+        model = self._models.get(self.model_name)
+        current = self.backend_name
+        self.backend_combo.clear()
+        self.backend_combo.addItem(AUTO, AUTO)
+        for name in available_backends(model) if model is not None else []:
+            self.backend_combo.addItem(name, name)
+        index = self.backend_combo.findData(current)
+        self.backend_combo.setCurrentIndex(max(index, 0))
+
+    def _set_busy(self) -> None:
+        for w in (self.run_button, self.model_combo, self.backend_combo, self.channel_combo):
+            w.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+
+    def _set_idle(self) -> None:
+        self.run_button.setEnabled(bool(self._models))
+        self.model_combo.setEnabled(True)
+        self.backend_combo.setEnabled(True)
+        self.channel_combo.setEnabled(self.channel_combo.count() > 1)
+        self.cancel_button.setEnabled(False)
+        if not self._models:
+            self.status.setText("No built-in model is installed")
+
+    # ------------------------------------------------------------------ lifetime
+    #
+    # A job must not outlive the window that shows the panel.  The panel
+    # filters the events of its ancestors: a ParentChange anywhere up the
+    # chain (docking, floating, undocking) re-targets the watch, and a Close
+    # of the top-level window stops the job (cancel, then join the thread).
+
+    def event(self, event: QEvent) -> bool:
+        """Re-target the window watch when the panel is re-parented or shown."""
+        if event.type() in (QEvent.Type.ParentChange, QEvent.Type.Show):
+            self._watch_ancestors()
+        return super().event(event)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt override
+        """Follow re-parenting of ancestors; stop the job when the top-level window closes."""
+        kind = event.type()
+        if kind == QEvent.Type.ParentChange:
+            self._watch_ancestors()
+        elif kind == QEvent.Type.Close and watched is self.window() and watched is not self:
+            self.shutdown()
+        return False
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        """Stop the running job when the panel itself is closed."""
+        self.shutdown()
+        super().closeEvent(event)
+
+    def _watch_ancestors(self) -> None:
+        ancestors = []
+        widget = self.parentWidget()
+        while widget is not None:
+            ancestors.append(widget)
+            widget = widget.parentWidget()
+        if ancestors == [ref() for ref in self._watched]:
+            return
+        for ref in self._watched:
+            widget = ref()
+            if widget is None:
+                continue
+            try:
+                widget.removeEventFilter(self)
+            except RuntimeError:  # already deleted
+                pass
+        for widget in ancestors:
+            widget.installEventFilter(self)
+        # weak references: the panel must not keep its window alive
+        self._watched = [weakref.ref(widget) for widget in ancestors]
+
+
+def _segment(
+    image: ImageData,
+    backends: BackendCache,
+    model_name: str,
+    backend_name: str,
+    channel: int | None,
+    tile: int,
+    cancel: CancelToken,
+) -> Job[SegmentationResult]:
+    """The panel's job, run on the worker thread: load (or reuse) the backend, then segment."""
+    yield Progress("load", 0, 0, f"loading {model_name} ({backend_name})")
+    model, backend = backends.get(model_name, backend_name)
+    cancel.raise_if_cancelled()
+    yield Progress("load", 1, 1, f"running on {backend.describe()}")
+    result = yield from segment_job(image, model, backend, channel=channel, tile=tile, cancel=cancel)
+    return result

@@ -1,0 +1,146 @@
+"""The command line end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from segstudio.core.io import read_image
+
+pytest.importorskip("onnxruntime")
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "segstudio.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_segment_writes_labels_and_csv(tmp_path, samples):
+    img, truth = samples[1]
+    out = tmp_path / "out"
+    proc = run("segment", img, "--model", "nuclei", "--backend", "auto", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    labels = read_image(out / f"{img.stem}_labels.tif").data
+    assert labels.dtype == np.uint16 and labels.shape == read_image(truth).data.shape
+    csv = (out / f"{img.stem}_cells.csv").read_text().splitlines()
+    assert csv[0].split(",")[:3] == ["label", "area_px", "centroid_y"]
+    assert len(csv) - 1 == len(np.unique(labels)) - 1 > 10
+    assert "cells in" in proc.stdout
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+
+
+def test_segment_folder_with_one_bad_file_goes_on(tmp_path, samples):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(samples[1][0], src / "good.tif")
+    (src / "bad.tif").write_text("not a tiff")
+    proc = run("segment", src, "--out", tmp_path / "out")
+    assert proc.returncode == 1
+    assert (tmp_path / "out" / "good_labels.tif").is_file()
+    assert not (tmp_path / "out" / "bad_labels.tif").exists()
+    assert "bad.tif" in proc.stderr and "1 of 2 image(s) failed" in proc.stderr
+
+
+def _bad_inputs(tmp_path: Path, sample: Path) -> dict[str, Path]:
+    bad = {}
+    bad["text file named .tif"] = tmp_path / "text.tif"
+    bad["text file named .tif"].write_text("hello\n" * 100)
+    data = sample.read_bytes()
+    bad["truncated TIFF"] = tmp_path / "trunc.tif"
+    tifffile.imwrite(bad["truncated TIFF"], np.random.default_rng(0).integers(0, 255, (400, 400), dtype=np.uint8))
+    full = bad["truncated TIFF"].read_bytes()
+    bad["truncated TIFF"].write_bytes(full[: len(full) // 3])
+    bad["empty folder"] = tmp_path / "empty"
+    bad["empty folder"].mkdir()
+    bad["1x1 image"] = tmp_path / "one.tif"
+    tifffile.imwrite(bad["1x1 image"], np.zeros((1, 1), np.uint8))
+    bad["5-D array"] = tmp_path / "five.npy"
+    np.save(bad["5-D array"], np.zeros((2, 2, 3, 32, 32), np.uint8))
+    bad["5-D TIFF"] = tmp_path / "five.tif"
+    tifffile.imwrite(bad["5-D TIFF"], np.zeros((2, 2, 5, 32, 32), np.uint8))
+    assert data  # the sample is readable, the bad ones are not
+    return bad
+
+
+def test_bad_inputs_one_line_error_nonzero_exit_nothing_written(tmp_path, samples):
+    for what, path in _bad_inputs(tmp_path, samples[0][0]).items():
+        out = tmp_path / f"out_{path.stem}"
+        proc = run("segment", path, "--out", out)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0, what
+        assert len(lines) == 1 and lines[0].startswith("segstudio: error:"), (what, proc.stderr)
+        assert "Traceback" not in proc.stderr + proc.stdout
+        assert not out.exists() or not any(out.iterdir()), what
+
+
+def test_missing_path_and_unknown_backend(tmp_path, samples):
+    proc = run("segment", tmp_path / "nope.tif", "--out", tmp_path)
+    assert proc.returncode == 2 and "no such file" in proc.stderr
+    proc = run("segment", samples[0][0], "--backend", "tpu", "--out", tmp_path)
+    assert proc.returncode == 2 and "unknown backend" in proc.stderr
+
+
+def test_eval_json(tmp_path, sample_dir):
+    out = tmp_path / "r.json"
+    proc = run("eval", "--model", "nuclei", "--images", sample_dir, "--labels", sample_dir, "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert set(report["mean"]) >= {"ap50", "ap75", "f1", "dice"}
+    assert len(report["images"]) == 4
+    assert {"name", "ap50", "ap75", "f1", "dice"} <= set(report["images"][0])
+    assert report["mean"]["ap50"] == pytest.approx(np.mean([r["ap50"] for r in report["images"]]))
+    assert "mean over 4 image(s)" in proc.stdout
+
+
+def test_eval_two_folders_same_stem(tmp_path, samples):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    img, lab = samples[1]
+    shutil.copy(img, tmp_path / "img" / "a.tif")
+    shutil.copy(lab, tmp_path / "lab" / "a.tif")
+    proc = run("eval", "--images", tmp_path / "img", "--labels", tmp_path / "lab", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "mean over 1 image(s)" in proc.stdout
+
+
+def test_eval_kind_filter(tmp_path, sample_dir, dsb2018):
+    proc = run("eval", "--images", dsb2018 / "val", "--kind", "nosuchkind", "-q")
+    assert proc.returncode == 2 and "no image of kind" in proc.stderr
+
+
+def test_models_lists_the_card():
+    proc = run("models")
+    assert proc.returncode == 0
+    assert "nuclei" in proc.stdout and "AP50" in proc.stdout and "percentiles" in proc.stdout
+
+
+def test_start_without_display_segments_the_sample(tmp_path):
+    env_cmd = [sys.executable, "-m", "segstudio.cli", "start", "--no-gui", "--out", str(tmp_path / "o")]
+    proc = subprocess.run(env_cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "o").glob("*_labels.tif"))) == 4
+    assert "mean over 4 image(s): AP50" in proc.stdout
+
+
+def test_unexpected_error_is_reported_with_log(tmp_path, monkeypatch, capsys):
+    from segstudio import cli
+
+    monkeypatch.setenv("SEGSTUDIO_HOME", str(tmp_path))
+
+    def boom(args):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(cli, "cmd_models", boom)
+    parser_main = cli.main
+    assert parser_main(["models"]) == 3
+    err = capsys.readouterr().err
+    assert "unexpected error: ZeroDivisionError: boom" in err
+    logs = list((tmp_path / "logs").glob("crash-*.log"))
+    assert len(logs) == 1 and "Traceback" in logs[0].read_text()

@@ -1,0 +1,60 @@
+"""The core imports without Qt, napari or torch; the layers only import downwards."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BLOCK = """
+import importlib.abc, sys
+BLOCKED = {"torch", "onnxruntime", "onnx", "qtpy", "PySide6", "PyQt5", "PyQt6", "napari", "magicgui", "superqt", "vispy"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+"""
+
+CORE_USE = """
+import pkgutil, importlib, numpy as np
+import segstudio.core as core
+skip = {"segstudio.core.models.unet", "segstudio.core.backends.torch_backend"}  # torch by definition
+for m in pkgutil.walk_packages(core.__path__, "segstudio.core."):
+    if m.name not in skip:
+        importlib.import_module(m.name)
+import segstudio.cli
+from segstudio.core.io import as_image
+from segstudio.core.postprocess import fg_dist_to_labels
+from segstudio.core.models.spec import PostprocessParams
+from segstudio.core.backends import available_backends, create_backend
+from segstudio.core.models.catalog import get_model
+assert available_backends() == [], available_backends()
+lab = fg_dist_to_labels(np.ones((16, 16)), np.ones((16, 16)), PostprocessParams())
+assert lab.max() == 1
+try:
+    create_backend("auto", get_model("nuclei"))
+except Exception as e:
+    assert type(e).__name__ == "BackendUnavailableError", e
+    print("ok:", e)
+"""
+
+
+def test_core_works_without_torch_qt_napari_onnxruntime():
+    proc = subprocess.run([sys.executable, "-c", BLOCK + CORE_USE], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "ok: no inference backend" in proc.stdout
+
+
+def test_import_contracts():
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("import-linter is not installed")
+    proc = subprocess.run([exe], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 broken" in proc.stdout

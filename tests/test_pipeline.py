@@ -1,0 +1,187 @@
+"""The streaming pipeline: lazy sources, sinks, seams, cancel, bounded work."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import tifffile
+
+from segstudio.core.errors import Cancelled
+from segstudio.core.evaluate import score
+from segstudio.core.io import as_image, read_image
+from segstudio.core.jobs import CancelToken, run_sync
+from segstudio.core.models.spec import ModelSpec, Normalization, PostprocessParams, UNetConfig
+from segstudio.core.pipeline import segment_plane_job
+from segstudio.core.postprocess import fg_dist_to_labels
+from segstudio.core.preprocess import channel_percentiles, sample_percentiles
+from segstudio.core.sinks import ArraySink, TiffSink
+from segstudio.core.sources import open_source, source_from_image
+from segstudio.core.train import distance_target
+
+
+# ------------------------------------------------------------------ sources
+
+SOURCE_CASES = {
+    "zcyx_ij.tif": ((2, 3, 100, 120), np.uint16, dict(imagej=True, metadata={"axes": "ZCYX"})),
+    "rgb.tif": ((100, 120, 3), np.uint8, dict(photometric="rgb")),
+    "tiled.tif": ((300, 200), np.uint16, dict(tile=(64, 64), compression="zlib")),
+    "strips.tif": ((300, 200), np.uint16, dict(compression="zlib", rowsperstrip=16)),
+    "big_endian.tif": ((300, 200), np.uint16, dict(byteorder=">")),
+    "tcyx.ome.tif": ((2, 2, 90, 70), np.uint16, dict(ome=True, metadata={"axes": "TCYX", "PhysicalSizeX": 0.5,
+                                                                         "PhysicalSizeY": 0.5})),
+}
+
+
+@pytest.mark.parametrize("name", SOURCE_CASES)
+def test_lazy_source_reads_what_read_image_reads(tmp_path, name):
+    shape, dtype, kwargs = SOURCE_CASES[name]
+    a = np.random.default_rng(1).integers(0, 200, shape).astype(dtype)
+    tifffile.imwrite(tmp_path / name, a, **kwargs)
+    ref = read_image(tmp_path / name)
+    with open_source(tmp_path / name, eager_bytes=0) as src:  # force lazy reading
+        assert src.axes == ref.axes and src.shape == ref.data.shape and src.pixel_size == ref.pixel_size
+        for idx, (_, plane) in zip(src.stack_indices(), ref.planes()):
+            got = src.read(idx, (10, 50), (5, 60))
+            assert got.dtype.isnative
+            np.testing.assert_array_equal(got, plane[:, 10:50, 5:60])
+
+
+def test_truncated_lazy_tiff_is_an_input_error(tmp_path):
+    tifffile.imwrite(tmp_path / "t.tif", np.ones((400, 400), np.uint16))
+    data = (tmp_path / "t.tif").read_bytes()
+    (tmp_path / "t.tif").write_bytes(data[: len(data) // 2])
+    from segstudio.core.errors import InputError
+
+    with open_source(tmp_path / "t.tif", eager_bytes=0) as src, pytest.raises(InputError, match="truncated"):
+        src.read((), (300, 400), (0, 400))
+
+
+def test_sampled_percentiles_close_to_exact():
+    rng = np.random.default_rng(0)
+    plane = rng.gamma(2.0, 300.0, (1, 3000, 2000)).astype(np.float32)
+    norm = Normalization()
+    exact = channel_percentiles(plane, norm)
+    sampled = sample_percentiles(lambda y0, y1: plane[:, y0:y1], (3000, 2000), norm, lambda b: b)
+    assert np.allclose(sampled, exact, rtol=0.03)
+
+
+# ------------------------------------------------------------------ sinks
+
+
+@pytest.mark.parametrize("n_objects,dtype", [(500, np.uint16), (70_000, np.uint32)])
+def test_tiff_sink_streams_rows_and_narrows(tmp_path, n_objects, dtype):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, n_objects + 1, (2, 700, 530)).astype(np.uint32)
+    sink = TiffSink(tmp_path / "l.tif", (2,), (700, 530), pixel_size=(0.5, 0.5), tile=256)
+    for z in range(2):
+        for y0 in range(0, 700, 96):
+            sink.write((z,), y0, labels[z, y0 : y0 + 96])
+    path = sink.finish(n_objects)
+    back = read_image(path)
+    assert back.data.dtype == dtype and back.pixel_size == pytest.approx((0.5, 0.5))
+    np.testing.assert_array_equal(back.data, labels)
+    assert [p.name for p in tmp_path.iterdir()] == ["l.tif"]
+
+
+def test_tiff_sink_abort_leaves_nothing(tmp_path):
+    sink = TiffSink(tmp_path / "l.tif", (), (300, 300))
+    sink.write((), 0, np.ones((100, 300), np.uint32))
+    sink.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ seams
+
+
+def _synthetic_nuclei(shape=(700, 900), seed=0):
+    """Discs of radius 5..18 px scattered so that many straddle tile seams, some touching."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    lab = np.zeros(shape, np.int32)
+    n = 0
+    for _ in range(400):
+        r = rng.uniform(5, 18)
+        cy, cx = rng.uniform(r, shape[0] - r), rng.uniform(r, shape[1] - r)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        if (lab[disc] > 0).mean() > 0.1:
+            continue
+        n += 1
+        lab[disc & (lab == 0)] = n
+    return lab
+
+
+def _pointwise_spec() -> ModelSpec:
+    return ModelSpec(name="pointwise", version="0", title="", description="",
+                     config=UNetConfig(depth=0), postprocess=PostprocessParams(seed_threshold=0.5, min_size=4))
+
+
+def _pointwise_predict(batch):
+    """'Network' reading the answer from the input: channel 0 is the distance target."""
+    d = np.clip(batch[:, :1], 1e-4, 1 - 1e-4)
+    fg = np.where(batch[:, :1] > 0, 8.0, -8.0)
+    return np.concatenate([fg, np.log(d / (1 - d))], axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize("tile", [64, 96, 160])
+def test_objects_straddling_seams_come_out_whole(tile):
+    truth = _synthetic_nuclei()
+    dist = distance_target(truth)
+    spec = _pointwise_spec()
+    whole = fg_dist_to_labels(*_pointwise_predict(dist[None, None])[0], spec.postprocess)
+    src = source_from_image(as_image(dist, "YX"))
+    sink = ArraySink((), dist.shape)
+    res = run_sync(segment_plane_job(src, (), spec, _pointwise_predict, lambda y0, r: sink.write((), y0, r),
+                                     prepare=lambda b: b.astype(np.float32), tile=tile, context=40, batch_size=3))
+    labels = sink.finish(res.n_objects)
+    straddling = set()
+    for x in range(tile, truth.shape[1], tile):
+        straddling |= set(np.unique(truth[:, x - 1])) & set(np.unique(truth[:, x]))
+    for y in range(tile, truth.shape[0], tile):
+        straddling |= set(np.unique(truth[y - 1])) & set(np.unique(truth[y]))
+    assert len(straddling - {0}) > 30  # the seams really do cut many nuclei
+    assert res.n_objects == whole.max() == len(res.table["label"])
+    s = score(whole, labels, thresholds=(0.99,))
+    assert s.ap[0.99] == 1.0  # identical objects
+    assert score(truth, labels).ap[0.5] > 0.95
+    np.testing.assert_array_equal(np.sort(res.table["label"]), np.arange(1, res.n_objects + 1))
+    # centroids are in whole-image coordinates
+    for row in range(0, len(res.table["label"]), 37):
+        i = res.table["label"][row]
+        ys, xs = np.nonzero(labels == i)
+        assert res.table["centroid_y"][row] == pytest.approx(ys.mean())
+        assert res.table["centroid_x"][row] == pytest.approx(xs.mean())
+
+
+def test_cancel_mid_plane_stops_all_threads():
+    dist = distance_target(_synthetic_nuclei())
+    token = CancelToken()
+    calls = []
+
+    def predict(b):
+        calls.append(1)
+        if len(calls) == 2:
+            token.cancel()
+        return _pointwise_predict(b)
+
+    src = source_from_image(as_image(dist, "YX"))
+    sink = ArraySink((), dist.shape)
+    with pytest.raises(Cancelled):
+        run_sync(segment_plane_job(src, (), _pointwise_spec(), predict, lambda y0, r: sink.write((), y0, r),
+                                   prepare=lambda b: b.astype(np.float32), tile=64, cancel=token))
+    assert len(calls) == 2
+    assert not [t for t in threading.enumerate() if t.name.startswith("segstudio-")]
+
+
+def test_failure_in_a_stage_reaches_the_caller():
+    dist = distance_target(_synthetic_nuclei((300, 300)))
+    src = source_from_image(as_image(dist, "YX"))
+
+    def bad_writer(y0, rows):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        run_sync(segment_plane_job(src, (), _pointwise_spec(), _pointwise_predict, bad_writer,
+                                   prepare=lambda b: b.astype(np.float32), tile=64))
+    assert not [t for t in threading.enumerate() if t.name.startswith("segstudio-")]

@@ -1,0 +1,67 @@
+"""Foreground + distance -> instances."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from segstudio.core.models.spec import PostprocessParams
+from segstudio.core.postprocess import fg_dist_to_labels, logit, relabel_sequential, remove_small
+from segstudio.core.train import distance_target
+
+
+def _discs(centres, radius, shape=(64, 96)):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    lab = np.zeros(shape, np.int32)
+    for i, (cy, cx) in enumerate(centres, start=1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = i
+    return lab
+
+
+def _as_logits(lab):
+    fg = np.where(lab > 0, 5.0, -5.0)
+    d = distance_target(lab)
+    return fg, np.log(np.clip(d, 1e-4, 1 - 1e-4) / (1 - np.clip(d, 1e-4, 1 - 1e-4)))
+
+
+def test_touching_discs_are_separated():
+    lab = _discs([(32, 30), (32, 50)], 11)  # overlap: second overwrites the neck
+    assert ndi.label(lab > 0)[1] == 1  # one connected blob
+    fg, d = _as_logits(lab)
+    out = fg_dist_to_labels(fg, d, PostprocessParams(seed_threshold=0.5))
+    assert out.max() == 2
+    # each predicted object is mostly one true object
+    for i in (1, 2):
+        ids, counts = np.unique(lab[out == i], return_counts=True)
+        assert counts.max() / counts.sum() > 0.95
+
+
+def test_foreground_without_seed_is_kept_and_small_objects_removed():
+    fg = np.full((40, 40), -5.0)
+    fg[5:15, 5:15] = 5.0  # no seed here
+    fg[30:32, 30:32] = 5.0  # 4 px: below min_size
+    d = np.full((40, 40), -5.0)
+    out = fg_dist_to_labels(fg, d, PostprocessParams(min_size=8))
+    assert out.max() == 1 and (out > 0).sum() == 100
+
+
+def test_thresholds_are_applied_on_logits():
+    assert abs(logit(0.5)) < 1e-12
+    assert logit(0.8) > 0 > logit(0.2)
+
+
+def test_relabel_sequential_and_dtype():
+    lab = np.array([[0, 7, 7], [3, 0, 9]])
+    out = relabel_sequential(lab)
+    np.testing.assert_array_equal(out, [[0, 1, 1], [2, 0, 3]])
+    assert out.dtype == np.uint16
+    many = np.arange(1, 70_001).reshape(350, 200)
+    big = relabel_sequential(many)
+    assert big.dtype == np.uint32 and big.max() == 70_000
+
+
+def test_remove_small():
+    lab = np.zeros((10, 10), int)
+    lab[0, :3] = 1
+    lab[5:, 5:] = 2
+    np.testing.assert_array_equal(np.unique(remove_small(lab, 4)), [0, 2])

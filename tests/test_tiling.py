@@ -1,0 +1,80 @@
+"""Tiling: every pixel exactly once, mirrored borders, results independent of tile size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segstudio.core.jobs import CancelToken, run_sync
+from segstudio.core.errors import Cancelled
+from segstudio.core.tiling import plan_tiles, predict_tiled, read_region, reflect_indices
+
+
+def identity(batch):
+    return batch.copy()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_identity_model_gives_back_the_image(seed):
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(9, 300, 2)
+    c = int(rng.integers(1, 4))
+    tile = int(rng.integers(8, 200))
+    halo = int(rng.integers(0, 40))
+    multiple = int(rng.choice([1, 2, 4, 8, 16]))
+    x = rng.random((c, h, w)).astype(np.float32)
+    out = run_sync(predict_tiled(x, identity, tile=tile, halo=halo, multiple=multiple, batch_size=3))
+    np.testing.assert_array_equal(out, x)
+
+
+def test_plan_covers_each_pixel_once_with_aligned_reads():
+    plan = plan_tiles((301, 517), tile=100, halo=20, multiple=8)
+    count = np.zeros((301, 517), int)
+    for t in plan.tiles:
+        count[t.out] += 1
+        (y0, y1), (x0, x1) = t.read
+        assert (y1 - y0, x1 - x0) == plan.tile_shape
+        assert y0 % 8 == 0 and x0 % 8 == 0  # stride-aligned: pooling sees the same grid
+    assert (count == 1).all()
+    assert plan.tile_shape == (104 + 48, 104 + 48)
+
+
+def test_small_image_gets_one_small_tile():
+    plan = plan_tiles((20, 30), tile=512, halo=16, multiple=8)
+    assert len(plan) == 1 and plan.tile_shape == (24 + 32, 32 + 32)
+
+
+def test_reflect_matches_numpy_pad():
+    a = np.arange(7)
+    for pad in (0, 3, 6, 20):
+        expected = np.pad(a, pad, mode="reflect")
+        np.testing.assert_array_equal(a[reflect_indices(-pad, 7 + pad, 7)], expected)
+    assert (reflect_indices(-5, 5, 1) == 0).all()
+
+
+def test_read_region_mirrors_outside_and_slices_inside():
+    a = np.arange(5 * 6).reshape(1, 5, 6)
+    np.testing.assert_array_equal(read_region(a, ((-2, 7), (-3, 9))), np.pad(a, ((0, 0), (2, 2), (3, 3)), "reflect"))
+    np.testing.assert_array_equal(read_region(a, ((1, 3), (2, 5))), a[:, 1:3, 2:5])
+
+
+def test_cancel_stops_between_batches():
+    x = np.zeros((1, 256, 256), np.float32)
+    token = CancelToken()
+    calls = []
+
+    def predict(b):
+        calls.append(1)
+        token.cancel()
+        return b
+
+    with pytest.raises(Cancelled):
+        run_sync(predict_tiled(x, predict, tile=64, halo=0, cancel=token))
+    assert len(calls) == 1
+
+
+def test_progress_events_count_tiles():
+    x = np.zeros((1, 100, 100), np.float32)
+    events = []
+    run_sync(predict_tiled(x, identity, tile=50, halo=8, batch_size=2), events.append)
+    assert [e.done for e in events] == [0, 2, 4] and all(e.total == 4 for e in events)
