@@ -9,8 +9,9 @@ extras="${1:-onnx,torch,gui}"
 
 py="${PYTHON:-}"
 if [ -z "$py" ]; then
-  for candidate in python3.13 python3.12 python3.11 python3; do
-    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  # 3.11 first: requirements/constraints.txt was frozen and tested on it
+  for candidate in python3.11 python3 python3.12 python3.13; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
       py="$candidate"; break
     fi
   done
@@ -25,11 +26,17 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 stamp=".venv/.segstudio-installed"
-want="$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16) $extras"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  exit 0
+hash="$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$hash" ]; then
+  have=",$(sed -n 2p "$stamp"),"
+  missing=""
+  for e in ${extras//,/ }; do
+    case "$have" in *",$e,"*) ;; *) missing="$missing $e" ;; esac
+  done
+  [ -z "$missing" ] && exit 0
+  extras="$(sed -n 2p "$stamp"),$extras"
 fi
 echo "installing segstudio[$extras] into .venv (first time: a few minutes)"
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -c requirements/constraints.txt -e ".[$extras]"
-echo "$want" > "$stamp"
+printf '%s\n%s\n' "$hash" "$extras" > "$stamp"
