@@ -41,3 +41,37 @@ def test_no_pixel_size_no_physical_columns_and_empty_labels():
     assert "area_um2" not in t and "mean_ch0" in t
     empty = measure(np.zeros((20, 20), np.uint16), np.ones((1, 20, 20)), pixel_size=(1, 1))
     assert len(empty["label"]) == 0 and "area_um2" in empty
+
+
+def test_matches_scikit_image_on_real_labels(samples):
+    """Same numbers as regionprops for everything but solidity, whose hull is of pixel squares."""
+    from skimage.measure import regionprops_table
+
+    from segstudio.core.io import read_image
+
+    img, lab = (read_image(p).data for p in samples[-1])
+    ours = measure(lab, np.stack([img, img[::-1]]), channel_names=["a", "b"])
+    ref = regionprops_table(lab, intensity_image=np.stack([img, img[::-1]], -1),
+                            properties=("label", "area", "centroid", "eccentricity", "solidity",
+                                        "intensity_mean", "intensity_max"))
+    np.testing.assert_array_equal(ours["label"], ref["label"])
+    np.testing.assert_array_equal(ours["area_px"], ref["area"])
+    for a, b in [("centroid_y", "centroid-0"), ("centroid_x", "centroid-1"), ("eccentricity", "eccentricity"),
+                 ("mean_a", "intensity_mean-0"), ("max_a", "intensity_max-0"), ("mean_b", "intensity_mean-1"),
+                 ("max_b", "intensity_max-1")]:
+        np.testing.assert_allclose(ours[a], ref[b], atol=1e-9)
+    assert (ours["solidity"] <= 1).all()
+    assert np.abs(ours["solidity"] - ref["solidity"]).max() < 0.06
+    assert np.corrcoef(ours["solidity"], ref["solidity"])[0, 1] > 0.98
+
+
+def test_solidity_of_an_l_shape():
+    lab = np.zeros((12, 12), np.uint16)
+    lab[1:11, 1:4] = 1  # 10 x 3 bar
+    lab[8:11, 4:11] = 1  # 3 x 7 foot: L of area 51
+    t = measure(lab, np.ones((1, 12, 12)))
+    # hull of the squares: corners (1,1) (11,1) (11,11) (8,11) (1,4): area 100 - 7*7/2 - ... computed by shoelace
+    hull = 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in
+                         zip([(1, 1), (11, 1), (11, 11), (8, 11), (1, 4)], [(11, 1), (11, 11), (8, 11), (1, 4), (1, 1)])))
+    assert t["area_px"][0] == 51
+    assert t["solidity"][0] == pytest.approx(51 / hull)
