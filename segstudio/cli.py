@@ -177,13 +177,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .core.backends import available_backends
+    from .core.backends import runnable_variants
     from .core.models.catalog import builtin_models
 
     for model in builtin_models():
         print(model.spec.card())
         print(f"  files: {', '.join(f'{k}: {v.name}' for k, v in model.files.items())}")
-        print(f"  backends here: {', '.join(available_backends(model)) or 'none installed'}")
+        print(f"  backends here: {', '.join(runnable_variants(model)) or 'none installed'}")
         print()
     return 0
 
@@ -239,7 +239,7 @@ def cmd_start(args) -> int:
 
 def cmd_self_test(args) -> int:
     """Segment the sample with every installed backend and check the accuracy."""
-    from .core.backends import available_backends, create_backend
+    from .core.backends import create_backend, runnable_variants
     from .core.datasets import find_pairs
     from .core.evaluate import evaluate_job
     from .core.jobs import run_sync
@@ -247,7 +247,7 @@ def cmd_self_test(args) -> int:
 
     model = get_model("nuclei")
     pairs = find_pairs(sample_folder(), sample_folder())
-    names = available_backends(model)
+    names = runnable_variants(model)
     if not names:
         raise SegStudioError("no inference backend installed", hint="pip install segstudio[onnx]")
     ok = True

@@ -23,7 +23,7 @@ pytestmark = [
 def test_torch_cuda_matches_cpu(nuclei, samples):
     img = read_image(samples[-1][0])
     x = normalize(next(img.planes())[1], nuclei.spec.normalization)[None, :, :512, :512]
-    with create_backend("torch", nuclei, device="cpu") as cpu, create_backend("torch", nuclei, device="cuda") as gpu:
+    with create_backend("torch@cpu", nuclei) as cpu, create_backend("torch@cuda", nuclei) as gpu:
         assert gpu.device.startswith("cuda") and "CUDA" in gpu.describe()
         diff = compare_outputs(cpu.predict(x), gpu.predict(x))
         assert diff["max_abs_error"] < 1e-2 and diff["cosine"] > 0.9999

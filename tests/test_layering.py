@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 BLOCK = """
 import importlib.abc, sys
-BLOCKED = {"torch", "onnxruntime", "onnx", "qtpy", "PySide6", "PyQt5", "PyQt6", "napari", "magicgui", "superqt", "vispy"}
+BLOCKED = {"torch", "onnxruntime", "onnx", "openvino", "tensorrt", "qtpy", "PySide6", "PyQt5", "PyQt6", "napari", "magicgui", "superqt", "vispy"}
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
@@ -24,7 +24,7 @@ sys.meta_path.insert(0, Block())
 CORE_USE = """
 import pkgutil, importlib, numpy as np
 import segstudio.core as core
-skip = {"segstudio.core.models.unet", "segstudio.core.backends.torch_backend"}  # torch by definition
+skip = {"segstudio.core.models.unet"}  # imports torch by definition
 for m in pkgutil.walk_packages(core.__path__, "segstudio.core."):
     if m.name not in skip:
         importlib.import_module(m.name)

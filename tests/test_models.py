@@ -54,7 +54,7 @@ def test_state_dict_loads_with_weights_only(nuclei):
 def test_onnx_matches_torch(nuclei, samples):
     img = read_image(samples[0][0])
     x = normalize(next(img.planes())[1], nuclei.spec.normalization)[None, :, :256, :256]
-    with create_backend("torch", nuclei, device="cpu") as tb, create_backend("onnxruntime", nuclei) as ob:
+    with create_backend("torch@cpu", nuclei) as tb, create_backend("onnxruntime", nuclei) as ob:
         assert tb.device == "cpu" and "CPUExecutionProvider" in ob.describe()
         diff = compare_outputs(tb.predict(x), ob.predict(x))
     assert diff["max_abs_error"] < 1e-3 and diff["cosine"] > 0.99999
@@ -136,3 +136,18 @@ def test_accuracy_on_dsb2018_fluorescence_val(nuclei, dsb2018):
     card = nuclei.spec.metrics["dsb2018_fluorescence_val"]
     assert report["mean"]["ap50"] >= 0.80
     assert report["mean"]["ap50"] == pytest.approx(card["ap50"], abs=1e-3)
+
+
+@pytest.mark.parametrize("separable", [False, True])
+def test_flop_count_matches_torch(separable):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from segstudio.core.models.spec import UNetConfig
+    from segstudio.core.models.unet import build_unet
+
+    cfg = UNetConfig(depth=3, width=8, separable=separable)
+    net = build_unet(cfg).eval()
+    x = torch.zeros(1, 1, 64, 96)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x)
+    assert cfg.flops(64, 96) == counter.get_total_flops()

@@ -118,6 +118,7 @@ def segment_plane_job(
     first_id: int = 1,
     measure_cells: bool = True,
     clock: StageClock | None = None,
+    notices: list[str] | None = None,
     cancel: CancelToken | None = None,
 ) -> Job[PlaneResult]:
     """Segment plane ``index`` of ``source`` tile by tile; see the module docstring.
@@ -181,6 +182,8 @@ def segment_plane_job(
         th.start()
     n = len(plan)
     done = 0
+    notices = notices if notices is not None else []
+    told = len(notices)
     try:
         yield Progress("network", 0, n, f"{n} tile(s) of {plan.tile_shape[0]}x{plan.tile_shape[1]}")
         finished = False
@@ -204,6 +207,9 @@ def segment_plane_job(
                     if not _put(q_out, (t, o[(slice(None), *t.crop)]), stop):
                         break
                 done += len(batch)
+                while told < len(notices):
+                    yield Progress("notice", done, n, notices[told])
+                    told += 1
                 yield Progress("network", done, n)
         _put(q_out, _DONE, stop)
         for th in threads:

@@ -47,6 +47,7 @@ class SegmentationResult:
     pixel_size: tuple[float, float] | None = None
     labels_path: Path | None = None
     n_objects: int = 0
+    notices: list[str] = field(default_factory=list)
 
     @property
     def n_cells(self) -> int:
@@ -83,6 +84,12 @@ def segment_job(
         if labels_path is not None else ArraySink(source.stack_shape, source.plane_shape)
     )
     clock = StageClock()
+    notices: list[str] = []
+    predict = backend.predict
+    if str(getattr(backend, "device", "cpu")).startswith("cuda"):
+        from .backends.fallback import OomFallback
+
+        predict = OomFallback(backend, model, notices.append)
     tables, extras = [], []
     next_id = 1
     indices = source.stack_indices()
@@ -103,10 +110,10 @@ def segment_job(
                 return normalize(select(block), spec.normalization, pct)
 
             result = yield from segment_plane_job(
-                source, index, spec, backend.predict,
+                source, index, spec, predict,
                 lambda y0, rows, index=index: sink.write(index, y0, rows),
                 prepare=prepare, tile=tile, batch_size=batch_size, context=context, first_id=next_id,
-                measure_cells=measure_cells, clock=clock, cancel=cancel,
+                measure_cells=measure_cells, clock=clock, notices=notices, cancel=cancel,
             )
             next_id += result.n_objects
             if measure_cells:
@@ -128,8 +135,9 @@ def segment_job(
         table=concat_tables(tables, extras) if measure_cells else {},
         timings=timings,
         model=spec.name,
-        backend=backend.describe(),
+        backend=predict.describe() if hasattr(predict, "describe") else backend.describe(),
         name=source.name,
         pixel_size=source.pixel_size,
         n_objects=n_objects,
+        notices=notices,
     )

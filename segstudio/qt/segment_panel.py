@@ -37,7 +37,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.backends import Backend, auto_backend, available_backends, create_backend, resolve_name
+from ..core.backends import Backend, auto_variant, create_backend, runnable_variants
 from ..core.io import ImageData
 from ..core.jobs import CancelToken, Job, Progress
 from ..core.models.catalog import Model, builtin_models, get_model
@@ -75,9 +75,7 @@ class BackendCache:
             model = self._models.get(model_name)
             if model is None:
                 model = self._models[model_name] = get_model(model_name)
-            name = resolve_name(backend_name)
-            if name == AUTO:
-                name = auto_backend(model)
+            name = auto_variant(model) if backend_name == AUTO else backend_name
             backend = self._backends.get((model_name, name))
             if backend is None:
                 backend = self._backends[(model_name, name)] = create_backend(name, model)
@@ -338,7 +336,7 @@ class SegmentPanel(QWidget):
         current = self.backend_name
         self.backend_combo.clear()
         self.backend_combo.addItem(AUTO, AUTO)
-        for name in available_backends(model) if model is not None else []:
+        for name in runnable_variants(model) if model is not None else []:
             self.backend_combo.addItem(name, name)
         index = self.backend_combo.findData(current)
         self.backend_combo.setCurrentIndex(max(index, 0))

@@ -142,7 +142,11 @@ def test_panel_shows_unexpected_error_with_details(panel, qtbot, monkeypatch, se
 def test_panel_lists_models_backends_and_channels(panel):
     assert panel.model_name == "nuclei"
     backends = [panel.backend_combo.itemText(i) for i in range(panel.backend_combo.count())]
-    assert backends[0] == "auto" and set(backends[1:]) <= {"onnxruntime", "torch"}
+    from segstudio.core.backends import runnable_variants
+    from segstudio.core.models.catalog import get_model
+
+    assert backends[0] == "auto" and backends[1:] == runnable_variants(get_model("nuclei"))
+    assert all("@" in b and ":" in b for b in backends[1:])
     panel.set_channels(["red", "green", "blue"], current=2)
     assert panel.channel == 2 and panel.channel_combo.isEnabled()
     panel.set_channels([])

@@ -1,27 +1,66 @@
 """Inference backends behind one protocol, imported lazily.
 
-``create_backend(name, model)`` returns a ready backend; ``"auto"`` picks the
-fastest one available for the model on this machine: PyTorch on a CUDA GPU,
-else ONNX Runtime on the CPU (about 1.9x faster than PyTorch eager on the
-built-in U-Net here), else PyTorch on the CPU.
+A backend is asked for by a *variant* string ``name[@device][:precision][+option...]``:
+
+==============  ===================  ==========================================  ================
+name            devices              precisions                                  options
+==============  ===================  ==========================================  ================
+``torch``       cpu, cuda            cpu: fp32; cuda: fp32, fp16, bf16           cl, graph, compile
+``onnxruntime`` cpu, cuda, tensorrt  cpu: fp32, int8; cuda: fp32, fp16;          -
+                                     tensorrt: fp32, fp16, int8
+``openvino``    cpu                  fp32, int8                                  -
+``tensorrt``    cuda                 fp32, fp16, int8                            -
+==============  ===================  ==========================================  ================
+
+(aliases: ``ort``, ``ov``, ``trt``, ``pytorch``).  The table lives on the
+backend classes; a request outside it is refused with the allowed values,
+never quietly changed.  ``auto`` measures the FP32 variants that can run
+here and takes the fastest (see :mod:`.autoselect`); precision is never
+changed behind the user's back.  GPU backends live on their device's
+thread (:mod:`.device`).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from dataclasses import dataclass
 
 from ..errors import BackendUnavailableError, InputError
 from ..models.catalog import Model
 from .base import Backend, BackendBase
 
-# name -> (module, class, python package it needs, model file format)
+# name -> (module, class)
 REGISTRY = {
-    "torch": (".torch_backend", "TorchBackend", "torch", "torch"),
-    "onnxruntime": (".ort_backend", "OrtBackend", "onnxruntime", "onnx"),
+    "torch": (".torch_backend", "TorchBackend"),
+    "onnxruntime": (".ort_backend", "OrtBackend"),
+    "openvino": (".openvino_backend", "OpenVinoBackend"),
+    "tensorrt": (".tensorrt_backend", "TensorRTBackend"),
 }
-ALIASES = {"ort": "onnxruntime", "pytorch": "torch"}
+ALIASES = {"ort": "onnxruntime", "pytorch": "torch", "ov": "openvino", "trt": "tensorrt"}
 
-__all__ = ["Backend", "BackendBase", "available_backends", "create_backend", "resolve_name", "REGISTRY"]
+__all__ = [
+    "Backend", "BackendBase", "Variant", "available_backends", "backend_class", "create_backend",
+    "resolve_name", "parse_variant", "REGISTRY", "installed", "runnable_variants", "auto_variant",
+]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A parsed backend request."""
+
+    name: str
+    device: str
+    precision: str
+    options: frozenset[str] = frozenset()
+
+    @property
+    def text(self) -> str:
+        return f"{self.name}@{self.device}:{self.precision}" + "".join(f"+{o}" for o in sorted(self.options))
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device in backend_class(self.name).gpu_devices
 
 
 def resolve_name(name: str) -> str:
@@ -29,6 +68,36 @@ def resolve_name(name: str) -> str:
     if name != "auto" and name not in REGISTRY:
         raise InputError(f"unknown backend {name!r}", hint=f"choose one of: auto, {', '.join(REGISTRY)}")
     return name
+
+
+def backend_class(name: str) -> type[BackendBase]:
+    module, cls = REGISTRY[resolve_name(name)]
+    return getattr(importlib.import_module(module, __name__), cls)
+
+
+def parse_variant(text: str) -> Variant:
+    """Parse and check ``name[@device][:precision][+option...]`` against the backend's table."""
+    base, *opts = text.strip().split("+")
+    head, _, precision = base.partition(":")
+    name, _, device = head.partition("@")
+    name = resolve_name(name)
+    if name == "auto":
+        raise InputError("'auto' is not a concrete backend variant")
+    cls = backend_class(name)
+    device = (device or cls.devices[0]).lower()
+    if device not in cls.devices:
+        raise InputError(f"{name} runs on {', '.join(cls.devices)}, not {device!r}")
+    allowed = cls.precisions[device]
+    precision = (precision or "fp32").lower()
+    if precision not in allowed:
+        raise InputError(f"{name} on {device} supports {', '.join(allowed)}, not {precision!r}",
+                         hint="FP16 / BF16 are not faster on CPUs without native support" if device == "cpu" else None)
+    options = frozenset(o.lower() for o in opts if o)
+    unknown = options - cls.options
+    if unknown:
+        offered = ", ".join(sorted(cls.options)) or "none"
+        raise InputError(f"{name} has no option {', '.join(sorted(unknown))} (options: {offered})")
+    return Variant(name, device, precision, options)
 
 
 def installed(package: str) -> bool:
@@ -40,47 +109,59 @@ def installed(package: str) -> bool:
 
 
 def available_backends(model: Model | None = None) -> list[str]:
-    """Backends whose library is installed (and, given a model, that it has a file for)."""
+    """Backends whose library is installed (and, given a model, whose FP32 file it has)."""
     out = []
-    for name, (_, _, package, fmt) in REGISTRY.items():
-        if not installed(package):
+    for name in REGISTRY:
+        cls = backend_class(name)
+        if not installed(cls.package):
             continue
-        if model is not None and fmt not in model.files:
+        if model is not None and cls.model_file(cls.devices[0], "fp32") not in model.files:
             continue
         out.append(name)
     return out
 
 
-def _cuda_available() -> bool:
-    if not installed("torch"):
-        return False
-    import torch
+def create_backend(variant: str, model: Model, **options) -> Backend:
+    """Create the backend for ``variant`` (or ``"auto"``) and ``model``.
 
-    return torch.cuda.is_available()
-
-
-def auto_backend(model: Model) -> str:
-    usable = available_backends(model)
-    if not usable:
-        raise BackendUnavailableError(
-            f"no inference backend can run model {model.name!r}",
-            hint="install onnxruntime (pip install segstudio[onnx]) or torch",
-        )
-    if "torch" in usable and _cuda_available():
-        return "torch"
-    for name in ("onnxruntime", "torch"):
-        if name in usable:
-            return name
-    return usable[0]
-
-
-def create_backend(name: str, model: Model, **options) -> Backend:
-    """Create backend ``name`` (or ``"auto"``) for ``model``."""
-    name = resolve_name(name)
-    if name == "auto":
-        name = auto_backend(model)
-    module, cls, package, fmt = REGISTRY[name]
+    Extra keyword options go to the backend (``threads``, ``tile_shape``...).
+    GPU variants are created on, and called through, their device thread.
+    """
+    if resolve_name(variant.split("@")[0].split(":")[0].split("+")[0]) == "auto":
+        variant = auto_variant(model, **{k: v for k, v in options.items() if k in ("tile", "batch_size")})
+    options.pop("tile", None)
+    options.pop("batch_size", None)
+    v = parse_variant(variant)
+    cls = backend_class(v.name)
+    if not installed(cls.package):
+        raise BackendUnavailableError(f"{cls.package} is not installed (the {v.name} backend needs it)",
+                                      hint=cls.install_hint)
+    fmt = cls.model_file(v.device, v.precision)
     if fmt not in model.files:
-        raise BackendUnavailableError(f"model {model.name!r} has no {fmt} file for the {name} backend")
-    mod = importlib.import_module(module, __name__)
-    return getattr(mod, cls)(model, **options)
+        raise BackendUnavailableError(
+            f"model {model.name!r} has no {fmt} file for {v.text}",
+            hint="create it with segstudio optimize (quantize / fp16 steps)" if fmt != "onnx" else None,
+        )
+
+    def factory():
+        return cls(model, device=v.device, precision=v.precision, options=v.options, **options)
+
+    if v.on_gpu:
+        from .device import DeviceBound, DeviceThread
+
+        return DeviceBound(DeviceThread.get("cuda:0"), factory)
+    return factory()
+
+
+def runnable_variants(model: Model) -> list[str]:
+    """FP32 variants that can run ``model`` on this machine, GPU ones first."""
+    from .autoselect import candidates
+
+    return candidates(model)
+
+
+def auto_variant(model: Model, **options) -> str:
+    """The variant ``auto`` stands for here (measured once per machine, then cached)."""
+    from .autoselect import auto_variant as pick
+
+    return pick(model, **options)

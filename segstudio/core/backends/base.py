@@ -2,24 +2,29 @@
 
 A backend turns a batch of normalized tiles ``(B, C, h, w)`` float32 into the
 model's raw output ``(B, K, h, w)`` float32.  It says honestly what it runs
-on (:meth:`Backend.describe`), so the user sees "onnxruntime 1.32,
-CPUExecutionProvider, 2 threads" rather than what was asked for.
+on (:meth:`Backend.describe`), so the user sees "ONNX Runtime 1.32,
+CPUExecutionProvider, 2 threads, float32" rather than what was asked for.
 
-Backends are context managers (Polygraphy's runner pattern): resources are
-taken in ``__init__`` and released by :meth:`close`.
+Each backend class declares what it supports (devices, precisions per
+device, options) as plain class attributes, so a request can be checked and
+refused with a clear message *before* the backend's library is imported;
+``model_file(device, precision)`` says which file of the model card it
+needs.  Backends are context managers (Polygraphy's runner pattern):
+resources are taken in ``__init__`` and released by :meth:`close`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
 
 @runtime_checkable
 class Backend(Protocol):
-    name: str  # registry name: "torch", "onnxruntime"
+    name: str  # registry name: "torch", "onnxruntime", "openvino", "tensorrt"
     device: str  # what it really runs on: "cpu", "cuda:0"
+    precision: str  # "fp32", "fp16", "bf16", "int8"
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Raw model output for a ``(B, C, h, w)`` float32 batch."""
@@ -34,10 +39,23 @@ class Backend(Protocol):
 
 
 class BackendBase:
-    """Shared plumbing: context manager, input checks."""
+    """Shared plumbing: capability table, context manager, input checks."""
 
-    name = "base"
+    name: ClassVar[str] = "base"
+    package: ClassVar[str] = ""  # the Python package it needs
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)  # the first is the default
+    precisions: ClassVar[dict[str, tuple[str, ...]]] = {"cpu": ("fp32",)}
+    options: ClassVar[frozenset[str]] = frozenset()
+    gpu_devices: ClassVar[frozenset[str]] = frozenset()  # devices that need the device thread
+    install_hint: ClassVar[str] = ""
+
     device = "cpu"
+    precision = "fp32"
+
+    @classmethod
+    def model_file(cls, device: str, precision: str) -> str:
+        """The model-card file format this device / precision runs from."""
+        return "onnx"
 
     def __enter__(self):
         return self

@@ -39,6 +39,33 @@ class UNetConfig:
         """Input height and width must be multiples of this."""
         return 2**self.depth
 
+    def flops(self, h: int, w: int) -> int:
+        """Floating-point operations (2 per multiply-add) of one forward pass on ``h`` x ``w``.
+
+        Convolutions only (BatchNorm folds into them at inference; ReLU,
+        pooling and concatenation are memory-bound and not counted).
+        """
+        widths = self.widths()
+        macs = 0
+
+        def conv3(cin: int, cout: int, px: int) -> int:
+            if self.separable and cin > 1:
+                return px * cin * 9 + px * cin * cout
+            return px * cin * cout * 9
+
+        cin = self.in_channels
+        for k, wk in enumerate(widths):
+            px = (h >> k) * (w >> k)
+            macs += conv3(cin, wk, px) + conv3(wk, wk, px)
+            cin = wk
+        for k in reversed(range(self.depth)):
+            px = (h >> k) * (w >> k)
+            w_skip, w_deep = widths[k], widths[k + 1]
+            macs += (px // 4) * w_deep * w_skip * 4  # 2x2 transposed convolution, stride 2
+            macs += conv3(2 * w_skip, w_skip, px) + conv3(w_skip, w_skip, px)
+        macs += h * w * widths[0] * self.out_channels
+        return 2 * macs
+
     def receptive_radius(self) -> int:
         """Upper bound, in input pixels, of how far an output pixel "sees".
 
