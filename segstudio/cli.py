@@ -176,6 +176,63 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .core.backends import runnable_variants
+    from .core.benchmark import bench_job, write_chart
+    from .core.io import atomic_path
+    from .core.jobs import run_sync
+    from .core.models.catalog import get_model
+
+    model = get_model(args.model)
+    variants = [v for v in args.backends.split(",") if v] if args.backends else runnable_variants(model)
+    bar = _Bar("bench", 0, args.quiet)
+
+    def on_progress(event):
+        if event.total:
+            bar.bar.total = event.total
+            bar.bar.n = event.done
+            bar.bar.set_postfix_str(event.message, refresh=True)
+
+    try:
+        report = run_sync(
+            bench_job(model, args.image, variants, repeats=args.repeats, warmup=args.warmup, tile=args.tile,
+                      batch_size=args.batch_size, e2e=not args.no_e2e),
+            on_progress,
+        )
+    finally:
+        bar.close()
+    report["command"] = "segstudio " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("segstudio") else None
+    print(f"{'variant':<34} {'net Mpx/s':>9} {'e2e Mpx/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'RSS MB':>7} "
+          f"{'GPU MB':>7} {'roofline':>8} {'post %':>6}")
+    for r in report["variants"]:
+        e2e = f"{r['e2e_mpix_s']:9.3f}" if r["e2e_mpix_s"] else f"{'-':>9}"
+        gpu = f"{r['peak_gpu_mb']:7.0f}" if r["peak_gpu_mb"] is not None else f"{'-':>7}"
+        share = f"{100 * r['post_share']:5.1f}%" if "post_share" in r else f"{'-':>6}"
+        print(f"{r['name']:<34} {r['net_mpix_s']:9.3f} {e2e} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} "
+              f"{r['peak_rss_mb']:7.0f} {gpu} {100 * r['roofline']['fraction']:7.1f}% {share}")
+    for name, why in report["skipped"].items():
+        print(f"skipped {name}: {why}")
+    base = report["baseline"]
+    if base:
+        best_net = max(report["variants"], key=lambda r: r["net_mpix_s"])
+        print(f"fastest network: {best_net['name']} at {best_net['net_vs_baseline']:.2f}x the baseline")
+        e2e_rows = [r for r in report["variants"] if r.get("e2e_vs_baseline")]
+        if e2e_rows:
+            best = max(e2e_rows, key=lambda r: r["e2e_mpix_s"])
+            print(f"fastest end to end: {best['name']} at {best['e2e_vs_baseline']:.2f}x the baseline")
+    if args.json:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    png = args.png or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    if png:
+        try:
+            print(f"wrote {write_chart(report, png)}")
+        except ImportError:
+            print("matplotlib is not installed: no chart", file=sys.stderr)
+    return 0
+
+
 def cmd_models(args) -> int:
     from .core.backends import runnable_variants
     from .core.models.catalog import builtin_models
@@ -293,6 +350,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the report as JSON here")
     _add_model_opts(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmark backends side by side (and the naive baseline) on one image")
+    p.add_argument("--model", default="nuclei")
+    p.add_argument("--image", required=True, help="image file (the first plane is used)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated variants, e.g. torch:fp32,ort:fp32,openvino,torch@cuda:fp16+graph "
+                        "(default: every FP32 variant that runs here)")
+    p.add_argument("--repeats", type=int, default=10, help="measured runs per variant (default 10)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--no-e2e", action="store_true", help="network only (no end-to-end runs)")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--png", default=None, help="write the chart here (default: next to --json)")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("models", help="list built-in models with their cards")
     p.set_defaults(func=cmd_models)

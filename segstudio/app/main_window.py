@@ -35,7 +35,6 @@ from ..qt.worker import shutdown_all
 from ..resources import ICON
 from ..sample_data import sample_pairs
 
-
 TITLE = "segstudio"
 WINDOW_SIZE = (1400, 900)
 

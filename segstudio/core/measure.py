@@ -3,8 +3,8 @@
 One row per object: label, area in pixels (and in µm² when the pixel size is
 known), centroid (pixels, and µm), eccentricity, solidity, and the mean and
 max intensity of every channel of the *original* image (not the normalized
-one).  Computed for all objects at once from the foreground pixels (about
-4x faster than ``skimage.measure.regionprops_table`` on the samples).  Tables are plain ``dict[str, ndarray]`` columns: napari takes them as
+one).  One compiled pass over the pixels (about 20x faster than
+``skimage.measure.regionprops_table`` on the samples).  Tables are plain ``dict[str, ndarray]`` columns: napari takes them as
 ``layer.features`` and :func:`write_csv` writes them.
 """
 
@@ -14,7 +14,6 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from .io import atomic_path
 
@@ -29,38 +28,35 @@ def measure(
 ) -> Table:
     """Measure every object of ``labels`` ``(Y, X)`` over ``plane`` ``(C, Y, X)``.
 
-    Vectorised over objects (``bincount`` sums and second moments); only the
-    convex hull for the solidity is per object, on each object's row
-    extremes.  Eccentricity follows scikit-image (from the eigenvalues of the
-    pixel coordinates' covariance); solidity is the pixel area over the area
-    of the convex hull of the object's pixel squares (1 for a rectangle).
+    One compiled pass over the pixels (:func:`segstudio.core._kernels.region_stats`).
+    Eccentricity follows scikit-image (from the eigenvalues of the pixel
+    coordinates' covariance); solidity is the pixel area over the area of
+    the convex hull of the object's pixel squares (1 for a rectangle).
+    Labels should be compact (ids up to about the number of objects): the
+    work arrays are indexed by id.
     """
+    from ._kernels import region_stats
+
     n_ch = plane.shape[0]
     names = channel_names if channel_names and len(channel_names) == n_ch else [f"ch{i}" for i in range(n_ch)]
-    flat = labels.ravel()
-    nz = np.flatnonzero(flat)
-    lab = flat[nz]
-    counts = np.bincount(lab)
-    ids = np.flatnonzero(counts)
-    if len(ids) == 0:
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
         return empty_table(names, pixel_size is not None)
-    area = counts[ids].astype(np.float64)
-    rows, cols = np.divmod(nz, labels.shape[1])
-
-    def total(weights):
-        return np.bincount(lab, weights=weights, minlength=len(counts))[ids]
-
-    yy, xx = rows.astype(np.float64), cols.astype(np.float64)
-    cy, cx = total(yy) / area, total(xx) / area
-    vyy = total(yy * yy) / area - cy * cy
-    vxx = total(xx * xx) / area - cx * cx
-    vxy = total(yy * xx) / area - cy * cx
+    lab = np.ascontiguousarray(labels, dtype=np.int64 if n > np.iinfo(np.int32).max else np.int32)
+    count, sy, sx, syy, sxx, sxy, isum, imax, hull = region_stats(lab, np.ascontiguousarray(plane), n)
+    ids = np.flatnonzero(count)
+    ids = ids[ids != 0]
+    area = count[ids].astype(np.float64)
+    cy, cx = sy[ids] / area, sx[ids] / area
+    vyy = syy[ids] / area - cy * cy
+    vxx = sxx[ids] / area - cx * cx
+    vxy = sxy[ids] / area - cy * cx
     half_tr = (vyy + vxx) / 2
     root = np.sqrt(np.maximum(half_tr**2 - (vyy * vxx - vxy**2), 0))
     l1, l2 = half_tr + root, np.maximum(half_tr - root, 0)
     ecc = np.where(l1 > 0, np.sqrt(1 - l2 / np.where(l1 > 0, l1, 1)), 0.0)
 
-    table: Table = {"label": ids.astype(np.int64), "area_px": counts[ids].astype(np.int64)}
+    table: Table = {"label": ids.astype(np.int64), "area_px": count[ids].astype(np.int64)}
     if pixel_size is not None:
         table["area_um2"] = area * pixel_size[0] * pixel_size[1]
     table["centroid_y"] = cy
@@ -69,43 +65,11 @@ def measure(
         table["centroid_y_um"] = cy * pixel_size[0]
         table["centroid_x_um"] = cx * pixel_size[1]
     table["eccentricity"] = ecc
-    table["solidity"] = area / convex_areas(lab, rows, cols, labels.shape[0], ids)
+    table["solidity"] = area / hull[ids]
     for i, name in enumerate(names):
-        channel = plane[i]
-        table[f"mean_{name}"] = total(channel.ravel()[nz].astype(np.float64)) / area
-        table[f"max_{name}"] = np.asarray(ndi.maximum(channel, labels, ids), np.float64).reshape(len(ids))
+        table[f"mean_{name}"] = isum[i, ids] / area
+        table[f"max_{name}"] = imax[i, ids].astype(np.float64)
     return table
-
-
-def convex_areas(lab: np.ndarray, rows: np.ndarray, cols: np.ndarray, height: int, ids: np.ndarray) -> np.ndarray:
-    """Area of the convex hull of each object's pixel squares.
-
-    ``lab``, ``rows``, ``cols`` describe the foreground pixels in raster
-    order.  The hull of a set of unit squares is the hull of the corners of
-    each row's left-most and right-most square: those runs are found for all
-    objects at once, then one Qhull call per object.
-    """
-    from scipy.spatial import ConvexHull, QhullError
-
-    order = np.argsort(lab, kind="stable")  # per object, still in raster order
-    lab, rows, cols = lab[order], rows[order], cols[order]
-    key = lab.astype(np.int64) * height + rows
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    ends = np.r_[starts[1:], len(key)] - 1
-    r, c0, c1 = rows[starts], cols[starts], cols[ends] + 1
-    corners = np.stack([np.stack([r, c0], 1), np.stack([r + 1, c0], 1), np.stack([r, c1], 1),
-                        np.stack([r + 1, c1], 1)], 1).reshape(-1, 2).astype(np.float64)
-    run_lab = lab[starts]
-    first_run = np.flatnonzero(np.r_[True, run_lab[1:] != run_lab[:-1]])
-    bounds = np.r_[first_run, len(run_lab)]
-    out = np.empty(len(first_run), np.float64)
-    for k in range(len(first_run)):
-        pts = corners[4 * bounds[k] : 4 * bounds[k + 1]]
-        try:
-            out[k] = ConvexHull(pts).volume  # "volume" is the area in 2-D
-        except QhullError:  # cannot happen for unit squares; fall back to the pixel count
-            out[k] = (c1[bounds[k] : bounds[k + 1]] - c0[bounds[k] : bounds[k + 1]]).sum()
-    return out
 
 
 def empty_table(channel_names: list[str], physical: bool) -> Table:

@@ -33,11 +33,12 @@ from typing import Callable
 
 import numpy as np
 
+from ._kernels import first_pixels
 from .errors import Cancelled
 from .jobs import CancelToken, Job, Progress
 from .measure import Table, measure
 from .models.spec import ModelSpec
-from .postprocess import fg_dist_to_labels
+from .postprocess import instances
 from .sources import ImageSource
 from .tiling import TilePlan, plan_tiles, read_region
 
@@ -313,17 +314,19 @@ class _PostStage:
         by0, by1 = max(0, cy0 - self.context), min(self.h, cy1 + self.context)
         bx0, bx1 = max(0, cx0 - self.context), min(self.w, cx1 + self.context)
         out = self._gather(self.net, by0, by1, bx0, bx1, lead=(slice(None),))
-        lab = fg_dist_to_labels(out[0], out[1], self.spec.postprocess)
-        ids, first = np.unique(lab.ravel(), return_index=True)
-        keep = ids != 0
-        ids, first = ids[keep], first[keep]
+        lab, n = instances(out[0], out[1], self.spec.postprocess)
+        first = first_pixels(lab, n)
+        ids = np.flatnonzero(first >= 0)
+        first = first[ids]
         ay, ax = np.divmod(first, bx1 - bx0)
         ay, ax = ay + by0, ax + bx0
         owned = (ay >= cy0) & (ay < cy1) & (ax >= cx0) & (ax < cx1)
         ids = ids[owned][np.argsort(first[owned], kind="stable")]  # raster order of anchors
-        lut = np.zeros(int(lab.max()) + 1, np.uint32)
-        lut[ids] = np.arange(self.next_id, self.next_id + len(ids), dtype=np.uint32)
-        mine = lut[lab]
+        local = np.zeros(n + 1, np.int32)
+        local[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+        mine_local = local[lab]  # owned objects, numbered 1..k in anchor order
+        offset = self.next_id - 1
+        mine = np.where(mine_local > 0, mine_local.astype(np.uint32) + np.uint32(offset), np.uint32(0))
         self.next_id += len(ids)
         # write owned pixels where nothing is yet (objects larger than the context may overlap)
         for rr, start in enumerate(self.row_starts):
@@ -340,7 +343,8 @@ class _PostStage:
         self.clock.add("post", t1 - t0)
         if self.measure_cells and len(ids):
             raw = self.view.source.read(self.view.index, (by0, by1), (bx0, bx1))
-            table = measure(mine, raw, pixel_size=self.pixel_size, channel_names=self.names)
+            table = measure(mine_local, raw, pixel_size=self.pixel_size, channel_names=self.names)
+            table["label"] = table["label"] + offset
             table["centroid_y"] = table["centroid_y"] + by0
             table["centroid_x"] = table["centroid_x"] + bx0
             if self.pixel_size is not None:

@@ -28,7 +28,14 @@ import numpy as np
 
 from .errors import InputError
 from .io import (
-    TIFF_SUFFIXES, ImageData, _short, _stem, _tiff_metadata, axes_plan, check_plane_size, read_image,
+    TIFF_SUFFIXES,
+    ImageData,
+    _short,
+    _stem,
+    _tiff_metadata,
+    axes_plan,
+    check_plane_size,
+    read_image,
 )
 
 # files whose decoded size is below this are simply read into memory
