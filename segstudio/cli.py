@@ -97,13 +97,14 @@ def cmd_segment(args) -> int:
     from .core.io import safe_stem
     from .core.jobs import run_sync
     from .core.measure import write_csv
-    from .core.segment import segment_job
+    from .core.segment import segment_job, warm_up
     from .core.sources import open_source
 
     files = expand_inputs(args.paths, args.pattern)
     model, backend = _model_and_backend(args)
     out = Path(args.out)
-    print(f"model {model.name} v{model.spec.version} on {backend.describe()}")
+    warm = warm_up(model, backend, tile=args.tile, batch_size=args.batch_size)
+    print(f"model {model.name} v{model.spec.version} on {backend.describe()} (ready in {warm:.1f} s)")
     bar = _Bar("segment", len(files), args.quiet)
     failures, rows = [], []
     try:
@@ -281,7 +282,7 @@ def cmd_start(args) -> int:
     images = sorted(str(p) for p in sample.glob("*_img.tif"))
     seg_args = argparse.Namespace(
         paths=images, pattern=None, model="nuclei", backend="auto", out=args.out, channel=None,
-        tile=512, batch_size=4, threads=0, quiet=args.quiet,
+        tile=512, batch_size=None, threads=0, quiet=args.quiet,
     )
     code = cmd_segment(seg_args)
     if code == 0:
@@ -339,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--pattern", default=None, help="glob for files inside folders (default: all images)")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per network call (default: 4)")
+    p.add_argument("--batch-size", type=int, default=None, help="tiles per network call (default: 4 on a CPU, 16 on a GPU)")
     _add_model_opts(p)
     p.set_defaults(func=cmd_segment)
 

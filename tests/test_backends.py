@@ -112,11 +112,11 @@ class FakeGpu:
     def __init__(self, inner, budget):
         self.inner, self.budget, self.calls = inner, budget, []
 
-    def predict(self, batch):
+    def predict(self, batch, crop=None):
         self.calls.append(batch.shape)
         if batch.shape[0] * batch.shape[2] * batch.shape[3] > self.budget:
             raise DeviceOutOfMemoryError("fake OOM")
-        return self.inner.predict(batch)
+        return self.inner.predict(batch, crop)
 
     def describe(self):
         return "fake GPU"

@@ -95,6 +95,12 @@ def test_tiff_sink_abort_leaves_nothing(tmp_path):
 # ------------------------------------------------------------------ seams
 
 
+def _stage_threads():
+    """The pipeline's threads still alive (the process-wide GPU device thread is meant to stay)."""
+    return [t for t in threading.enumerate()
+            if t.name.startswith("segstudio-") and not t.name.startswith("segstudio-device")]
+
+
 def _synthetic_nuclei(shape=(700, 900), seed=0):
     """Discs of radius 5..18 px scattered so that many straddle tile seams, some touching."""
     rng = np.random.default_rng(seed)
@@ -117,15 +123,16 @@ def _pointwise_spec() -> ModelSpec:
                      config=UNetConfig(depth=0), postprocess=PostprocessParams(seed_threshold=0.5, min_size=4))
 
 
-def _pointwise_predict(batch):
+def _pointwise_predict(batch, crop=None):
     """'Network' reading the answer from the input: channel 0 is the distance target."""
     d = np.clip(batch[:, :1], 1e-4, 1 - 1e-4)
     fg = np.where(batch[:, :1] > 0, 8.0, -8.0)
-    return np.concatenate([fg, np.log(d / (1 - d))], axis=1).astype(np.float32)
+    out = np.concatenate([fg, np.log(d / (1 - d))], axis=1).astype(np.float32)
+    return out if crop is None else out[(Ellipsis, *crop)]
 
 
-@pytest.mark.parametrize("tile", [64, 96, 160])
-def test_objects_straddling_seams_come_out_whole(tile):
+@pytest.mark.parametrize("tile,workers", [(64, 1), (96, 1), (160, 1), (64, 3)])
+def test_objects_straddling_seams_come_out_whole(tile, workers):
     truth = _synthetic_nuclei()
     dist = distance_target(truth)
     spec = _pointwise_spec()
@@ -133,7 +140,8 @@ def test_objects_straddling_seams_come_out_whole(tile):
     src = source_from_image(as_image(dist, "YX"))
     sink = ArraySink((), dist.shape)
     res = run_sync(segment_plane_job(src, (), spec, _pointwise_predict, lambda y0, r: sink.write((), y0, r),
-                                     prepare=lambda b: b.astype(np.float32), tile=tile, context=40, batch_size=3))
+                                     prepare=lambda b: b.astype(np.float32), tile=tile, context=40, batch_size=3,
+                                     post_workers=workers))
     labels = sink.finish(res.n_objects)
     straddling = set()
     for x in range(tile, truth.shape[1], tile):
@@ -159,11 +167,11 @@ def test_cancel_mid_plane_stops_all_threads():
     token = CancelToken()
     calls = []
 
-    def predict(b):
+    def predict(b, crop=None):
         calls.append(1)
         if len(calls) == 2:
             token.cancel()
-        return _pointwise_predict(b)
+        return _pointwise_predict(b, crop)
 
     src = source_from_image(as_image(dist, "YX"))
     sink = ArraySink((), dist.shape)
@@ -171,7 +179,22 @@ def test_cancel_mid_plane_stops_all_threads():
         run_sync(segment_plane_job(src, (), _pointwise_spec(), predict, lambda y0, r: sink.write((), y0, r),
                                    prepare=lambda b: b.astype(np.float32), tile=64, cancel=token))
     assert len(calls) == 2
-    assert not [t for t in threading.enumerate() if t.name.startswith("segstudio-")]
+    assert not _stage_threads()
+
+
+def test_thread_count_does_not_change_the_result():
+    dist = distance_target(_synthetic_nuclei())
+    src = source_from_image(as_image(dist, "YX"))
+    results = []
+    for workers in (1, 4):
+        sink = ArraySink((), dist.shape)
+        res = run_sync(segment_plane_job(src, (), _pointwise_spec(), _pointwise_predict,
+                                         lambda y0, r, sink=sink: sink.write((), y0, r),
+                                         prepare=lambda b: b.astype(np.float32), tile=64, post_workers=workers))
+        results.append((sink.finish(res.n_objects), res.table))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    for key in results[0][1]:
+        np.testing.assert_array_equal(results[0][1][key], results[1][1][key])
 
 
 def test_failure_in_a_stage_reaches_the_caller():
@@ -184,4 +207,4 @@ def test_failure_in_a_stage_reaches_the_caller():
     with pytest.raises(OSError, match="disk full"):
         run_sync(segment_plane_job(src, (), _pointwise_spec(), _pointwise_predict, bad_writer,
                                    prepare=lambda b: b.astype(np.float32), tile=64))
-    assert not [t for t in threading.enumerate() if t.name.startswith("segstudio-")]
+    assert not _stage_threads()

@@ -120,11 +120,13 @@ def segment_plane_job(
     measure_cells: bool = True,
     clock: StageClock | None = None,
     notices: list[str] | None = None,
+    post_workers: int = 1,
     cancel: CancelToken | None = None,
 ) -> Job[PlaneResult]:
     """Segment plane ``index`` of ``source`` tile by tile; see the module docstring.
 
-    ``predict`` maps a ``(B, C, h, w)`` batch to ``(B, K, h, w)``;
+    ``predict(batch, crop)`` maps a ``(B, C, h, w)`` batch to the ``crop``
+    window (the tiles' core) of its ``(B, K, h, w)`` output;
     ``write_rows(y0, rows)`` receives finished uint32 label rows in order,
     with ids from ``first_id`` on; ``prepare`` turns a raw ``(C, h, w)``
     block into the model's normalized input.
@@ -139,7 +141,7 @@ def segment_plane_job(
     q_out: queue.Queue = queue.Queue(maxsize=2 * batch_size)
     post = _PostStage(
         plan, spec, view, write_rows, first_id=first_id, context=context, measure_cells=measure_cells,
-        names=source.channel_names, pixel_size=source.pixel_size, clock=clock,
+        names=source.channel_names, pixel_size=source.pixel_size, clock=clock, workers=post_workers,
     )
 
     def reader() -> None:
@@ -157,8 +159,11 @@ def segment_plane_job(
                 clock.add("normalize", time.perf_counter() - t1)
                 for t in row:
                     x0 = t.read[1][0] + halo
-                    if not _put(q_tiles, (t, band[:, :, x0 : x0 + plan.tile_shape[1]]), stop):
+                    # a copy, so the band is freed once cut (queued views would keep whole bands alive)
+                    tile_in = np.ascontiguousarray(band[:, :, x0 : x0 + plan.tile_shape[1]])
+                    if not _put(q_tiles, (t, tile_in), stop):
                         return
+                del band
             _put(q_tiles, _DONE, stop)
         except BaseException as e:  # noqa: BLE001 - handed to the job's thread
             failure.set(e)
@@ -183,6 +188,8 @@ def segment_plane_job(
         th.start()
     n = len(plan)
     done = 0
+    halo = spec.halo
+    core_crop = (slice(halo, plan.tile_shape[0] - halo), slice(halo, plan.tile_shape[1] - halo))
     notices = notices if notices is not None else []
     told = len(notices)
     try:
@@ -202,10 +209,11 @@ def segment_plane_job(
                 raise Cancelled("cancelled by the user")
             if batch:
                 t0 = time.perf_counter()
-                out = predict(np.stack([a for _, a in batch]))
+                out = predict(np.stack([a for _, a in batch]), core_crop)
                 clock.add("network", time.perf_counter() - t0)
                 for (t, _), o in zip(batch, out):
-                    if not _put(q_out, (t, o[(slice(None), *t.crop)]), stop):
+                    kept = o[:, : t.out[0].stop - t.out[0].start, : t.out[1].stop - t.out[1].start]
+                    if not _put(q_out, (t, kept), stop):
                         break
                 done += len(batch)
                 while told < len(notices):
@@ -224,6 +232,7 @@ def segment_plane_job(
         stop.set()
         for th in threads:
             th.join()
+        post.close()
     return PlaneResult(n_objects=post.next_id - first_id, table=post.table())
 
 
@@ -234,10 +243,28 @@ def _tile_rows(plan: TilePlan) -> list[list]:
     return [rows[k] for k in sorted(rows)]
 
 
-class _PostStage:
-    """Network output -> owned instances per block -> finished label rows."""
+@dataclass
+class _BlockResult:
+    """What a block computed, waiting to be committed in block order."""
 
-    def __init__(self, plan, spec, view, write_rows, *, first_id, context, measure_cells, names, pixel_size, clock):
+    box: tuple[int, int, int, int]  # by0, by1, bx0, bx1
+    local: np.ndarray  # int32: owned objects numbered 1..k in anchor order, 0 elsewhere
+    k: int
+    table: Table | None
+
+
+class _PostStage:
+    """Network output -> owned instances per block -> finished label rows.
+
+    Blocks are computed (instances, ownership, measurements) by ``workers``
+    threads as soon as their neighbourhood's network output is there; the
+    compiled kernels release the GIL, so on a GPU machine the CPU cores keep
+    up with the network.  Results are *committed* in block order (global ids,
+    label writes, table), so the output does not depend on the thread count.
+    """
+
+    def __init__(self, plan, spec, view, write_rows, *, first_id, context, measure_cells, names, pixel_size, clock,
+                 workers: int = 1):
         self.plan, self.spec, self.view, self.write_rows = plan, spec, view, write_rows
         self.context, self.measure_cells = context, measure_cells
         self.names, self.pixel_size, self.clock = names, pixel_size, clock
@@ -245,14 +272,24 @@ class _PostStage:
         self.rows = _tile_rows(plan)
         self.row_starts = [r[0].out[0].start for r in self.rows]
         self.ncols = len(self.rows[0])
-        self.core_h = self.rows[0][0].out[0].stop - self.row_starts[0]
-        self.core_w = self.rows[0][0].out[1].stop
         self.net: dict[int, np.ndarray] = {}  # tile row -> (K, rows of that tile row, W)
         self.arrived: dict[int, int] = {}  # tile row -> tiles received (they come in order)
         self.labels: dict[int, np.ndarray] = {}  # tile row -> (rows, W) uint32
-        self.next_block = (0, 0)
+        self.next_submit: tuple[int, int] | None = (0, 0)
+        self.pending: list = []  # futures (or results) in block order
         self.next_id = first_id
         self.tables: list[Table] = []
+        self.pool = None
+        if workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="segstudio-post")
+        self.workers = workers
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
     def _row_of(self, tile) -> int:
         return self.row_starts.index(tile.out[0].start)
@@ -265,10 +302,13 @@ class _PostStage:
             self.labels[r] = np.zeros((rh, self.w), np.uint32)
         self.net[r][(slice(None), slice(None), tile.out[1])] = core_out
         self.arrived[r] = self.arrived.get(r, 0) + 1
-        self._run_ready_blocks()
+        self._submit_ready()
+        self._commit(wait=len(self.pending) > 2 * self.workers)
 
     def finish(self) -> None:
-        self._run_ready_blocks(final=True)
+        self._submit_ready(final=True)
+        self._commit(wait=True, all_=True)
+        self.close()
 
     def _ready(self, r: int, c: int, final: bool) -> bool:
         if final:
@@ -281,32 +321,50 @@ class _PostStage:
             return False
         return self.arrived.get(nr, 0) >= need_c + 1
 
-    def _run_ready_blocks(self, final: bool = False) -> None:
-        while self.next_block is not None:
-            r, c = self.next_block
+    def _submit_ready(self, final: bool = False) -> None:
+        while self.next_submit is not None:
+            r, c = self.next_submit
             if not self._ready(r, c, final):
                 return
-            self._block(r, c)
-            if c + 1 < self.ncols:
-                self.next_block = (r, c + 1)
+            if self.pool is None:
+                self.pending.append(((r, c), self._compute(r, c)))
             else:
+                self.pending.append(((r, c), self.pool.submit(self._compute, r, c)))
+            if c + 1 < self.ncols:
+                self.next_submit = (r, c + 1)
+            else:
+                self.next_submit = (r + 1, 0) if r + 1 < len(self.rows) else None
+
+    def _commit(self, wait: bool, all_: bool = False) -> None:
+        """Commit finished blocks in order; with ``wait``, block on the oldest (all with ``all_``)."""
+        while self.pending:
+            (r, c), item = self.pending[0]
+            if not isinstance(item, _BlockResult):
+                if not item.done() and not (wait or all_):
+                    return
+                item = item.result()
+            self.pending.pop(0)
+            self._apply(r, item)
+            if c + 1 == self.ncols:
                 self._row_done(r)
-                self.next_block = (r + 1, 0) if r + 1 < len(self.rows) else None
+            if not all_:
+                wait = False
 
     def _gather(self, store: dict, y0: int, y1: int, x0: int, x1: int, lead: tuple = ()) -> np.ndarray:
         """Rows y0..y1 (global) of the per-tile-row arrays in ``store`` as one block."""
         parts = []
         for r, start in enumerate(self.row_starts):
-            if r not in store:
+            arr = store.get(r)
+            if arr is None:
                 continue
-            arr = store[r]
             stop = start + arr.shape[-2]
             a, b = max(y0, start), min(y1, stop)
             if a < b:
                 parts.append(arr[(*lead, slice(a - start, b - start), slice(x0, x1))])
         return np.concatenate(parts, axis=-2)
 
-    def _block(self, r: int, c: int) -> None:
+    def _compute(self, r: int, c: int) -> _BlockResult:
+        """Instances of one block, the objects it owns, and their measurements (thread-safe)."""
         t0 = time.perf_counter()
         tile = self.rows[r][c]
         cy0, cy1 = tile.out[0].start, tile.out[0].stop
@@ -324,37 +382,46 @@ class _PostStage:
         ids = ids[owned][np.argsort(first[owned], kind="stable")]  # raster order of anchors
         local = np.zeros(n + 1, np.int32)
         local[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
-        mine_local = local[lab]  # owned objects, numbered 1..k in anchor order
+        mine = local[lab]
+        t1 = time.perf_counter()
+        self.clock.add("post", t1 - t0)
+        table = None
+        if self.measure_cells and len(ids):
+            raw = self.view.source.read(self.view.index, (by0, by1), (bx0, bx1))
+            table = measure(mine, raw, pixel_size=self.pixel_size, channel_names=self.names)
+            table["centroid_y"] = table["centroid_y"] + by0
+            table["centroid_x"] = table["centroid_x"] + bx0
+            if self.pixel_size is not None:
+                table["centroid_y_um"] = table["centroid_y"] * self.pixel_size[0]
+                table["centroid_x_um"] = table["centroid_x"] * self.pixel_size[1]
+        self.clock.add("measure", time.perf_counter() - t1)
+        return _BlockResult((by0, by1, bx0, bx1), mine, len(ids), table)
+
+    def _apply(self, r: int, res: _BlockResult) -> None:
+        """Give the block's objects their global ids and write them (in block order)."""
+        t0 = time.perf_counter()
+        by0, by1, bx0, bx1 = res.box
         offset = self.next_id - 1
-        mine = np.where(mine_local > 0, mine_local.astype(np.uint32) + np.uint32(offset), np.uint32(0))
-        self.next_id += len(ids)
+        self.next_id += res.k
+        mine = np.where(res.local > 0, res.local.astype(np.uint32) + np.uint32(offset), np.uint32(0))
         # write owned pixels where nothing is yet (objects larger than the context may overlap)
         for rr, start in enumerate(self.row_starts):
-            if rr not in self.labels:
+            dst = self.labels.get(rr)
+            if dst is None:
                 continue
-            dst = self.labels[rr]
             a, b = max(by0, start), min(by1, start + dst.shape[0])
             if a >= b:
                 continue
             src = mine[a - by0 : b - by0]
             view = dst[a - start : b - start, bx0:bx1]
             np.copyto(view, src, where=(view == 0) & (src != 0))
-        t1 = time.perf_counter()
-        self.clock.add("post", t1 - t0)
-        if self.measure_cells and len(ids):
-            raw = self.view.source.read(self.view.index, (by0, by1), (bx0, bx1))
-            table = measure(mine_local, raw, pixel_size=self.pixel_size, channel_names=self.names)
-            table["label"] = table["label"] + offset
-            table["centroid_y"] = table["centroid_y"] + by0
-            table["centroid_x"] = table["centroid_x"] + bx0
-            if self.pixel_size is not None:
-                table["centroid_y_um"] = table["centroid_y"] * self.pixel_size[0]
-                table["centroid_x_um"] = table["centroid_x"] * self.pixel_size[1]
-            self.tables.append(table)
-        self.clock.add("measure", time.perf_counter() - t1)
+        if res.table is not None:
+            res.table["label"] = res.table["label"] + offset
+            self.tables.append(res.table)
+        self.clock.add("post", time.perf_counter() - t0)
 
     def _row_done(self, r: int) -> None:
-        """All blocks of tile row ``r`` are done: rows above the next tile row are final."""
+        """All blocks of tile row ``r`` are committed: its label rows are final."""
         t0 = time.perf_counter()
         for rr in sorted(k for k in self.labels if k <= r):
             self.write_rows(self.row_starts[rr], self.labels.pop(rr))

@@ -57,7 +57,7 @@ class TiffSink:
             self.kwargs = dict(resolution=(1e4 / pixel_size[1], 1e4 / pixel_size[0]), resolutionunit="CENTIMETER")
         self._atomic = atomic_path(self.path)
         self.tmp = self._atomic.__enter__()
-        self._q: queue.Queue = queue.Queue(maxsize=4)
+        self._q: queue.Queue = queue.Queue(maxsize=2)
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
         self._error: BaseException | None = None

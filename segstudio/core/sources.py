@@ -220,8 +220,13 @@ def open_source(path: str | Path, *, eager_bytes: int = EAGER_BYTES) -> ImageSou
             tif.close()
             closer = raw.close
         else:
-            import zarr
-
+            try:
+                import zarr
+            except ImportError:
+                raise InputError(
+                    f"{path}: reading a tiled or compressed TIFF this large needs the zarr package",
+                    hint="pip install zarr",
+                ) from None
             store = series.aszarr()
             raw = zarr.open(store, mode="r")
 

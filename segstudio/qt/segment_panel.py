@@ -41,7 +41,7 @@ from ..core.backends import Backend, auto_variant, create_backend, runnable_vari
 from ..core.io import ImageData
 from ..core.jobs import CancelToken, Job, Progress
 from ..core.models.catalog import Model, builtin_models, get_model
-from ..core.segment import SegmentationResult, segment_job
+from ..core.segment import SegmentationResult, segment_job, warm_up
 from .worker import ErrorReport, JobRunner, describe_error, with_crash_log
 
 AUTO = "auto"
@@ -78,7 +78,9 @@ class BackendCache:
             name = auto_variant(model) if backend_name == AUTO else backend_name
             backend = self._backends.get((model_name, name))
             if backend is None:
-                backend = self._backends[(model_name, name)] = create_backend(name, model)
+                backend = create_backend(name, model)
+                warm_up(model, backend)  # compile / autotune now, on this worker thread
+                self._backends[(model_name, name)] = backend
             return model, backend
 
 

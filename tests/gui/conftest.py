@@ -57,6 +57,9 @@ class ThreadTracker:
         if active:
             out.append(f"{active} QThreadPool task(s)")
         for thread in set(threading.enumerate()) - self.python_before:
+            # the GPU device thread lives as long as the process, by design (core/backends/device.py)
+            if thread.name.startswith("segstudio-device"):
+                continue
             if thread.is_alive() and not isinstance(thread, threading._DummyThread):
                 out.append(f"Python thread {thread.name!r}")
         return out

@@ -26,8 +26,13 @@ class Backend(Protocol):
     device: str  # what it really runs on: "cpu", "cuda:0"
     precision: str  # "fp32", "fp16", "bf16", "int8"
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Raw model output for a ``(B, C, h, w)`` float32 batch."""
+    def predict(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
+        """Raw model output for a ``(B, C, h, w)`` float32 batch, float32.
+
+        ``crop`` (rows, columns) keeps only that window of the output: the
+        tiler drops each tile's halo anyway, and a GPU backend then copies
+        a third less back to the host.
+        """
         ...
 
     def describe(self) -> str:
@@ -65,6 +70,10 @@ class BackendBase:
 
     def close(self) -> None:  # resources are released by dropping references
         return None
+
+    @staticmethod
+    def cropped(out: np.ndarray, crop: tuple[slice, slice] | None) -> np.ndarray:
+        return out if crop is None else out[(Ellipsis, *crop)]
 
     @staticmethod
     def check_batch(batch: np.ndarray, channels: int) -> np.ndarray:

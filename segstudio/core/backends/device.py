@@ -53,8 +53,8 @@ class DeviceBound:
     def inner(self):
         return self._inner
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        return self._thread.call(self._inner.predict, batch)
+    def predict(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
+        return self._thread.call(self._inner.predict, batch, crop)
 
     def describe(self) -> str:
         return self._thread.call(self._inner.describe)

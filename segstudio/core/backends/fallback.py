@@ -34,12 +34,12 @@ class OomFallback:
     def describe(self) -> str:
         return self.backend.describe()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
         if self.max_batch is not None and batch.shape[0] > self.max_batch:
-            return np.concatenate([self(batch[i : i + self.max_batch])
+            return np.concatenate([self(batch[i : i + self.max_batch], crop)
                                    for i in range(0, batch.shape[0], self.max_batch)])
         try:
-            return self.backend.predict(batch)
+            return self.backend.predict(batch, crop)
         except DeviceOutOfMemoryError:
             if self.on_cpu:
                 raise
@@ -47,16 +47,17 @@ class OomFallback:
             half = batch.shape[0] // 2
             self.max_batch = half
             self.notify(f"GPU out of memory: continuing with batches of {half} tile(s)")
-            return np.concatenate([self(batch[:half]), self(batch[half:])])
+            return np.concatenate([self(batch[:half], crop), self(batch[half:], crop)])
         halo = self.model.spec.halo
         core = min(batch.shape[2:]) - 2 * halo
         if core // 2 >= self.min_tile:
             self.notify(f"GPU out of memory on one tile: cutting it into tiles of {core // 2} px")
-            return run_sync(predict_tiled(batch[0], self, tile=core // 2, halo=halo,
-                                          multiple=self.model.spec.config.multiple))[np.newaxis]
-        return self._to_cpu(batch)
+            out = run_sync(predict_tiled(batch[0], self, tile=core // 2, halo=halo,
+                                         multiple=self.model.spec.config.multiple))[np.newaxis]
+            return out if crop is None else out[(Ellipsis, *crop)]
+        return self._to_cpu(batch, crop)
 
-    def _to_cpu(self, batch: np.ndarray) -> np.ndarray:
+    def _to_cpu(self, batch: np.ndarray, crop: tuple[slice, slice] | None) -> np.ndarray:
         from . import create_backend
         from .autoselect import CPU_CANDIDATES, candidates
 
@@ -68,4 +69,4 @@ class OomFallback:
         self.notify(f"GPU out of memory even for small tiles: continuing on the CPU ({cpu.describe()})")
         self.backend.close()
         self.backend, self.on_cpu, self.max_batch = cpu, True, None
-        return self.backend.predict(batch)
+        return self.backend.predict(batch, crop)

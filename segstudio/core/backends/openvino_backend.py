@@ -75,11 +75,12 @@ class OpenVinoBackend(BackendBase):
             self._compiled[shape] = self.core.compile_model(m, "CPU", self.config).create_infer_request()
         return self._compiled[shape]
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
         batch = self.check_batch(batch, self.channels)
         req = self._request(batch.shape)
         req.infer({0: batch})
-        return np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        # copy out of the request's buffer, which the next call overwrites
+        return np.array(self.cropped(req.get_output_tensor(0).data, crop), dtype=np.float32, copy=True)
 
     def describe(self) -> str:
         return f"OpenVINO {self._ov.__version__.split('-')[0]}, CPU, {self.threads} threads, {self.precision}"

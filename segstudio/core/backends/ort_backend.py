@@ -110,9 +110,10 @@ class OrtBackend(BackendBase):
         self.input_name = self.session.get_inputs()[0].name
         self.channels = model.spec.config.in_channels
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
         batch = self.check_batch(batch, self.channels)
-        return self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)
+        out = self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)
+        return self.cropped(out, crop)
 
     def describe(self) -> str:
         threads = f", {self.threads} threads" if self.device == "cpu" else ""

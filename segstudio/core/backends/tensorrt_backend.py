@@ -191,7 +191,7 @@ class TensorRTBackend(BackendBase):
         trt, torch = self._trt, self._torch
         return {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}[trt_dtype]
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
+    def predict(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
         batch = self.check_batch(batch, self.channels)
         if not self.profile.covers(batch.shape):
             raise BackendUnavailableError(
@@ -209,7 +209,10 @@ class TensorRTBackend(BackendBase):
                 self.context.set_tensor_address(self.output_name, out.data_ptr())
                 if not self.context.execute_async_v3(self.stream.cuda_stream):
                     raise BackendUnavailableError("TensorRT failed to run the engine")
-                result = out.float().cpu()
+                if crop is not None:
+                    out = out[(Ellipsis, *crop)]
+                result = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+                result.copy_(out.float().contiguous(), non_blocking=True)
             self.stream.synchronize()
             return result.numpy()
         except torch.cuda.OutOfMemoryError:

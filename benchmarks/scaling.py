@@ -1,0 +1,134 @@
+"""Time per pixel and peak memory of `segstudio segment` from 2048^2 to 16384^2 pixels.
+
+Builds uint16 TIFFs of each size from the bundled crowded sample (mirrored
+mosaic, 12-bit), segments each with the CLI in a fresh process, and samples
+that process's resident memory every 50 ms.  Writes
+benchmarks/results/scaling-<device>-<date>.json and prints a table.
+
+    python benchmarks/scaling.py [--sizes 2048,4096,8192,16384] [--backend openvino] [--layout contiguous|tiled]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import tifffile
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mosaic_rows(height: int, width: int, y0: int, y1: int) -> np.ndarray:
+    """Rows y0..y1 of an endless mirrored mosaic of the crowded sample, as 12-bit uint16."""
+    from segstudio.core.io import read_image
+    from segstudio.sample_data import SAMPLE_DIR
+
+    tile = read_image(SAMPLE_DIR / "6fe2df6de1d9_img.tif").data.astype(np.float32)
+    unit = np.block([[tile, tile[:, ::-1]], [tile[::-1], tile[::-1, ::-1]]])
+    uh, uw = unit.shape
+    ys = np.arange(y0, y1) % uh
+    xs = np.arange(width) % uw
+    return (unit[ys][:, xs] * 16 + 100).astype(np.uint16)
+
+
+def make_image(path: Path, size: int, layout: str) -> None:
+    if layout == "contiguous":
+        out = tifffile.memmap(path, shape=(size, size), dtype=np.uint16)
+        for y in range(0, size, 1024):
+            out[y : y + 1024] = mosaic_rows(size, size, y, min(y + 1024, size))
+        out.flush()
+        del out
+    else:
+        def tiles():
+            for y in range(0, size, 512):
+                band = mosaic_rows(size, size, y, y + 512)
+                for x in range(0, size, 512):
+                    yield band[:, x : x + 512]
+
+        tifffile.imwrite(path, data=tiles(), shape=(size, size), dtype=np.uint16, tile=(512, 512),
+                         compression="zlib")
+
+
+def run_segment(path: Path, out: Path, backend: str) -> dict:
+    cmd = [str(Path(sys.executable).parent / "segstudio"), "segment", str(path), "--out", str(out),
+           "--backend", backend, "--quiet"]
+    t0 = time.perf_counter()
+    proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            rss = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.NoSuchProcess:
+            pass
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"segment failed: {stderr}")
+    line = next(l for l in stdout.splitlines() if " cells in " in l)
+    seconds = float(line.split(" cells in ")[1].split(" s")[0])
+    return {"wall_s": wall, "segment_s": seconds, "peak_rss_mb": peak / 2**20,
+            "cells": int(line.split(": ")[1].split(" cells")[0]), "stdout": line}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="2048,4096,8192,16384")
+    ap.add_argument("--backend", default="openvino")
+    ap.add_argument("--layout", default="contiguous", choices=["contiguous", "tiled"])
+    ap.add_argument("--workdir", default=None, help="where the test images go (default: a temporary folder)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="segstudio-scaling-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        # one warm start so that compiled kernels and the autotune cache exist before timing
+        make_image(work / "warm.tif", 1024, args.layout)
+        run_segment(work / "warm.tif", work / "out", args.backend)
+        for size in sizes:
+            path = work / f"scaling_{size}.tif"
+            make_image(path, size, args.layout)
+            r = run_segment(path, work / "out", args.backend)
+            r.update(size=size, megapixels=size * size / 1e6, file_mb=path.stat().st_size / 2**20)
+            # per pixel: the segmentation itself, without the process's fixed start-up (imports, model load)
+            r["ns_per_px"] = 1e9 * r["segment_s"] / (size * size)
+            rows.append(r)
+            print(f"{size:>6}^2  {r['megapixels']:8.1f} Mpx  {r['segment_s']:8.1f} s ({r['wall_s']:.1f} s with start-up)"
+                  f"  {r['ns_per_px']:7.0f} ns/px  "
+                  f"peak RSS {r['peak_rss_mb']:7.0f} MB  {r['cells']} cells", flush=True)
+            path.unlink()
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    ref = rows[0]["ns_per_px"]
+    for r in rows:
+        r["time_per_px_vs_smallest"] = r["ns_per_px"] / ref
+    from segstudio.core.benchmark import machine_info
+
+    report = {
+        "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"), "backend": args.backend, "layout": args.layout,
+        "host": machine_info(), "rows": rows,
+        "max_peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+        "time_per_px_spread": max(r["time_per_px_vs_smallest"] for r in rows) - 1,
+    }
+    out = Path(args.json or ROOT / "benchmarks" / "results" / f"scaling-cpu-{args.layout}-{report['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
