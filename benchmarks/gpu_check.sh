@@ -14,13 +14,7 @@ python3 -c "import torch, numpy, numba, scipy, skimage; print('torch', torch.__v
 'numpy', numpy.__version__, 'numba', numba.__version__)" | tee -a "$OUT/gpu.txt"
 gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
 
-python3 - <<'PY'
-import sys
-sys.path.insert(0, "benchmarks")
-import numpy as np, tifffile
-from scaling import mosaic_rows
-tifffile.imwrite("/tmp/bench2048.tif", mosaic_rows(2048, 2048, 0, 2048))
-PY
+python3 benchmarks/make_image.py 2048 /tmp/bench2048.tif
 
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_backends.py tests/test_pipeline.py \
   tests/test_postprocess.py tests/test_tiling.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -5
