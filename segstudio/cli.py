@@ -37,7 +37,9 @@ def expand_inputs(paths: list[str], pattern: str | None = None) -> list[Path]:
     files: list[Path] = []
     for raw in paths:
         p = Path(raw)
-        if p.is_dir():
+        if p.is_dir() and p.suffix.lower() == ".zarr":
+            files.append(p)  # a zarr store is one image
+        elif p.is_dir():
             found = sorted(
                 f for f in (p.glob(pattern) if pattern else p.iterdir())
                 if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")

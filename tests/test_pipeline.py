@@ -208,3 +208,47 @@ def test_failure_in_a_stage_reaches_the_caller():
         run_sync(segment_plane_job(src, (), _pointwise_spec(), _pointwise_predict, bad_writer,
                                    prepare=lambda b: b.astype(np.float32), tile=64))
     assert not _stage_threads()
+
+
+def test_ome_zarr_input_is_read_lazily_with_axes_and_pixel_size(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    data = np.random.default_rng(2).integers(0, 4000, (2, 300, 260)).astype(np.uint16)  # C Y X
+    root = zarr.open_group(str(tmp_path / "img.zarr"), mode="w")
+    root.create_array("0", shape=data.shape, chunks=(1, 128, 128), dtype=data.dtype)[:] = data
+    root.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", "unit": "micrometer"},
+                 {"name": "x", "type": "space", "unit": "micrometer"}],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 0.5, 0.25]}]}],
+    }]}
+    with open_source(tmp_path / "img.zarr") as src:
+        assert src.axes == "CYX" and src.shape == data.shape and src.pixel_size == (0.5, 0.25)
+        np.testing.assert_array_equal(src.read((), (20, 90), (30, 200)), data[:, 20:90, 30:200])
+    plain = zarr.open_array(str(tmp_path / "plain.zarr"), mode="w", shape=(64, 80), dtype=np.uint8)
+    plain[:] = 7
+    with open_source(tmp_path / "plain.zarr") as src:
+        assert src.axes == "YX" and int(src.read((), (0, 8), (0, 8)).max()) == 7
+
+
+def test_segment_cli_accepts_a_zarr_store(tmp_path, samples):
+    zarr = pytest.importorskip("zarr")
+    import subprocess
+    import sys
+
+    img = read_image(samples[1][0]).data
+    z = zarr.open_array(str(tmp_path / "nuclei.zarr"), mode="w", shape=img.shape, chunks=(128, 128), dtype=img.dtype)
+    z[:] = img
+    proc = subprocess.run([sys.executable, "-m", "segstudio.cli", "segment", str(tmp_path / "nuclei.zarr"),
+                           "--out", str(tmp_path / "out"), "--backend", "ort"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    labels = read_image(tmp_path / "out" / "nuclei_labels.tif").data
+    assert labels.shape == img.shape and labels.max() > 20
+
+
+def test_read_image_reads_zarr_whole(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    z = zarr.open_array(str(tmp_path / "a.zarr"), mode="w", shape=(3, 40, 50), dtype=np.uint16)
+    z[:] = np.arange(3 * 40 * 50, dtype=np.uint16).reshape(3, 40, 50)
+    img = read_image(tmp_path / "a.zarr")
+    assert img.axes == "CYX" and img.name == "a"
+    np.testing.assert_array_equal(img.data, z[:])

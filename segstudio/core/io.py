@@ -9,7 +9,8 @@ Readers:
 * TIFF, OME-TIFF and ImageJ TIFF via tifffile (axes from the metadata,
   compressed TIFFs through imagecodecs);
 * PNG and JPEG via Pillow;
-* ``.npy`` arrays (no pickles).
+* ``.npy`` arrays (no pickles);
+* zarr stores, including OME-Zarr (see :mod:`segstudio.core.sources`).
 
 Any file that cannot be used raises :class:`~segstudio.core.errors.InputError`
 with a one-line message naming the file and what is wrong with it.
@@ -235,6 +236,12 @@ def read_image(path: str | Path) -> ImageData:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
+    if path.suffix.lower() == ".zarr":
+        from .sources import open_source
+
+        with open_source(path) as src:
+            data, axes = _canonicalize(np.asarray(src.raw[...]), src.raw_axes, src.name)
+            return ImageData(data=data, axes=axes, pixel_size=src.pixel_size, name=src.name)
     if path.is_dir():
         raise InputError(f"{path} is a folder, not an image")
     if path.stat().st_size == 0:

@@ -10,7 +10,8 @@ bytes it needs:
   memory stays bounded by what is read, whatever the file size);
 * tiled or compressed TIFFs go through tifffile's zarr store, which decodes
   only the chunks (tiles or strips) a region covers;
-* zarr arrays and NumPy arrays (``ImageData``) are sliced directly.
+* zarr stores (a plain array, or OME-Zarr's full-resolution level with its
+  axes and pixel size) and NumPy arrays (``ImageData``) are sliced directly.
 
 Axes follow the same rules as :func:`~segstudio.core.io.read_image`
 (canonical ``TZCYX``), computed once from the metadata by
@@ -190,14 +191,54 @@ class ContiguousTiffArray:
         return out[(Ellipsis, *tail_key)] if any(k != slice(None) for k in tail_key) else out
 
 
+def _open_zarr(path: Path) -> ImageSource:
+    """A zarr array, or the full-resolution level of an OME-Zarr image (v0.4 or v0.5)."""
+    try:
+        import zarr
+    except ImportError:
+        raise InputError(f"{path}: reading zarr needs the zarr package", hint="pip install zarr") from None
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as e:  # noqa: BLE001 - zarr raises many types for what is not a store
+        raise InputError(f"{path}: not a readable zarr store ({_short(e)})") from None
+    axes, pixel_size = None, None
+    if not hasattr(node, "shape"):  # a group: OME-Zarr multiscales
+        attrs = dict(node.attrs)
+        meta = attrs.get("ome", attrs)
+        try:
+            ms = meta["multiscales"][0]
+            dataset = ms["datasets"][0]
+            node = node[dataset["path"]]
+        except (KeyError, IndexError, TypeError):
+            raise InputError(f"{path}: a zarr group without OME-Zarr multiscales; give the array inside it") from None
+        names = [(a["name"] if isinstance(a, dict) else a).upper() for a in ms.get("axes", [])]
+        if len(names) == len(node.shape):
+            axes = "".join(names)
+            units = [(a.get("unit", "") if isinstance(a, dict) else "") for a in ms.get("axes", [])]
+            scale = next((t["scale"] for t in dataset.get("coordinateTransformations", [])
+                          if t.get("type") == "scale"), None)
+            if scale and "Y" in axes and "X" in axes:
+                iy, ix = axes.index("Y"), axes.index("X")
+                factor = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3}.get(units[ix])
+                if factor:
+                    pixel_size = (scale[iy] * factor, scale[ix] * factor)
+    if axes is None:
+        from .io import guess_axes
+
+        axes = guess_axes(tuple(node.shape))
+    return _from_plan(node, axes, name=path.stem, pixel_size=pixel_size)
+
+
 def open_source(path: str | Path, *, eager_bytes: int = EAGER_BYTES) -> ImageSource:
-    """Open an image file for region reads.
+    """Open an image file (or zarr store) for region reads.
 
     Files that decode to less than ``eager_bytes`` are read whole (fastest);
-    larger TIFFs are read lazily.  Errors are :class:`InputError` as in
-    :func:`~segstudio.core.io.read_image`.
+    larger TIFFs, and zarr stores always, are read lazily.  Errors are
+    :class:`InputError` as in :func:`~segstudio.core.io.read_image`.
     """
     path = Path(path)
+    if path.suffix.lower() == ".zarr":
+        return _open_zarr(path)
     if path.suffix.lower() not in TIFF_SUFFIXES or not path.is_file() or path.stat().st_size == 0:
         return source_from_image(read_image(path))
     import tifffile

@@ -206,6 +206,10 @@ class SegmentPanel(QWidget):
         self.status = QLabel("Ready")
         self.status.setWordWrap(True)
         self.status.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+        # notices that stay for the whole run (a GPU fallback to smaller batches or the CPU)
+        self.notice = QLabel("")
+        self.notice.setWordWrap(True)
+        self.notice.setVisible(False)
         self.error_view = ErrorView()
 
         form = QFormLayout()
@@ -221,6 +225,7 @@ class SegmentPanel(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.status)
+        layout.addWidget(self.notice)
         layout.addWidget(self.error_view)
 
         self.model_combo.currentIndexChanged.connect(self._update_backends)
@@ -278,6 +283,8 @@ class SegmentPanel(QWidget):
         self._t_start = time.perf_counter()
         self.progress_bar.setValue(0)
         self.status.setText(f"Loading {model_name} ({backend_name})...")
+        self.notice.clear()
+        self.notice.setVisible(False)
         self._set_busy()
         backends, tile = self._backends, self._tile
         self.runner.start(lambda cancel: _segment(image, backends, model_name, backend_name, channel, tile, cancel))
@@ -309,6 +316,11 @@ class SegmentPanel(QWidget):
             self._planes_done = event.done
             fraction = event.done / event.total
             self.status.setText(f"Segmenting: {event.message}")
+        elif event.stage == "notice":
+            text = self.notice.text()
+            self.notice.setText(f"{text}\n{event.message}" if text else event.message)
+            self.notice.setVisible(True)
+            return
         else:
             if event.message:
                 self.status.setText(event.message[:1].upper() + event.message[1:] + "...")

@@ -129,7 +129,8 @@ class _JobThread(QThread):
                     break
                 if isinstance(event, Progress):
                     now = time.monotonic()
-                    final = bool(event.total) and event.done >= event.total
+                    # the last event of a stage and every notice always go through
+                    final = (bool(event.total) and event.done >= event.total) or event.stage == "notice"
                     if final or now - last_emit.get(event.stage, 0.0) >= PROGRESS_INTERVAL_S:
                         last_emit[event.stage] = now
                         self.progress.emit(event)

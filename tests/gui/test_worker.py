@@ -169,3 +169,17 @@ def test_thread_fixture_sees_a_running_qthread(no_thread_left_running):
         stop.set()
         thread.wait()
     assert no_thread_left_running.running() == []
+
+
+def test_notices_stay_visible_for_the_run(panel):
+    from segstudio.core.jobs import Progress
+
+    panel._on_progress(Progress("notice", 1, 4, "GPU out of memory: continuing with batches of 2 tile(s)"))
+    panel._on_progress(Progress("network", 2, 4))
+    panel._on_progress(Progress("notice", 2, 4, "GPU out of memory even for small tiles: continuing on the CPU"))
+    assert panel.notice.isVisibleTo(panel)
+    assert panel.notice.text().splitlines() == [
+        "GPU out of memory: continuing with batches of 2 tile(s)",
+        "GPU out of memory even for small tiles: continuing on the CPU",
+    ]
+    assert "tiles 2/4" in panel.status.text()
