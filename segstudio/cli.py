@@ -236,6 +236,59 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_optimize(args) -> int:
+    from .core.jobs import CancelToken, run_sync
+    from .core.models.catalog import get_model
+    from .core.optimize.calibration import CalibrationSource
+    from .core.optimize.runner import optimize_job
+    from .core.optimize.steps import Context, parse_steps
+    from .core.optimize.validate import ValidationSet
+
+    model = get_model(args.model)
+    steps = parse_steps(args.steps)
+    calib = None
+    if args.calib:
+        calib = CalibrationSource.from_folder(args.calib, model.spec, kind=args.calib_kind or args.kind,
+                                              with_labels=args.calib_labels, n_tiles=args.calib_tiles,
+                                              max_images=args.calib_max)
+    val_dir = args.val_images or args.calib
+    if val_dir is None:
+        raise InputError("give validation images (--val-images) or calibration images (--calib)")
+    vset = ValidationSet.from_folders(val_dir, args.val_labels, kind=args.kind, limit=args.val_limit)
+    ctx = Context(original=model, calib=calib, out_dir=Path(args.out), target=args.target, cancel=CancelToken(),
+                  threads=args.threads)
+    print(f"optimizing {model.name}: {', '.join(s.label for s in steps)}; {len(vset.images)} validation image(s)"
+          f"{' with labels' if vset.has_labels else ' (no labels: agreement with the original)'}"
+          + (f"; calibration {len(calib.entries)} image(s)" if calib else ""))
+
+    def on_progress(event):
+        if args.quiet:
+            return
+        if event.stage == "optimize" and event.message:
+            print(f"[{time.strftime('%H:%M:%S')}] {event.message}", flush=True)
+        elif event.stage in ("distill", "quantize") and event.message and (event.done % 100 == 0 or event.done == 0):
+            print(f"    {event.stage}: {event.done}/{event.total} {event.message}", flush=True)
+
+    report = run_sync(optimize_job(model, steps, ctx, vset, max_drop=args.max_drop), on_progress)
+    b = report["baseline"]
+    print(f"{'step':<34} {'status':<12} {'AP50':>7} {'change':>8} {'speed-up':>9} {'ms':>8}  backend")
+    print(f"{'original':<34} {'':<12} {b['ap50']:7.4f} {'':>8} {b['speedup_vs_baseline']:8.2f}x "
+          f"{b['latency_ms']:8.1f}  {b['variant']}")
+    for r in report["steps"]:
+        if "ap50" in r:
+            print(f"{r['name']:<34} {r['status']:<12} {r['ap50']:7.4f} {r['ap50_delta']:+8.4f} "
+                  f"{r['speedup_vs_baseline']:8.2f}x {r['latency_ms']:8.1f}  {r['variant']}")
+        else:
+            print(f"{r['name']:<34} {r['status']:<12} {r.get('reason', '')}")
+        if r["status"] == "rolled_back":
+            print(f"{'':<34} why: {r['reason']}")
+    f = report["final"]
+    print(f"final: AP50 {f['ap50']:.4f} ({f['ap50_delta']:+.4f}), {f['speedup_vs_baseline']:.2f}x PyTorch eager FP32, "
+          f"{f['artifact']}")
+    print(f"wrote {Path(args.out) / 'report.json'} and report.html in {report['seconds'] / 60:.1f} min")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .core.backends import runnable_variants
     from .core.models.catalog import builtin_models
@@ -369,6 +422,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", default=None, help="write the chart here (default: next to --json)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("optimize", help="make a model faster step by step, measuring what each step costs")
+    p.add_argument("--model", default="nuclei")
+    p.add_argument("--calib", default=None, help="folder of your images (unlabeled) for calibration and distillation")
+    p.add_argument("--calib-kind", default=None, help="keep only calibration images of this kind (index.json)")
+    p.add_argument("--calib-labels", action="store_true",
+                   help="the calibration folder has X_img / X_labels pairs: recovery also fine-tunes on them")
+    p.add_argument("--calib-tiles", type=int, default=64, help="INT8 calibration tiles (default 64)")
+    p.add_argument("--calib-max", type=int, default=200, help="at most this many calibration images (default 200)")
+    p.add_argument("--val-images", default=None, help="validation images (default: the calibration folder)")
+    p.add_argument("--val-labels", default=None, help="their labels (AP50); without, agreement with the original")
+    p.add_argument("--val-limit", type=int, default=None, help="use at most this many validation images")
+    p.add_argument("--kind", default=None, help="keep only images of this kind (index.json), e.g. fluorescence")
+    p.add_argument("--steps", default="prune:0.5,recover,quantize:int8",
+                   help="comma-separated: prune[:ratio], recover, distill[:width], sparsify[:ratio], export, "
+                        "quantize[:int8|fp16], engine[:fp32|fp16|int8]; options as :key=value")
+    p.add_argument("--max-drop", type=float, default=0.01, help="largest AP50 loss allowed (default 0.01)")
+    p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder (artifacts, report.json, report.html)")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("models", help="list built-in models with their cards")
     p.set_defaults(func=cmd_models)

@@ -84,42 +84,53 @@ def load_samples(pairs: list[Pair], norm: Normalization, in_channels: int) -> li
     return samples
 
 
-def _augment_batch(samples: list[Sample], cfg: TrainConfig, rng: np.random.Generator):
-    """A batch of augmented crops: (x, fg, dist) float32 tensors."""
+def augment_crops(stacks: list[np.ndarray], n_image: int, crop: int, zoom: tuple[float, float],
+                  rng: np.random.Generator):
+    """Random augmented crops of ``(C, H, W)`` stacks whose first ``n_image`` channels are the image.
+
+    Zoom (crop size scaled, resized back to ``crop``), flip, 90-degree
+    rotations on every channel; gain, offset, gamma and Gaussian noise on the
+    image channels only.  Returns a ``(B, C, crop, crop)`` float32 tensor.
+    """
     import torch
     import torch.nn.functional as F
 
-    xs, fgs, ds = [], [], []
-    for s in samples:
-        zoom = math.exp(rng.uniform(math.log(cfg.zoom[0]), math.log(cfg.zoom[1])))
-        size = max(8, int(round(cfg.crop / zoom)))
-        stack = np.concatenate([s.image, s.fg[None], s.dist[None]])
+    out = []
+    for stack in stacks:
+        z = math.exp(rng.uniform(math.log(zoom[0]), math.log(zoom[1])))
+        size = max(8, int(round(crop / z)))
         h, w = stack.shape[1:]
         if h < size or w < size:
             py, px = max(0, size - h), max(0, size - w)
             stack = np.pad(stack, ((0, 0), (py // 2, py - py // 2), (px // 2, px - px // 2)), mode="reflect")
             h, w = stack.shape[1:]
         y0, x0 = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
-        crop = stack[:, y0 : y0 + size, x0 : x0 + size]
+        c = stack[:, y0 : y0 + size, x0 : x0 + size]
         if rng.random() < 0.5:
-            crop = crop[:, :, ::-1]
-        crop = np.rot90(crop, k=int(rng.integers(4)), axes=(1, 2))
-        t = torch.from_numpy(np.ascontiguousarray(crop))[None]
-        if size != cfg.crop:
-            t = F.interpolate(t, size=(cfg.crop, cfg.crop), mode="bilinear", align_corners=False)
-        c = s.image.shape[0]
-        x = t[0, :c]
+            c = c[:, :, ::-1]
+        c = np.rot90(c, k=int(rng.integers(4)), axes=(1, 2))
+        t = torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))[None]
+        if size != crop:
+            t = F.interpolate(t, size=(crop, crop), mode="bilinear", align_corners=False)
+        t = t[0]
+        x = t[:n_image]
         gain, offset = rng.uniform(0.6, 1.4), rng.uniform(-0.1, 0.1)
         gamma = math.exp(rng.uniform(math.log(0.7), math.log(1.4)))
         x = x.clamp(min=0) ** gamma * gain + offset
         x = x + float(rng.uniform(0, 0.05)) * torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))
-        xs.append(x)
-        fgs.append((t[0, c] > 0.5).float())
-        ds.append(t[0, c + 1])
-    return torch.stack(xs), torch.stack(fgs)[:, None], torch.stack(ds)[:, None]
+        out.append(torch.cat([x, t[n_image:]]))
+    return torch.stack(out)
 
 
-def _loss(out, fg, dist):
+def _augment_batch(samples: list[Sample], cfg: TrainConfig, rng: np.random.Generator):
+    """A batch of augmented crops: (x, fg, dist) float32 tensors."""
+    c = samples[0].image.shape[0]
+    t = augment_crops([np.concatenate([s.image, s.fg[None], s.dist[None]]) for s in samples], c, cfg.crop,
+                      cfg.zoom, rng)
+    return t[:, :c], (t[:, c : c + 1] > 0.5).float(), t[:, c + 1 : c + 2]
+
+
+def segmentation_loss(out, fg, dist):
     import torch.nn.functional as F
 
     fg_logit, d_logit = out[:, :1], out[:, 1:2]
@@ -180,7 +191,7 @@ def train_job(
                 cancel.raise_if_cancelled()
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             x, fg, dist = _augment_batch([train[i] for i in idx], cfg, rng)
-            loss = _loss(net(x), fg, dist)
+            loss = segmentation_loss(net(x), fg, dist)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -154,7 +154,7 @@ def create_backend(variant: str, model: Model, **options) -> Backend:
 
 
 def runnable_variants(model: Model) -> list[str]:
-    """FP32 variants that can run ``model`` on this machine, GPU ones first."""
+    """Variants that can run ``model`` on this machine in its precision, GPU ones first."""
     from .autoselect import candidates
 
     return candidates(model)

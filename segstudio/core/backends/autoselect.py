@@ -1,11 +1,14 @@
-"""``--backend auto``: measure the FP32 variants that can run here, keep the fastest.
+"""``--backend auto``: measure the variants that can run here, keep the fastest.
 
 The first time a model is used on a machine, every candidate that is
 installed (and, for GPU variants, has a GPU) runs the same tile a few times;
 the fastest wins.  The choice and the timings are cached in
 ``~/.segstudio/autotune.json`` keyed by the model file, the machine, the
 candidate list and the library versions, so later runs start at once.
-Precision is never changed: auto picks among FP32 engines only.
+Precision is never changed behind the user's back: auto picks among FP32
+engines, except for a model that carries an INT8 file (an artifact of
+``segstudio optimize``'s quantize step, whose accuracy was measured as
+INT8), which runs among the INT8 engines.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ..models.catalog import Model
 from ..models.spec import file_sha256
 
 CPU_CANDIDATES = ("openvino@cpu:fp32", "onnxruntime@cpu:fp32", "torch@cpu:fp32")
+INT8_CANDIDATES = ("tensorrt@cuda:int8", "onnxruntime@tensorrt:int8", "openvino@cpu:int8", "onnxruntime@cpu:int8")
 GPU_CANDIDATES = ("tensorrt@cuda:fp32", "onnxruntime@tensorrt:fp32", "onnxruntime@cuda:fp32",
                   "torch@cuda:fp32+cl+graph")
 
@@ -42,13 +46,33 @@ def _gpu_present() -> bool:
     return False
 
 
+def model_precision(model: Model) -> str:
+    """The precision ``model`` is meant to run in: int8 when it carries an INT8 file, else fp32."""
+    return "int8" if "onnx_int8" in model.files else "fp32"
+
+
 def candidates(model: Model) -> list[str]:
     """Variants that could run ``model`` here (installed, file present, GPU when needed)."""
+    if model_precision(model) == "int8":
+        found = _runnable(model, INT8_CANDIDATES)
+        if found:
+            return found
+    return _runnable(model, (*GPU_CANDIDATES, *CPU_CANDIDATES))
+
+
+def cpu_candidates(model: Model) -> list[str]:
+    """The CPU variants among :func:`candidates` (FP32 ones if the model's precision has none)."""
+    from . import parse_variant
+
+    return [c for c in candidates(model) if not parse_variant(c).on_gpu] or _runnable(model, CPU_CANDIDATES)
+
+
+def _runnable(model: Model, names) -> list[str]:
     from . import backend_class, installed, parse_variant
 
     out = []
     gpu = None
-    for text in (*GPU_CANDIDATES, *CPU_CANDIDATES):
+    for text in names:
         v = parse_variant(text)
         cls = backend_class(v.name)
         if not installed(cls.package) or cls.model_file(v.device, v.precision) not in model.files:
@@ -115,7 +139,7 @@ def measure_variants(model: Model, names: list[str], tile_shape: tuple[int, int]
 
 
 def auto_variant(model: Model, *, tile: int = 512, batch_size: int = 4) -> str:
-    """The fastest FP32 variant for ``model`` on this machine (measured once, then cached)."""
+    """The fastest variant of ``model``'s precision on this machine (measured once, then cached)."""
     from ..tiling import plan_tiles
 
     names = candidates(model)

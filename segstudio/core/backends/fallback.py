@@ -59,12 +59,12 @@ class OomFallback:
 
     def _to_cpu(self, batch: np.ndarray, crop: tuple[slice, slice] | None) -> np.ndarray:
         from . import create_backend
-        from .autoselect import CPU_CANDIDATES, candidates
+        from .autoselect import cpu_candidates
 
         if self._cpu_factory is not None:
             cpu = self._cpu_factory()
         else:
-            names = [c for c in candidates(self.model) if c in CPU_CANDIDATES]
+            names = cpu_candidates(self.model)
             cpu = create_backend(names[0], self.model)
         self.notify(f"GPU out of memory even for small tiles: continuing on the CPU ({cpu.describe()})")
         self.backend.close()

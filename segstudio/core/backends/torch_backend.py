@@ -49,7 +49,7 @@ class TorchBackend(BackendBase):
     def __init__(self, model: Model, *, device: str = "cpu", precision: str = "fp32",
                  options: frozenset[str] = frozenset(), threads: int | None = None):
         torch = _torch()
-        from ..models.unet import build_unet
+        from ..models.unet import build_unet, fold_batchnorm
 
         if device == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError("PyTorch sees no CUDA device", hint="use a CPU backend")
@@ -60,7 +60,7 @@ class TorchBackend(BackendBase):
         state = torch.load(model.file("torch"), map_location="cpu", weights_only=True)
         net = build_unet(model.spec.config)
         net.load_state_dict(state)
-        net = _fold_batchnorm(torch, net.eval())
+        net = fold_batchnorm(net.eval())
         self._torch = torch
         self._dev = torch.device("cuda" if device == "cuda" else "cpu")
         self._dtype = getattr(torch, _DTYPES[precision])
@@ -145,17 +145,3 @@ class TorchBackend(BackendBase):
     def close(self) -> None:
         self._graphs.clear()
         self._pinned.clear()
-
-
-def _fold_batchnorm(torch, net):
-    """Fold every Conv2d + BatchNorm2d pair into the convolution (inference only)."""
-    from torch import nn
-
-    for module in net.modules():
-        children = list(module.named_children())
-        for (name_a, a), (name_b, b) in zip(children, children[1:]):
-            if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
-                fused = torch.nn.utils.fusion.fuse_conv_bn_eval(a, b)
-                setattr(module, name_a, fused)
-                setattr(module, name_b, nn.Identity())
-    return net

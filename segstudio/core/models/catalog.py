@@ -10,7 +10,7 @@ ship with the package; nothing is downloaded.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import IncompatibleArtifactError, InputError
@@ -26,6 +26,7 @@ class Model:
     spec: ModelSpec
     files: dict[str, Path]
     card_path: Path
+    provenance: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -37,6 +38,14 @@ class Model:
                 f"model {self.name!r} has no {fmt} file (it has: {', '.join(self.files) or 'none'})"
             )
         return self.files[fmt]
+
+
+def _is_card(path: Path) -> bool:
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(payload, dict) and "spec" in payload and "files" in payload
 
 
 def load_card(card: str | Path, *, verify: bool = True) -> Model:
@@ -58,11 +67,15 @@ def load_card(card: str | Path, *, verify: bool = True) -> Model:
                 hint="the file is damaged or was replaced; reinstall or re-export the model",
             )
         files[fmt] = path
-    return Model(spec=spec, files=files, card_path=card)
+    return Model(spec=spec, files=files, card_path=card, provenance=payload.get("provenance", {}))
 
 
-def write_card(spec: ModelSpec, files: dict[str, Path], card: str | Path) -> Path:
-    """Write ``card`` describing ``spec`` and ``files`` (which must sit next to it)."""
+def write_card(spec: ModelSpec, files: dict[str, Path], card: str | Path, provenance: dict | None = None) -> Path:
+    """Write ``card`` describing ``spec`` and ``files`` (which must sit next to it).
+
+    ``provenance`` (what the model was made from, how, with what) is kept
+    in the card as it is.
+    """
     card = Path(card)
     entries = {}
     for fmt, path in files.items():
@@ -70,8 +83,21 @@ def write_card(spec: ModelSpec, files: dict[str, Path], card: str | Path) -> Pat
         if path.parent.resolve() != card.parent.resolve():
             raise ValueError("model files must sit next to their card")
         entries[fmt] = {"path": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
-    card.write_text(json.dumps({"spec": spec.to_dict(), "files": entries}, indent=1) + "\n")
+    payload = {"spec": spec.to_dict(), "files": entries}
+    if provenance:
+        payload["provenance"] = provenance
+    card.write_text(json.dumps(payload, indent=1) + "\n")
     return card
+
+
+def model_digest(model: Model) -> str:
+    """A short hash identifying a model by its files' contents."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for fmt in sorted(model.files):
+        h.update(fmt.encode() + file_sha256(model.files[fmt]).encode())
+    return h.hexdigest()[:16]
 
 
 def builtin_models() -> list[Model]:
@@ -80,10 +106,15 @@ def builtin_models() -> list[Model]:
 
 
 def get_model(name_or_path: str | Path) -> Model:
-    """A built-in model by name, or a model card by path."""
+    """A built-in model by name, a model card by path, or a folder holding one card."""
     candidate = Path(name_or_path)
     if candidate.suffix == ".json" and candidate.is_file():
         return load_card(candidate)
+    if candidate.is_dir():
+        cards = [p for p in sorted(candidate.glob("*.json")) if _is_card(p)]
+        if len(cards) == 1:
+            return load_card(cards[0])
+        raise InputError(f"{candidate} holds {len(cards)} model cards", hint="give the path of one card (.json)")
     card = BUILTIN_DIR / f"{name_or_path}.json"
     if card.is_file():
         return load_card(card)

@@ -17,11 +17,32 @@ from ..errors import IncompatibleArtifactError
 
 
 @dataclass(frozen=True)
+class LayerWidths:
+    """Output channels of every convolution of a U-Net (what structured pruning changes).
+
+    Per level ``k``: the encoder block's inner and output widths
+    (``enc_mid[k]``, ``enc_out[k]``); per decoder level ``k < depth``: the
+    transposed convolution's output (``up[k]``) and the decoder block's inner
+    and output widths (``dec_mid[k]``, ``dec_out[k]``).
+    """
+
+    enc_mid: tuple[int, ...]
+    enc_out: tuple[int, ...]
+    up: tuple[int, ...]
+    dec_mid: tuple[int, ...]
+    dec_out: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, list[int]]:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
 class UNetConfig:
     """Architecture of a :class:`~segstudio.core.models.unet.UNet`.
 
     ``depth`` is the number of poolings; level ``k`` has
-    ``min(width * 2**k, max_width)`` channels.
+    ``min(width * 2**k, max_width)`` channels, unless ``layers`` gives every
+    convolution's width (a pruned network).
     """
 
     in_channels: int = 1
@@ -30,14 +51,49 @@ class UNetConfig:
     width: int = 32
     max_width: int = 256
     separable: bool = False
+    layers: LayerWidths | None = None
 
     def widths(self) -> list[int]:
         return [min(self.width * 2**k, self.max_width) for k in range(self.depth + 1)]
+
+    def layer_widths(self) -> LayerWidths:
+        if self.layers is not None:
+            return self.layers
+        w = tuple(self.widths())
+        return LayerWidths(enc_mid=w, enc_out=w, up=w[:-1], dec_mid=w[:-1], dec_out=w[:-1])
+
+    def with_layers(self, layers: LayerWidths) -> "UNetConfig":
+        from dataclasses import replace
+
+        return replace(self, layers=layers)
 
     @property
     def multiple(self) -> int:
         """Input height and width must be multiples of this."""
         return 2**self.depth
+
+    def conv_layers(self) -> list[tuple[str, int, int, int, int]]:
+        """Every convolution as ``(name, c_in, c_out, kernel, level)`` in network order.
+
+        ``kernel`` is 3 (3x3, depthwise-separable when ``separable``), 2 (2x2
+        transposed, stride 2, producing ``level``) or 1.  The builder and the
+        FLOP count both read this one list.
+        """
+        lw = self.layer_widths()
+        out = []
+        cin = self.in_channels
+        for k in range(self.depth + 1):
+            out.append((f"encoders.{k}.0", cin, lw.enc_mid[k], 3, k))
+            out.append((f"encoders.{k}.1", lw.enc_mid[k], lw.enc_out[k], 3, k))
+            cin = lw.enc_out[k]
+        deep = lw.enc_out[self.depth]
+        for j, k in enumerate(reversed(range(self.depth))):
+            out.append((f"ups.{j}", deep, lw.up[k], 2, k))
+            out.append((f"decoders.{j}.0", lw.enc_out[k] + lw.up[k], lw.dec_mid[k], 3, k))
+            out.append((f"decoders.{j}.1", lw.dec_mid[k], lw.dec_out[k], 3, k))
+            deep = lw.dec_out[k]
+        out.append(("head", deep, self.out_channels, 1, 0))
+        return out
 
     def flops(self, h: int, w: int) -> int:
         """Floating-point operations (2 per multiply-add) of one forward pass on ``h`` x ``w``.
@@ -45,26 +101,31 @@ class UNetConfig:
         Convolutions only (BatchNorm folds into them at inference; ReLU,
         pooling and concatenation are memory-bound and not counted).
         """
-        widths = self.widths()
         macs = 0
-
-        def conv3(cin: int, cout: int, px: int) -> int:
-            if self.separable and cin > 1:
-                return px * cin * 9 + px * cin * cout
-            return px * cin * cout * 9
-
-        cin = self.in_channels
-        for k, wk in enumerate(widths):
-            px = (h >> k) * (w >> k)
-            macs += conv3(cin, wk, px) + conv3(wk, wk, px)
-            cin = wk
-        for k in reversed(range(self.depth)):
-            px = (h >> k) * (w >> k)
-            w_skip, w_deep = widths[k], widths[k + 1]
-            macs += (px // 4) * w_deep * w_skip * 4  # 2x2 transposed convolution, stride 2
-            macs += conv3(2 * w_skip, w_skip, px) + conv3(w_skip, w_skip, px)
-        macs += h * w * widths[0] * self.out_channels
+        for _, cin, cout, kernel, level in self.conv_layers():
+            px = (h >> level) * (w >> level)
+            if kernel == 3:
+                macs += px * cin * 9 + px * cin * cout if self.separable and cin > 1 else px * cin * cout * 9
+            elif kernel == 2:
+                macs += (px // 4) * cin * cout * 4  # stride 2: one input pixel feeds a 2x2 output patch
+            else:
+                macs += px * cin * cout
         return 2 * macs
+
+    def parameters(self) -> int:
+        """Number of weights (convolutions with BatchNorm folded in, plus biases)."""
+        n = 0
+        for _, cin, cout, kernel, _ in self.conv_layers():
+            if kernel == 3:
+                n += (cin * 9 + cin * cout if self.separable and cin > 1 else cin * cout * 9) + cout
+            else:
+                n += cin * cout * kernel * kernel + cout
+        return n
+
+    @property
+    def halo(self) -> int:
+        """Tile halo: :meth:`receptive_radius` rounded up to :attr:`multiple`."""
+        return -(-self.receptive_radius() // self.multiple) * self.multiple
 
     def receptive_radius(self) -> int:
         """Upper bound, in input pixels, of how far an output pixel "sees".
@@ -124,9 +185,7 @@ class ModelSpec:
     @property
     def halo(self) -> int:
         """Tile halo: the receptive radius rounded up to the input multiple."""
-        m = self.config.multiple
-        r = self.config.receptive_radius()
-        return -(-r // m) * m
+        return self.config.halo
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -137,7 +196,10 @@ class ModelSpec:
     def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
         try:
             d = dict(d)
-            d["config"] = UNetConfig(**d.get("config", {}))
+            cfg = dict(d.get("config", {}))
+            if cfg.get("layers") is not None:
+                cfg["layers"] = LayerWidths(**{k: tuple(v) for k, v in cfg["layers"].items()})
+            d["config"] = UNetConfig(**cfg)
             d["normalization"] = Normalization(**d.get("normalization", {}))
             d["postprocess"] = PostprocessParams(**d.get("postprocess", {}))
             d["outputs"] = tuple(d.get("outputs", ()))

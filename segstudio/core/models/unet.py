@@ -30,15 +30,8 @@ class ConvBNReLU(nn.Sequential):
         super().__init__(*layers, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-class Block(nn.Sequential):
-    """Two conv-BN-ReLU layers."""
-
-    def __init__(self, cin: int, cout: int, separable: bool):
-        super().__init__(ConvBNReLU(cin, cout, separable), ConvBNReLU(cout, cout, separable))
-
-
 class UNet(nn.Module):
-    """U-Net with ``config.depth`` poolings and ``config.width`` base channels.
+    """U-Net described by ``config`` (see :meth:`UNetConfig.conv_layers`).
 
     Input ``(B, in_channels, H, W)`` with H and W multiples of
     ``2 ** depth``; output ``(B, out_channels, H, W)`` raw logits.
@@ -47,20 +40,20 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
-        widths = config.widths()
         sep = config.separable
-        self.encoders = nn.ModuleList()
-        cin = config.in_channels
-        for w in widths:
-            self.encoders.append(Block(cin, w, sep))
-            cin = w
+        layers = {name: (cin, cout) for name, cin, cout, _, _ in config.conv_layers()}
+        d = config.depth
+        self.encoders = nn.ModuleList(
+            nn.Sequential(ConvBNReLU(*layers[f"encoders.{k}.0"], sep), ConvBNReLU(*layers[f"encoders.{k}.1"], sep))
+            for k in range(d + 1)
+        )
         self.pool = nn.MaxPool2d(2)
-        self.ups = nn.ModuleList()
-        self.decoders = nn.ModuleList()
-        for w_skip, w_deep in zip(reversed(widths[:-1]), reversed(widths[1:])):
-            self.ups.append(nn.ConvTranspose2d(w_deep, w_skip, 2, stride=2))
-            self.decoders.append(Block(2 * w_skip, w_skip, sep))
-        self.head = nn.Conv2d(widths[0], config.out_channels, 1)
+        self.ups = nn.ModuleList(nn.ConvTranspose2d(*layers[f"ups.{j}"], 2, stride=2) for j in range(d))
+        self.decoders = nn.ModuleList(
+            nn.Sequential(ConvBNReLU(*layers[f"decoders.{j}.0"], sep), ConvBNReLU(*layers[f"decoders.{j}.1"], sep))
+            for j in range(d)
+        )
+        self.head = nn.Conv2d(layers["head"][0], config.out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -74,6 +67,21 @@ class UNet(nn.Module):
             x = up(x)
             x = dec(torch.cat([skips.pop(), x], dim=1))
         return self.head(x)
+
+
+def fold_batchnorm(net: nn.Module) -> nn.Module:
+    """Fold every Conv2d + BatchNorm2d pair into the convolution (inference only, in place).
+
+    The BatchNorm becomes an Identity, so the module no longer matches a
+    :class:`UNetConfig` state dict: fold copies meant for inference or export.
+    """
+    for module in net.modules():
+        children = list(module.named_children())
+        for (name_a, a), (name_b, b) in zip(children, children[1:]):
+            if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                setattr(module, name_a, torch.nn.utils.fusion.fuse_conv_bn_eval(a, b))
+                setattr(module, name_b, nn.Identity())
+    return net
 
 
 def build_unet(config: UNetConfig) -> UNet:

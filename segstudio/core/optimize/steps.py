@@ -1,0 +1,420 @@
+"""The optimization steps: each ``Artifact -> Artifact`` with its details.
+
+A step is written ``name[:argument][:option=value...]`` (``prune:0.5``,
+``prune:0.3:importance=l1:mode=global``, ``recover:steps=800``,
+``quantize:int8:method=entropy``).  Every step
+
+* declares its options; unknown ones are refused, never ignored;
+* says what would stop it, in words, before it runs (:meth:`Step.check`);
+* is a job: it yields :class:`Progress` and stops on the cancel token;
+* writes its artifact in its own folder with the provenance in the card.
+
+The plain functions behind them live in :mod:`.prune`, :mod:`.distill`,
+:mod:`.quantize` and :mod:`segstudio.core.models.onnx_export`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import ClassVar
+
+from ..backends import installed
+from ..errors import InputError
+from ..jobs import CancelToken, Job, Progress
+from ..models.catalog import Model
+from .artifact import load_torch, new_artifact, provenance, renamed
+from .calibration import CalibrationSource
+
+
+@dataclass
+class Context:
+    """What every step may use."""
+
+    original: Model
+    calib: CalibrationSource | None
+    out_dir: Path
+    target: str = "cpu"
+    cancel: CancelToken = field(default_factory=CancelToken)
+    threads: int = 0
+    _teacher: object = None
+
+    def teacher(self):
+        if self._teacher is None:
+            self._teacher = load_torch(self.original)
+        return self._teacher
+
+
+class Step(ABC):
+    name: ClassVar[str] = ""
+    options: ClassVar[dict] = {}
+    needs_recovery: ClassVar[bool] = False
+    doc: ClassVar[str] = ""
+
+    def __init__(self, arg: str | None = None, **opts):
+        unknown = set(opts) - set(self.options)
+        if unknown:
+            raise InputError(f"step {self.name} has no option {', '.join(sorted(unknown))}"
+                             f" (options: {', '.join(self.options) or 'none'})")
+        self.arg = arg
+        self.opts = {**self.options, **opts}
+
+    @property
+    def label(self) -> str:
+        return self.name + (f":{self.arg}" if self.arg else "") + "".join(
+            f":{k}={v}" for k, v in self.opts.items() if self.options.get(k) != v)
+
+    def check(self, parent: Model, ctx: Context) -> list[str]:
+        return []
+
+    @abstractmethod
+    def run(self, parent: Model, ctx: Context, out: Path) -> Job[tuple[Model, dict]]:
+        """Make the child artifact in ``out``; a job returning ``(child, details)``."""
+
+    def params(self) -> dict:
+        return {"arg": self.arg, **self.opts}
+
+    def retry(self, parent: Model, ctx: Context, out: Path) -> Job[bool]:
+        """After a run broke the accuracy budget: adjust and return True to run again (default: no)."""
+        return False
+        yield  # a generator, like every job
+
+
+def _need_torch(parent: Model) -> list[str]:
+    problems = []
+    if not installed("torch"):
+        problems.append("PyTorch is not installed (pip install segstudio[torch])")
+    if "torch" not in parent.files:
+        problems.append(f"{parent.name} has no PyTorch weights (an INT8 or FP16 file cannot be retrained)")
+    return problems
+
+
+def _ratio(arg: str | None, default: float, what: str) -> float:
+    try:
+        r = float(arg) if arg else default
+    except ValueError:
+        raise InputError(f"{what} must be a number between 0 and 1, not {arg!r}") from None
+    if not 0 < r < 1:
+        raise InputError(f"{what} must be between 0 and 1, not {r}")
+    return r
+
+
+class PruneStep(Step):
+    name = "prune"
+    options = {"importance": "bn", "mode": "uniform", "round": 8, "of": "channels"}
+    needs_recovery = True
+    doc = ("structured channel pruning: the ratio is of channels removed per layer group, or with of=flops "
+           "of the FLOPs removed")
+
+    def __init__(self, arg=None, **opts):
+        super().__init__(arg, **opts)
+        self.ratio = _ratio(arg, 0.5, "the pruning ratio")
+
+    def check(self, parent, ctx):
+        problems = _need_torch(parent)
+        if self.opts["of"] not in ("channels", "flops"):
+            problems.append(f"of={self.opts['of']}: the ratio is of 'channels' or 'flops'")
+        return problems
+
+    def run(self, parent, ctx, out):
+        from .prune import plan_pruning, prune_structured, ratio_for_flops
+
+        net = load_torch(parent)
+        kw = dict(method=self.opts["importance"], mode=self.opts["mode"], round_to=int(self.opts["round"]))
+        ratio = ratio_for_flops(net, self.ratio, **kw) if self.opts["of"] == "flops" else self.ratio
+        yield Progress("prune", 0, 1, f"pruning {ratio:.0%} of the channels ({self.opts['importance']})")
+        pruned = prune_structured(net, plan_pruning(net, ratio, **kw))
+        spec = renamed(ctx.original.spec, "-pruned", config=pruned.config)
+        child = new_artifact(out, spec, net=pruned, prov=provenance(parent, self.name, self.params()))
+        yield Progress("prune", 1, 1)
+        cfg = pruned.config
+        return child, {"layers": cfg.layer_widths().as_dict(), "channel_ratio": ratio,
+                       "flops_left": cfg.flops(512, 512) / net.config.flops(512, 512),
+                       "params_left": cfg.parameters() / net.config.parameters()}
+
+
+class RecoverStep(Step):
+    name = "recover"
+    options = {"steps": 1500, "lr": 5e-4, "temperature": 3.0, "alpha": 0.5, "labels": "auto", "crop": 192}
+    doc = "distill from the unpruned model on the calibration images (and fine-tune on labels when given)"
+
+    def check(self, parent, ctx):
+        problems = _need_torch(parent)
+        if ctx.calib is None:
+            problems.append("recovery needs the user's images (--calib)")
+        return problems
+
+    def run(self, parent, ctx, out):
+        from .distill import KDConfig, distill_job
+
+        student = load_torch(parent)
+        if self.opts["labels"] == "yes" and ctx.calib.labels is None:
+            from ..errors import InputError as _InputError
+
+            raise _InputError("recover:labels=yes needs labelled calibration images (--calib-labels)")
+        use_labels = ctx.calib.labels if self.opts["labels"] in ("auto", "yes") else None
+        cfg = KDConfig(steps=int(self.opts["steps"]), lr=float(self.opts["lr"]), crop=int(self.opts["crop"]),
+                       temperature=float(self.opts["temperature"]), alpha=float(self.opts["alpha"]),
+                       threads=ctx.threads)
+        info = yield from distill_job(student, ctx.teacher(), ctx.calib.images(), cfg, labels=use_labels,
+                                      cancel=ctx.cancel)
+        spec = renamed(ctx.original.spec, "-recovered", config=student.config)
+        child = new_artifact(out, spec, net=student, prov=provenance(
+            parent, self.name, self.params(), calibration=ctx.calib.digest, teacher=ctx.original.name))
+        return child, info
+
+
+class DistillStep(Step):
+    name = "distill"
+    options = {"width": 8, "separable": False, "depth": 0, "steps": 3000, "lr": 2e-3, "temperature": 3.0,
+               "alpha": 0.5, "feature_kd": 0.0}
+    doc = "train a smaller student U-Net (narrower and/or depthwise-separable) from the model"
+
+    def check(self, parent, ctx):
+        problems = _need_torch(ctx.original)
+        if ctx.calib is None:
+            problems.append("distillation needs the user's images (--calib)")
+        return problems
+
+    def run(self, parent, ctx, out):
+        import torch
+
+        from ..models.unet import build_unet
+        from .distill import KDConfig, distill_job
+
+        base = ctx.original.spec.config
+        sep = str(self.opts["separable"]).lower() in ("1", "true", "yes")
+        cfg = base.__class__(in_channels=base.in_channels, out_channels=base.out_channels,
+                             depth=int(self.opts["depth"]) or base.depth, width=int(self.arg or self.opts["width"]),
+                             max_width=base.max_width, separable=sep)
+        torch.manual_seed(0)
+        student = build_unet(cfg)
+        kd = KDConfig(steps=int(self.opts["steps"]), lr=float(self.opts["lr"]),
+                      temperature=float(self.opts["temperature"]), alpha=float(self.opts["alpha"]),
+                      feature_kd=float(self.opts["feature_kd"]), threads=ctx.threads)
+        info = yield from distill_job(student, ctx.teacher(), ctx.calib.images(), kd, labels=ctx.calib.labels,
+                                      cancel=ctx.cancel)
+        spec = renamed(ctx.original.spec, "-student", config=cfg)
+        child = new_artifact(out, spec, net=student, prov=provenance(
+            parent, self.name, self.params(), calibration=ctx.calib.digest, teacher=ctx.original.name))
+        return child, info
+
+
+class SparsifyStep(Step):
+    name = "sparsify"
+    options = {}
+    doc = "unstructured magnitude pruning: smaller file, NOT faster (dense kernels compute the zeros)"
+
+    def __init__(self, arg=None, **opts):
+        super().__init__(arg, **opts)
+        self.sparsity = _ratio(arg, 0.5, "the sparsity")
+
+    def check(self, parent, ctx):
+        return _need_torch(parent)
+
+    def run(self, parent, ctx, out):
+        from .prune import compressed_size, prune_unstructured
+
+        net = load_torch(parent)
+        info = prune_unstructured(net, self.sparsity)
+        spec = renamed(ctx.original.spec, "-sparse", config=net.config)
+        child = new_artifact(out, spec, net=net, prov=provenance(parent, self.name, self.params()))
+        yield Progress("sparsify", 1, 1)
+        info.update(
+            compressed_mb=compressed_size(child.files["onnx"]) / 2**20,
+            parent_compressed_mb=compressed_size(parent.files["onnx"]) / 2**20 if "onnx" in parent.files else None,
+            note="zeros are still multiplied by dense convolution kernels: no speed-up is claimed or expected",
+        )
+        return child, info
+
+
+class ExportStep(Step):
+    name = "export"
+    options = {"opset": 18}
+    doc = "ONNX export (dynamic batch, height, width; BatchNorm folded) verified against PyTorch"
+
+    def check(self, parent, ctx):
+        problems = _need_torch(parent)
+        if not installed("onnxscript"):
+            problems.append("the ONNX exporter needs onnxscript (pip install segstudio[torch])")
+        return problems
+
+    def run(self, parent, ctx, out):
+        import numpy as np
+        import torch
+
+        from ..models.onnx_export import compare_outputs
+        from ..models.unet import fold_batchnorm
+
+        net = load_torch(parent)
+        child = new_artifact(out, replace(parent.spec), net=net, export_net=fold_batchnorm(load_torch(parent)),
+                             prov=provenance(parent, self.name, self.params()), opset=int(self.opts["opset"]))
+        x = np.random.default_rng(0).standard_normal((2, parent.spec.input_channels, 96, 128)).astype(np.float32)
+        with torch.no_grad():
+            ref = net(torch.from_numpy(x)).numpy()
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(child.files["onnx"]), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        yield Progress("export", 1, 1)
+        import onnx
+
+        m = onnx.load(str(child.files["onnx"]))
+        return child, {"verification": compare_outputs(ref, got), "ir_version": m.ir_version,
+                       "opset": next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")),
+                       "nodes": len(m.graph.node)}
+
+
+class QuantizeStep(Step):
+    name = "quantize"
+    options = {"method": "minmax", "tiles": 0, "fallback": "auto", "max_fallback": 6}
+    doc = "INT8 (Q/DQ, calibrated on your images, sensitive layers kept in float if needed) or FP16"
+
+    def __init__(self, arg=None, **opts):
+        super().__init__(arg, **opts)
+        self.precision = (arg or "int8").lower()
+        if self.precision not in ("int8", "fp16"):
+            raise InputError(f"quantize takes int8 or fp16, not {arg!r}")
+        self.exclude: list[str] = []
+        self.ranking: list[tuple[str, float]] | None = None
+
+    def retry(self, parent, ctx, out):
+        """Keep the next most sensitive layer in float (measured once per layer, then reused)."""
+        if self.precision != "int8" or self.opts["fallback"] == "off":
+            return False
+        if len(self.exclude) >= int(self.opts["max_fallback"]):
+            return False
+        if self.ranking is None:
+            from .quantize import layer_sensitivity
+
+            events = []
+            tiles = ctx.calib.tiles()[: max(8, len(ctx.calib.tiles()) // 4)]
+            yield Progress("quantize", 0, 1, "measuring each layer's sensitivity to INT8")
+            self.ranking = layer_sensitivity(parent.files["onnx"], tiles, method=self.opts["method"],
+                                             on_progress=lambda i, n, node: events.append(node))
+        remaining = [node for node, gain in self.ranking if node not in self.exclude and gain > 0]
+        if not remaining:
+            return False
+        self.exclude.append(remaining[0])
+        yield Progress("quantize", 0, 1, f"keeping {remaining[0]} in float")
+        return True
+
+    def check(self, parent, ctx):
+        problems = []
+        if "onnx" not in parent.files:
+            problems.append(f"{parent.name} has no ONNX file to quantize (add an export step first)")
+        if not installed("onnxruntime"):
+            problems.append("quantization needs onnxruntime")
+        if self.precision == "int8" and ctx.calib is None:
+            problems.append("INT8 calibration needs the user's images (--calib)")
+        if self.precision == "fp16" and ctx.target == "cpu":
+            problems.append("FP16 is not faster on a CPU (no native FP16 arithmetic here): it only pays on a GPU "
+                            "target (--target gpu)")
+        return problems
+
+    def run(self, parent, ctx, out):
+        from .quantize import convert_fp16, quantize_int8
+
+        out.mkdir(parents=True, exist_ok=True)
+        copy = {k: v for k, v in parent.files.items() if k in ("torch", "onnx")}
+        if self.precision == "fp16":
+            path = convert_fp16(parent.files["onnx"], out / f"{parent.spec.name}_fp16.onnx")
+            child = new_artifact(out, parent.spec, copy=copy, new_files={"onnx_fp16": path},
+                                 prov=provenance(parent, self.name, self.params()))
+            yield Progress("quantize", 1, 1)
+            return child, {"precision": "fp16"}
+        tiles = ctx.calib.tiles()
+        if int(self.opts["tiles"]):
+            tiles = tiles[: int(self.opts["tiles"])]
+        yield Progress("quantize", 0, 1, f"calibrating INT8 on {len(tiles)} tiles ({self.opts['method']})")
+        path = quantize_int8(parent.files["onnx"], out / f"{parent.spec.name}_int8.onnx", tiles,
+                             method=self.opts["method"], exclude=self.exclude)
+        child = new_artifact(out, parent.spec, copy=copy, new_files={"onnx_int8": path}, prov=provenance(
+            parent, self.name, {**self.params(), "float_layers": list(self.exclude)},
+            calibration=ctx.calib.digest, calibration_set=ctx.calib.describe()))
+        yield Progress("quantize", 1, 1)
+        return child, {"precision": "int8", "method": self.opts["method"], "tiles": len(tiles),
+                       "float_layers": list(self.exclude), "calibration": ctx.calib.describe(),
+                       "sensitivity": self.ranking}
+
+
+class EngineStep(Step):
+    name = "engine"
+    options = {"workspace_gb": 4, "level": 3, "batch": 16, "tile": 512}
+    doc = "TensorRT engine (GPU) from the FP32, FP16 or Q/DQ INT8 ONNX"
+
+    def __init__(self, arg=None, **opts):
+        super().__init__(arg, **opts)
+        self.precision = (arg or "fp16").lower()
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise InputError(f"engine takes fp32, fp16 or int8, not {arg!r}")
+
+    def check(self, parent, ctx):
+        problems = []
+        if not installed("tensorrt"):
+            problems.append("TensorRT is not installed here, so no engine can be built (the other steps are "
+                            "unaffected)")
+        if not installed("torch"):
+            problems.append("the TensorRT step uses PyTorch for GPU buffers")
+        elif not problems:
+            import torch
+
+            if not torch.cuda.is_available():
+                problems.append("no NVIDIA GPU is visible")
+        fmt = {"int8": "onnx_int8"}.get(self.precision, "onnx")
+        if fmt not in parent.files:
+            problems.append(f"{parent.name} has no {fmt} file for a {self.precision} engine")
+        return problems
+
+    def run(self, parent, ctx, out):
+        from ..backends.engine_cache import EngineCache, default_profile
+        from ..backends.tensorrt_backend import build_engine, machine_key
+        from ..errors import log_dir
+        from ..models.spec import file_sha256
+        from ..tiling import plan_tiles
+
+        spec = parent.spec
+        onnx = parent.files["onnx_int8" if self.precision == "int8" else "onnx"]
+        plan = plan_tiles((int(self.opts["tile"]),) * 2, tile=int(self.opts["tile"]), halo=spec.halo,
+                          multiple=spec.config.multiple)
+        profile = default_profile(spec.input_channels, spec.config.multiple, plan.tile_shape, int(self.opts["batch"]))
+        key = machine_key(file_sha256(onnx), self.precision, profile)
+        cache = EngineCache(log_dir().parent / "engines")
+        events: list = []
+        blob = build_engine(onnx, profile, self.precision, workspace_bytes=int(float(self.opts["workspace_gb"]) * 2**30),
+                            optimization_level=int(self.opts["level"]), timing_cache=cache.root / "timing.cache",
+                            on_progress=lambda phase, step, steps: events.append((phase, step, steps)),
+                            cancel=ctx.cancel)
+        path = cache.store(key, blob, {"model": parent.name, "step": self.label})
+        yield Progress("engine", 1, 1, f"engine cached as {path.name}")
+        child = new_artifact(out, parent.spec, copy=dict(parent.files), prov=provenance(
+            parent, self.name, self.params(), engine=str(path), engine_key=key.to_json()))
+        return child, {"engine": str(path), "phases": len({e[0] for e in events})}
+
+
+STEPS: dict[str, type[Step]] = {cls.name: cls for cls in (PruneStep, RecoverStep, DistillStep, SparsifyStep,
+                                                             ExportStep, QuantizeStep, EngineStep)}
+
+
+def parse_steps(text: str) -> list[Step]:
+    """``prune:0.5,recover,quantize:int8`` -> steps (refusing unknown names and options)."""
+    steps = []
+    for item in [s.strip() for s in text.split(",") if s.strip()]:
+        name, *parts = item.split(":")
+        if name not in STEPS:
+            raise InputError(f"unknown step {name!r}", hint=f"steps: {', '.join(STEPS)}")
+        arg = None
+        opts = {}
+        for part in parts:
+            if "=" in part:
+                k, v = part.split("=", 1)
+                opts[k] = v
+            elif arg is None:
+                arg = part
+            else:
+                raise InputError(f"step {item!r}: more than one argument")
+        steps.append(STEPS[name](arg, **opts))
+    if not steps:
+        raise InputError("no optimization steps given")
+    return steps

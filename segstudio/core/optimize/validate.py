@@ -1,0 +1,217 @@
+"""Validating a step: what it cost in accuracy and bought in speed, on the user's images.
+
+With labels, accuracy is AP50 / Dice / count error against them; without,
+it is agreement with the parent (AP50 of the child's instances against the
+parent's) plus the output cosine and max abs error.  Speed is the measured
+latency of a batch of real tiles on the backend the artifact would run on
+(the fastest installed one for its precision), never a MAC count, and is
+compared with PyTorch eager FP32 of the original model measured in the same
+run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..backends import create_backend, installed
+from ..datasets import find_pairs
+from ..errors import InputError, SegStudioError
+from ..evaluate import mean_scores, score
+from ..io import IMAGE_SUFFIXES, ImageData, read_image
+from ..jobs import CancelToken, Job, Progress, run_sync
+from ..models.catalog import Model
+from ..models.onnx_export import compare_outputs
+from ..preprocess import normalize, select_channels
+from ..segment import segment_job
+from ..tiling import plan_tiles, read_region
+
+
+@dataclass
+class ValidationSet:
+    images: list[ImageData]
+    labels: list[np.ndarray] | None = None
+    names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_folders(cls, images: str | Path, labels: str | Path | None = None, *, kind: str | None = None,
+                     limit: int | None = None) -> "ValidationSet":
+        images = Path(images)
+        if labels is not None:
+            pairs = find_pairs(images, labels, kind=kind)[:limit]
+            return cls([read_image(p.image) for p in pairs], [read_image(p.labels).data for p in pairs],
+                       [p.name for p in pairs])
+        files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                       and not p.stem.endswith("_labels"))
+        if kind is not None:
+            from ..datasets import read_kinds
+
+            kinds = read_kinds(images)
+            files = [p for p in files if kinds.get(p.stem.removesuffix("_img")) == kind]
+        if not files:
+            raise InputError(f"no validation images in {images}")
+        files = files[:limit]
+        return cls([read_image(p) for p in files], None, [p.stem for p in files])
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    def speed_batch(self, model: Model, *, batch: int = 4, tile: int = 512) -> np.ndarray:
+        """``batch`` real tiles of the default tile shape (halo included), for latency."""
+        spec = model.spec
+        plan = plan_tiles((tile, tile), tile=tile, halo=spec.halo, multiple=spec.config.multiple)
+        tiles = []
+        i = 0
+        while len(tiles) < batch:
+            img = self.images[i % len(self.images)]
+            plane = next(img.planes())[1]
+            x = normalize(select_channels(plane, spec.input_channels, None), spec.normalization)
+            h, w = x.shape[1:]
+            y0 = (i * 97) % max(h - tile, 1) if h > tile else 0
+            x0 = (i * 131) % max(w - tile, 1) if w > tile else 0
+            region = ((y0 - spec.halo, y0 - spec.halo + plan.tile_shape[0]),
+                      (x0 - spec.halo, x0 - spec.halo + plan.tile_shape[1]))
+            tiles.append(read_region(x, region))
+            i += 1
+        return np.stack(tiles).astype(np.float32)
+
+
+def target_variants(model: Model, target: str = "cpu") -> list[str]:
+    """Variants that run this artifact on ``target``, for its precision (int8 > fp16 > fp32 files)."""
+    files = model.files
+    if target == "gpu":
+        cands = []
+        if "onnx_int8" in files:
+            cands += ["tensorrt:int8", "ort@tensorrt:int8"]
+        if "onnx_fp16" in files:
+            cands += ["ort@cuda:fp16"]
+        if "torch" in files:
+            cands += ["torch@cuda:fp16+cl+graph"]
+        cands += ["tensorrt:fp16", "torch@cuda:fp32+cl+graph"]
+    else:
+        if "onnx_int8" in files:
+            cands = ["openvino:int8", "ort:int8"]
+        elif "onnx" in files:
+            cands = ["openvino", "ort"]
+        else:
+            cands = ["torch@cpu"]
+    from ..backends import backend_class, parse_variant
+
+    out = []
+    for c in cands:
+        v = parse_variant(c)
+        cls = backend_class(v.name)
+        if installed(cls.package) and cls.model_file(v.device, v.precision) in files:
+            out.append(c)
+    return out
+
+
+def latency_ms(backend, batch: np.ndarray, *, repeats: int = 7, warmup: int = 2) -> float:
+    """Median milliseconds of one ``predict`` of ``batch`` (after warm-up)."""
+    for _ in range(warmup):
+        backend.predict(batch)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        backend.predict(batch)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def fastest_variant(model: Model, batch: np.ndarray, target: str = "cpu") -> tuple[str, float]:
+    """The fastest installed variant for the artifact, and its latency in ms."""
+    best = None
+    errors = []
+    for v in target_variants(model, target):
+        try:
+            with create_backend(v, model) as b:
+                ms = latency_ms(b, batch)
+        except SegStudioError as e:
+            errors.append(f"{v}: {e}")
+            continue
+        if best is None or ms < best[1]:
+            best = (v, ms)
+    if best is None:
+        raise SegStudioError(f"no backend can run {model.name} on the {target}: " + "; ".join(errors or ["none installed"]))
+    return best
+
+
+def segment_all(model: Model, variant: str, vset: ValidationSet, cancel: CancelToken | None = None) -> Job[list]:
+    labels = []
+    with create_backend(variant, model) as backend:
+        for i, img in enumerate(vset.images):
+            res = yield from segment_job(img, model, backend, measure_cells=False, cancel=cancel)
+            labels.append(res.labels.reshape(res.labels.shape[-2:]) if res.labels.ndim > 2 else res.labels)
+            yield Progress("validate", i + 1, len(vset.images))
+    return labels
+
+
+def agreement(pred: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """Mean AP50 of ``pred`` against ``reference`` instances (1 = the same objects)."""
+    return float(np.mean([score(r, p, thresholds=(0.5,)).ap[0.5] for r, p in zip(reference, pred)]))
+
+
+def accuracy(pred: list[np.ndarray], vset: ValidationSet, parent_pred: list[np.ndarray] | None) -> dict:
+    out = {}
+    if vset.has_labels:
+        rows = [score(t, p).as_dict() for t, p in zip(vset.labels, pred)]
+        m = mean_scores(rows)
+        out.update(ap50=m["ap50"], ap75=m["ap75"], dice=m["dice"], f1=m["f1"], count_error=m["count_error"])
+    if parent_pred is not None:
+        out["agreement_ap50"] = agreement(pred, parent_pred)
+    return out
+
+
+def measure_artifact(model: Model, vset: ValidationSet, batch: np.ndarray, *, target: str = "cpu",
+                     parent: dict | None = None, cancel: CancelToken | None = None) -> Job[dict]:
+    """Accuracy, agreement with the parent, output difference, speed, size, parameters and FLOPs.
+
+    ``parent`` is this function's result for the parent (its ``_pred`` and
+    ``_out`` are used for agreement and output difference).
+    """
+    variant, ms = fastest_variant(model, batch, target)
+    yield Progress("validate", 0, len(vset.images), f"validating on {variant}")
+    pred = yield from segment_all(model, variant, vset, cancel)
+    with create_backend(variant, model) as b:
+        out = b.predict(batch[:1])
+    cfg = model.spec.config
+    tile = batch.shape[-1]
+    from ..backends import backend_class, parse_variant
+
+    v = parse_variant(variant)
+    weights = model.files[backend_class(v.name).model_file(v.device, v.precision)]
+    result = {
+        "variant": variant,
+        "latency_ms": ms,
+        "batch": list(batch.shape),
+        "size_mb": weights.stat().st_size / 2**20,
+        "params": cfg.parameters(),
+        "gflops_per_tile": cfg.flops(tile, tile) / 1e9,
+        **accuracy(pred, vset, parent.get("_pred") if parent else None),
+        "_pred": pred,
+        "_out": out,
+    }
+    if parent is not None and parent.get("_out") is not None:
+        result["output_vs_parent"] = compare_outputs(parent["_out"], out)
+    return result
+
+
+def eager_baseline_ms(model: Model, batch: np.ndarray) -> float:
+    """PyTorch eager FP32 latency of the original model on ``batch`` (the speed reference)."""
+    from ..benchmark import EagerTorch
+
+    net = EagerTorch(model, "cpu")
+    return latency_ms(net, batch)
+
+
+def public(result: dict) -> dict:
+    """A measurement without its private arrays (for JSON)."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def run_measure(model: Model, vset: ValidationSet, batch: np.ndarray, **kwargs) -> dict:
+    return run_sync(measure_artifact(model, vset, batch, **kwargs))

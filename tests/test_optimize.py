@@ -1,0 +1,253 @@
+"""The optimization engine on small models and few images (the real runs are in benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from segstudio.core.errors import InputError  # noqa: E402
+from segstudio.core.jobs import run_sync  # noqa: E402
+from segstudio.core.models.catalog import get_model, load_card  # noqa: E402
+from segstudio.core.models.spec import UNetConfig  # noqa: E402
+from segstudio.core.models.unet import build_unet  # noqa: E402
+from segstudio.core.optimize.calibration import CalibrationSource  # noqa: E402
+from segstudio.core.optimize.distill import KDConfig, distill_job  # noqa: E402
+from segstudio.core.optimize.prune import (  # noqa: E402
+    channel_groups, compressed_size, importance, plan_pruning, prune_structured, prune_unstructured,
+)
+from segstudio.core.optimize.steps import parse_steps  # noqa: E402
+
+
+def _random_net(cfg: UNetConfig, seed=0):
+    torch.manual_seed(seed)
+    net = build_unet(cfg).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.05, 1.0)
+                m.bias.uniform_(-0.1, 0.1)
+    return net
+
+
+# ------------------------------------------------------------------ structured pruning
+
+
+@pytest.mark.parametrize("separable", [False, True])
+def test_pruning_nothing_changes_nothing_and_half_keeps_the_graph_valid(separable):
+    net = _random_net(UNetConfig(depth=3, width=8, separable=separable))
+    x = torch.randn(2, 1, 64, 96)
+    same = prune_structured(net, plan_pruning(net, 0.0, round_to=1))
+    with torch.no_grad():
+        assert torch.equal(same(x), net(x))
+    half = prune_structured(net, plan_pruning(net, 0.5, round_to=1))
+    lw = half.config.layer_widths()
+    assert lw.enc_out == (4, 8, 16, 32) and lw.up == (4, 8, 16)
+    with torch.no_grad():
+        assert half(x).shape == (2, 2, 64, 96)
+    assert half.config.flops(64, 96) < 0.35 * net.config.flops(64, 96)
+    # the pruned description round-trips through the model card JSON
+    from segstudio.core.models.spec import ModelSpec
+
+    spec = ModelSpec(name="x", version="1", title="", description="", config=half.config)
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))).config == half.config
+
+
+def test_pruned_channels_are_the_weakest_and_skip_slices_follow():
+    net = _random_net(UNetConfig(depth=2, width=8))
+    groups = channel_groups(net.config)
+    enc0 = groups["enc0.out"]
+    # make channel 3 of the first encoder block's output the least important by BN scale
+    bn = net.encoders[0][1][1]
+    with torch.no_grad():
+        bn.weight[3] = 1e-4
+    keeps = plan_pruning(net, 0.125, method="bn", round_to=1)
+    assert 3 not in keeps["enc0.out"] and len(keeps["enc0.out"]) == 7
+    assert ("decoders.1.0", 0) in enc0.consumers  # the skip into the top decoder
+    pruned = prune_structured(net, keeps)
+    # the top decoder's first conv lost exactly that input channel of its skip half
+    old_w = net.decoders[1][0][0].weight
+    new_w = pruned.decoders[1][0][0].weight
+    kept = torch.as_tensor(keeps["enc0.out"])
+    assert torch.equal(new_w[:, :7], old_w[keeps["dec0.mid"]][:, kept])
+
+
+def test_importance_methods_and_modes():
+    net = _random_net(UNetConfig(depth=2, width=8))
+    g = channel_groups(net.config)["enc1.mid"]
+    scores = {m: importance(net, g, m) for m in ("l1", "l2", "bn")}
+    assert all(len(s) == 16 for s in scores.values())
+    assert not np.array_equal(np.argsort(scores["l1"]), np.argsort(scores["bn"]))
+    glob = plan_pruning(net, 0.5, mode="global", round_to=1)
+    assert sum(len(k) for k in glob.values()) < sum(grp.size for grp in channel_groups(net.config).values())
+    per_layer = plan_pruning(net, {"enc1.mid": 0.5}, round_to=1)
+    assert len(per_layer["enc1.mid"]) == 8 and len(per_layer["enc0.out"]) == 8
+    with pytest.raises(InputError, match="no layer group"):
+        plan_pruning(net, {"nope": 0.5})
+    with pytest.raises(InputError, match="importance"):
+        plan_pruning(net, 0.5, method="random")
+
+
+def test_unstructured_pruning_reports_sparsity_and_size_only(tmp_path):
+    net = _random_net(UNetConfig(depth=2, width=8))
+    before = tmp_path / "a.pt"
+    torch.save(net.state_dict(), before)
+    info = prune_unstructured(net, 0.7)
+    assert 0.69 < info["sparsity"] < 0.71
+    after = tmp_path / "b.pt"
+    torch.save(net.state_dict(), after)
+    assert compressed_size(after) < 0.6 * compressed_size(before)
+    assert "not faster" in parse_steps("sparsify:0.7")[0].doc.lower()
+
+
+# ------------------------------------------------------------------ calibration, distillation, quantization
+
+
+def test_calibration_tiles_span_the_intensity_range(nuclei, sample_dir):
+    calib = CalibrationSource.from_folder(sample_dir, nuclei.spec, n_tiles=12, tile=128)
+    assert len(calib.entries) == 4  # the _labels files are skipped
+    tiles = calib.tiles()
+    assert len(tiles) == 12 and tiles[0].shape == (1, 1, 128, 128)
+    means = sorted(float(t.mean()) for t in tiles)
+    # every candidate tile's mean lies within the sampled range's extremes (strata cover both ends)
+    all_means = [float(e.plane[:, y:y + 128, x:x + 128].mean()) for e in calib.entries
+                 for y in range(0, e.plane.shape[1] - 127, 64) for x in range(0, e.plane.shape[2] - 127, 64)]
+    assert means[0] <= np.percentile(all_means, 10) and means[-1] >= np.percentile(all_means, 90)
+    d = calib.digest
+    assert d == CalibrationSource.from_folder(sample_dir, nuclei.spec, n_tiles=12, tile=128).digest
+    assert d != CalibrationSource.from_folder(sample_dir, nuclei.spec, n_tiles=8, tile=128).digest
+    with pytest.raises(InputError):
+        CalibrationSource.from_folder(sample_dir / "nope", nuclei.spec)
+
+
+def test_distillation_moves_the_student_towards_the_teacher(nuclei, sample_dir):
+    calib = CalibrationSource.from_folder(sample_dir, nuclei.spec)
+    teacher = _random_net(UNetConfig(depth=2, width=8), seed=1)
+    student = _random_net(UNetConfig(depth=2, width=4), seed=2)
+    x = torch.from_numpy(calib.tiles()[0][:, :, :64, :64].copy()) if calib.tiles() else None
+    with torch.no_grad():
+        before = torch.nn.functional.mse_loss(torch.sigmoid(student(x)), torch.sigmoid(teacher(x))).item()
+    info = run_sync(distill_job(student, teacher, calib.images(), KDConfig(steps=40, crop=64, batch_size=4, lr=3e-3)))
+    with torch.no_grad():
+        after = torch.nn.functional.mse_loss(torch.sigmoid(student(x)), torch.sigmoid(teacher(x))).item()
+    assert after < before and info["steps"] == 40 and not info["labels"]
+    assert info["loss_every_10"][-1] < info["loss_every_10"][0]
+
+
+def test_int8_quantization_fallback_and_fp16(nuclei, sample_dir, tmp_path):
+    import onnx
+
+    from segstudio.core.optimize.quantize import conv_nodes, convert_fp16, layer_sensitivity, quantize_int8
+
+    calib = CalibrationSource.from_folder(sample_dir, nuclei.spec, n_tiles=6, tile=128)
+    src = nuclei.files["onnx"]
+    q = quantize_int8(src, tmp_path / "q.onnx", calib.tiles(), method="percentile")
+    ops = [n.op_type for n in onnx.load(str(q)).graph.node]
+    assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
+    nodes = conv_nodes(src)
+    keep = nodes[:2]
+    q2 = quantize_int8(src, tmp_path / "q2.onnx", calib.tiles(), exclude=keep)
+    g2 = onnx.load(str(q2)).graph
+    producers = {o: n for n in g2.node for o in n.output}
+    for name in keep:  # an excluded conv reads a float weight, not a dequantized one
+        conv = next(n for n in g2.node if n.name == name)
+        assert producers.get(conv.input[1]) is None or producers[conv.input[1]].op_type != "DequantizeLinear"
+    import onnxruntime as ort
+
+    x = calib.tiles()[0]
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    got = ort.InferenceSession(str(q), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cos > 0.99
+    ranking = layer_sensitivity(src, calib.tiles()[:3])
+    assert sorted(n for n, _ in ranking) == sorted(nodes)
+    f16 = convert_fp16(src, tmp_path / "h.onnx")
+    m16 = onnx.load(str(f16))
+    assert m16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in m16.graph.initializer)
+
+
+# ------------------------------------------------------------------ steps and the runner
+
+
+def test_step_syntax_is_checked():
+    steps = parse_steps("prune:0.4:importance=l1,recover:steps=20,quantize:int8:method=entropy,export")
+    assert [s.label for s in steps] == ["prune:0.4:importance=l1", "recover:steps=20",
+                                        "quantize:int8:method=entropy", "export"]
+    for bad, msg in [("prune:1.5", "between 0 and 1"), ("prune:0.5:speed=max", "no option speed"),
+                     ("squash", "unknown step"), ("quantize:int4", "int8 or fp16"), ("", "no optimization")]:
+        with pytest.raises(InputError, match=msg):
+            parse_steps(bad)
+
+
+def _small_run(tmp_path, sample_dir, steps, max_drop=0.01, target="cpu"):
+    from segstudio.core.optimize.runner import optimize_job
+    from segstudio.core.optimize.steps import Context
+    from segstudio.core.optimize.validate import ValidationSet
+
+    nuclei = get_model("nuclei")
+    calib = CalibrationSource.from_folder(sample_dir, nuclei.spec, n_tiles=8, tile=128)
+    vset = ValidationSet.from_folders(sample_dir, sample_dir, limit=2)
+    ctx = Context(original=nuclei, calib=calib, out_dir=tmp_path / "opt", target=target)
+    return run_sync(optimize_job(nuclei, parse_steps(steps), ctx, vset, max_drop=max_drop, speed_tile=128))
+
+
+def test_optimize_reports_every_step_and_artifacts_load_back(tmp_path, sample_dir):
+    report = _small_run(tmp_path, sample_dir, "prune:0.5,recover:steps=5,quantize:int8:fallback=off,"
+                        "quantize:fp16,engine", max_drop=1.0)
+    names = [r["name"] for r in report["steps"]]
+    assert names == ["prune:0.5", "recover:steps=5", "quantize:int8:fallback=off", "quantize:fp16", "engine"]
+    status = {r["name"]: r["status"] for r in report["steps"]}
+    assert status["prune:0.5"] == status["recover:steps=5"] == status["quantize:int8:fallback=off"] == "kept"
+    assert status["quantize:fp16"] == "skipped" and "not faster on a CPU" in report["steps"][3]["reason"]
+    assert status["engine"] == "skipped"  # no TensorRT or GPU here
+    for r in report["steps"][:3]:
+        assert {"ap50", "ap50_delta", "speedup_vs_baseline", "latency_ms", "size_mb", "artifact"} <= set(r)
+        model = load_card(r["artifact"])
+        prov = model.provenance
+        assert prov["step"] in ("prune", "recover", "quantize") and prov["parent"] and prov["versions"]
+        assert prov["hardware"]
+    int8 = load_card(report["steps"][2]["artifact"])
+    assert "onnx_int8" in int8.files and int8.provenance["calibration"]
+    assert report["steps"][1]["details"]["steps"] == 5
+    final = report["final"]
+    assert final["artifact"].endswith(".json") and load_card(final["artifact"]).files
+    assert set(report["baseline"]) >= {"ap50", "latency_ms", "speedup_vs_baseline", "eager_fp32_ms"}
+    out = tmp_path / "opt"
+    assert json.loads((out / "report.json").read_text())["final"] == final
+    page = (out / "report.html").read_text()
+    assert "<svg" in page and "prune:0.5" in page and "guardrail" in page
+    assert load_card(final["artifact"]).files
+
+
+def test_int8_artifact_keeps_accuracy_and_segments_through_the_cli(tmp_path, sample_dir):
+    """Quantize the real model on the sample images; the result is a model the CLI runs as INT8."""
+    from segstudio.cli import main
+
+    report = _small_run(tmp_path, sample_dir, "quantize:int8:method=percentile", max_drop=0.05)
+    (step,) = report["steps"]
+    assert step["status"] == "kept" and step["variant"].endswith(":int8")
+    assert abs(step["ap50_delta"]) <= 0.05 and step["validation"]["agreement_ap50"] > 0.8
+    assert step["details"]["calibration"]["tiles"] == 8
+    final_dir = tmp_path / "opt" / "final"
+    out = tmp_path / "seg"
+    image = sorted(sample_dir.glob("*_img.tif"))[0]
+    assert main(["segment", str(image), "--model", str(final_dir), "--out", str(out), "--quiet"]) == 0
+    from segstudio.core.io import read_image
+
+    labels = read_image(out / f"{image.stem}_labels.tif").data
+    assert len(np.unique(labels)) > 20
+
+
+def test_guardrail_rolls_back_and_says_why(tmp_path, sample_dir):
+    report = _small_run(tmp_path, sample_dir, "prune:0.9,recover:steps=2", max_drop=0.0001)
+    prune, recover = report["steps"]
+    assert recover["status"] == "rolled_back" and "more than the allowed" in recover["reason"]
+    assert prune["status"] == "rolled_back"
+    assert report["final"]["ap50_delta"] == 0.0 and report["final"]["from_step"] is None
