@@ -124,6 +124,13 @@ def test_calibration_tiles_span_the_intensity_range(nuclei, sample_dir):
     assert d != CalibrationSource.from_folder(sample_dir, nuclei.spec, n_tiles=8, tile=128).digest
     with pytest.raises(InputError):
         CalibrationSource.from_folder(sample_dir / "nope", nuclei.spec)
+    # napari layers: arrays with their axes; the same pixels give the same set
+    from segstudio.core.io import read_image
+
+    imgs = [read_image(p) for p in sorted(sample_dir.glob("*_img.tif"))]
+    layers = CalibrationSource.from_arrays([(im.data.reshape(im.data.shape[-2:]), "YX", im.name) for im in imgs],
+                                           nuclei.spec, n_tiles=12, tile=128)
+    assert layers.digest == d and len(layers.tiles()) == 12
 
 
 def test_distillation_moves_the_student_towards_the_teacher(nuclei, sample_dir):
@@ -165,7 +172,18 @@ def test_int8_quantization_fallback_and_fp16(nuclei, sample_dir, tmp_path):
     got = ort.InferenceSession(str(q), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
     assert cos > 0.99
-    ranking = layer_sensitivity(src, calib.tiles()[:3])
+    # entropy searches its thresholds (with ONNX Runtime's defaults it would return MinMax's ranges)
+    from onnx import numpy_helper
+
+    def act_scales(path):
+        return {i.name: float(numpy_helper.to_array(i)) for i in onnx.load(str(path)).graph.initializer
+                if i.name.endswith("_scale") and numpy_helper.to_array(i).size == 1}
+
+    qe = quantize_int8(src, tmp_path / "qe.onnx", calib.tiles()[:3], method="entropy")
+    qm = quantize_int8(src, tmp_path / "qm.onnx", calib.tiles()[:3], method="minmax")
+    se, sm = act_scales(qe), act_scales(qm)
+    assert sum(se[k] < 0.99 * sm[k] for k in sm) > len(sm) // 2  # clipped below the observed maximum
+    ranking = run_sync(layer_sensitivity(src, calib.tiles()[:3]))
     assert sorted(n for n, _ in ranking) == sorted(nodes)
     f16 = convert_fp16(src, tmp_path / "h.onnx")
     m16 = onnx.load(str(f16))
@@ -243,6 +261,18 @@ def test_int8_artifact_keeps_accuracy_and_segments_through_the_cli(tmp_path, sam
 
     labels = read_image(out / f"{image.stem}_labels.tif").data
     assert len(np.unique(labels)) > 20
+
+
+def test_int8_fallback_keeps_sensitive_layers_in_float_then_gives_up(tmp_path, sample_dir):
+    # an impossible budget (AP50 must rise by 0.5): two fallbacks are tried, then the step is rolled back
+    report = _small_run(tmp_path, sample_dir, "quantize:int8:max_fallback=2", max_drop=-0.5)
+    (step,) = report["steps"]
+    assert step["status"] == "rolled_back" and len(step["attempts"]) == 3
+    floats = step["details"]["float_layers"]
+    assert len(floats) == 2 and len(set(floats)) == 2
+    ranking = step["details"]["sensitivity"]
+    assert [n for n, _ in ranking[:2]] == floats  # the most sensitive ones, in order
+    assert report["final"]["from_step"] is None
 
 
 def test_guardrail_rolls_back_and_says_why(tmp_path, sample_dir):

@@ -61,6 +61,7 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
             "params": meas["params"],
             "gflops_per_tile": meas["gflops_per_tile"],
             "variant": meas["variant"],
+            "latency_by_backend_ms": meas["latency_by_backend_ms"],
         }
 
     report = {
@@ -118,6 +119,7 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
         row.update(row_for(meas))
         row.update(
             ap50_delta=metric - _metric(cur_meas, labelled),
+            speedup_vs_parent=cur_meas["latency_ms"] / meas["latency_ms"],
             drop_vs_original=base_metric - metric,
             seconds=step_s,
             artifact=str(child.card_path),

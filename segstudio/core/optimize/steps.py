@@ -268,7 +268,7 @@ class ExportStep(Step):
 
 class QuantizeStep(Step):
     name = "quantize"
-    options = {"method": "minmax", "tiles": 0, "fallback": "auto", "max_fallback": 6}
+    options = {"method": "percentile", "tiles": 0, "fallback": "auto", "max_fallback": 6}
     doc = "INT8 (Q/DQ, calibrated on your images, sensitive layers kept in float if needed) or FP16"
 
     def __init__(self, arg=None, **opts):
@@ -279,6 +279,12 @@ class QuantizeStep(Step):
         self.exclude: list[str] = []
         self.ranking: list[tuple[str, float]] | None = None
 
+    def _ranges(self, parent, ctx) -> Path:
+        """Where the activation ranges of ``parent`` on the calibration set are kept (measured once)."""
+        from ..models.catalog import model_digest
+
+        return ctx.out_dir / "calibration" / f"{model_digest(parent)[:12]}-{ctx.calib.digest}-{self.opts['method']}.json"
+
     def retry(self, parent, ctx, out):
         """Keep the next most sensitive layer in float (measured once per layer, then reused)."""
         if self.precision != "int8" or self.opts["fallback"] == "off":
@@ -288,11 +294,10 @@ class QuantizeStep(Step):
         if self.ranking is None:
             from .quantize import layer_sensitivity
 
-            events = []
             tiles = ctx.calib.tiles()[: max(8, len(ctx.calib.tiles()) // 4)]
             yield Progress("quantize", 0, 1, "measuring each layer's sensitivity to INT8")
-            self.ranking = layer_sensitivity(parent.files["onnx"], tiles, method=self.opts["method"],
-                                             on_progress=lambda i, n, node: events.append(node))
+            self.ranking = yield from layer_sensitivity(parent.files["onnx"], tiles, method=self.opts["method"],
+                                                        cache=self._ranges(parent, ctx), cancel=ctx.cancel)
         remaining = [node for node, gain in self.ranking if node not in self.exclude and gain > 0]
         if not remaining:
             return False
@@ -328,8 +333,9 @@ class QuantizeStep(Step):
         if int(self.opts["tiles"]):
             tiles = tiles[: int(self.opts["tiles"])]
         yield Progress("quantize", 0, 1, f"calibrating INT8 on {len(tiles)} tiles ({self.opts['method']})")
+        ranges = self._ranges(parent, ctx) if not int(self.opts["tiles"]) else None
         path = quantize_int8(parent.files["onnx"], out / f"{parent.spec.name}_int8.onnx", tiles,
-                             method=self.opts["method"], exclude=self.exclude)
+                             method=self.opts["method"], exclude=self.exclude, cache=ranges)
         child = new_artifact(out, parent.spec, copy=copy, new_files={"onnx_int8": path}, prov=provenance(
             parent, self.name, {**self.params(), "float_layers": list(self.exclude)},
             calibration=ctx.calib.digest, calibration_set=ctx.calib.describe()))
@@ -368,6 +374,9 @@ class EngineStep(Step):
         return problems
 
     def run(self, parent, ctx, out):
+        import queue
+        import threading
+
         from ..backends.engine_cache import EngineCache, default_profile
         from ..backends.tensorrt_backend import build_engine, machine_key
         from ..errors import log_dir
@@ -375,22 +384,41 @@ class EngineStep(Step):
         from ..tiling import plan_tiles
 
         spec = parent.spec
-        onnx = parent.files["onnx_int8" if self.precision == "int8" else "onnx"]
+        fmt = {"int8": "onnx_int8", "fp16": "onnx_fp16" if "onnx_fp16" in parent.files else "onnx"}.get(
+            self.precision, "onnx")
+        onnx = parent.files[fmt]
         plan = plan_tiles((int(self.opts["tile"]),) * 2, tile=int(self.opts["tile"]), halo=spec.halo,
                           multiple=spec.config.multiple)
         profile = default_profile(spec.input_channels, spec.config.multiple, plan.tile_shape, int(self.opts["batch"]))
         key = machine_key(file_sha256(onnx), self.precision, profile)
         cache = EngineCache(log_dir().parent / "engines")
-        events: list = []
-        blob = build_engine(onnx, profile, self.precision, workspace_bytes=int(float(self.opts["workspace_gb"]) * 2**30),
-                            optimization_level=int(self.opts["level"]), timing_cache=cache.root / "timing.cache",
-                            on_progress=lambda phase, step, steps: events.append((phase, step, steps)),
-                            cancel=ctx.cancel)
+        events: queue.Queue = queue.Queue()
+        result: dict = {}
+
+        def build():  # TensorRT's builder blocks: run it beside the job and relay its progress
+            try:
+                result["blob"] = build_engine(
+                    onnx, profile, self.precision, workspace_bytes=int(float(self.opts["workspace_gb"]) * 2**30),
+                    optimization_level=int(self.opts["level"]), timing_cache=cache.root / "timing.cache",
+                    on_progress=lambda phase, step, steps: events.put((phase, step, steps)), cancel=ctx.cancel)
+            except BaseException as e:  # noqa: BLE001 - handed to the job's thread below
+                result["error"] = e
+            finally:
+                events.put(None)
+
+        threading.Thread(target=build, name="segstudio-trt-build", daemon=True).start()
+        phases = set()
+        while (ev := events.get()) is not None:
+            phases.add(ev[0])
+            yield Progress("engine", ev[1], max(ev[2], 1), f"TensorRT: {ev[0]}")
+        if "error" in result:
+            raise result["error"]
+        blob = result["blob"]
         path = cache.store(key, blob, {"model": parent.name, "step": self.label})
         yield Progress("engine", 1, 1, f"engine cached as {path.name}")
         child = new_artifact(out, parent.spec, copy=dict(parent.files), prov=provenance(
             parent, self.name, self.params(), engine=str(path), engine_key=key.to_json()))
-        return child, {"engine": str(path), "phases": len({e[0] for e in events})}
+        return child, {"engine": str(path), "from": fmt, "phases": len(phases)}
 
 
 STEPS: dict[str, type[Step]] = {cls.name: cls for cls in (PruneStep, RecoverStep, DistillStep, SparsifyStep,

@@ -122,22 +122,20 @@ def latency_ms(backend, batch: np.ndarray, *, repeats: int = 7, warmup: int = 2)
     return 1e3 * float(np.median(times))
 
 
-def fastest_variant(model: Model, batch: np.ndarray, target: str = "cpu") -> tuple[str, float]:
-    """The fastest installed variant for the artifact, and its latency in ms."""
-    best = None
+def variant_latencies(model: Model, batch: np.ndarray, target: str = "cpu") -> dict[str, float]:
+    """Latency in ms of every installed variant that runs the artifact (fastest first)."""
+    timed = {}
     errors = []
     for v in target_variants(model, target):
         try:
             with create_backend(v, model) as b:
-                ms = latency_ms(b, batch)
+                timed[v] = latency_ms(b, batch)
         except SegStudioError as e:
             errors.append(f"{v}: {e}")
-            continue
-        if best is None or ms < best[1]:
-            best = (v, ms)
-    if best is None:
-        raise SegStudioError(f"no backend can run {model.name} on the {target}: " + "; ".join(errors or ["none installed"]))
-    return best
+    if not timed:
+        raise SegStudioError(f"no backend can run {model.name} on the {target}: "
+                             + "; ".join(errors or ["none installed"]))
+    return dict(sorted(timed.items(), key=lambda kv: kv[1]))
 
 
 def segment_all(model: Model, variant: str, vset: ValidationSet, cancel: CancelToken | None = None) -> Job[list]:
@@ -173,7 +171,8 @@ def measure_artifact(model: Model, vset: ValidationSet, batch: np.ndarray, *, ta
     ``parent`` is this function's result for the parent (its ``_pred`` and
     ``_out`` are used for agreement and output difference).
     """
-    variant, ms = fastest_variant(model, batch, target)
+    latencies = variant_latencies(model, batch, target)
+    variant, ms = next(iter(latencies.items()))
     yield Progress("validate", 0, len(vset.images), f"validating on {variant}")
     pred = yield from segment_all(model, variant, vset, cancel)
     with create_backend(variant, model) as b:
@@ -187,6 +186,7 @@ def measure_artifact(model: Model, vset: ValidationSet, batch: np.ndarray, *, ta
     result = {
         "variant": variant,
         "latency_ms": ms,
+        "latency_by_backend_ms": latencies,
         "batch": list(batch.shape),
         "size_mb": weights.stat().st_size / 2**20,
         "params": cfg.parameters(),
