@@ -244,6 +244,8 @@ def cmd_optimize(args) -> int:
     from .core.optimize.steps import Context, parse_steps
     from .core.optimize.validate import ValidationSet
 
+    if args.max_drop < 0:
+        raise InputError(f"--max-drop is the largest AP50 loss allowed, at least 0 (not {args.max_drop})")
     model = get_model(args.model)
     steps = parse_steps(args.steps)
     calib = None
@@ -269,7 +271,8 @@ def cmd_optimize(args) -> int:
         elif event.stage in ("distill", "quantize") and event.message and (event.done % 100 == 0 or event.done == 0):
             print(f"    {event.stage}: {event.done}/{event.total} {event.message}", flush=True)
 
-    report = run_sync(optimize_job(model, steps, ctx, vset, max_drop=args.max_drop), on_progress)
+    report = run_sync(optimize_job(model, steps, ctx, vset, max_drop=args.max_drop, speed_tile=args.speed_tile),
+                      on_progress)
     b = report["baseline"]
     print(f"{'step':<34} {'status':<12} {'AP50':>7} {'change':>8} {'speed-up':>9} {'ms':>8}  backend")
     print(f"{'original':<34} {'':<12} {b['ap50']:7.4f} {'':>8} {b['speedup_vs_baseline']:8.2f}x "
@@ -441,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, default=0.01, help="largest AP50 loss allowed (default 0.01)")
     p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--speed-tile", type=int, default=512, help="tile size of the latency measurement (default 512)")
     p.add_argument("--out", required=True, help="output folder (artifacts, report.json, report.html)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_optimize)

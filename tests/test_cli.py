@@ -99,6 +99,21 @@ def test_eval_json(tmp_path, sample_dir):
     assert "mean over 4 image(s)" in proc.stdout
 
 
+def test_optimize_cli_writes_reports_and_refuses_bad_steps(tmp_path, sample_dir):
+    out = tmp_path / "opt"
+    proc = run("optimize", "--model", "nuclei", "--calib", sample_dir, "--calib-tiles", 8, "--val-images", sample_dir,
+               "--val-labels", sample_dir, "--val-limit", 2, "--steps", "quantize:int8,quantize:fp16",
+               "--speed-tile", 128, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [r["status"] for r in report["steps"]] in (["kept", "skipped"], ["rolled_back", "skipped"])
+    assert "quantize:int8" in proc.stdout and "final: AP50" in proc.stdout and (out / "report.html").is_file()
+    for bad, msg in ((["--steps", "prune:2"], "between 0 and 1"), (["--steps", "quantize:int4"], "int8 or fp16"),
+                     (["--max-drop", "-1"], "at least 0")):
+        proc = run("optimize", "--calib", sample_dir, "--out", tmp_path / "bad", *bad)
+        assert proc.returncode == 2 and msg in proc.stderr and not (tmp_path / "bad").exists()
+
+
 def test_eval_two_folders_same_stem(tmp_path, samples):
     (tmp_path / "img").mkdir()
     (tmp_path / "lab").mkdir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +93,27 @@ def test_importance_methods_and_modes():
         plan_pruning(net, {"nope": 0.5})
     with pytest.raises(InputError, match="importance"):
         plan_pruning(net, 0.5, method="random")
+
+
+def test_kept_groups_stay_whole_and_flops_targets_are_met_or_refused():
+    from segstudio.core.optimize.prune import full_resolution_groups, ratio_for_flops, widths_after
+
+    net = _random_net(UNetConfig(depth=3, width=16))
+    keep = full_resolution_groups(net.config)
+    for mode in ("uniform", "global"):
+        plan = plan_pruning(net, 0.5, keep=keep, mode=mode)
+        lw = widths_after(net, plan).layer_widths()
+        assert lw.enc_out[0] == lw.dec_out[0] == lw.up[0] == 16 and lw.enc_out[1] < 32
+    r = ratio_for_flops(net, 0.5, keep=keep)
+    left = widths_after(net, plan_pruning(net, r, keep=keep)).flops(512, 512) / net.config.flops(512, 512)
+    assert 0.4 < left <= 0.5
+    with pytest.raises(InputError, match="at most"):
+        ratio_for_flops(net, 0.9, keep=keep)
+    step = parse_steps("prune:0.5:keep=enc0.out+nope")[0]
+    from segstudio.core.optimize.steps import Context
+
+    problems = step.check(get_model("nuclei"), Context(original=get_model("nuclei"), calib=None, out_dir=Path(".")))
+    assert any("nope" in p for p in problems)
 
 
 def test_unstructured_pruning_reports_sparsity_and_size_only(tmp_path):

@@ -102,10 +102,11 @@ def _ratio(arg: str | None, default: float, what: str) -> float:
 
 class PruneStep(Step):
     name = "prune"
-    options = {"importance": "bn", "mode": "uniform", "round": 8, "of": "channels"}
+    options = {"importance": "bn", "mode": "uniform", "round": 8, "of": "channels", "keep": "full-res"}
     needs_recovery = True
     doc = ("structured channel pruning: the ratio is of channels removed per layer group, or with of=flops "
-           "of the FLOPs removed")
+           "of the FLOPs removed; keep=full-res (default) leaves the full-resolution blocks whole, keep=none "
+           "prunes them too, keep=enc0.out+dec0.mid names groups")
 
     def __init__(self, arg=None, **opts):
         super().__init__(arg, **opts)
@@ -115,13 +116,29 @@ class PruneStep(Step):
         problems = _need_torch(parent)
         if self.opts["of"] not in ("channels", "flops"):
             problems.append(f"of={self.opts['of']}: the ratio is of 'channels' or 'flops'")
+        if not problems:
+            from .prune import channel_groups
+
+            unknown = set(self._keep(parent.spec.config)) - set(channel_groups(parent.spec.config))
+            if unknown:
+                problems.append(f"keep={self.opts['keep']}: no layer group(s) {', '.join(sorted(unknown))} "
+                                f"(groups: {', '.join(channel_groups(parent.spec.config))})")
         return problems
+
+    def _keep(self, config) -> tuple[str, ...]:
+        from .prune import full_resolution_groups
+
+        keep = str(self.opts["keep"])
+        if keep == "full-res":
+            return full_resolution_groups(config)
+        return () if keep in ("none", "") else tuple(keep.split("+"))
 
     def run(self, parent, ctx, out):
         from .prune import plan_pruning, prune_structured, ratio_for_flops
 
         net = load_torch(parent)
-        kw = dict(method=self.opts["importance"], mode=self.opts["mode"], round_to=int(self.opts["round"]))
+        kw = dict(method=self.opts["importance"], mode=self.opts["mode"], round_to=int(self.opts["round"]),
+                  keep=self._keep(net.config))
         ratio = ratio_for_flops(net, self.ratio, **kw) if self.opts["of"] == "flops" else self.ratio
         yield Progress("prune", 0, 1, f"pruning {ratio:.0%} of the channels ({self.opts['importance']})")
         pruned = prune_structured(net, plan_pruning(net, ratio, **kw))
