@@ -256,6 +256,10 @@ def test_optimize_reports_every_step_and_artifacts_load_back(tmp_path, sample_di
     int8 = load_card(report["steps"][2]["artifact"])
     assert "onnx_int8" in int8.files and int8.provenance["calibration"]
     assert report["steps"][1]["details"]["steps"] == 5
+    retune = report["steps"][1]["details"]["postprocess"]  # thresholds re-chosen for the recovered network
+    assert retune["against"] == "the teacher's instances" and retune["ap50_after"] >= retune["ap50_before"]
+    recovered = load_card(report["steps"][1]["artifact"]).spec.postprocess
+    assert (recovered.fg_threshold, recovered.seed_threshold) == (retune["fg_threshold"], retune["seed_threshold"])
     final = report["final"]
     assert final["artifact"].endswith(".json") and load_card(final["artifact"]).files
     assert set(report["baseline"]) >= {"ap50", "latency_ms", "speedup_vs_baseline", "eager_fp32_ms"}
@@ -298,7 +302,7 @@ def test_int8_fallback_keeps_sensitive_layers_in_float_then_gives_up(tmp_path, s
 
 
 def test_guardrail_rolls_back_and_says_why(tmp_path, sample_dir):
-    report = _small_run(tmp_path, sample_dir, "prune:0.9,recover:steps=2", max_drop=0.0001)
+    report = _small_run(tmp_path, sample_dir, "prune:0.9,recover:steps=2:retune=off", max_drop=0.0001)
     prune, recover = report["steps"]
     assert recover["status"] == "rolled_back" and "more than the allowed" in recover["reason"]
     assert prune["status"] == "rolled_back"

@@ -53,12 +53,13 @@ class CalibrationSource:
             chosen = sorted(rng.choice(len(images), max_images, replace=False))
             images = [images[i] for i in chosen]
             labels = [labels[i] for i in chosen] if labels is not None else None
-        self.labels: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self.labels: list[tuple[np.ndarray, np.ndarray]] | None = None  # (foreground, distance) targets
+        self.instances: list[np.ndarray] | None = None  # the instance labels themselves
         if labels is not None:
             from ..train import distance_target
 
-            lab = [np.asarray(lb).reshape(lb.shape[-2:]).astype(np.int32) for lb in labels]
-            self.labels = [((lb > 0).astype(np.float32), distance_target(lb)) for lb in lab]
+            self.instances = [np.asarray(lb).reshape(lb.shape[-2:]).astype(np.int32) for lb in labels]
+            self.labels = [((lb > 0).astype(np.float32), distance_target(lb)) for lb in self.instances]
         self.entries: list[_Entry] = []
         for img in images:
             for index, plane in img.planes():

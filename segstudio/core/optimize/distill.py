@@ -25,7 +25,6 @@ images are enough: the teacher's outputs are the targets.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -159,5 +158,48 @@ def distill_job(student, teacher, images: list[np.ndarray], cfg: KDConfig, *,
             "lr": cfg.lr, "crop": cfg.crop, "batch_size": cfg.batch_size}
 
 
-def default_steps(minutes: float, seconds_per_step: float) -> int:
-    return max(10, int(math.floor(60 * minutes / max(seconds_per_step, 1e-3))))
+def _outputs(net, images: list[np.ndarray]) -> list[np.ndarray]:
+    import torch
+
+    from ..jobs import run_sync
+    from ..tiling import predict_tiled
+
+    def run(batch):
+        with torch.no_grad():
+            return net(torch.from_numpy(batch)).numpy()
+
+    return [run_sync(predict_tiled(im, run, tile=512, halo=net.config.halo, multiple=net.config.multiple))
+            for im in images]
+
+
+def retune_postprocess(student, images: list[np.ndarray], params, *, instances: list[np.ndarray] | None = None,
+                       teacher=None, teacher_params=None, max_images: int = 40) -> tuple[object, dict]:
+    """Post-processing thresholds that suit the retrained network.
+
+    A pruned or distilled network's outputs are calibrated a little
+    differently from its teacher's, so the foreground and seed thresholds
+    tuned for the teacher merge or split some nuclei.  They are re-chosen
+    (the same grid as for the built-in model) on up to ``max_images``
+    calibration images: against the user's ``instances`` when given, else
+    for the best agreement with the teacher's instances.  The current
+    thresholds are kept unless others score better.
+    """
+    from ..evaluate import score
+    from ..postprocess import fg_dist_to_labels
+    from ..train import tune_postprocess
+
+    pick = sorted(set(np.linspace(0, len(images) - 1, min(max_images, len(images))).round().astype(int).tolist()))
+    imgs = [images[i] for i in pick]
+    if instances is not None:
+        refs, against = [instances[i] for i in pick], "labels"
+    else:
+        refs = [fg_dist_to_labels(o[0], o[1], teacher_params) for o in _outputs(teacher, imgs)]
+        against = "the teacher's instances"
+    outs = _outputs(student, imgs)
+    before = float(np.mean([score(r, fg_dist_to_labels(o[0], o[1], params), thresholds=(0.5,)).ap[0.5]
+                            for o, r in zip(outs, refs)]))
+    best, after = tune_postprocess(outs, refs, params)
+    if after <= before:
+        best, after = params, before
+    return best, {"images": len(imgs), "against": against, "ap50_before": before, "ap50_after": after,
+                  "fg_threshold": best.fg_threshold, "seed_threshold": best.seed_threshold}

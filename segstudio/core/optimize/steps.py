@@ -151,10 +151,25 @@ class PruneStep(Step):
                        "params_left": cfg.parameters() / net.config.parameters()}
 
 
+def _retune(step: Step, student, parent: Model, ctx: Context, with_labels: bool, info: dict):
+    """Re-choose the post-processing thresholds for a retrained network (a job; see ``retune_postprocess``)."""
+    if step.opts["retune"] == "off":
+        return parent.spec.postprocess
+    from .distill import retune_postprocess
+
+    yield Progress(step.name, 0, 1, "re-tuning the post-processing thresholds")
+    post, info["postprocess"] = retune_postprocess(
+        student, ctx.calib.images(), parent.spec.postprocess, instances=ctx.calib.instances if with_labels else None,
+        teacher=ctx.teacher(), teacher_params=ctx.original.spec.postprocess)
+    return post
+
+
 class RecoverStep(Step):
     name = "recover"
-    options = {"steps": 1500, "lr": 5e-4, "temperature": 3.0, "alpha": 0.5, "labels": "auto", "crop": 192}
-    doc = "distill from the unpruned model on the calibration images (and fine-tune on labels when given)"
+    options = {"steps": 1500, "lr": 1e-3, "temperature": 3.0, "alpha": 0.5, "labels": "auto", "crop": 192,
+               "retune": "auto"}
+    doc = ("distill from the unpruned model on the calibration images (and fine-tune on labels when given), "
+           "then re-tune the post-processing thresholds (retune=off keeps them)")
 
     def check(self, parent, ctx):
         problems = _need_torch(parent)
@@ -176,7 +191,8 @@ class RecoverStep(Step):
                        threads=ctx.threads)
         info = yield from distill_job(student, ctx.teacher(), ctx.calib.images(), cfg, labels=use_labels,
                                       cancel=ctx.cancel)
-        spec = renamed(ctx.original.spec, "-recovered", config=student.config)
+        post = yield from _retune(self, student, parent, ctx, use_labels is not None, info)
+        spec = renamed(ctx.original.spec, "-recovered", config=student.config, postprocess=post)
         child = new_artifact(out, spec, net=student, prov=provenance(
             parent, self.name, self.params(), calibration=ctx.calib.digest, teacher=ctx.original.name))
         return child, info
@@ -185,7 +201,7 @@ class RecoverStep(Step):
 class DistillStep(Step):
     name = "distill"
     options = {"width": 8, "separable": False, "depth": 0, "steps": 3000, "lr": 2e-3, "temperature": 3.0,
-               "alpha": 0.5, "feature_kd": 0.0}
+               "alpha": 0.5, "feature_kd": 0.0, "retune": "auto"}
     doc = "train a smaller student U-Net (narrower and/or depthwise-separable) from the model"
 
     def check(self, parent, ctx):
@@ -212,7 +228,8 @@ class DistillStep(Step):
                       feature_kd=float(self.opts["feature_kd"]), threads=ctx.threads)
         info = yield from distill_job(student, ctx.teacher(), ctx.calib.images(), kd, labels=ctx.calib.labels,
                                       cancel=ctx.cancel)
-        spec = renamed(ctx.original.spec, "-student", config=cfg)
+        post = yield from _retune(self, student, parent, ctx, ctx.calib.labels is not None, info)
+        spec = renamed(ctx.original.spec, "-student", config=cfg, postprocess=post)
         child = new_artifact(out, spec, net=student, prov=provenance(
             parent, self.name, self.params(), calibration=ctx.calib.digest, teacher=ctx.original.name))
         return child, info
