@@ -191,6 +191,8 @@ class SegmentPanel(QWidget):
             self.model_combo.setItemData(
                 self.model_combo.count() - 1, model.spec.title or model.name, Qt.ItemDataRole.ToolTipRole
             )
+        self.open_model_button = QPushButton("Open...")
+        self.open_model_button.setToolTip("use a model card (.json), e.g. one that segstudio optimize wrote")
         self.backend_combo = QComboBox()
         self.backend_combo.setToolTip("auto picks the fastest backend installed for this model")
         self.channel_combo = QComboBox()
@@ -214,7 +216,10 @@ class SegmentPanel(QWidget):
 
         form = QFormLayout()
         form.setContentsMargins(0, 0, 0, 0)
-        form.addRow("Model", self.model_combo)
+        model_row = QHBoxLayout()
+        model_row.addWidget(self.model_combo, 1)
+        model_row.addWidget(self.open_model_button)
+        form.addRow("Model", model_row)
         form.addRow("Backend", self.backend_combo)
         form.addRow("Channel", self.channel_combo)
         buttons = QHBoxLayout()
@@ -231,6 +236,7 @@ class SegmentPanel(QWidget):
         self.model_combo.currentIndexChanged.connect(self._update_backends)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
+        self.open_model_button.clicked.connect(self._choose_model)
         self._update_backends()
         self.set_channels([])
         self._set_idle()
@@ -251,6 +257,30 @@ class SegmentPanel(QWidget):
     def channel(self) -> int | None:
         """The chosen channel index, or None for auto."""
         return self.channel_combo.currentData()
+
+    def add_model(self, path: str) -> Model | None:
+        """Offer the model card at ``path`` (or a folder holding one) and select it; errors are shown."""
+        try:
+            model = get_model(path)
+        except Exception as exc:  # noqa: BLE001 - shown to the user: verbatim if expected, as a bug otherwise
+            self._show_error(exc)
+            return None
+        key = str(model.card_path)
+        if key not in self._models:
+            self._models[key] = model
+            self.model_combo.addItem(f"{model.name} ({model.card_path.parent.name})", key)
+            self.model_combo.setItemData(self.model_combo.count() - 1, key, Qt.ItemDataRole.ToolTipRole)
+        self.model_combo.setCurrentIndex(self.model_combo.findData(key))
+        self.error_view.clear()
+        self._set_idle()
+        return model
+
+    def _choose_model(self) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getOpenFileName(self, "Open a model card", "", "Model cards (*.json)")
+        if path:
+            self.add_model(path)
 
     def set_channels(self, names: list[str], current: int | None = None) -> None:
         """Offer ``names`` as channels (besides auto); the combo is disabled for one channel."""
@@ -356,13 +386,14 @@ class SegmentPanel(QWidget):
         self.backend_combo.setCurrentIndex(max(index, 0))
 
     def _set_busy(self) -> None:
-        for w in (self.run_button, self.model_combo, self.backend_combo, self.channel_combo):
+        for w in (self.run_button, self.model_combo, self.open_model_button, self.backend_combo, self.channel_combo):
             w.setEnabled(False)
         self.cancel_button.setEnabled(True)
 
     def _set_idle(self) -> None:
         self.run_button.setEnabled(bool(self._models))
         self.model_combo.setEnabled(True)
+        self.open_model_button.setEnabled(True)
         self.backend_combo.setEnabled(True)
         self.channel_combo.setEnabled(self.channel_combo.count() > 1)
         self.cancel_button.setEnabled(False)

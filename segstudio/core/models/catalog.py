@@ -55,7 +55,12 @@ def load_card(card: str | Path, *, verify: bool = True) -> Model:
         payload = json.loads(card.read_text())
     except (OSError, ValueError) as e:
         raise IncompatibleArtifactError(f"{card}: not a readable model card ({e})") from None
-    spec = ModelSpec.from_dict(payload["spec"])
+    if not isinstance(payload, dict) or "spec" not in payload:
+        raise IncompatibleArtifactError(f"{card}: not a segstudio model card (no model description in it)")
+    try:
+        spec = ModelSpec.from_dict(payload["spec"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise IncompatibleArtifactError(f"{card}: the model description is incomplete or damaged ({e})") from None
     files = {}
     for fmt, entry in payload.get("files", {}).items():
         path = card.parent / entry["path"]

@@ -29,6 +29,7 @@ from ..errors import StepFailedError
 from ..jobs import CancelToken, Job, Progress
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CHUNK = 8  # calibration tiles per ONNX Runtime pass (bounds its memory)
 
 
 def _reader(tiles: list[np.ndarray], input_name: str):
@@ -95,7 +96,10 @@ def calibrate(onnx_in: str | Path, tiles: list[np.ndarray], cache: str | Path, *
         calibrator = create_calibrator(pre, [], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=calib_method, providers=["CPUExecutionProvider"],
                                        extra_options=extra)
-        calibrator.collect_data(_reader(tiles, input_name))
+        # a few tiles at a time: ONNX Runtime keeps every intermediate tensor of what it is given
+        # (64 tiles of 256 px: about 8 GB for the built-in model); ranges and histograms merge
+        for i in range(0, len(tiles), CHUNK):
+            calibrator.collect_data(_reader(tiles[i : i + CHUNK], input_name))
         ranges = calibrator.compute_data()
         del calibrator
     save_tensors_data(ranges, cache)
