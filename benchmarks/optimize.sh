@@ -12,7 +12,7 @@ MACHINE=${MACHINE:-cpu-$(nproc)core}
 DATE=$(date +%F)
 if [ $# -eq 0 ]; then
   set -- int8 quantize:int8 \
-         prune-int8 prune:0.5,recover,quantize:int8
+         prune-int8 prune:0.5,recover:steps=2500,quantize:int8
 fi
 while [ $# -ge 2 ]; do
   name=$1 steps=$2; shift 2

@@ -278,7 +278,7 @@ def cmd_optimize(args) -> int:
     print(f"{'original':<34} {'':<12} {b['ap50']:7.4f} {'':>8} {b['speedup_vs_baseline']:8.2f}x "
           f"{b['latency_ms']:8.1f}  {b['variant']}")
     for r in report["steps"]:
-        if "ap50" in r:
+        if r.get("ap50") is not None:
             print(f"{r['name']:<34} {r['status']:<12} {r['ap50']:7.4f} {r['ap50_delta']:+8.4f} "
                   f"{r['speedup_vs_baseline']:8.2f}x {r['latency_ms']:8.1f}  {r['variant']}")
         else:

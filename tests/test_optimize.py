@@ -263,6 +263,10 @@ def test_optimize_reports_every_step_and_artifacts_load_back(tmp_path, sample_di
     final = report["final"]
     assert final["artifact"].endswith(".json") and load_card(final["artifact"]).files
     assert set(report["baseline"]) >= {"ap50", "latency_ms", "speedup_vs_baseline", "eager_fp32_ms"}
+    for r in report["steps"][:3]:  # timed again at the end, round-robin with the original
+        assert r["latency_ms_at_step"] > 0 and r["speedup_vs_parent"] > 0
+        assert r["speedup_vs_baseline"] == pytest.approx(report["baseline"]["eager_fp32_ms"] / r["latency_ms"])
+    assert report["steps"][4]["ap50"] is None and report["steps"][4]["reason"]
     out = tmp_path / "opt"
     assert json.loads((out / "report.json").read_text())["final"] == final
     page = (out / "report.html").read_text()

@@ -179,7 +179,7 @@ def retune_postprocess(student, images: list[np.ndarray], params, *, instances: 
     A pruned or distilled network's outputs are calibrated a little
     differently from its teacher's, so the foreground and seed thresholds
     tuned for the teacher merge or split some nuclei.  They are re-chosen
-    (the same grid as for the built-in model) on up to ``max_images``
+    (steps of 0.05 within 0.15 of the current ones) on up to ``max_images``
     calibration images: against the user's ``instances`` when given, else
     for the best agreement with the teacher's instances.  The current
     thresholds are kept unless others score better.
@@ -198,7 +198,10 @@ def retune_postprocess(student, images: list[np.ndarray], params, *, instances: 
     outs = _outputs(student, imgs)
     before = float(np.mean([score(r, fg_dist_to_labels(o[0], o[1], params), thresholds=(0.5,)).ap[0.5]
                             for o, r in zip(outs, refs)]))
-    best, after = tune_postprocess(outs, refs, params)
+    steps = [round(0.05 * k, 2) for k in range(-3, 4)]  # +-0.15 around the current thresholds
+    fg_grid = sorted({min(0.95, max(0.05, round(params.fg_threshold + d, 2))) for d in steps})
+    seed_grid = sorted({min(0.95, max(0.05, round(params.seed_threshold + d, 2))) for d in steps})
+    best, after = tune_postprocess(outs, refs, params, fg_grid=fg_grid, seed_grid=seed_grid)
     if after <= before:
         best, after = params, before
     return best, {"images": len(imgs), "against": against, "ap50_before": before, "ap50_after": after,

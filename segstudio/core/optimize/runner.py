@@ -13,6 +13,12 @@ make pruning impossible.  Without labels, "AP50" is the agreement with the
 original model's instances (AP50 of one against the other), so the original
 scores 1.
 
+Each step is timed when it runs (which picks its backend), and at the end
+the original (eager and on its backend) and every step's model are timed
+again round-robin in one loop: the report's speed-ups come from that
+interleaved measurement, so they compare like with like on a shared,
+noisy machine.
+
 The report (``report.json``, and ``report.html``, self-contained, with a
 speed-versus-accuracy chart) has one row per step.
 """
@@ -32,6 +38,9 @@ from ..jobs import Job, Progress
 from ..models.catalog import Model
 from .steps import Context, Step
 from .validate import ValidationSet, agreement, eager_baseline_ms, measure_artifact, public
+
+
+PENDING = "judged after the recovery step that follows"
 
 
 def _metric(meas: dict, labelled: bool) -> float:
@@ -82,7 +91,9 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
     before_prune: tuple[Model, dict] | None = None
     for i, step in enumerate(steps):
         ctx.cancel.raise_if_cancelled()
-        row = {"name": step.label, "doc": step.doc}
+        # every row has the same keys; what a skipped or failed step did not measure is None
+        row = {"name": step.label, "doc": step.doc, "status": None, "ap50": None, "ap50_delta": None,
+               "speedup_vs_baseline": None, "latency_ms": None, "size_mb": None, "reason": ""}
         problems = step.check(current, ctx)
         if problems:
             row.update(status="skipped", reason="; ".join(problems))
@@ -98,6 +109,10 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
             row.update(status="failed", reason=str(e))
             report["steps"].append(row)
             shutil.rmtree(folder, ignore_errors=True)
+            if before_prune is not None:  # the pruning this step was to recover goes too
+                current, cur_meas = before_prune
+                before_prune = None
+                _settle_pending(report, "rolled_back", "its recovery step failed")
             continue
         meas = yield from measure_artifact(child, vset, batch, target=ctx.target, parent=cur_meas, cancel=ctx.cancel)
         meas["agreement_original"] = agreement(meas["_pred"], original_pred)
@@ -123,6 +138,7 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
             drop_vs_original=base_metric - metric,
             seconds=step_s,
             artifact=str(child.card_path),
+            parent=str(current.card_path),
             details=details,
             validation={k: v for k, v in public(meas).items() if k not in row},
         )
@@ -130,7 +146,7 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
             row["attempts"] = attempts
         next_is_recovery = i + 1 < len(steps) and steps[i + 1].name == "recover"
         if step.needs_recovery and next_is_recovery:
-            row.update(status="kept", reason="judged after the recovery step that follows")
+            row.update(status="kept", reason=PENDING)
             before_prune = before_prune or (current, cur_meas)
             current, cur_meas = child, meas
         elif base_metric - metric > max_drop:
@@ -140,23 +156,25 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
             if before_prune is not None:
                 row["reason"] += "; the pruning it was recovering is rolled back too"
                 current, cur_meas = before_prune
-                for r in report["steps"]:
-                    if r.get("reason") == "judged after the recovery step that follows":
-                        r.update(status="rolled_back", reason="its recovery did not bring the accuracy back "
-                                                              "within the budget")
+                _settle_pending(report, "rolled_back", "its recovery did not bring the accuracy back within the budget")
                 before_prune = None
         else:
-            row["status"] = "kept"
+            drop = base_metric - metric
+            row.update(status="kept", reason=(
+                f"AP50 {metric:.4f}, {drop:.4f} below the original's, within the allowed {max_drop}" if drop > 0
+                else f"AP50 {metric:.4f}, not below the original's {base_metric:.4f}"))
             current, cur_meas = child, meas
             before_prune = None
-            for r in report["steps"]:
-                if r.get("reason") == "judged after the recovery step that follows":
-                    r["reason"] = "kept together with the recovery that followed"
+            _settle_pending(report, "kept", "kept together with the recovery that followed")
         report["steps"].append(row)
         yield Progress("optimize", i + 1, len(steps), f"{step.label}: {row['status']} (AP50 {metric:.4f}, "
                                                      f"{row['speedup_vs_baseline']:.2f}x)")
-    if before_prune is not None:  # a prune with no recovery after it: judge it now
+    if before_prune is not None:  # the recovery never ran (cancelled steps, skipped): the pruning goes
         current, cur_meas = before_prune
+        _settle_pending(report, "rolled_back", "no recovery step ran after it")
+    yield Progress("optimize", len(steps), len(steps), "measuring every model's speed again, interleaved")
+    _remeasure_interleaved(report, model, batch, eager_ms)
+    cur_row = next((r for r in report["steps"] if r.get("artifact") == str(current.card_path)), None)
     final = out / "final"
     if final.exists():
         shutil.rmtree(final)
@@ -168,10 +186,52 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
         **row_for(cur_meas),
         "ap50_delta": _metric(cur_meas, labelled) - base_metric,
     }
+    for key in ("latency_ms", "speedup_vs_baseline"):  # the interleaved measurement
+        report["final"][key] = (cur_row or report["baseline"])[key]
     report["seconds"] = time.perf_counter() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
     (out / "report.html").write_text(render_html(report))
     return report
+
+
+def _settle_pending(report: dict, status: str, reason: str) -> None:
+    """Decide the pruning steps that waited for their recovery."""
+    for r in report["steps"]:
+        if r.get("reason") == PENDING:
+            r.update(status=status, reason=reason)
+
+
+def _remeasure_interleaved(report: dict, model: Model, batch: np.ndarray, eager_ms: float) -> None:
+    """Measure the original (eager and on its backend) and every step's model again, round-robin.
+
+    Each step was timed when it ran, minutes apart on a shared machine;
+    the speed-ups in the report come from this one interleaved run, so
+    they compare like with like.
+    """
+    from contextlib import ExitStack
+
+    from ..backends import create_backend
+    from ..benchmark import EagerTorch
+    from ..models.catalog import load_card
+    from .validate import interleaved_latencies
+
+    rows = [r for r in report["steps"] if r.get("artifact") and Path(r["artifact"]).is_file()]
+    with ExitStack() as stack:
+        runners = [EagerTorch(model, "cpu"), stack.enter_context(create_backend(report["baseline"]["variant"], model))]
+        for r in rows:
+            runners.append(stack.enter_context(create_backend(r["variant"], load_card(r["artifact"]))))
+        stack.callback(runners[0].close)
+        times = interleaved_latencies(runners, batch)
+    eager = times[0]
+    latency = {str(model.card_path): times[1]}
+    report["baseline"].update(eager_fp32_ms=eager, latency_ms=times[1], speedup_vs_baseline=eager / times[1],
+                              eager_fp32_ms_alone=eager_ms)
+    for r, ms in zip(rows, times[2:]):
+        latency[r["artifact"]] = ms
+        r.update(latency_ms_at_step=r["latency_ms"], latency_ms=ms, speedup_vs_baseline=eager / ms)
+    for r in rows:
+        if r.get("parent") in latency:
+            r["speedup_vs_parent"] = latency[r["parent"]] / r["latency_ms"]
 
 
 def _json_default(o):
@@ -191,7 +251,7 @@ def _chart(report: dict) -> str:
     """An inline SVG: speed-up (x) against AP50 (y), one point per step, kept steps joined."""
     pts = [("original", report["baseline"]["speedup_vs_baseline"], report["baseline"]["ap50"], "kept")]
     for r in report["steps"]:
-        if "ap50" in r:
+        if r.get("ap50") is not None:
             pts.append((r["name"], r["speedup_vs_baseline"], r["ap50"], r["status"]))
     w, h, m = 640, 380, 56
     xs = [p[1] for p in pts] + [1.0]

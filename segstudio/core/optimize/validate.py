@@ -122,6 +122,20 @@ def latency_ms(backend, batch: np.ndarray, *, repeats: int = 7, warmup: int = 2)
     return 1e3 * float(np.median(times))
 
 
+def interleaved_latencies(runners: list, batch: np.ndarray, *, repeats: int = 9, warmup: int = 2) -> list[float]:
+    """Median ms of one ``predict(batch)`` for each runner, timed round-robin (one call each per round)."""
+    for r in runners:
+        for _ in range(warmup):
+            r.predict(batch)
+    times: list[list[float]] = [[] for _ in runners]
+    for _ in range(repeats):
+        for i, r in enumerate(runners):
+            t0 = time.perf_counter()
+            r.predict(batch)
+            times[i].append(time.perf_counter() - t0)
+    return [1e3 * float(np.median(t)) for t in times]
+
+
 def variant_latencies(model: Model, batch: np.ndarray, target: str = "cpu") -> dict[str, float]:
     """Latency in ms of every installed variant that runs the artifact (fastest first)."""
     timed = {}
@@ -205,7 +219,10 @@ def eager_baseline_ms(model: Model, batch: np.ndarray) -> float:
     from ..benchmark import EagerTorch
 
     net = EagerTorch(model, "cpu")
-    return latency_ms(net, batch)
+    try:
+        return latency_ms(net, batch, repeats=3, warmup=1)  # a first figure; the report's comes from the end
+    finally:
+        net.close()
 
 
 def public(result: dict) -> dict:
