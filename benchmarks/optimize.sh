@@ -2,6 +2,7 @@
 # The recorded `segstudio optimize` runs of benchmarks/README.md ("Optimization"), on DSB2018 fluorescence:
 # calibration and recovery on the train split, accuracy on the val split.
 #   bash benchmarks/optimize.sh [NAME STEPS]...   (default: the runs in the README)
+#   bash benchmarks/optimize.sh int8-minmax quantize:int8:method=minmax int8-entropy quantize:int8:method=entropy
 # Each run writes /tmp/segstudio-opt/NAME/ (models) and copies report.json / report.html to
 # benchmarks/results/optimize-NAME-<machine>-<date>.{json,html}.
 set -euo pipefail

@@ -221,7 +221,8 @@ def test_step_syntax_is_checked():
     assert [s.label for s in steps] == ["prune:0.4:importance=l1", "recover:steps=20",
                                         "quantize:int8:method=entropy", "export"]
     for bad, msg in [("prune:1.5", "between 0 and 1"), ("prune:0.5:speed=max", "no option speed"),
-                     ("squash", "unknown step"), ("quantize:int4", "int8 or fp16"), ("", "no optimization")]:
+                     ("squash", "unknown step"), ("quantize:int4", "int8 or fp16"), ("", "no optimization"),
+                     ("distill:wide", "whole numbers")]:
         with pytest.raises(InputError, match=msg):
             parse_steps(bad)
 
@@ -306,8 +307,13 @@ def test_int8_fallback_keeps_sensitive_layers_in_float_then_gives_up(tmp_path, s
 
 
 def test_guardrail_rolls_back_and_says_why(tmp_path, sample_dir):
-    report = _small_run(tmp_path, sample_dir, "prune:0.9,recover:steps=2:retune=off", max_drop=0.0001)
-    prune, recover = report["steps"]
+    report = _small_run(tmp_path, sample_dir, "prune:0.9,recover:steps=2:retune=off,"
+                        "distill:4:steps=3:separable=true:retune=off", max_drop=0.0001)
+    prune, recover, distill = report["steps"]
     assert recover["status"] == "rolled_back" and "more than the allowed" in recover["reason"]
     assert prune["status"] == "rolled_back"
+    # a three-step student is far from its teacher: rolled back too, and it was the student asked for
+    assert distill["status"] == "rolled_back" and distill["details"]["steps"] == 3
+    student = load_card(distill["artifact"]).spec.config
+    assert student.width == 4 and student.separable and distill["params"] < report["baseline"]["params"] / 10
     assert report["final"]["ap50_delta"] == 0.0 and report["final"]["from_step"] is None

@@ -204,6 +204,16 @@ class DistillStep(Step):
                "alpha": 0.5, "feature_kd": 0.0, "retune": "auto"}
     doc = "train a smaller student U-Net (narrower and/or depthwise-separable) from the model"
 
+    def __init__(self, arg=None, **opts):
+        super().__init__(arg, **opts)
+        try:
+            self.width = int(arg or self.opts["width"])
+            self.depth = int(self.opts["depth"])
+        except ValueError:
+            raise InputError(f"distill: the student's width and depth are whole numbers, not {arg!r}") from None
+        if self.width < 2 or self.depth < 0:
+            raise InputError("distill: the student needs a width of at least 2")
+
     def check(self, parent, ctx):
         problems = _need_torch(ctx.original)
         if ctx.calib is None:
@@ -219,7 +229,7 @@ class DistillStep(Step):
         base = ctx.original.spec.config
         sep = str(self.opts["separable"]).lower() in ("1", "true", "yes")
         cfg = base.__class__(in_channels=base.in_channels, out_channels=base.out_channels,
-                             depth=int(self.opts["depth"]) or base.depth, width=int(self.arg or self.opts["width"]),
+                             depth=self.depth or base.depth, width=self.width,
                              max_width=base.max_width, separable=sep)
         torch.manual_seed(0)
         student = build_unet(cfg)
