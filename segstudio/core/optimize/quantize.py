@@ -82,7 +82,7 @@ def calibrate(onnx_in: str | Path, tiles: list[np.ndarray], cache: str | Path, *
     ``quantize_static`` uses 128 and 128, which leaves the search one
     candidate, the full range, and so gives MinMax's ranges).  On the
     built-in nuclei model and DSB2018 fluorescence, percentile 99.999 lost
-    0.0045 AP50, MinMax 0.018, entropy 0.046 (``benchmarks/README.md``).
+    0.0039 AP50, MinMax 0.0185, entropy 0.034 (``benchmarks/README.md``).
     """
     import onnx
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
