@@ -166,7 +166,7 @@ def _retune(step: Step, student, parent: Model, ctx: Context, with_labels: bool,
 
 class RecoverStep(Step):
     name = "recover"
-    options = {"steps": 1500, "lr": 1e-3, "temperature": 3.0, "alpha": 0.5, "labels": "auto", "crop": 192,
+    options = {"steps": 2500, "lr": 1e-3, "temperature": 3.0, "alpha": 0.5, "labels": "auto", "crop": 192,
                "retune": "auto"}
     doc = ("distill from the unpruned model on the calibration images (and fine-tune on labels when given), "
            "then re-tune the post-processing thresholds (retune=off keeps them)")
