@@ -317,3 +317,18 @@ def test_guardrail_rolls_back_and_says_why(tmp_path, sample_dir):
     student = load_card(distill["artifact"]).spec.config
     assert student.width == 4 and student.separable and distill["params"] < report["baseline"]["params"] / 10
     assert report["final"]["ap50_delta"] == 0.0 and report["final"]["from_step"] is None
+
+
+def test_find_images_leaves_out_labels_and_filters_by_kind(tmp_path):
+    import tifffile
+
+    from segstudio.core.datasets import find_images
+
+    for name in ("a_img", "a_labels", "b_img", "c"):
+        tifffile.imwrite(tmp_path / f"{name}.tif", np.zeros((8, 8), np.uint8))
+    (tmp_path / "index.json").write_text(json.dumps([{"file": "a", "kind": "fluorescence"},
+                                                     {"file": "b", "kind": "brightfield"}]))
+    assert [p.name for p in find_images(tmp_path)] == ["a_img.tif", "b_img.tif", "c.tif"]
+    assert [p.name for p in find_images(tmp_path, kind="fluorescence")] == ["a_img.tif"]
+    with pytest.raises(InputError, match="of kind 'histology'"):
+        find_images(tmp_path, kind="histology")

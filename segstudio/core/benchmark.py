@@ -255,9 +255,9 @@ def _gpu_peak() -> int:
 
 
 def machine_info() -> dict:
-    from .backends.autoselect import _machine, _versions
+    from .backends.autoselect import _machine, package_versions
 
-    info = {"machine": _machine(), "python": platform.python_version(), "versions": _versions()}
+    info = {"machine": _machine(), "python": platform.python_version(), "versions": package_versions()}
     try:
         import torch
 

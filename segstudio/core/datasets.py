@@ -73,6 +73,18 @@ def find_pairs(images: str | Path, labels: str | Path, *, kind: str | None = Non
     return pairs
 
 
+def find_images(folder: str | Path, *, kind: str | None = None) -> list[Path]:
+    """The image files in ``folder`` (label files ``X_labels.*`` left out), of ``kind`` when given (index.json)."""
+    folder = Path(folder)
+    files = [p for p in _images_in(folder) if _strip_tag(p.stem, LABEL_TAG) is None and not p.name.startswith(".")]
+    if kind is not None:
+        kinds = read_kinds(folder)
+        files = [p for p in files if kinds.get(_strip_tag(p.stem, IMG_TAG) or p.stem) == kind]
+    if not files:
+        raise InputError(f"no images in {folder}" + (f" of kind {kind!r}" if kind else ""))
+    return files
+
+
 def read_kinds(folder: Path) -> dict[str, str]:
     """Map stem -> kind from an ``index.json`` in ``folder`` or its parent."""
     for candidate in (folder / "index.json", folder.parent / "index.json"):

@@ -99,9 +99,10 @@ def _machine() -> str:
     return f"{platform.system()} {platform.machine()} {cpu} x{n}"
 
 
-def _versions() -> dict[str, str]:
+def package_versions(packages=("torch", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt")) -> dict[str, str]:
+    """Installed versions of ``packages`` (missing ones left out)."""
     out = {}
-    for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt"):
+    for pkg in packages:
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -112,7 +113,7 @@ def _versions() -> dict[str, str]:
 def _key(model: Model, names: list[str], tile_shape: tuple[int, int]) -> str:
     blob = json.dumps({
         "model": {fmt: file_sha256(path) for fmt, path in sorted(model.files.items())},
-        "candidates": names, "tile": tile_shape, "machine": _machine(), "versions": _versions(),
+        "candidates": names, "tile": tile_shape, "machine": _machine(), "versions": package_versions(),
     }, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 

@@ -10,7 +10,6 @@ app as a model (``segstudio segment --model DIR/card.json``).
 
 from __future__ import annotations
 
-import platform
 import shutil
 import time
 from dataclasses import replace
@@ -21,15 +20,10 @@ from ..models.spec import ModelSpec
 
 
 def library_versions() -> dict[str, str]:
-    from importlib import metadata
+    from ..backends.autoselect import package_versions
 
-    out = {}
-    for pkg in ("segstudio", "torch", "onnx", "onnxruntime", "openvino", "numpy", "tensorrt"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return package_versions(("segstudio", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "numpy",
+                             "tensorrt"))
 
 
 def hardware() -> str:
@@ -113,7 +107,3 @@ def new_artifact(
 def renamed(spec: ModelSpec, suffix: str, **changes) -> ModelSpec:
     """A copy of ``spec`` for a derived model (name gets ``suffix``; metrics are not inherited)."""
     return replace(spec, name=f"{spec.name}{suffix}", metrics={}, **changes)
-
-
-def platform_summary() -> str:
-    return f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"

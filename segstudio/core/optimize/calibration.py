@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..io import IMAGE_SUFFIXES, ImageData, read_image
+from ..io import ImageData, read_image
 from ..models.spec import ModelSpec
 from ..preprocess import normalize, select_channels
 
@@ -80,24 +80,16 @@ class CalibrationSource:
         them (``X_img`` / ``X_labels``), and the labels are kept for
         fine-tuning.
         """
+        from ..datasets import find_images, find_pairs
+
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"{folder} is not a folder of calibration images")
         if with_labels:
-            from ..datasets import find_pairs
-
             pairs = find_pairs(folder, folder, kind=kind)
             return cls([read_image(p.image) for p in pairs], spec,
                        labels=[read_image(p.labels).data for p in pairs], **kwargs)
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                       and not p.stem.endswith("_labels") and not p.name.startswith("."))
-        if kind is not None:
-            from ..datasets import read_kinds
-
-            kinds = read_kinds(folder)
-            files = [p for p in files if kinds.get(p.stem.removesuffix("_img")) == kind]
-        if not files:
-            raise InputError(f"no calibration images in {folder}" + (f" of kind {kind!r}" if kind else ""))
+        files = find_images(folder, kind=kind)
         return cls([read_image(p) for p in files], spec, **kwargs)
 
     @classmethod

@@ -98,16 +98,8 @@ def distill_job(student, teacher, images: list[np.ndarray], cfg: KDConfig, *,
         stacks = [np.concatenate([st, fg[None], d[None]]) for st, (fg, d) in zip(stacks, labels)]
     n_teacher = 0
     if cfg.precompute_teacher:
-        from ..jobs import run_sync
-        from ..tiling import predict_tiled
-
-        def teach(batch):
-            with torch.no_grad():
-                return teacher(torch.from_numpy(batch)).numpy()
-
         yield Progress("distill", 0, cfg.steps, "running the teacher on every image")
-        logits = [run_sync(predict_tiled(im, teach, tile=512, halo=teacher.config.halo, multiple=teacher.config.multiple))
-                  for im in images]
+        logits = _outputs(teacher, images)
         n_teacher = logits[0].shape[0]
         stacks = [np.concatenate([st, lg]) for st, lg in zip(stacks, logits)]
     T, a = cfg.temperature, cfg.alpha

@@ -400,6 +400,12 @@ class EngineStep(Step):
         if self.precision not in ("fp32", "fp16", "int8"):
             raise InputError(f"engine takes fp32, fp16 or int8, not {arg!r}")
 
+    def _source(self, parent: Model) -> str:
+        """The ONNX file the engine is built from: Q/DQ for INT8, the FP16 graph when there is one for FP16."""
+        if self.precision == "int8":
+            return "onnx_int8"
+        return "onnx_fp16" if self.precision == "fp16" and "onnx_fp16" in parent.files else "onnx"
+
     def check(self, parent, ctx):
         problems = []
         if not installed("tensorrt"):
@@ -412,7 +418,7 @@ class EngineStep(Step):
 
             if not torch.cuda.is_available():
                 problems.append("no NVIDIA GPU is visible")
-        fmt = {"int8": "onnx_int8"}.get(self.precision, "onnx")
+        fmt = self._source(parent)
         if fmt not in parent.files:
             problems.append(f"{parent.name} has no {fmt} file for a {self.precision} engine")
         return problems
@@ -428,8 +434,7 @@ class EngineStep(Step):
         from ..tiling import plan_tiles
 
         spec = parent.spec
-        fmt = {"int8": "onnx_int8", "fp16": "onnx_fp16" if "onnx_fp16" in parent.files else "onnx"}.get(
-            self.precision, "onnx")
+        fmt = self._source(parent)
         onnx = parent.files[fmt]
         plan = plan_tiles((int(self.opts["tile"]),) * 2, tile=int(self.opts["tile"]), halo=spec.halo,
                           multiple=spec.config.multiple)

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from ..backends import create_backend, installed
-from ..datasets import find_pairs
-from ..errors import InputError, SegStudioError
+from ..datasets import find_images, find_pairs
+from ..errors import SegStudioError
 from ..evaluate import mean_scores, score
-from ..io import IMAGE_SUFFIXES, ImageData, read_image
-from ..jobs import CancelToken, Job, Progress, run_sync
+from ..io import ImageData, read_image
+from ..jobs import CancelToken, Job, Progress
 from ..models.catalog import Model
 from ..models.onnx_export import compare_outputs
 from ..preprocess import normalize, select_channels
@@ -44,16 +44,7 @@ class ValidationSet:
             pairs = find_pairs(images, labels, kind=kind)[:limit]
             return cls([read_image(p.image) for p in pairs], [read_image(p.labels).data for p in pairs],
                        [p.name for p in pairs])
-        files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                       and not p.stem.endswith("_labels"))
-        if kind is not None:
-            from ..datasets import read_kinds
-
-            kinds = read_kinds(images)
-            files = [p for p in files if kinds.get(p.stem.removesuffix("_img")) == kind]
-        if not files:
-            raise InputError(f"no validation images in {images}")
-        files = files[:limit]
+        files = find_images(images, kind=kind)[:limit]
         return cls([read_image(p) for p in files], None, [p.stem for p in files])
 
     @property
@@ -152,13 +143,13 @@ def variant_latencies(model: Model, batch: np.ndarray, target: str = "cpu") -> d
     return dict(sorted(timed.items(), key=lambda kv: kv[1]))
 
 
-def segment_all(model: Model, variant: str, vset: ValidationSet, cancel: CancelToken | None = None) -> Job[list]:
+def segment_all(model: Model, backend, vset: ValidationSet, cancel: CancelToken | None = None) -> Job[list]:
+    """Instance labels of every validation image (a job)."""
     labels = []
-    with create_backend(variant, model) as backend:
-        for i, img in enumerate(vset.images):
-            res = yield from segment_job(img, model, backend, measure_cells=False, cancel=cancel)
-            labels.append(res.labels.reshape(res.labels.shape[-2:]) if res.labels.ndim > 2 else res.labels)
-            yield Progress("validate", i + 1, len(vset.images))
+    for i, img in enumerate(vset.images):
+        res = yield from segment_job(img, model, backend, measure_cells=False, cancel=cancel)
+        labels.append(res.labels.reshape(res.labels.shape[-2:]) if res.labels.ndim > 2 else res.labels)
+        yield Progress("validate", i + 1, len(vset.images))
     return labels
 
 
@@ -188,9 +179,9 @@ def measure_artifact(model: Model, vset: ValidationSet, batch: np.ndarray, *, ta
     latencies = variant_latencies(model, batch, target)
     variant, ms = next(iter(latencies.items()))
     yield Progress("validate", 0, len(vset.images), f"validating on {variant}")
-    pred = yield from segment_all(model, variant, vset, cancel)
-    with create_backend(variant, model) as b:
-        out = b.predict(batch[:1])
+    with create_backend(variant, model) as backend:
+        pred = yield from segment_all(model, backend, vset, cancel)
+        out = backend.predict(batch[:1])
     cfg = model.spec.config
     tile = batch.shape[-1]
     from ..backends import backend_class, parse_variant
@@ -228,7 +219,3 @@ def eager_baseline_ms(model: Model, batch: np.ndarray) -> float:
 def public(result: dict) -> dict:
     """A measurement without its private arrays (for JSON)."""
     return {k: v for k, v in result.items() if not k.startswith("_")}
-
-
-def run_measure(model: Model, vset: ValidationSet, batch: np.ndarray, **kwargs) -> dict:
-    return run_sync(measure_artifact(model, vset, batch, **kwargs))
