@@ -89,6 +89,7 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
     }
     current, cur_meas = model, base
     before_prune: tuple[Model, dict] | None = None
+    pending: list[dict] = []  # rows of pruning steps waiting for their recovery's verdict
     for i, step in enumerate(steps):
         ctx.cancel.raise_if_cancelled()
         # every row has the same keys; what a skipped or failed step did not measure is None
@@ -112,14 +113,15 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
             if before_prune is not None:  # the pruning this step was to recover goes too
                 current, cur_meas = before_prune
                 before_prune = None
-                _settle_pending(report, "rolled_back", "its recovery step failed")
+                _settle_pending(pending, "rolled_back", "its recovery step failed")
             continue
         meas = yield from measure_artifact(child, vset, batch, target=ctx.target, parent=cur_meas, cancel=ctx.cancel)
         meas["agreement_original"] = agreement(meas["_pred"], original_pred)
         metric = _metric(meas, labelled)
         attempts = []
         # accuracy-aware retries (INT8: keep the most sensitive layers in float, one more each time)
-        while base_metric - metric > max_drop and not (step.needs_recovery and i + 1 < len(steps)):
+        next_is_recovery = i + 1 < len(steps) and steps[i + 1].name == "recover"
+        while base_metric - metric > max_drop and not (step.needs_recovery and next_is_recovery):
             attempts.append({"ap50": metric, "details": details})
             retry = yield from step.retry(current, ctx, folder)
             if not retry:
@@ -144,9 +146,9 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
         )
         if attempts:
             row["attempts"] = attempts
-        next_is_recovery = i + 1 < len(steps) and steps[i + 1].name == "recover"
         if step.needs_recovery and next_is_recovery:
             row.update(status="kept", reason=PENDING)
+            pending.append(row)
             before_prune = before_prune or (current, cur_meas)
             current, cur_meas = child, meas
         elif base_metric - metric > max_drop:
@@ -156,7 +158,8 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
             if before_prune is not None:
                 row["reason"] += "; the pruning it was recovering is rolled back too"
                 current, cur_meas = before_prune
-                _settle_pending(report, "rolled_back", "its recovery did not bring the accuracy back within the budget")
+                _settle_pending(pending, "rolled_back",
+                                "its recovery did not bring the accuracy back within the budget")
                 before_prune = None
         else:
             drop = base_metric - metric
@@ -165,13 +168,13 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
                 else f"AP50 {metric:.4f}, not below the original's {base_metric:.4f}"))
             current, cur_meas = child, meas
             before_prune = None
-            _settle_pending(report, "kept", "kept together with the recovery that followed")
+            _settle_pending(pending, "kept", "kept together with the recovery that followed")
         report["steps"].append(row)
         yield Progress("optimize", i + 1, len(steps), f"{step.label}: {row['status']} (AP50 {metric:.4f}, "
                                                      f"{row['speedup_vs_baseline']:.2f}x)")
     if before_prune is not None:  # the recovery never ran (cancelled steps, skipped): the pruning goes
         current, cur_meas = before_prune
-        _settle_pending(report, "rolled_back", "no recovery step ran after it")
+        _settle_pending(pending, "rolled_back", "no recovery step ran after it")
     yield Progress("optimize", len(steps), len(steps), "measuring every model's speed again, interleaved")
     _remeasure_interleaved(report, model, batch, eager_ms)
     cur_row = next((r for r in report["steps"] if r.get("artifact") == str(current.card_path)), None)
@@ -194,11 +197,11 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
     return report
 
 
-def _settle_pending(report: dict, status: str, reason: str) -> None:
+def _settle_pending(pending: list[dict], status: str, reason: str) -> None:
     """Decide the pruning steps that waited for their recovery."""
-    for r in report["steps"]:
-        if r.get("reason") == PENDING:
-            r.update(status=status, reason=reason)
+    for r in pending:
+        r.update(status=status, reason=reason)
+    pending.clear()
 
 
 def _remeasure_interleaved(report: dict, model: Model, batch: np.ndarray, eager_ms: float) -> None:
