@@ -51,6 +51,9 @@ def main() -> int:
     ap.add_argument("--crop", type=int, default=192)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--diameter", type=float, default=None,
+                    help="resample every image so its nuclei are this many pixels across (default: native pixels)")
+    ap.add_argument("--zoom", type=float, nargs=2, default=(0.7, 1.4))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "nuclei")
@@ -62,13 +65,14 @@ def main() -> int:
     cfg = TrainConfig(
         unet=UNetConfig(in_channels=1, out_channels=2, depth=args.depth, width=args.width, separable=args.separable),
         epochs=args.epochs, crop=args.crop, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        diameter=args.diameter, zoom=tuple(args.zoom),
         threads=args.threads,
     )
     pairs = find_pairs(args.data / "train", args.data / "train", kind="fluorescence")
     tune_pairs = pairs[::10]
     train_pairs = [p for i, p in enumerate(pairs) if i % 10]
     print(f"train {len(train_pairs)} images, tune {len(tune_pairs)} images", flush=True)
-    train = load_samples(train_pairs, cfg.normalization, cfg.unet.in_channels)
+    train = load_samples(train_pairs, cfg.normalization, cfg.unet.in_channels, cfg.diameter)
     tune = load_samples(tune_pairs, cfg.normalization, cfg.unet.in_channels)
 
     result = run_sync(train_job(train, cfg, args.workdir), log)

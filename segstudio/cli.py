@@ -70,6 +70,12 @@ class _Bar:
     def step(self, n: int = 1) -> None:
         self.bar.update(n)
 
+    def goto(self, done: int) -> None:
+        self.bar.update(max(0, done - self.bar.n))
+
+    def write(self, text: str) -> None:
+        self.bar.write(text, file=sys.stdout)
+
     def close(self) -> None:
         self.bar.close()
 
@@ -158,10 +164,12 @@ def cmd_eval(args) -> int:
             bar.step()
 
     try:
-        report = run_sync(evaluate_job(pairs, model, backend, channel=_channel(args.channel), tile=args.tile), on_progress)
+        report = run_sync(evaluate_job(pairs, model, backend, channel=_channel(args.channel), tile=args.tile,
+                                       keep_worst=args.worst), on_progress)
     finally:
         bar.close()
         backend.close()
+    worst = report.pop("worst", [])
     report["model"] = model.name
     report["backend"] = backend.describe()
     if not args.quiet:
@@ -172,10 +180,18 @@ def cmd_eval(args) -> int:
     m = report["mean"]
     print(f"mean over {len(pairs)} image(s): AP50 {m['ap50']:.4f}  AP75 {m['ap75']:.4f}  F1 {m['f1']:.4f}  "
           f"Dice {m['dice']:.4f}  PQ {m['pq']:.4f}")
+    if worst:
+        print("worst images: " + ", ".join(f"{name} ({ap:.3f})" for ap, name, *_ in worst))
     if args.json:
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")
+    png = args.worst_png or (str(Path(args.json).with_suffix("")) + "_worst.png" if args.json else None)
+    if worst and png:
+        from .core.evaluate import worst_images_png
+
+        worst_images_png(png, worst)
+        print(f"wrote {png} (the {len(worst)} lowest-AP50 images: truth green, prediction magenta)")
     return 0
 
 
@@ -292,11 +308,63 @@ def cmd_optimize(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .core.datasets import find_pairs
+    from .core.finetune import FinetuneConfig, finetune_job
+    from .core.jobs import run_sync
+    from .core.models.catalog import get_model
+
+    base = get_model(args.base)
+    pairs = find_pairs(args.images, args.labels or args.images, kind=args.kind)
+    if args.limit:
+        pairs = pairs[: args.limit]
+    if len(pairs) < 2:
+        raise InputError(f"found {len(pairs)} image / label pair(s) in {args.images}",
+                         hint="fine-tuning needs at least two labelled images; labels are matched by file name")
+    cfg = FinetuneConfig(steps=args.steps, lr=args.lr, patience=args.patience, val_fraction=args.val_fraction,
+                         eval_every=args.eval_every, threads=args.threads)
+    print(f"fine-tuning {base.name} v{base.spec.version} on {len(pairs)} labelled image(s) -> {args.out}")
+    bar = _Bar("train", cfg.steps, args.quiet)
+    t0 = time.perf_counter()
+
+    def on_progress(event):
+        if event.stage == "finetune":
+            bar.goto(event.done)
+            if event.message and not args.quiet and ("AP50" in event.message or "resumed" in event.message):
+                bar.write(f"  step {event.done}: {event.message}")
+
+    try:
+        result = run_sync(finetune_job(base, pairs, args.out, cfg, name=args.name), on_progress)
+    finally:
+        bar.close()
+    verdict = "improved" if result["improved"] else "no gain: the base weights are kept"
+    print(f"validation AP50 {result['best_val_ap50']:.4f} (base {result['base_val_ap50']:.4f}, "
+          f"{result['val_images']} held-out image(s)); {verdict}; {time.perf_counter() - t0:.0f} s")
+    print(f"wrote {result['card']} and {result['png']}; use it with --model {Path(result['card']).parent}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .core.backends import runnable_variants
     from .core.models.catalog import builtin_models
+    from .core.models.spec import Normalization
+    from .core.models.user import import_model, user_models
 
-    for model in builtin_models():
+    if args.action == "import":
+        if not args.path:
+            raise InputError("segstudio models import needs the model file or package", hint="segstudio models import PATH")
+        norm = None
+        if args.normalize:
+            mode, _, rest = args.normalize.partition(":")
+            lo, _, hi = rest.partition(",")
+            norm = Normalization(mode=mode, **({"low": float(lo), "high": float(hi)} if mode == "percentile" and rest else {}))
+        model = import_model(args.path, name=args.name, representation=args.representation,
+                             output_kind=args.output_kind, diameter=args.diameter, normalization=norm,
+                             overwrite=args.overwrite)
+        print(model.spec.card())
+        print(f"imported as {model.name!r} ({model.card_path}); use it with --model {model.name}")
+        return 0
+    for model in builtin_models() + user_models():
         print(model.spec.card())
         print(f"  files: {', '.join(f'{k}: {v.name}' for k, v in model.files.items())}")
         print(f"  backends here: {', '.join(runnable_variants(model)) or 'none installed'}")
@@ -407,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="folder of label images (default: the images folder)")
     p.add_argument("--kind", default=None, help="keep only images of this kind in index.json (e.g. fluorescence)")
     p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--worst", type=int, default=8, help="how many lowest-AP50 images to draw (default 8; 0: none)")
+    p.add_argument("--worst-png", default=None,
+                   help="PNG of the worst images' predictions over the truth (default: next to --json)")
     _add_model_opts(p)
     p.set_defaults(func=cmd_eval)
 
@@ -449,7 +520,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_optimize)
 
-    p = sub.add_parser("models", help="list built-in models with their cards")
+    p = sub.add_parser("train", help="fine-tune a model on your own labelled images")
+    p.add_argument("--from", dest="base", default="nuclei", help="the model to start from (default: nuclei)")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--labels", default=None, help="folder of their label images (default: the images folder)")
+    p.add_argument("--kind", default=None, help="keep only images of this kind in index.json")
+    p.add_argument("--limit", type=int, default=None, help="use the first N labelled images only")
+    p.add_argument("--out", required=True, help="folder of the new model")
+    p.add_argument("--name", default=None, help="the new model's name (default: the --out folder's name)")
+    p.add_argument("--steps", type=int, default=300, help="training steps at most (default 300)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--eval-every", type=int, default=25, help="validate every N steps (default 25)")
+    p.add_argument("--patience", type=int, default=4, help="stop after N validations without gain (default 4)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out (at least one)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("models", help="list the built-in and imported models; import one of your own")
+    p.add_argument("action", nargs="?", choices=["list", "import"], default="list")
+    p.add_argument("path", nargs="?", help="import: an ONNX, TorchScript or state-dict file, or a BioImage.IO package")
+    p.add_argument("--name", default=None, help="import: the model's name (default: the file name)")
+    p.add_argument("--representation", choices=["fg_dist", "fg"], default=None,
+                   help="import: output channels are foreground + distance (fg_dist) or foreground only (fg)")
+    p.add_argument("--output-kind", choices=["logit", "probability"], default=None,
+                   help="import: outputs are logits or probabilities (default: guessed from a trial run)")
+    p.add_argument("--diameter", type=float, default=None, help="import: nuclei diameter (px) the model expects")
+    p.add_argument("--normalize", default=None,
+                   help="import: input normalization, percentile[:LOW,HIGH] (default 1,99.8), meanstd or none")
+    p.add_argument("--overwrite", action="store_true", help="import: replace a model of the same name")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("gui", help="open the standalone app")

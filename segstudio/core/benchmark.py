@@ -201,7 +201,7 @@ def baseline_segment(path: Path, model: Model, net: EagerTorch, out: Path, *, ti
     t1 = time.perf_counter()
     x = normalize(image[np.newaxis].astype(np.float32), spec.normalization)
     t2 = time.perf_counter()
-    logits = run_sync(predict_tiled(x, net.predict, tile=tile, halo=spec.halo, multiple=spec.config.multiple,
+    logits = run_sync(predict_tiled(x, net.predict, tile=tile, halo=spec.halo, multiple=spec.multiple,
                                     batch_size=batch_size))
     t3 = time.perf_counter()
     labels = skimage_labels(logits[0], logits[1], spec.postprocess)
@@ -300,7 +300,7 @@ def bench_job(
             return select_channels(block, spec.input_channels, None)
 
         pct = sample_percentiles(lambda y0, y1: src.read(index, (y0, y1), (0, w)), (h, w), spec.normalization, select)
-        plan = plan_tiles((h, w), tile=tile, halo=spec.halo, multiple=spec.config.multiple)
+        plan = plan_tiles((h, w), tile=tile, halo=spec.halo, multiple=spec.multiple)
         view_tiles = plan.tiles[:max_net_tiles]
         from .pipeline import _PlaneView
 

@@ -61,23 +61,31 @@ def overlaps(true: np.ndarray, pred: np.ndarray) -> Overlaps:
 
 def match(ov: Overlaps, threshold: float) -> np.ndarray:
     """IoUs of the one-to-one matches at ``threshold`` (maximum cardinality)."""
+    return match_pairs(ov, threshold)[2]
+
+
+def match_pairs(ov: Overlaps, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one-to-one matches at ``threshold``: ``(true ids, predicted ids, IoUs)``.
+
+    Maximum cardinality; among pairings with as many matches, the larger total IoU.
+    """
     ok = ov.iou >= threshold
     g, p, iou = ov.gt_ids[ok], ov.pred_ids[ok], ov.iou[ok]
     if len(iou) == 0:
-        return iou
+        return g, p, iou
     g_u, g_i = np.unique(g, return_inverse=True)
     p_u, p_i = np.unique(p, return_inverse=True)
     ng = len(g_u)
     graph = sparse.coo_matrix((np.ones(len(iou)), (g_i, ng + p_i)), shape=(ng + len(p_u),) * 2)
     _, comp = connected_components(graph, directed=False)
     edge_comp = comp[g_i]
-    matched = []
+    picked = []
     # most components are a single pair; solve the rest exactly
     order = np.argsort(edge_comp, kind="stable")
     bounds = np.flatnonzero(np.diff(edge_comp[order])) + 1
     for edges in np.split(order, bounds):
         if len(edges) == 1:
-            matched.append(iou[edges[0]])
+            picked.append(edges[0])
             continue
         rows, r_inv = np.unique(g_i[edges], return_inverse=True)
         cols, c_inv = np.unique(p_i[edges], return_inverse=True)
@@ -86,9 +94,32 @@ def match(ov: Overlaps, threshold: float) -> np.ndarray:
         score[r_inv, c_inv] = 1.0 + iou[edges] / (len(edges) + 1)
         rr, cc = linear_sum_assignment(score, maximize=True)
         real = score[rr, cc] > 0
-        lookup = {(a, b): v for a, b, v in zip(r_inv, c_inv, iou[edges])}
-        matched.extend(lookup[(a, b)] for a, b in zip(rr[real], cc[real]))
-    return np.asarray(matched)
+        lookup = {(a, b): e for a, b, e in zip(r_inv, c_inv, edges)}
+        picked.extend(lookup[(a, b)] for a, b in zip(rr[real], cc[real]))
+    picked = np.asarray(picked, dtype=np.int64)
+    return g[picked], p[picked], iou[picked]
+
+
+def class_counts(true: np.ndarray, true_class: dict, pred: np.ndarray, pred_class: dict,
+                 classes: tuple[str, ...], threshold: float = 0.5) -> dict[str, dict[str, int]]:
+    """Per-class TP / FP / FN of cells: a true positive is matched (IoU >= ``threshold``) *and* of the same class.
+
+    ``true_class`` / ``pred_class`` map object id -> class name.  A matched
+    pair of different classes counts as a FN of the true class and a FP of
+    the predicted one; unmatched objects are FN / FP of their own class.
+    """
+    g, p, _ = match_pairs(overlaps(true, pred), threshold)
+    out = {c: {"tp": 0, "fp": 0, "fn": 0} for c in classes}
+    for c in classes:
+        n_true = sum(1 for v in true_class.values() if v == c)
+        n_pred = sum(1 for v in pred_class.values() if v == c)
+        tp = sum(1 for a, b in zip(g, p) if true_class[int(a)] == c and pred_class[int(b)] == c)
+        out[c] = {"tp": tp, "fp": n_pred - tp, "fn": n_true - tp}
+    return out
+
+
+def f1_from_counts(c: dict[str, int]) -> float:
+    return _ratio(2 * c["tp"], 2 * c["tp"] + c["fp"] + c["fn"])
 
 
 @dataclass(frozen=True)
@@ -150,17 +181,21 @@ def mean_scores(rows: list[dict]) -> dict:
     return out
 
 
-def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, cancel=None):
+def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_worst: int = 0, cancel=None):
     """Segment each image of ``pairs`` and score it against its labels.
 
     A job yielding one ``Progress("eval", i, n)`` per image; returns
-    ``{"mean": {...}, "images": [{"name", "ap50", ...}, ...]}``.
+    ``{"mean": {...}, "images": [{"name", "ap50", ...}, ...]}`` and, with
+    ``keep_worst``, ``"worst"``: the ``keep_worst`` lowest-AP50 images as
+    ``(ap50, name, image path, truth, prediction)`` (for :func:`worst_images_png`).
     """
+    import heapq
+
     from .io import read_image
     from .jobs import Progress
     from .segment import segment_job
 
-    rows = []
+    rows, worst = [], []
     yield Progress("eval", 0, len(pairs))
     for i, pair in enumerate(pairs):
         if cancel is not None:
@@ -172,6 +207,66 @@ def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, cancel
         )
         pred = result.labels.reshape(truth.shape) if result.labels.size == truth.size else result.labels
         row = {"name": pair.name, **score(truth, pred).as_dict()}
+        if result.diameter is not None:
+            row["diameter_px"] = round(result.diameter, 2)
+            row["scale"] = round(result.scale, 3)
         rows.append(row)
+        if keep_worst:
+            # max-heap on AP50 (negated) holding the keep_worst lowest
+            item = (-row["ap50"], i, pair.name, pair.image, truth, pred)
+            if len(worst) < keep_worst:
+                heapq.heappush(worst, item)
+            elif -item[0] < -worst[0][0]:
+                heapq.heapreplace(worst, item)
         yield Progress("eval", i + 1, len(pairs), f"{pair.name}: AP50 {row['ap50']:.3f}")
-    return {"mean": mean_scores(rows), "images": rows}
+    report = {"mean": mean_scores(rows), "images": rows}
+    if keep_worst:
+        report["worst"] = [(-w[0], w[2], w[3], w[4], w[5]) for w in sorted(worst, key=lambda w: (-w[0], w[1]))]
+    return report
+
+
+def worst_images_png(path, worst, *, columns: int = 4, size: int = 320) -> None:
+    """A PNG grid of images with the true outlines (green) and the predicted ones (magenta).
+
+    ``worst`` as returned by :func:`evaluate_job` with ``keep_worst``; each
+    panel is titled with the image name, its AP50 and the object counts.
+    """
+    from PIL import Image, ImageDraw
+
+    from .io import atomic_path, read_image
+    from .preprocess import normalize, select_channels
+    from .models.spec import Normalization
+
+    if not worst:
+        return
+    rows = -(-len(worst) // columns)
+    title_h = 18
+    sheet = Image.new("RGB", (columns * size, rows * (size + title_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (ap50, name, image_path, truth, pred) in enumerate(worst):
+        plane = next(read_image(image_path).planes())[1]
+        x = normalize(select_channels(plane, 1, "mean" if plane.shape[0] > 1 else None), Normalization())[0]
+        grey = (np.clip(x, 0, 1) * 255).astype(np.uint8)
+        rgb = np.stack([grey] * 3, axis=-1)
+        rgb[_outline(truth)] = (0, 230, 0)
+        rgb[_outline(pred)] = (255, 0, 255)
+        panel = Image.fromarray(rgb)
+        panel.thumbnail((size, size), Image.Resampling.NEAREST)
+        r, c = divmod(k, columns)
+        x0, y0 = c * size, r * (size + title_h)
+        sheet.paste(panel, (x0, y0 + title_h))
+        n_true, n_pred = len(np.unique(truth)) - 1, len(np.unique(pred)) - 1
+        draw.text((x0 + 3, y0 + 3), f"{name}  AP50 {ap50:.3f}  true {n_true} / pred {n_pred}", fill="black")
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+def _outline(labels: np.ndarray) -> np.ndarray:
+    """Pixels of an object that touch another id (or background) to the right or below."""
+    lab = np.asarray(labels)
+    edge = np.zeros(lab.shape, bool)
+    edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
+    edge[:-1, :] |= lab[:-1, :] != lab[1:, :]
+    edge[:, 1:] |= lab[:, :-1] != lab[:, 1:]
+    edge[1:, :] |= lab[:-1, :] != lab[1:, :]
+    return edge & (lab > 0)

@@ -72,6 +72,21 @@ def measure(
     return table
 
 
+def cell_classes(labels: np.ndarray, class_logit: np.ndarray, n: int, classes: tuple[str, ...]) -> Table:
+    """Per-object class from a pixel-wise logit of the second class (objects ``1..n`` of ``labels``).
+
+    The object's probability is the sigmoid of its mean logit; above 0.5 it
+    is ``classes[1]`` (e.g. dead), else ``classes[0]``.  Columns ``class``
+    and ``p_<classes[1]>``, in label order.
+    """
+    lab = labels.ravel()
+    count = np.bincount(lab, minlength=n + 1)[1 : n + 1]
+    total = np.bincount(lab, weights=class_logit.ravel().astype(np.float64), minlength=n + 1)[1 : n + 1]
+    p = 1.0 / (1.0 + np.exp(-total / np.maximum(count, 1)))
+    names = np.asarray(classes[:2], dtype=object)
+    return {"class": names[(p > 0.5).astype(int)], f"p_{classes[1]}": p}
+
+
 def empty_table(channel_names: list[str], physical: bool) -> Table:
     cols = ["label", "area_px"] + (["area_um2"] if physical else []) + ["centroid_y", "centroid_x"]
     cols += (["centroid_y_um", "centroid_x_um"] if physical else []) + ["eccentricity", "solidity"]

@@ -36,11 +36,11 @@ import numpy as np
 from ._kernels import first_pixels
 from .errors import Cancelled
 from .jobs import CancelToken, Job, Progress
-from .measure import Table, measure
+from .measure import Table, cell_classes, measure
 from .models.spec import ModelSpec
-from .postprocess import instances
+from .postprocess import network_instances
 from .sources import ImageSource
-from .tiling import TilePlan, plan_tiles, read_region
+from .tiling import TilePlan, plan_tiles, read_region, round_up
 
 STAGES = ("read", "normalize", "network", "post", "measure", "write")
 _DONE = object()
@@ -121,6 +121,7 @@ def segment_plane_job(
     clock: StageClock | None = None,
     notices: list[str] | None = None,
     post_workers: int = 1,
+    halo: int | None = None,
     cancel: CancelToken | None = None,
 ) -> Job[PlaneResult]:
     """Segment plane ``index`` of ``source`` tile by tile; see the module docstring.
@@ -129,11 +130,13 @@ def segment_plane_job(
     window (the tiles' core) of its ``(B, K, h, w)`` output;
     ``write_rows(y0, rows)`` receives finished uint32 label rows in order,
     with ids from ``first_id`` on; ``prepare`` turns a raw ``(C, h, w)``
-    block into the model's normalized input.
+    block into the model's normalized input.  ``halo`` (default: the
+    model's) is the tile overlap in image pixels.
     """
     clock = clock or StageClock()
+    halo = round_up(spec.halo if halo is None else halo, spec.multiple)  # as plan_tiles rounds it
     cancel = cancel or CancelToken()
-    plan = plan_tiles(source.plane_shape, tile=tile, halo=spec.halo, multiple=spec.config.multiple)
+    plan = plan_tiles(source.plane_shape, tile=tile, halo=halo, multiple=spec.multiple)
     view = _PlaneView(source, index)
     stop = threading.Event()
     failure = _Failure()
@@ -147,7 +150,6 @@ def segment_plane_job(
     def reader() -> None:
         try:
             rows = _tile_rows(plan)
-            halo = spec.halo
             for row in rows:
                 t0 = time.perf_counter()
                 (y0, y1), _ = row[0].read
@@ -188,7 +190,6 @@ def segment_plane_job(
         th.start()
     n = len(plan)
     done = 0
-    halo = spec.halo
     core_crop = (slice(halo, plan.tile_shape[0] - halo), slice(halo, plan.tile_shape[1] - halo))
     notices = notices if notices is not None else []
     told = len(notices)
@@ -372,7 +373,7 @@ class _PostStage:
         by0, by1 = max(0, cy0 - self.context), min(self.h, cy1 + self.context)
         bx0, bx1 = max(0, cx0 - self.context), min(self.w, cx1 + self.context)
         out = self._gather(self.net, by0, by1, bx0, bx1, lead=(slice(None),))
-        lab, n = instances(out[0], out[1], self.spec.postprocess)
+        lab, n = network_instances(out, self.spec)
         first = first_pixels(lab, n)
         ids = np.flatnonzero(first >= 0)
         first = first[ids]
@@ -394,6 +395,8 @@ class _PostStage:
             if self.pixel_size is not None:
                 table["centroid_y_um"] = table["centroid_y"] * self.pixel_size[0]
                 table["centroid_x_um"] = table["centroid_x"] * self.pixel_size[1]
+            if self.spec.classes:
+                table.update(cell_classes(mine, out[2], len(ids), self.spec.classes))
         self.clock.add("measure", time.perf_counter() - t1)
         return _BlockResult((by0, by1, bx0, bx1), mine, len(ids), table)
 
@@ -433,5 +436,9 @@ class _PostStage:
         if not self.tables:
             from .measure import empty_table
 
-            return empty_table(self.names, self.pixel_size is not None)
+            table = empty_table(self.names, self.pixel_size is not None)
+            if self.spec.classes:
+                table.update(cell_classes(np.zeros((1, 1), np.int32), np.zeros((1, 1), np.float32), 0,
+                                          self.spec.classes))
+            return table
         return {k: np.concatenate([t[k] for t in self.tables]) for k in self.tables[0]}

@@ -59,6 +59,36 @@ def instances(fg_logit: np.ndarray, dist_logit: np.ndarray, params: PostprocessP
     return remove_small(labels, params.min_size), n + n_orphans
 
 
+def network_instances(out: np.ndarray, spec) -> tuple[np.ndarray, int]:
+    """:func:`instances` of a network output ``(K, H, W)`` as the model's card describes it.
+
+    ``spec.representation``: ``"fg_dist"`` / ``"fg_dist_class"`` (channels 0
+    and 1 are the foreground and distance) or ``"fg"`` (a foreground map
+    only: the distance comes from the mask's distance transform, normalized
+    per connected region).  ``spec.output_kind == "probability"``: the
+    outputs are sigmoids already and are turned back into logits.
+    """
+    x = out[:2] if spec.representation != "fg" else out[:1]
+    if spec.output_kind == "probability":
+        p = np.clip(x.astype(np.float32), 1e-6, 1 - 1e-6)
+        x = np.log(p / (1 - p))
+    if spec.representation == "fg":
+        return instances(x[0], mask_distance_logit(x[0] > logit(spec.postprocess.fg_threshold)), spec.postprocess)
+    return instances(x[0], x[1], spec.postprocess)
+
+
+def mask_distance_logit(mask: np.ndarray) -> np.ndarray:
+    """Distance to the mask's border normalized to 1 at each region's deepest point, as a logit."""
+    regions, n = ndi.label(mask)
+    if n == 0:
+        return np.full(mask.shape, -LOGIT_RANGE, np.float32)
+    d = ndi.distance_transform_edt(mask).astype(np.float32)
+    peak = np.asarray(ndi.maximum(d, regions, np.arange(1, n + 1)), np.float32)
+    rel = d / np.concatenate([[1.0], peak])[regions]
+    rel = np.clip(rel, 1e-4, 1 - 1e-4)
+    return np.log(rel / (1 - rel)).astype(np.float32)
+
+
 def fg_dist_to_labels(fg_logit: np.ndarray, dist_logit: np.ndarray, params: PostprocessParams) -> np.ndarray:
     """Instance labels ``1..N`` from foreground and distance logits of shape ``(H, W)``.
 

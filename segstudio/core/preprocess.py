@@ -16,14 +16,23 @@ SAMPLE_PIXELS = 4_000_000
 
 
 def channel_percentiles(plane: np.ndarray, norm: Normalization) -> np.ndarray:
-    """Per-channel ``(low, high)`` percentiles of a ``(C, Y, X)`` plane.
+    """Per-channel ``(low, high)`` percentiles of a ``(C, Y, X)`` plane (mean, mean + std in ``meanstd`` mode).
 
     Returns an array of shape ``(C, 2)``.
     """
     c, h, w = plane.shape
     step = max(1, int(np.ceil(np.sqrt(h * w / SAMPLE_PIXELS))))
-    sample = plane[:, ::step, ::step].reshape(c, -1)
-    return np.percentile(sample, [norm.low, norm.high], axis=1).T.astype(np.float64)
+    return _stats(plane[:, ::step, ::step].reshape(c, -1), norm)
+
+
+def _stats(flat: np.ndarray, norm: Normalization) -> np.ndarray:
+    """``(C, 2)`` values that :func:`normalize` maps to 0 and 1, from ``(C, N)`` samples."""
+    if norm.mode == "meanstd":
+        mean = flat.mean(axis=1, dtype=np.float64)
+        return np.stack([mean, mean + flat.std(axis=1, dtype=np.float64)], axis=1)
+    if norm.mode == "none":
+        return np.tile([0.0, 1.0], (flat.shape[0], 1))
+    return np.percentile(flat, [norm.low, norm.high], axis=1).T.astype(np.float64)
 
 
 def normalize(plane: np.ndarray, norm: Normalization, percentiles: np.ndarray | None = None) -> np.ndarray:
@@ -87,5 +96,4 @@ def sample_percentiles(
     starts = np.linspace(0, h - block_rows, blocks).astype(int)
     sample = np.concatenate([select(read_rows(y, y + block_rows))[:, :, ::step] for y in starts], axis=1)
     c = sample.shape[0]
-    flat = sample.reshape(c, -1).astype(np.float32, copy=False)
-    return np.percentile(flat, [norm.low, norm.high], axis=1).T.astype(np.float64)
+    return _stats(sample.reshape(c, -1).astype(np.float32, copy=False), norm)

@@ -25,6 +25,7 @@ from .measure import Table, concat_tables
 from .models.catalog import Model
 from .pipeline import STAGES, StageClock, segment_plane_job
 from .preprocess import normalize, sample_percentiles, select_channels
+from .scale import ScaledPredict, estimate_diameter, image_tiling, scale_factor
 from .sinks import ArraySink, TiffSink
 from .sources import ImageSource, source_from_image
 
@@ -49,6 +50,8 @@ class SegmentationResult:
     labels_path: Path | None = None
     n_objects: int = 0
     notices: list[str] = field(default_factory=list)
+    diameter: float | None = None  # nuclei diameter in image pixels (given or estimated)
+    scale: float = 1.0  # the image was resampled by this factor for the network
 
     @property
     def n_cells(self) -> int:
@@ -78,15 +81,15 @@ def warm_up(model: Model, backend: Backend, *, tile: int = 512, batch_size: int 
     time and out of the GUI thread's way (call it from a worker).
     """
     from ._kernels import first_pixels, region_stats
-    from .postprocess import instances
+    from .postprocess import network_instances
     from .tiling import plan_tiles
 
     t0 = time.perf_counter()
     spec = model.spec
     batch_size = batch_size or default_batch_size(backend)
-    plan = plan_tiles((tile, tile), tile=tile, halo=spec.halo, multiple=spec.config.multiple)
+    plan = plan_tiles((tile, tile), tile=tile, halo=spec.halo, multiple=spec.multiple)
     out = backend.predict(np.zeros((batch_size, spec.input_channels, *plan.tile_shape), np.float32))
-    lab, n = instances(out[0, 0, :64, :64], out[0, 1, :64, :64], spec.postprocess)
+    lab, n = network_instances(out[0, :, :64, :64], spec)
     first_pixels(lab, n)
     region_stats(lab, np.zeros((1, 64, 64), np.float32), max(n, 1))
     return time.perf_counter() - t0
@@ -104,6 +107,7 @@ def segment_job(
     measure_cells: bool = True,
     labels_path: str | Path | None = None,
     post_workers: int | None = None,
+    diameter: float | None = None,
     cancel: CancelToken | None = None,
 ) -> Job[SegmentationResult]:
     """Segment ``image`` with ``model`` on ``backend``.
@@ -119,6 +123,12 @@ def segment_job(
     ``post_workers``
     threads post-process blocks (default: 1 when the network runs on the
     CPU, whose cores it already uses; up to 8 beside a GPU).
+
+    Scale: a model trained at a nucleus diameter (``spec.diameter``) sees
+    every image resampled so its nuclei are that size; ``diameter`` is the
+    nuclei's diameter in image pixels, estimated from the first plane when
+    not given (see :mod:`segstudio.core.scale`).  Labels and measurements
+    are always in image pixels.
     """
     spec = model.spec
     source = image if isinstance(image, ImageSource) else source_from_image(image)
@@ -141,11 +151,13 @@ def segment_job(
     next_id = 1
     indices = source.stack_indices()
     t_start = time.perf_counter()
+    factor, halo = 1.0, spec.halo
+
+    def select(block):
+        return select_channels(block, spec.input_channels, channel)
+
     try:
         for i, index in enumerate(indices):
-            def select(block):
-                return select_channels(block, spec.input_channels, channel)
-
             t0 = time.perf_counter()
             pct = sample_percentiles(
                 lambda y0, y1, index=index: source.read(index, (y0, y1), (0, source.plane_shape[1])),
@@ -156,12 +168,27 @@ def segment_job(
             def prepare(block, pct=pct):
                 return normalize(select(block), spec.normalization, pct)
 
+            if i == 0 and spec.diameter:
+                if diameter is None:
+                    diameter = _estimate_diameter(source, index, prepare, spec, predict)
+                    if diameter is None:
+                        notices.append("no nuclei found to estimate their size: the image is used as is")
+                    else:
+                        notices.append(f"nuclei about {diameter:.1f} px across (estimated)")
+                factor = scale_factor(spec.diameter, diameter)
+                if factor != 1.0:
+                    notices.append(f"image resampled {factor:.2f}x for the network (trained on nuclei "
+                                   f"{spec.diameter:g} px across)")
+                    predict = ScaledPredict(predict, factor, spec.multiple,
+                                            getattr(predict, "describe", backend.describe)())
+                    tile, halo = image_tiling(tile, spec.halo, factor)
+                    context = int(np.ceil(context / min(factor, 1.0)))
             result = yield from segment_plane_job(
                 source, index, spec, predict,
                 lambda y0, rows, index=index: sink.write(index, y0, rows),
                 prepare=prepare, tile=tile, batch_size=batch_size, context=context, first_id=next_id,
                 measure_cells=measure_cells, clock=clock, notices=notices, post_workers=post_workers,
-                cancel=cancel,
+                halo=halo, cancel=cancel,
             )
             next_id += result.n_objects
             if measure_cells:
@@ -188,4 +215,17 @@ def segment_job(
         pixel_size=source.pixel_size,
         n_objects=n_objects,
         notices=notices,
+        diameter=diameter,
+        scale=factor,
     )
+
+
+ESTIMATE_SIDE = 1024
+
+
+def _estimate_diameter(source: ImageSource, index, prepare, spec, predict) -> float | None:
+    """Nuclei diameter from the centre (at most 1024 x 1024 pixels) of one plane."""
+    h, w = source.plane_shape
+    y0, x0 = max(0, (h - ESTIMATE_SIDE) // 2), max(0, (w - ESTIMATE_SIDE) // 2)
+    block = source.read(index, (y0, min(h, y0 + ESTIMATE_SIDE)), (x0, min(w, x0 + ESTIMATE_SIDE)))
+    return estimate_diameter(prepare(block), spec, predict, max_side=ESTIMATE_SIDE)

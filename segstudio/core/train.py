@@ -29,6 +29,7 @@ from .jobs import CancelToken, Job, Progress
 from .models.spec import Normalization, PostprocessParams, UNetConfig
 from .postprocess import fg_dist_to_labels
 from .preprocess import normalize, select_channels
+from .scale import median_diameter, rescale_sample, scale_factor
 
 
 @dataclass
@@ -41,6 +42,8 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     zoom: tuple[float, float] = (0.7, 1.4)
+    # nuclei diameter (pixels) every training image is resampled to before cropping; None: native pixels
+    diameter: float | None = None
     seed: int = 0
     threads: int = 0  # 0: torch default
 
@@ -70,9 +73,14 @@ class Sample:
     labels: np.ndarray  # (H, W)
     fg: np.ndarray  # (H, W) float32
     dist: np.ndarray  # (H, W) float32
+    # (H, W) float32, 1 on pixels of cells of the second class (viability: dead), for models with a class output
+    cls: np.ndarray | None = None
 
 
-def load_samples(pairs: list[Pair], norm: Normalization, in_channels: int) -> list[Sample]:
+def load_samples(
+    pairs: list[Pair], norm: Normalization, in_channels: int, diameter: float | None = None
+) -> list[Sample]:
+    """Read, normalize and (with ``diameter``) resample image / label pairs to the model's scale."""
     samples = []
     for p in pairs:
         img = read_image(p.image)
@@ -80,17 +88,21 @@ def load_samples(pairs: list[Pair], norm: Normalization, in_channels: int) -> li
         plane = next(img.planes())[1]
         x = normalize(select_channels(plane, in_channels, None), norm)
         lab = lab.astype(np.int32)
+        if diameter:
+            x, lab = rescale_sample(x, lab, scale_factor(diameter, median_diameter(lab)))
         samples.append(Sample(p.name, x, lab, (lab > 0).astype(np.float32), distance_target(lab)))
     return samples
 
 
 def augment_crops(stacks: list[np.ndarray], n_image: int, crop: int, zoom: tuple[float, float],
-                  rng: np.random.Generator):
+                  rng: np.random.Generator, blur: float = 0.0):
     """Random augmented crops of ``(C, H, W)`` stacks whose first ``n_image`` channels are the image.
 
     Zoom (crop size scaled, resized back to ``crop``), flip, 90-degree
     rotations on every channel; gain, offset, gamma and Gaussian noise on the
-    image channels only.  Returns a ``(B, C, crop, crop)`` float32 tensor.
+    image channels only, and with probability ``blur`` a Gaussian blur
+    (sigma 0.5-1.5 px) before the noise.  Returns a ``(B, C, crop, crop)``
+    float32 tensor.
     """
     import torch
     import torch.nn.functional as F
@@ -117,20 +129,31 @@ def augment_crops(stacks: list[np.ndarray], n_image: int, crop: int, zoom: tuple
         gain, offset = rng.uniform(0.6, 1.4), rng.uniform(-0.1, 0.1)
         gamma = math.exp(rng.uniform(math.log(0.7), math.log(1.4)))
         x = x.clamp(min=0) ** gamma * gain + offset
+        if blur and rng.random() < blur:
+            x = torch.from_numpy(ndi.gaussian_filter(x.numpy(), (0, rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5))))
         x = x + float(rng.uniform(0, 0.05)) * torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))
         out.append(torch.cat([x, t[n_image:]]))
     return torch.stack(out)
 
 
-def _augment_batch(samples: list[Sample], cfg: TrainConfig, rng: np.random.Generator):
-    """A batch of augmented crops: (x, fg, dist) float32 tensors."""
+def _augment_batch(samples: list[Sample], cfg: TrainConfig, rng: np.random.Generator, blur: float = 0.0):
+    """A batch of augmented crops: (x, fg, dist, cls or None) float32 tensors."""
     c = samples[0].image.shape[0]
-    t = augment_crops([np.concatenate([s.image, s.fg[None], s.dist[None]]) for s in samples], c, cfg.crop,
-                      cfg.zoom, rng)
-    return t[:, :c], (t[:, c : c + 1] > 0.5).float(), t[:, c + 1 : c + 2]
+    with_cls = samples[0].cls is not None
+    stacks = [np.concatenate([s.image, s.fg[None], s.dist[None]] + ([s.cls[None]] if with_cls else []))
+              for s in samples]
+    t = augment_crops(stacks, c, cfg.crop, cfg.zoom, rng, blur)
+    cls = (t[:, c + 2 : c + 3] > 0.5).float() if with_cls else None
+    return t[:, :c], (t[:, c : c + 1] > 0.5).float(), t[:, c + 1 : c + 2], cls
 
 
-def segmentation_loss(out, fg, dist):
+def segmentation_loss(out, fg, dist, cls=None):
+    """Foreground BCE + soft Dice, distance BCE; with ``cls``, a class-balanced BCE over cell pixels.
+
+    The class term weights each class's pixels by half the inverse of its
+    share in the batch, so a 1:20 batch of dead:live cells trains the rare
+    class as hard as the common one.
+    """
     import torch.nn.functional as F
 
     fg_logit, d_logit = out[:, :1], out[:, 1:2]
@@ -138,7 +161,14 @@ def segmentation_loss(out, fg, dist):
     p = fg_logit.sigmoid()
     dice = 1 - (2 * (p * fg).sum() + 1) / (p.sum() + fg.sum() + 1)
     dl = F.binary_cross_entropy_with_logits(d_logit, dist)
-    return bce + dice + dl
+    loss = bce + dice + dl
+    if cls is not None:
+        n_pos, n_all = (cls * fg).sum(), fg.sum()
+        n_neg = n_all - n_pos
+        w = fg * (cls * (0.5 * n_all / n_pos.clamp(min=1)) + (1 - cls) * (0.5 * n_all / n_neg.clamp(min=1)))
+        loss = loss + (F.binary_cross_entropy_with_logits(out[:, 2:3], cls, reduction="none") * w).sum() / (
+            n_all.clamp(min=1))
+    return loss
 
 
 # ------------------------------------------------------------------ loop
@@ -190,13 +220,13 @@ def train_job(
             if cancel is not None:
                 cancel.raise_if_cancelled()
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            x, fg, dist = _augment_batch([train[i] for i in idx], cfg, rng)
-            loss = segmentation_loss(net(x), fg, dist)
+            x, fg, dist, cls = _augment_batch([train[i] for i in idx], cfg, rng)
+            loss = segmentation_loss(net(x), fg, dist, cls)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         elapsed += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(elapsed, 1)})
         torch.save(
@@ -233,3 +263,36 @@ def config_dict(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
     d["zoom"] = list(cfg.zoom)
     return d
+
+
+def save_model(net, spec, out_dir: str | Path, example: np.ndarray | None = None, *, onnx: bool = True) -> Path:
+    """Write a trained U-Net as a model folder: state dict, ONNX (checked against PyTorch) and card.
+
+    ``example`` (``(B, C, H, W)`` float32, H and W multiples of the
+    network's stride) is the input of the ONNX check; the result
+    (max / mean abs error, cosine) goes into ``spec.training["onnx_vs_torch"]``.
+    Returns the card's path.
+    """
+    import torch
+
+    from .models.catalog import write_card
+    from .models.onnx_export import compare_outputs, export_onnx
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net = net.eval()
+    pt = out_dir / f"{spec.name}.pt"
+    torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, pt)
+    files = {"torch": pt}
+    if onnx:
+        files["onnx"] = export_onnx(net, out_dir / f"{spec.name}.onnx", in_channels=spec.input_channels,
+                                    multiple=spec.multiple)
+        import onnxruntime as ort
+
+        if example is None:
+            example = np.random.default_rng(0).random((1, spec.input_channels, 128, 128), dtype=np.float32)
+        with torch.inference_mode():
+            ref = net(torch.from_numpy(example)).numpy()
+        sess = ort.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
+        spec.training["onnx_vs_torch"] = compare_outputs(ref, sess.run(None, {sess.get_inputs()[0].name: example})[0])
+    return write_card(spec, files, out_dir / f"{spec.name}.json")

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from napari.layers import Image, Labels
-from qtpy.QtWidgets import QComboBox, QFormLayout, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QVBoxLayout, QWidget
 
 from ..core.errors import InputError
 from ..core.io import ImageData
 from ..core.segment import SegmentationResult
+from ..qt.finetune_panel import FinetunePanel
 from ..qt.segment_panel import SegmentPanel
 from ._layers import META_KEY, labels_features, labels_geometry, layer_axes, layer_to_image
 
@@ -39,11 +42,22 @@ class SegmentWidget(QWidget):
         self.panel.result_ready.connect(self._on_result)
         self.layer_combo.currentIndexChanged.connect(self._on_layer_changed)
 
+        # fine-tuning on the chosen image and a Labels layer the user corrected
+        self.labels_combo = QComboBox()
+        self.labels_combo.setToolTip("the labels to train on (e.g. the model's labels after your corrections)")
+        self.finetune = FinetunePanel(self._finetune_data)
+        self.finetune.model_ready.connect(self.panel.add_model)
+        tune_box = QGroupBox("Fine-tune")
+        tune_form = QFormLayout(tune_box)
+        tune_form.addRow("Labels", self.labels_combo)
+        tune_form.addRow(self.finetune)
+
         form = QFormLayout()
         form.addRow("Image", self.layer_combo)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.panel)
+        layout.addWidget(tune_box)
         layout.addStretch(1)
 
         events = self.viewer.layers.events
@@ -106,6 +120,39 @@ class SegmentWidget(QWidget):
         finally:
             self.layer_combo.blockSignals(False)
         self._on_layer_changed()
+        self._refresh_labels()
+
+    def labels_layers(self) -> list[Labels]:
+        return [layer for layer in reversed(self.viewer.layers) if isinstance(layer, Labels)]
+
+    def _refresh_labels(self) -> None:
+        current = self.labels_combo.currentText()
+        self.labels_combo.clear()
+        for layer in self.labels_layers():
+            self.labels_combo.addItem(layer.name)
+        index = self.labels_combo.findText(current)
+        if index >= 0:
+            self.labels_combo.setCurrentIndex(index)
+
+    def _finetune_data(self):
+        """(base model, [(plane, labels)], image name) for the fine-tune panel (GUI thread)."""
+        layer = self.current_layer()
+        if layer is None:
+            raise InputError("there is no image layer to train on", hint="open an image, or choose an image layer")
+        name = self.labels_combo.currentText()
+        if not name or name not in self.viewer.layers or not isinstance(self.viewer.layers[name], Labels):
+            raise InputError("there is no Labels layer to train on",
+                             hint="segment the image, correct its labels, and choose that layer under Fine-tune")
+        image = layer_to_image(layer)
+        if sum(1 for _ in image.planes()) != 1:
+            raise InputError("fine-tuning works on a single 2-D plane; this image has several",
+                             hint="open (or duplicate) one plane as its own layer")
+        plane = next(image.planes())[1]
+        labels = np.asarray(self.viewer.layers[name].data)
+        labels = labels.reshape(labels.shape[-2:]) if labels.size == plane.shape[-2] * plane.shape[-1] else labels
+        if labels.shape != plane.shape[-2:]:
+            raise InputError(f"the labels ({labels.shape}) do not match the image ({plane.shape[-2:]})")
+        return self.panel.model_name, [(plane, labels.astype(np.int32))], layer.name
 
     def _on_layer_changed(self, *_) -> None:
         layer = self.current_layer()
@@ -157,6 +204,7 @@ class SegmentWidget(QWidget):
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
         """Stop a running job and stop following the viewer's layers."""
         self.panel.shutdown()
+        self.finetune.shutdown()
         _disconnect(self._connections)
         super().closeEvent(event)
 

@@ -41,6 +41,7 @@ from ..core.backends import Backend, auto_variant, create_backend, runnable_vari
 from ..core.io import ImageData
 from ..core.jobs import CancelToken, Job, Progress
 from ..core.models.catalog import Model, builtin_models, get_model
+from ..core.models.user import user_models
 from ..core.segment import SegmentationResult, segment_job, warm_up
 from .worker import ErrorReport, JobRunner, describe_error, with_crash_log
 
@@ -176,7 +177,7 @@ class SegmentPanel(QWidget):
         self._planes_done = 0
         self._t_start = 0.0
         self._watched: list[weakref.ref] = []
-        self._models = {m.name: m for m in builtin_models()}
+        self._models = {m.name: m for m in builtin_models() + user_models()}
 
         self.runner = JobRunner(self)
         self.runner.progress.connect(self._on_progress)
@@ -192,7 +193,9 @@ class SegmentPanel(QWidget):
                 self.model_combo.count() - 1, model.spec.title or model.name, Qt.ItemDataRole.ToolTipRole
             )
         self.open_model_button = QPushButton("Open...")
-        self.open_model_button.setToolTip("use a model card (.json), e.g. one that segstudio optimize wrote")
+        self.open_model_button.setToolTip(
+            "use a model card (.json, e.g. from segstudio optimize), an ONNX, TorchScript or state-dict file, "
+            "or a BioImage.IO package")
         self.backend_combo = QComboBox()
         self.backend_combo.setToolTip("auto picks the fastest backend installed for this model")
         self.channel_combo = QComboBox()
@@ -278,7 +281,10 @@ class SegmentPanel(QWidget):
     def _choose_model(self) -> None:
         from qtpy.QtWidgets import QFileDialog
 
-        path, _ = QFileDialog.getOpenFileName(self, "Open a model card", "", "Model cards (*.json)")
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Open a model", "",
+            "Models (*.json *.onnx *.pt *.pth *.zip);;Model cards (*.json);;ONNX (*.onnx);;PyTorch (*.pt *.pth);;"
+            "BioImage.IO packages (*.zip)")
         if path:
             self.add_model(path)
 

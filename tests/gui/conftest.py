@@ -60,6 +60,9 @@ class ThreadTracker:
             # the GPU device thread lives as long as the process, by design (core/backends/device.py)
             if thread.name.startswith("segstudio-device"):
                 continue
+            # tqdm's monitor is a daemon that lives as long as the process (the ONNX exporter's progress bars)
+            if thread.name == "tqdm_monitor":
+                continue
             if thread.is_alive() and not isinstance(thread, threading._DummyThread):
                 out.append(f"Python thread {thread.name!r}")
         return out

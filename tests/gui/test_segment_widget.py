@@ -212,3 +212,42 @@ def test_closing_the_window_or_deleting_the_widget_stops_the_job(make_napari_vie
     start_and_wait_for_network(qtbot, widget.panel)
     viewer.close()  # closing the window cancels the job and joins its thread before returning
     assert running_job_threads() == 0 and no_thread_left_running.running() == []
+
+
+def test_finetune_on_corrected_labels_adds_a_model(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """Segment, "correct" the labels (here: the ground truth), fine-tune: curve shown, new model offered."""
+    pytest.importorskip("torch")
+    monkeypatch.setenv("SEGSTUDIO_HOME", str(tmp_path / "home"))
+    image_path, truth_path = sample_paths("4327d2759187")
+    viewer = make_napari_viewer()
+    viewer.add_image(read_image(image_path).data, name="nuclei")
+    widget = add_widget(viewer)
+    run_and_wait(qtbot, widget)
+    assert widget.labels_combo.currentText() == "nuclei labels"
+    viewer.layers["nuclei labels"].data = read_image(truth_path).data.astype(np.int32)  # the user's corrections
+    panel = widget.finetune
+    panel.steps.setValue(25)
+    with qtbot.waitSignal(panel.model_ready, timeout=300_000) as ready:
+        panel.run_button.click()
+        assert panel.is_running() and not panel.run_button.isEnabled()
+    card = ready.args[0]
+    assert card.startswith(str(tmp_path / "home" / "models"))
+    assert not panel.curve.isHidden() and not panel.curve.pixmap().isNull()
+    assert "Validation AP50" in panel.status.text()
+    result = panel.last_result
+    assert result["val_images"] == 1 and result["train_images"] >= 3  # one image cut into strips, one held out
+    # the new model is in the model list, chosen, and segments
+    assert widget.panel.model_combo.currentData() == card
+    run_and_wait(qtbot, widget)
+    assert widget.panel.error_text() == ""
+    assert viewer.layers["nuclei labels"].data.max() > 5
+
+
+def test_finetune_without_labels_layer_says_so(make_napari_viewer, qtbot):
+    image_path, _ = sample_paths("4327d2759187")
+    viewer = make_napari_viewer()
+    viewer.add_image(read_image(image_path).data, name="nuclei")
+    widget = add_widget(viewer)
+    widget.finetune.run_button.click()
+    assert "no Labels layer to train on" in widget.finetune.status.text()
+    assert not widget.finetune.is_running()

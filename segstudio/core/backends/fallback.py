@@ -27,7 +27,7 @@ class OomFallback:
         self.model = model
         self.notify = notify
         self.max_batch: int | None = None
-        self.min_tile = 4 * model.spec.config.multiple
+        self.min_tile = 4 * model.spec.multiple
         self._cpu_factory = cpu_factory
         self.on_cpu = False
 
@@ -53,7 +53,7 @@ class OomFallback:
         if core // 2 >= self.min_tile:
             self.notify(f"GPU out of memory on one tile: cutting it into tiles of {core // 2} px")
             out = run_sync(predict_tiled(batch[0], self, tile=core // 2, halo=halo,
-                                         multiple=self.model.spec.config.multiple))[np.newaxis]
+                                         multiple=self.model.spec.multiple))[np.newaxis]
             return out if crop is None else out[(Ellipsis, *crop)]
         return self._to_cpu(batch, crop)
 

@@ -66,7 +66,7 @@ class OpenVinoBackend(BackendBase):
         self.device = "cpu"
         self.precision = precision
         self.variant = f"openvino@cpu:{precision}"
-        self.channels = model.spec.config.in_channels
+        self.channels = model.spec.input_channels
 
     def _request(self, shape: tuple):
         if shape not in self._compiled:

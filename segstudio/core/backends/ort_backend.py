@@ -108,7 +108,7 @@ class OrtBackend(BackendBase):
         self.precision = precision
         self.variant = f"onnxruntime@{device}:{precision}"
         self.input_name = self.session.get_inputs()[0].name
-        self.channels = model.spec.config.in_channels
+        self.channels = model.spec.input_channels
 
     def predict(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
         batch = self.check_batch(batch, self.channels)

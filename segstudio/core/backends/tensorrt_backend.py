@@ -156,7 +156,7 @@ class TensorRTBackend(BackendBase):
 
         strongly_typed = int(trt.__version__.split(".")[0]) >= 11
         onnx = model.file("onnx_fp16" if strongly_typed and precision == "fp16" else self.model_file(device, precision))
-        profile = default_profile(model.spec.config.in_channels, model.spec.config.multiple, tile_shape, batch_size)
+        profile = default_profile(model.spec.input_channels, model.spec.multiple, tile_shape, batch_size)
         key = machine_key(file_sha256(onnx), precision, profile)
         cache = EngineCache(cache_dir or log_dir().parent / "engines")
         if engine is not None:
@@ -185,7 +185,7 @@ class TensorRTBackend(BackendBase):
         self.device = f"cuda:{torch.cuda.current_device()}"
         self.precision = precision
         self.variant = f"tensorrt@cuda:{precision}"
-        self.channels = model.spec.config.in_channels
+        self.channels = model.spec.input_channels
 
     def _torch_dtype(self, trt_dtype):
         trt, torch = self._trt, self._torch

@@ -73,7 +73,7 @@ class TorchBackend(BackendBase):
         self.precision = precision
         self.options = options
         self.variant = f"torch@{device}:{precision}" + "".join(f"+{o}" for o in sorted(options))
-        self.channels = model.spec.config.in_channels
+        self.channels = model.spec.input_channels
         self._graphs: dict[tuple, tuple] = {}
         self._pinned: dict[tuple, object] = {}
 

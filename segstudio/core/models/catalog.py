@@ -111,20 +111,33 @@ def builtin_models() -> list[Model]:
 
 
 def get_model(name_or_path: str | Path) -> Model:
-    """A built-in model by name, a model card by path, or a folder holding one card."""
+    """A built-in or imported model by name, a model card by path, a folder holding one card, or a model file.
+
+    A model file (ONNX, TorchScript, state dict) or BioImage.IO package is
+    imported once (:func:`segstudio.core.models.user.import_cached`) and
+    reused while its contents do not change.
+    """
     candidate = Path(name_or_path)
     if candidate.suffix == ".json" and candidate.is_file():
         return load_card(candidate)
-    if candidate.is_dir():
+    if candidate.is_dir() and any(_is_card(p) for p in candidate.glob("*.json")):
         cards = [p for p in sorted(candidate.glob("*.json")) if _is_card(p)]
         if len(cards) == 1:
             return load_card(cards[0])
         raise InputError(f"{candidate} holds {len(cards)} model cards", hint="give the path of one card (.json)")
+    from .user import RDF_NAMES, import_cached, user_models_dir
+
+    if candidate.is_file() or (candidate.is_dir() and any((candidate / n).is_file() for n in RDF_NAMES)):
+        return import_cached(candidate)
     card = BUILTIN_DIR / f"{name_or_path}.json"
     if card.is_file():
         return load_card(card)
+    user = user_models_dir() / str(name_or_path) / f"{name_or_path}.json"
+    if user.is_file():
+        return load_card(user)
     names = [p.stem for p in sorted(BUILTIN_DIR.glob("*.json"))]
     raise InputError(
         f"unknown model {str(name_or_path)!r}",
-        hint=f"built-in models: {', '.join(names) or 'none installed'}; or give the path of a model card (.json)",
+        hint=f"built-in models: {', '.join(names) or 'none installed'}; imported models: `segstudio models`; "
+        "or give the path of a model card (.json), an ONNX / TorchScript / state-dict file or a BioImage.IO package",
     )

@@ -42,8 +42,15 @@ def export_onnx(net, path: str | Path, *, in_channels: int, multiple: int, opset
         net, (example,), str(tmp), dynamo=True, opset_version=opset, external_data=False,
         dynamic_shapes={"x": dims}, input_names=["input"], output_names=["output"],
     )
+    return finalize_onnx(tmp, path)
+
+
+def finalize_onnx(tmp: Path, path: Path) -> Path:
+    """Load a freshly exported ONNX file, give it the IR version ONNX Runtime accepts, check and save it as ``path``."""
+    import onnx
+
     model = onnx.load(str(tmp))
-    tmp.unlink()
+    Path(tmp).unlink()
     actual = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     model.ir_version = ir_version_for_opset(actual)
     onnx.checker.check_model(model)

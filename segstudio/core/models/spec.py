@@ -144,10 +144,17 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class Normalization:
-    """Per-channel percentile normalization over the whole image."""
+    """Per-channel normalization over the whole image.
+
+    ``mode``: ``"percentile"`` maps the ``low`` / ``high`` percentiles to
+    0 / 1; ``"meanstd"`` subtracts the mean and divides by the standard
+    deviation (BioImage.IO's ``zero_mean_unit_variance``); ``"none"`` passes
+    intensities through.
+    """
 
     low: float = 1.0
     high: float = 99.8
+    mode: str = "percentile"
 
 
 @dataclass(frozen=True)
@@ -177,6 +184,15 @@ class ModelSpec:
     trained_on: str = ""
     pixel_scale: str = ""
     median_diameter_px: float | None = None
+    # nuclei diameter (px) the network was trained at; images are resampled to it (None: native pixels)
+    diameter: float | None = None
+    # per-cell classes, e.g. ("live", "dead"): output channel 2 is the logit of the second class
+    classes: tuple[str, ...] = ()
+    # "logit" (built-in models) or "probability" (outputs already passed through a sigmoid)
+    output_kind: str = "logit"
+    # tile overlap and input size multiple for networks that are not built-in U-Nets (user models)
+    halo_px: int | None = None
+    multiple_px: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
@@ -184,12 +200,18 @@ class ModelSpec:
 
     @property
     def halo(self) -> int:
-        """Tile halo: the receptive radius rounded up to the input multiple."""
-        return self.config.halo
+        """Tile halo: the receptive radius rounded up to the input multiple (or as the model declares)."""
+        return self.config.halo if self.halo_px is None else -(-self.halo_px // self.multiple) * self.multiple
+
+    @property
+    def multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        return self.config.multiple if self.multiple_px is None else self.multiple_px
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["outputs"] = list(self.outputs)
+        d["classes"] = list(self.classes)
         return d
 
     @classmethod
@@ -203,6 +225,7 @@ class ModelSpec:
             d["normalization"] = Normalization(**d.get("normalization", {}))
             d["postprocess"] = PostprocessParams(**d.get("postprocess", {}))
             d["outputs"] = tuple(d.get("outputs", ()))
+            d["classes"] = tuple(d.get("classes", ()))
             return cls(**d)
         except TypeError as e:
             raise IncompatibleArtifactError(
@@ -219,7 +242,8 @@ class ModelSpec:
             f"percentiles {self.normalization.low}..{self.normalization.high} over the whole image",
             f"  architecture: {self.architecture} depth {self.config.depth}, width {self.config.width}"
             + (", depthwise-separable" if self.config.separable else ""),
-            f"  output: {self.representation} -> instance labels by watershed",
+            f"  output: {self.representation} -> instance labels by watershed"
+            + (f", a class per cell ({' / '.join(self.classes)})" if self.classes else ""),
         ]
         if self.pixel_scale:
             lines.append(f"  scale: {self.pixel_scale}")

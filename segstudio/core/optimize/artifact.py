@@ -89,7 +89,7 @@ def new_artifact(
 
             files["onnx"] = export_onnx(export_net if export_net is not None else net, out_dir / f"{spec.name}.onnx",
                                         in_channels=spec.config.in_channels,
-                                        multiple=spec.config.multiple, opset=opset)
+                                        multiple=spec.multiple, opset=opset)
     for fmt, src in (copy or {}).items():
         dst = out_dir / Path(src).name
         if Path(src).resolve() != dst.resolve():

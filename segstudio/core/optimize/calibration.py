@@ -126,7 +126,7 @@ class CalibrationSource:
             rng = np.random.default_rng(self.seed)
             strata = np.array_split(np.arange(len(cands)), min(self.n_tiles, len(cands)))
             picks = [cands[int(rng.choice(s))] for s in strata if len(s)]
-            mult = self.spec.config.multiple
+            mult = self.spec.multiple
             tiles = []
             for _, i, y, x in picks:
                 plane = self.entries[i].plane

@@ -437,8 +437,8 @@ class EngineStep(Step):
         fmt = self._source(parent)
         onnx = parent.files[fmt]
         plan = plan_tiles((int(self.opts["tile"]),) * 2, tile=int(self.opts["tile"]), halo=spec.halo,
-                          multiple=spec.config.multiple)
-        profile = default_profile(spec.input_channels, spec.config.multiple, plan.tile_shape, int(self.opts["batch"]))
+                          multiple=spec.multiple)
+        profile = default_profile(spec.input_channels, spec.multiple, plan.tile_shape, int(self.opts["batch"]))
         key = machine_key(file_sha256(onnx), self.precision, profile)
         cache = EngineCache(log_dir().parent / "engines")
         events: queue.Queue = queue.Queue()

@@ -54,7 +54,7 @@ class ValidationSet:
     def speed_batch(self, model: Model, *, batch: int = 4, tile: int = 512) -> np.ndarray:
         """``batch`` real tiles of the default tile shape (halo included), for latency."""
         spec = model.spec
-        plan = plan_tiles((tile, tile), tile=tile, halo=spec.halo, multiple=spec.config.multiple)
+        plan = plan_tiles((tile, tile), tile=tile, halo=spec.halo, multiple=spec.multiple)
         tiles = []
         i = 0
         while len(tiles) < batch:

@@ -1,0 +1,241 @@
+"""Fine-tuning a built-in (or state-dict) U-Net on the user's own labelled images.
+
+:func:`finetune_job` starts from the base model's weights, trains on
+augmented crops (zoom, flips, 90-degree rotations, gain / offset / gamma,
+Gaussian noise and blur) of the user's images, and every ``eval_every``
+steps measures AP50 on a held-out share of them (at least one image).  The
+weights with the best validation AP50 are kept; the base model's own score
+is the bar to beat, so a fine-tune that does not help returns the base
+weights unchanged (and says so).  Training stops early after ``patience``
+evaluations without improvement, can be cancelled, and resumes from its
+checkpoint (``OUT/.finetune/checkpoint.pt``) when run again with the same
+inputs.  BatchNorm statistics stay frozen: a handful of images is too few
+to re-estimate them.
+
+The result is an ordinary model folder (state dict, ONNX, card with the
+base model, the images and the curves in its provenance), and a PNG of the
+loss and validation AP50 curves (``OUT/training.png``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import Pair
+from .errors import InputError
+from .jobs import CancelToken, Job, Progress
+from .models.catalog import Model, model_digest
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 300
+    batch_size: int = 8
+    crop: int = 144
+    lr: float = 3e-4
+    eval_every: int = 25
+    patience: int = 4
+    val_fraction: float = 0.2
+    blur: float = 0.3  # probability of a Gaussian blur per crop
+    seed: int = 0
+    threads: int = 0
+
+
+def split_pairs(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of training and validation images: at least one of each (two images or more)."""
+    if n < 2:
+        raise InputError("fine-tuning needs at least two labelled images (one is held out to check progress)")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(n - 1, max(1, int(round(n * val_fraction))))
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def split_image(plane: np.ndarray, labels: np.ndarray, parts: int = 5, min_side: int = 64):
+    """One labelled image cut into up to ``parts`` strips along its longer side (so one can be held out)."""
+    labels = np.asarray(labels).reshape(plane.shape[-2:])
+    axis = 1 if plane.shape[-1] >= plane.shape[-2] else 0
+    n = min(parts, plane.shape[-2 + axis] // min_side)
+    if n < 2:
+        raise InputError(f"the image ({plane.shape[-2]} x {plane.shape[-1]} px) is too small to hold part of it out",
+                         hint="label a second image, or a larger one (at least 128 px on its longer side)")
+    edges = np.linspace(0, plane.shape[-2 + axis], n + 1).astype(int)
+    out = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        sl = (slice(None), slice(a, b)) if axis == 0 else (slice(None), slice(None), slice(a, b))
+        out.append((plane[sl], labels[sl[1:]]))
+    return out
+
+
+def _val_ap50(net, samples, params) -> float:
+    from .evaluate import score
+    from .optimize.distill import _outputs
+    from .postprocess import fg_dist_to_labels
+
+    outs = _outputs(net, [s.image for s in samples])
+    return float(np.mean([score(s.labels, fg_dist_to_labels(o[0], o[1], params), thresholds=(0.5,)).ap[0.5]
+                          for o, s in zip(outs, samples)]))
+
+
+def _freeze_batchnorm(net) -> None:
+    import torch
+
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+
+
+def finetune_job(
+    base: Model, pairs: list[Pair] | None, out_dir: str | Path, cfg: FinetuneConfig = FinetuneConfig(), *,
+    name: str | None = None, arrays: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    cancel: CancelToken | None = None,
+) -> Job[dict]:
+    """Fine-tune ``base`` on image / label ``pairs`` (files) or ``arrays`` (``(C, H, W)`` raw image, labels).
+
+    Yields ``Progress("finetune", step, steps, info={"loss", "val_ap50"?})``;
+    returns ``{"card": path, "png": path, "base_val_ap50", "best_val_ap50",
+    "improved", "history", "seconds"}``.
+    """
+    import torch
+
+    from .io import read_image
+    from .models.unet import build_unet
+    from .plots import training_curves_png
+    from .preprocess import normalize, select_channels
+    from .scale import median_diameter, rescale_sample, scale_factor
+    from .train import Sample, TrainConfig, _augment_batch, distance_target, save_model, segmentation_loss
+
+    spec = base.spec
+    if spec.architecture != "unet" or "torch" not in base.files:
+        raise InputError(f"model {base.name!r} has no PyTorch weights of a built-in U-Net to fine-tune",
+                         hint="fine-tune a built-in model or one imported from a state dict")
+    if spec.classes:
+        raise InputError("fine-tuning models with a class output (viability) is not supported yet")
+    out_dir = Path(out_dir)
+    name = name or out_dir.name
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    # ---- data, at the model's scale
+    raw = arrays if arrays is not None else [
+        (next(read_image(p.image).planes())[1], read_image(p.labels).data) for p in (pairs or [])
+    ]
+    if len(raw) == 1:
+        raw = split_image(*raw[0])
+    if len(raw) < 2:
+        raise InputError("fine-tuning needs at least two labelled images (one is held out to check progress)")
+    samples = []
+    for i, (plane, lab) in enumerate(raw):
+        lab = np.asarray(lab).reshape(plane.shape[-2:]).astype(np.int32)
+        if lab.max() == 0:
+            raise InputError(f"image {i + 1} has no labelled objects")
+        x = normalize(select_channels(plane, spec.input_channels, None), spec.normalization)
+        if spec.diameter:
+            x, lab = rescale_sample(x, lab, scale_factor(spec.diameter, median_diameter(lab)))
+        samples.append(Sample(f"image{i}", x, lab, (lab > 0).astype(np.float32), distance_target(lab)))
+    train_idx, val_idx = split_pairs(len(samples), cfg.val_fraction, cfg.seed)
+    train, val = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+
+    # ---- network, optimizer, resume
+    net = build_unet(spec.config)
+    net.load_state_dict(torch.load(base.file("torch"), map_location="cpu", weights_only=True))
+    key = hashlib.sha256(json.dumps({"base": model_digest(base), "cfg": asdict(cfg), "n": len(samples),
+                                     "sizes": [s.labels.shape for s in samples],
+                                     "sums": [int(s.labels.astype(np.int64).sum() % 1_000_003) for s in samples]},
+                                    default=str).encode()).hexdigest()[:16]
+    work = out_dir / ".finetune"
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt_path = work / "checkpoint.pt"
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    history: list[dict] = []
+    step, elapsed, best_state, base_ap, best_ap, stale = 0, 0.0, None, None, None, 0
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        if ckpt.get("key") == key:
+            net.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["opt"])
+            step, elapsed = int(ckpt["step"]), float(ckpt["seconds"])
+            history = json.loads(ckpt["history"])
+            base_ap, best_ap, stale = float(ckpt["base_ap"]), float(ckpt["best_ap"]), int(ckpt["stale"])
+            best_state = ckpt["best"] if ckpt["best"] else None
+            yield Progress("finetune", step, cfg.steps, f"resumed at step {step}")
+    if base_ap is None:
+        yield Progress("finetune", 0, cfg.steps, f"measuring {base.name} on {len(val)} held-out image(s)")
+        net.eval()
+        base_ap = best_ap = _val_ap50(net, val, spec.postprocess)
+        history.append({"step": 0, "val_ap50": base_ap})
+    yield Progress("finetune", step, cfg.steps,
+                   f"{len(train)} training / {len(val)} validation image(s); base AP50 {base_ap:.3f}",
+                   info={"val_ap50": base_ap})
+    tcfg = TrainConfig(unet=spec.config, crop=cfg.crop, batch_size=cfg.batch_size, seed=cfg.seed,
+                       zoom=(0.75, 1.33) if spec.diameter else (0.7, 1.4))
+    png = out_dir / "training.png"
+    losses: list[float] = []
+    t_start = time.perf_counter()
+    while step < cfg.steps and stale < cfg.patience:
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        rng = np.random.default_rng([cfg.seed, step])
+        torch.manual_seed(cfg.seed * 100_003 + step)
+        net.train()
+        _freeze_batchnorm(net)
+        idx = rng.integers(0, len(train), cfg.batch_size)
+        x, fg, dist, _ = _augment_batch([train[i] for i in idx], tcfg, rng, blur=cfg.blur)
+        loss = segmentation_loss(net(x), fg, dist)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        step += 1
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            net.eval()
+            ap = _val_ap50(net, val, spec.postprocess)
+            history.append({"step": step, "loss": float(np.mean(losses)), "val_ap50": ap})
+            losses = []
+            if ap > best_ap + 1e-9:
+                best_ap, stale = ap, 0
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            else:
+                stale += 1
+            elapsed_now = elapsed + time.perf_counter() - t_start
+            torch.save({"key": key, "model": net.state_dict(), "opt": opt.state_dict(), "step": step,
+                        "seconds": elapsed_now, "history": json.dumps(history), "base_ap": base_ap,
+                        "best_ap": best_ap, "stale": stale, "best": best_state or {}}, work / "checkpoint.tmp")
+            (work / "checkpoint.tmp").replace(ckpt_path)
+            training_curves_png(png, history, title=f"fine-tuning {base.name} -> {name}")
+            yield Progress("finetune", step, cfg.steps, f"loss {history[-1]['loss']:.4f}, val AP50 {ap:.3f} "
+                           f"(best {best_ap:.3f}, base {base_ap:.3f})",
+                           info={"loss": history[-1]["loss"], "val_ap50": ap, "png": str(png)})
+    elapsed += time.perf_counter() - t_start
+    improved = best_state is not None
+    if improved:
+        net.load_state_dict(best_state)
+    else:
+        net.load_state_dict(torch.load(base.file("torch"), map_location="cpu", weights_only=True))
+    net.eval()
+    new = copy.deepcopy(spec)
+    new.name, new.version = name, f"{spec.version}+ft"
+    new.title = f"{spec.title}, fine-tuned on {len(samples)} user image(s)"
+    new.metrics = {"finetune_validation": {"images": len(val), "ap50_base": round(base_ap, 4),
+                                           "ap50": round(best_ap, 4)}}
+    new.training = {"fine_tuned_from": f"{base.name} v{spec.version} ({model_digest(base)})",
+                    "config": asdict(cfg), "steps_run": step, "seconds": round(elapsed, 1),
+                    "stopped": "early (no gain)" if stale >= cfg.patience else "step budget",
+                    "improved": improved, "history": history}
+    if not history or history[-1].get("step") != step:
+        training_curves_png(png, history, title=f"fine-tuning {base.name} -> {name}")
+    card = save_model(net, new, out_dir, val[0].image[None, :, :64, :64].copy() if min(val[0].image.shape[-2:]) >= 64
+                      else None)
+    shutil.rmtree(work, ignore_errors=True)
+    yield Progress("finetune", cfg.steps, cfg.steps,
+                   f"done: val AP50 {best_ap:.3f} (base {base_ap:.3f})"
+                   + ("" if improved else "; no gain, the base weights are kept"))
+    return {"card": card, "png": png, "base_val_ap50": base_ap, "best_val_ap50": best_ap, "improved": improved,
+            "history": history, "seconds": elapsed, "train_images": len(train), "val_images": len(val)}

@@ -1,0 +1,171 @@
+"""Object scale: measuring nucleus diameters and resampling images to a model's scale.
+
+A built-in model is trained with every image resampled so that its nuclei
+are ``ModelSpec.diameter`` pixels across (the median equivalent-circle
+diameter).  At inference the image is resampled by ``diameter / d`` where
+``d`` is the diameter of the user's nuclei in image pixels: given directly
+(``--diameter``), from a pixel size and a diameter in micrometres, or
+estimated from a first pass of the network (:func:`estimate_diameter`).
+The network's outputs are resampled back to the image grid before
+post-processing, so labels and measurements are always in the user's pixels.
+
+Resampling is separable linear interpolation written as two small matrix
+products (``Ry @ X @ Rx.T``); when shrinking, the triangle filter widens by
+the shrink factor so it averages instead of skipping pixels (no aliasing).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+# Below this ratio between wanted and current scale an image is used as is:
+# the models are trained with +-25 % zoom, so smaller corrections buy nothing.
+TOLERANCE = 0.1
+MIN_FACTOR, MAX_FACTOR = 0.125, 8.0
+
+
+@lru_cache(maxsize=64)
+def _matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``(n_out, n_in)`` linear-interpolation weights (pixel centres aligned, edges clamped)."""
+    s = n_out / n_in
+    support = max(1.0, 1.0 / s)
+    centres = (np.arange(n_out) + 0.5) / s - 0.5
+    j = np.arange(n_in)
+    w = np.clip(1.0 - np.abs(j[None, :] - centres[:, None]) / support, 0.0, None)
+    # clamp at the borders: weight that would fall outside goes to the edge pixel
+    w_sum = w.sum(axis=1, keepdims=True)
+    empty = w_sum[:, 0] == 0
+    if empty.any():
+        w[empty, np.clip(np.round(centres[empty]).astype(int), 0, n_in - 1)] = 1.0
+        w_sum = w.sum(axis=1, keepdims=True)
+    return (w / w_sum).astype(np.float32)
+
+
+def resize(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resample the last two axes of a float array to ``shape`` (float32)."""
+    h, w = arr.shape[-2:]
+    if (h, w) == tuple(shape):
+        return arr.astype(np.float32, copy=False)
+    ry, rx = _matrix(h, shape[0]), _matrix(w, shape[1])
+    x = arr.astype(np.float32, copy=False)
+    return np.ascontiguousarray(np.matmul(np.matmul(ry, x), rx.T))
+
+
+def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resampling of a label image (pixel centres aligned)."""
+    h, w = labels.shape[-2:]
+    if (h, w) == tuple(shape):
+        return labels
+    yi = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(int), h - 1)
+    xi = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(int), w - 1)
+    return labels[..., yi[:, None], xi[None, :]]
+
+
+def scaled_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
+    return max(1, int(round(shape[0] * factor))), max(1, int(round(shape[1] * factor)))
+
+
+def object_diameters(labels: np.ndarray) -> np.ndarray:
+    """Equivalent-circle diameter ``2 sqrt(area / pi)`` of every object, in pixels."""
+    areas = np.bincount(np.asarray(labels).ravel().astype(np.int64))[1:]
+    areas = areas[areas > 0]
+    return 2.0 * np.sqrt(areas / np.pi)
+
+
+def median_diameter(labels: np.ndarray) -> float | None:
+    """Median equivalent-circle diameter of the objects, ``None`` when there are none."""
+    d = object_diameters(labels)
+    return float(np.median(d)) if len(d) else None
+
+
+def scale_factor(model_diameter: float | None, image_diameter: float | None) -> float:
+    """How much to enlarge the image so its nuclei match the model's: 1.0 when either is unknown.
+
+    Clamped to ``[1/8, 8]``; corrections within :data:`TOLERANCE` are dropped.
+    """
+    if not model_diameter or not image_diameter:
+        return 1.0
+    f = float(np.clip(model_diameter / image_diameter, MIN_FACTOR, MAX_FACTOR))
+    return 1.0 if abs(np.log(f)) < np.log1p(TOLERANCE) else f
+
+
+def diameter_from_microns(diameter_um: float, pixel_size_um: float) -> float:
+    """Diameter in pixels of an object ``diameter_um`` across at ``pixel_size_um`` per pixel."""
+    if diameter_um <= 0 or pixel_size_um <= 0:
+        raise ValueError("diameter and pixel size must be positive")
+    return diameter_um / pixel_size_um
+
+
+def rescale_sample(image: np.ndarray, labels: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """An image ``(C, H, W)`` and its labels resampled by ``factor`` (for training)."""
+    if factor == 1.0:
+        return image, labels
+    shape = scaled_shape(labels.shape, factor)
+    return resize(image, shape), resize_labels(labels, shape)
+
+
+class ScaledPredict:
+    """A network call that runs at ``factor`` times the image's scale.
+
+    Each ``(B, C, h, w)`` batch is resampled to about ``factor`` times its
+    size (rounded up to the network's input ``multiple``), run, and the
+    outputs resampled back to ``(h, w)`` before the ``crop`` window is cut:
+    the caller sees image-pixel outputs as if the network ran natively.
+    """
+
+    def __init__(self, predict, factor: float, multiple: int, describe: str = ""):
+        self.predict, self.factor, self.multiple = predict, factor, multiple
+        self._describe = describe
+
+    def __call__(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
+        h, w = batch.shape[-2:]
+        m = self.multiple
+        shape = tuple(max(m, -(-int(round(n * self.factor)) // m) * m) for n in (h, w))
+        out = resize(self.predict(resize(batch, shape), None), (h, w))
+        return out if crop is None else out[(Ellipsis, *crop)]
+
+    def describe(self) -> str:
+        return f"{self._describe} at {self.factor:.2f}x scale"
+
+
+def image_tiling(tile: int, halo: int, factor: float) -> tuple[int, int]:
+    """Tile and halo in image pixels that give the network about ``tile`` and ``halo`` of its own pixels."""
+    return max(32, int(round(tile / factor))), int(np.ceil(halo / factor))
+
+
+def estimate_diameter(
+    image: np.ndarray, spec, predict, *, tile: int = 512, max_side: int = 1024
+) -> float | None:
+    """Median nucleus diameter, in image pixels, of a normalized ``(C, H, W)`` image.
+
+    Runs the network on (the centre ``max_side`` square of) the image at its
+    own scale, post-processes, and takes the median equivalent-circle
+    diameter; when that is far from the model's ``spec.diameter`` (the
+    network sees nuclei at a scale it was not trained for and its answer is
+    rough), it measures once more at the corrected scale.  ``None`` when no
+    object is found.
+    """
+    from .jobs import run_sync
+    from .postprocess import network_instances
+    from .tiling import predict_tiled
+
+    h, w = image.shape[-2:]
+    y0, x0 = max(0, (h - max_side) // 2), max(0, (w - max_side) // 2)
+    crop = image[:, y0 : y0 + max_side, x0 : x0 + max_side]
+    factor, diameter = 1.0, None
+    for _ in range(2):
+        x = resize(crop, scaled_shape(crop.shape[-2:], factor)) if factor != 1.0 else crop
+        out = run_sync(predict_tiled(x, lambda b: predict(b, None), tile=tile, halo=spec.halo,
+                                     multiple=spec.multiple, batch_size=1))
+        labels, _ = network_instances(out, spec)
+        d = median_diameter(labels)
+        if d is None:
+            return diameter
+        diameter = d / factor
+        step = scale_factor(spec.diameter, diameter)
+        if abs(np.log(step / factor)) < np.log(1.5):
+            break
+        factor = step
+    return diameter
