@@ -19,7 +19,7 @@ while [ $# -ge 2 ]; do
   name=$1 steps=$2; shift 2
   out=/tmp/segstudio-opt/$name
   rm -rf "$out"; mkdir -p "$(dirname "$out")"
-  /usr/bin/time -v "$PY" -m segstudio.cli optimize --model nuclei \
+  /usr/bin/time -v "$PY" -m segstudio.cli optimize --model nuclei-v1 \
       --calib "$DATA/train" --calib-labels --kind fluorescence \
       --val-images "$DATA/val" --val-labels "$DATA/val" \
       --steps "$steps" --max-drop 0.01 --out "$out" 2>&1 | tee "$out.log"

@@ -10,6 +10,15 @@ which is held out to tune the post-processing thresholds; save the state
 dict; export ONNX and verify it against PyTorch; evaluate on the
 fluorescence ``val`` split with the same code as ``segstudio eval``; write
 the model card.  A killed run resumes from ``--workdir``.
+
+The shipped models (the exact command is in each card's ``training.command``):
+
+    # nuclei v2: width 24, every image resampled to nuclei 20 px across
+    python scripts/train_builtin.py --data ../shared/data/dsb2018 --name nuclei --version 2.0 \
+        --width 24 --diameter 20 --zoom 0.75 1.33 --crop 144 --epochs 120 --workdir runs/nuclei-v2
+    # nuclei-light: width 12, distilled from v2 (logit KD, T=3, alpha=0.5, with the labels)
+    python scripts/train_builtin.py --data ../shared/data/dsb2018 --name nuclei-light --width 12 \
+        --diameter 20 --zoom 0.75 1.33 --crop 144 --distill-from segstudio/core/models/builtin/nuclei.json
 """
 
 from __future__ import annotations
@@ -29,10 +38,11 @@ from segstudio.core.datasets import find_pairs  # noqa: E402
 from segstudio.core.evaluate import evaluate_job  # noqa: E402
 from segstudio.core.jobs import run_sync  # noqa: E402
 from segstudio.core.models.catalog import BUILTIN_DIR, get_model, write_card  # noqa: E402
-from segstudio.core.models.onnx_export import compare_outputs, export_onnx  # noqa: E402
+from segstudio.core.scale import object_diameters  # noqa: E402
 from segstudio.core.models.spec import ModelSpec, PostprocessParams, UNetConfig  # noqa: E402
-from segstudio.core.tiling import predict_tiled  # noqa: E402
-from segstudio.core.train import TrainConfig, config_dict, load_samples, train_job, tune_postprocess  # noqa: E402
+from segstudio.core.train import (  # noqa: E402
+    TrainConfig, config_dict, load_samples, predict_outputs, save_model, train_job, tune_postprocess,
+)
 
 
 def log(event) -> None:
@@ -54,18 +64,31 @@ def main() -> int:
     ap.add_argument("--diameter", type=float, default=None,
                     help="resample every image so its nuclei are this many pixels across (default: native pixels)")
     ap.add_argument("--zoom", type=float, nargs=2, default=(0.7, 1.4))
+    ap.add_argument("--init-from", default=None, help="start from these weights (state dict or checkpoint)")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="stop after this epoch (the checkpoint stays; the schedule spans --epochs)")
+    ap.add_argument("--distill-from", default=None,
+                    help="train a light student by knowledge distillation from this model card")
+    ap.add_argument("--steps", type=int, default=3000, help="distillation steps (with --distill-from)")
+    ap.add_argument("--temperature", type=float, default=3.0, help="distillation temperature T")
+    ap.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term")
+    ap.add_argument("--speed", nargs=2, metavar=("MODEL", "AGAINST"), default=None,
+                    help="only measure MODEL's CPU speed against AGAINST (interleaved) and write it into MODEL's card")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "nuclei")
     ap.add_argument("--out", type=Path, default=BUILTIN_DIR)
     args = ap.parse_args()
+    if args.speed:
+        record_speed(get_model(args.speed[0]).card_path, args.speed[1], args.data)
+        return 0
 
     import torch
 
     cfg = TrainConfig(
         unet=UNetConfig(in_channels=1, out_channels=2, depth=args.depth, width=args.width, separable=args.separable),
         epochs=args.epochs, crop=args.crop, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        diameter=args.diameter, zoom=tuple(args.zoom),
+        diameter=args.diameter, zoom=tuple(args.zoom), init_from=args.init_from, stop_after=args.stop_after,
         threads=args.threads,
     )
     pairs = find_pairs(args.data / "train", args.data / "train", kind="fluorescence")
@@ -75,89 +98,160 @@ def main() -> int:
     train = load_samples(train_pairs, cfg.normalization, cfg.unet.in_channels, cfg.diameter)
     tune = load_samples(tune_pairs, cfg.normalization, cfg.unet.in_channels)
 
-    result = run_sync(train_job(train, cfg, args.workdir), log)
-    net = result["net"]
+    teacher = None
+    if args.distill_from:
+        from segstudio.core.optimize.distill import KDConfig, distill_job
+        from segstudio.core.models.unet import build_unet
+
+        teacher_model = get_model(args.distill_from)
+        teacher = build_unet(teacher_model.spec.config)
+        teacher.load_state_dict(torch.load(teacher_model.file("torch"), weights_only=True))
+        torch.manual_seed(args.seed)
+        net = build_unet(cfg.unet)
+        kd = KDConfig(steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+                      temperature=args.temperature, alpha=args.alpha, zoom=tuple(args.zoom), seed=args.seed,
+                      threads=args.threads)
+        t0 = time.perf_counter()
+        result = run_sync(distill_job(net, teacher.eval(), [s.image for s in train], kd,
+                                      labels=[(s.fg, s.dist) for s in train]), log)
+        result["seconds"] = time.perf_counter() - t0
+        history_loss = result["final_loss"]
+    else:
+        result = run_sync(train_job(train, cfg, args.workdir), log)
+        if args.stop_after and len(result["history"]) < cfg.epochs:
+            print(f"stopped after epoch {len(result['history'])}; checkpoint in {args.workdir}", flush=True)
+            return 0
+        net = result["net"]
+        history_loss = result["history"][-1]["loss"]
+    net.eval()
 
     spec = ModelSpec(
         name=args.name, version=args.version,
-        title="Nuclei in fluorescence images (U-Net, foreground + distance, watershed)",
+        title="Nuclei in fluorescence images (U-Net, foreground + distance, watershed)"
+        + (f", light: width {args.width}, distilled from {teacher_model.name}" if teacher is not None else ""),
         description="2-D nuclei in fluorescence microscopy (DAPI / Hoechst-like stains), one channel.",
         config=cfg.unet, input_channels=cfg.unet.in_channels, normalization=cfg.normalization,
+        diameter=cfg.diameter,
         trained_on=f"DSB2018 stage 1 (BBBC038, CC0), fluorescence train split: {len(train_pairs)} images "
         f"({len(tune_pairs)} more held out to tune thresholds)",
         license="CC0 training data; model weights released with segstudio",
     )
 
-    # post-processing thresholds on held-out training images
-    with torch.inference_mode():
-        def predict(b):
-            return net(torch.from_numpy(b)).numpy()
-        outputs = [
-            run_sync(predict_tiled(s.image, predict, tile=512, halo=spec.halo, multiple=cfg.unet.multiple))
-            for s in tune
-        ]
+    # post-processing thresholds on held-out training images (at the model's scale, as inference runs)
+    outputs = predict_outputs(net, tune, cfg.diameter)
     params, tune_ap = tune_postprocess(outputs, [s.labels for s in tune], PostprocessParams())
     spec.postprocess = params
     print(f"tuned post-processing: {params} (AP50 {tune_ap:.3f} on the tune images)", flush=True)
 
-    diam = [2 * np.sqrt(np.bincount(s.labels.ravel())[1:] / np.pi) for s in train]
-    diam = np.concatenate([d[d > 0] for d in diam])
+    diam = np.concatenate([object_diameters(s.labels) for s in tune + load_samples(train_pairs[:60], cfg.normalization, 1)])
     spec.median_diameter_px = round(float(np.median(diam)), 1)
     spec.pixel_scale = (
-        f"native DSB2018 pixels (no physical size given); nuclei {np.percentile(diam, 5):.0f}-"
-        f"{np.percentile(diam, 95):.0f} px across (5th-95th percentile), median {spec.median_diameter_px} px; "
-        f"trained with zoom {cfg.zoom[0]}-{cfg.zoom[1]}x"
+        f"DSB2018 nuclei are {np.percentile(diam, 5):.0f}-{np.percentile(diam, 95):.0f} px across (5th-95th "
+        f"percentile), median {spec.median_diameter_px} px"
+        + (f"; every image is resampled so its nuclei are {cfg.diameter:g} px across (estimated from the image, "
+           f"or --diameter), trained with zoom {cfg.zoom[0]}-{cfg.zoom[1]}x around that"
+           if cfg.diameter else f"; trained at native pixels with zoom {cfg.zoom[0]}-{cfg.zoom[1]}x")
     )
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    pt = args.out / f"{args.name}.pt"
-    torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, pt)
-    onnx_path = export_onnx(net, args.out / f"{args.name}.onnx", in_channels=1, multiple=cfg.unet.multiple)
-
-    import onnxruntime as ort
-
-    x = np.stack([tune[0].image[:, :256, :256], tune[1].image[:, :256, :256]]).astype(np.float32)
-    with torch.inference_mode():
-        ref = net(torch.from_numpy(x)).numpy()
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    onnx_check = compare_outputs(ref, sess.run(None, {sess.get_inputs()[0].name: x})[0])
-    print(f"ONNX vs PyTorch: {onnx_check}", flush=True)
-
+    defaults = {"epochs": 100, "width": 16, "depth": 3, "crop": 192, "diameter": None}
+    command = "python scripts/train_builtin.py --data ../shared/data/dsb2018 --name " + args.name
+    if args.version != "1.0":
+        command += f" --version {args.version}"
+    for key, default in defaults.items():
+        if args.distill_from and key == "epochs":
+            continue
+        value = getattr(args, key)
+        if value != default:
+            command += f" --{key} {value:g}" if isinstance(value, float) else f" --{key} {value}"
+    if tuple(args.zoom) != (0.7, 1.4):
+        command += f" --zoom {args.zoom[0]} {args.zoom[1]}"
+    if args.distill_from:
+        command += f" --distill-from {args.distill_from} --steps {args.steps}"
+    if args.init_from:
+        command += f" --lr {args.lr:g} --init-from {args.init_from}"
     spec.training = {
-        "command": "python scripts/train_builtin.py --data ../shared/data/dsb2018"
-        + ("" if args.epochs == 100 else f" --epochs {args.epochs}")
-        + ("" if args.width == 16 else f" --width {args.width}"),
+        "command": command,
         "config": config_dict(cfg),
         "seconds": round(result["seconds"]),
         "machine": "2-core AMD EPYC (AVX2), CPU only, torch " + torch.__version__,
-        "final_loss": result["history"][-1]["loss"],
+        "final_loss": history_loss,
         "tune_ap50": round(tune_ap, 4),
-        "onnx_vs_torch": onnx_check,
     }
-    card = write_card(spec, {"torch": pt, "onnx": onnx_path}, args.out / f"{args.name}.json")
+    if teacher is not None:
+        spec.training["distillation"] = {k: result[k] for k in ("steps", "temperature", "alpha", "feature_kd", "lr",
+                                                                "crop", "batch_size", "labels")}
+        spec.training["distillation"]["teacher"] = f"{teacher_model.name} v{teacher_model.spec.version}"
+    example = np.stack([tune[0].image[:, :256, :256], tune[1].image[:, :256, :256]]).astype(np.float32)
+    card = save_model(net, spec, args.out, example)
+    print(f"ONNX vs PyTorch: {spec.training['onnx_vs_torch']}", flush=True)
+    spec.metrics = {"dsb2018_fluorescence_val": val_metrics(card, args.data)}
+    model = get_model(card)
+    write_card(spec, model.files, card)
+    print(json.dumps(spec.metrics, indent=1))
+    if teacher is not None:
+        record_speed(card, args.distill_from, args.data)
+    return 0
 
-    # evaluation on val, as `segstudio eval` does it
+
+def record_speed(card, other, data: Path) -> dict:
+    """Network latency of ``card``'s model against ``other``'s, interleaved on the same backend; into the card.
+
+    One call on a batch of 4 tiles of 512 x 512 (the app's CPU batch), both
+    models on OpenVINO FP32 (ONNX Runtime when OpenVINO is not installed),
+    timed round-robin in one process so machine load hits both alike; plus
+    the end-to-end time of segmenting the fluorescence val images.
+    """
+    from segstudio.core.backends import create_backend, installed
+    from segstudio.core.optimize.validate import interleaved_latencies
+
+    model, ref = get_model(card), get_model(other)
+    name = "openvino" if installed("openvino") else "onnxruntime"
+    batch = np.random.default_rng(0).random((4, 1, 512 + 2 * model.spec.halo, 512 + 2 * model.spec.halo),
+                                            dtype=np.float32)
+    with create_backend(name, model) as a, create_backend(name, ref) as b:
+        ms_a, ms_b = interleaved_latencies([a, b], batch, repeats=15)
+        describe = a.describe()
+    val = find_pairs(data / "val", data / "val", kind="fluorescence")
+    walls = {}
+    for m in (model, ref, model, ref):  # twice each, alternating
+        with create_backend(name, m) as be:
+            t0 = time.perf_counter()
+            run_sync(evaluate_job(val, m, be))
+            walls.setdefault(m.name, []).append(time.perf_counter() - t0)
+    speed = {
+        "against": f"{ref.name} v{ref.spec.version}", "backend": describe,
+        "network_ms_4x512": round(ms_a, 1), "against_network_ms_4x512": round(ms_b, 1),
+        "network_speedup": round(ms_b / ms_a, 2),
+        "val_seconds": round(min(walls[model.name]), 1), "against_val_seconds": round(min(walls[ref.name]), 1),
+        "end_to_end_speedup": round(min(walls[ref.name]) / min(walls[model.name]), 2),
+        "command": f"python scripts/train_builtin.py --data ../shared/data/dsb2018 --speed {model.name} {ref.name}",
+        "machine": "2-core AMD EPYC (AVX2)", "date": time.strftime("%Y-%m-%d"),
+    }
+    spec = model.spec
+    spec.metrics["cpu_speed"] = speed
+    write_card(spec, model.files, model.card_path)
+    print(json.dumps(speed, indent=1))
+    return speed
+
+
+def val_metrics(card: Path, data: Path) -> dict:
+    """The model's scores on the fluorescence val split, as `segstudio eval` computes them."""
     from segstudio.core.backends import create_backend
 
     model = get_model(card)
-    val = find_pairs(args.data / "val", args.data / "val", kind="fluorescence")
+    val = find_pairs(data / "val", data / "val", kind="fluorescence")
+    t0 = time.perf_counter()
     with create_backend("onnxruntime", model) as backend:
         report = run_sync(evaluate_job(val, model, backend))
     mean = report["mean"]
-    spec.metrics = {
-        "dsb2018_fluorescence_val": {
-            "images": len(val),
-            "ap50": round(mean["ap50"], 4), "ap75": round(mean["ap75"], 4), "f1": round(mean["f1"], 4),
-            "dice": round(mean["dice"], 4), "pq": round(mean["pq"], 4),
-            "count_error": round(mean["count_error"], 4),
-            "ap": {k: round(v, 4) for k, v in mean["ap"].items()},
-            "command": "segstudio eval --model nuclei --images ../shared/data/dsb2018/val "
-            "--labels ../shared/data/dsb2018/val --kind fluorescence",
-        }
+    return {
+        "images": len(val),
+        "ap50": round(mean["ap50"], 4), "ap75": round(mean["ap75"], 4), "f1": round(mean["f1"], 4),
+        "dice": round(mean["dice"], 4), "pq": round(mean["pq"], 4), "count_error": round(mean["count_error"], 4),
+        "ap": {k: round(v, 4) for k, v in mean["ap"].items()},
+        "eval_seconds_onnxruntime": round(time.perf_counter() - t0, 1),
+        "command": f"segstudio eval --model {model.name} --images ../shared/data/dsb2018/val "
+        "--labels ../shared/data/dsb2018/val --kind fluorescence",
     }
-    write_card(spec, {"torch": pt, "onnx": onnx_path}, card)
-    print(json.dumps(spec.metrics, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Images come from :mod:`segstudio.core.synthetic` (two channels: a live or
 nuclear stain and a dead stain; 1:20 to 20:1 live:dead; see its docstring
 for every parameter).  Training seeds 0..N-1; threshold tuning on seeds from
 100000; the held-out test set (seeds from 200000) has fixed live fractions
-1/21, 1/6, 1/2, 5/6 and 20/21 in both assays.  The model card gets per-cell
+1/21, 1/6, 1/2, 5/6 and 20/21 in both assays, at least 6 images each and
+more until the rarer class has 40 cells.  The model card gets per-cell
 live / dead F1 (a cell counts when it is found at IoU >= 0.5 *and* given the
 right class) per ratio, AP50 and the rest; ``--eval-only`` re-measures a
 written model.  Resumes from ``--workdir`` when killed.
@@ -38,7 +39,8 @@ from segstudio.core.train import (  # noqa: E402
 )
 
 TEST_FRACTIONS = (1 / 21, 1 / 6, 1 / 2, 5 / 6, 20 / 21)
-TEST_PER_CELL = 6  # images per (assay, live fraction)
+# images per (assay, live fraction): at least 6, more until the rarer class has 40 cells (at most 40 images)
+TEST_MIN_IMAGES, TEST_MIN_CELLS, TEST_MAX_IMAGES = 6, 40, 40
 
 
 def log(event) -> None:
@@ -65,8 +67,13 @@ def evaluate(model, backend_name: str = "onnxruntime") -> dict:
         for ai, assay in enumerate(ASSAYS):
             for fi, frac in enumerate(TEST_FRACTIONS):
                 counts = {c: {"tp": 0, "fp": 0, "fn": 0} for c in CLASS_NAMES}
-                for k in range(TEST_PER_CELL):
+                k = 0
+                while k < TEST_MIN_IMAGES or (
+                    min(counts[c]["tp"] + counts[c]["fn"] for c in CLASS_NAMES) < TEST_MIN_CELLS
+                    and k < TEST_MAX_IMAGES
+                ):
                     seed = 200_000 + 1000 * ai + 100 * fi + k
+                    k += 1
                     img, lab, cls, _ = viability_image(np.random.default_rng(seed), assay=assay, live_fraction=frac)
                     res = run_sync(segment_job(ImageData(img, "CYX", name=f"test{seed}"), model, backend))
                     pred = res.labels.reshape(lab.shape)
@@ -83,6 +90,7 @@ def evaluate(model, backend_name: str = "onnxruntime") -> dict:
                     "dead_f1": round(f1_from_counts(counts["dead"]), 4),
                     "dead_cells": counts["dead"]["tp"] + counts["dead"]["fn"],
                     "live_cells": counts["live"]["tp"] + counts["live"]["fn"],
+                    "images": k,
                 }
                 print(f"{assay:13s} {ratio:18s} {per[f'{assay} {ratio}']}", flush=True)
     mean = mean_scores(rows)
@@ -102,6 +110,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=50)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--init-from", default=None, help="start from these weights (state dict or checkpoint)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "viability")
     ap.add_argument("--out", type=Path, default=BUILTIN_DIR)
@@ -119,7 +129,8 @@ def main() -> int:
     import torch
 
     cfg = TrainConfig(unet=UNetConfig(in_channels=2, out_channels=3, depth=3, width=args.width),
-                      epochs=args.epochs, crop=args.crop, zoom=(0.75, 1.33), threads=args.threads)
+                      epochs=args.epochs, crop=args.crop, zoom=(0.75, 1.33), threads=args.threads, lr=args.lr,
+                      init_from=args.init_from)
     train = make_samples(range(args.images), cfg.normalization)
     tune = make_samples(range(100_000, 100_024), cfg.normalization)
     diam = float(np.median(np.concatenate([object_diameters(s.labels) for s in train])))
@@ -144,7 +155,9 @@ def main() -> int:
     params, tune_ap = tune_postprocess(outputs, [s.labels for s in tune], PostprocessParams())
     spec.postprocess = params
     spec.training = {
-        "command": "python scripts/train_viability.py", "config": config_dict(cfg), "images": args.images,
+        "command": "python scripts/train_viability.py" + (f" --epochs {args.epochs}" if args.epochs != 50 else "")
+        + (f" --lr {args.lr:g} --init-from {args.init_from}" if args.init_from else ""),
+        "config": config_dict(cfg), "images": args.images,
         "seconds": round(result["seconds"]), "machine": "2-core AMD EPYC (AVX2), CPU only, torch " + torch.__version__,
         "final_loss": result["history"][-1]["loss"], "tune_ap50": round(tune_ap, 4),
         "class_balance": "class BCE weighted by the inverse share of each class's pixels per batch",

@@ -89,6 +89,27 @@ def _model_and_backend(args):
     return model, backend
 
 
+def _diameter(value: str | None) -> dict:
+    """``--diameter``: auto (estimate), native (no resampling), a size in pixels, or in micrometres (``12um``)."""
+    if value is None or value == "auto":
+        return {}
+    if value == "native":
+        return {"diameter": "native"}
+    text = value.strip().lower()
+    try:
+        if text.endswith(("um", "µm")):
+            d = float(text.rstrip("uµm").strip())
+            key = "diameter_um"
+        else:
+            d = float(text.removesuffix("px").strip())
+            key = "diameter"
+    except ValueError:
+        raise InputError(f"--diameter must be auto, native, pixels (e.g. 24) or micrometres (e.g. 9um), not {value!r}") from None
+    if d <= 0:
+        raise InputError("--diameter must be positive")
+    return {key: d}
+
+
 def _channel(value: str | None):
     if value is None or value == "mean":
         return value
@@ -124,7 +145,8 @@ def cmd_segment(args) -> int:
                     out.mkdir(parents=True, exist_ok=True)
                     result = run_sync(
                         segment_job(source, model, backend, channel=_channel(args.channel), tile=args.tile,
-                                    batch_size=args.batch_size, labels_path=out / f"{stem}_labels.tif"),
+                                    batch_size=args.batch_size, labels_path=out / f"{stem}_labels.tif",
+                                    **_diameter(args.diameter)),
                         bar.update,
                     )
                 write_csv(out / f"{stem}_cells.csv", result.table)
@@ -165,7 +187,7 @@ def cmd_eval(args) -> int:
 
     try:
         report = run_sync(evaluate_job(pairs, model, backend, channel=_channel(args.channel), tile=args.tile,
-                                       keep_worst=args.worst), on_progress)
+                                       keep_worst=args.worst, **_diameter(args.diameter)), on_progress)
     finally:
         bar.close()
         backend.close()
@@ -453,6 +475,9 @@ def _add_model_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="auto, torch or onnxruntime (default: auto)")
     p.add_argument("--channel", default=None, help="channel index for one-channel models, or 'mean'")
     p.add_argument("--tile", type=int, default=512, help="tile size in pixels (default: 512)")
+    p.add_argument("--diameter", default="auto",
+                   help="nuclei diameter: auto (estimate it, default), native (no resampling), pixels (e.g. 24) "
+                   "or micrometres (e.g. 9um, with the pixel size the file records)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-image lines")
 

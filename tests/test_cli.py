@@ -97,6 +97,14 @@ def test_eval_json(tmp_path, sample_dir):
     assert {"name", "ap50", "ap75", "f1", "dice"} <= set(report["images"][0])
     assert report["mean"]["ap50"] == pytest.approx(np.mean([r["ap50"] for r in report["images"]]))
     assert "mean over 4 image(s)" in proc.stdout
+    # the worst images, lowest AP50 first, drawn over the truth
+    worst = sorted(report["images"], key=lambda r: r["ap50"])
+    listed = proc.stdout.split("worst images: ")[1].splitlines()[0]
+    assert listed.startswith(f"{worst[0]['name']} ({worst[0]['ap50']:.3f})") and listed.count("(") == 4
+    from PIL import Image
+
+    png = Image.open(tmp_path / "r_worst.png")
+    assert png.size[0] >= 4 * 300 and np.asarray(png.convert("RGB")).reshape(-1, 3).tolist().count([255, 0, 255]) > 100
 
 
 def test_optimize_cli_writes_reports_and_refuses_bad_steps(tmp_path, sample_dir):

@@ -181,13 +181,15 @@ def mean_scores(rows: list[dict]) -> dict:
     return out
 
 
-def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_worst: int = 0, cancel=None):
+def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_worst: int = 0, cancel=None,
+                 **scale):
     """Segment each image of ``pairs`` and score it against its labels.
 
     A job yielding one ``Progress("eval", i, n)`` per image; returns
     ``{"mean": {...}, "images": [{"name", "ap50", ...}, ...]}`` and, with
     ``keep_worst``, ``"worst"``: the ``keep_worst`` lowest-AP50 images as
     ``(ap50, name, image path, truth, prediction)`` (for :func:`worst_images_png`).
+    ``scale``: ``diameter`` / ``diameter_um`` as :func:`segment_job` takes them.
     """
     import heapq
 
@@ -203,7 +205,7 @@ def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_w
         image = read_image(pair.image)
         truth = read_image(pair.labels).data
         result = yield from segment_job(
-            image, model, backend, channel=channel, tile=tile, measure_cells=False, cancel=cancel
+            image, model, backend, channel=channel, tile=tile, measure_cells=False, cancel=cancel, **scale
         )
         pred = result.labels.reshape(truth.shape) if result.labels.size == truth.size else result.labels
         row = {"name": pair.name, **score(truth, pred).as_dict()}

@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from .backends import Backend
+from .errors import InputError
 from .io import ImageData
 from .jobs import CancelToken, Job, Progress
 from .measure import Table, concat_tables
 from .models.catalog import Model
 from .pipeline import STAGES, StageClock, segment_plane_job
 from .preprocess import normalize, sample_percentiles, select_channels
-from .scale import ScaledPredict, estimate_diameter, image_tiling, scale_factor
+from .scale import ScaledPredict, diameter_from_microns, estimate_diameter, image_tiling, scale_factor
 from .sinks import ArraySink, TiffSink
 from .sources import ImageSource, source_from_image
 
@@ -107,7 +108,8 @@ def segment_job(
     measure_cells: bool = True,
     labels_path: str | Path | None = None,
     post_workers: int | None = None,
-    diameter: float | None = None,
+    diameter: float | str | None = None,
+    diameter_um: float | None = None,
     cancel: CancelToken | None = None,
 ) -> Job[SegmentationResult]:
     """Segment ``image`` with ``model`` on ``backend``.
@@ -127,8 +129,10 @@ def segment_job(
     Scale: a model trained at a nucleus diameter (``spec.diameter``) sees
     every image resampled so its nuclei are that size; ``diameter`` is the
     nuclei's diameter in image pixels, estimated from the first plane when
-    not given (see :mod:`segstudio.core.scale`).  Labels and measurements
-    are always in image pixels.
+    not given (see :mod:`segstudio.core.scale`); ``diameter_um`` gives it
+    in micrometres (the image must record its pixel size); ``"native"``
+    runs the image as it is.  Labels and measurements are always in image
+    pixels.
     """
     spec = model.spec
     source = image if isinstance(image, ImageSource) else source_from_image(image)
@@ -152,6 +156,13 @@ def segment_job(
     indices = source.stack_indices()
     t_start = time.perf_counter()
     factor, halo = 1.0, spec.halo
+    if diameter == "native":
+        diameter = spec.diameter
+    elif diameter_um is not None:
+        if source.pixel_size is None:
+            raise InputError(f"{source.name}: the file does not record its pixel size, so a diameter in micrometres "
+                             "cannot be converted", hint="give the diameter in pixels")
+        diameter = diameter_from_microns(diameter_um, float(np.mean(source.pixel_size)))
 
     def select(block):
         return select_channels(block, spec.input_channels, channel)

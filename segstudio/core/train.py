@@ -44,6 +44,10 @@ class TrainConfig:
     zoom: tuple[float, float] = (0.7, 1.4)
     # nuclei diameter (pixels) every training image is resampled to before cropping; None: native pixels
     diameter: float | None = None
+    # start from these weights (a state dict, or a checkpoint's "model") instead of random ones
+    init_from: str | None = None
+    # stop after this many epochs (the schedule still spans ``epochs``; run again without it to go on)
+    stop_after: int | None = None
     seed: int = 0
     threads: int = 0  # 0: torch default
 
@@ -208,8 +212,11 @@ def train_job(
         sched.load_state_dict(ckpt["sched"])
         start_epoch, elapsed = int(ckpt["epoch"]), float(ckpt["seconds"])
         history = json.loads(ckpt["history"])
+    elif cfg.init_from:
+        state = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["model"] if "model" in state else state)
     yield Progress("train", start_epoch, cfg.epochs, f"{len(train)} images, {steps_per_epoch} steps/epoch")
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, min(cfg.epochs, cfg.stop_after or cfg.epochs)):
         t0 = time.perf_counter()
         rng = np.random.default_rng([cfg.seed, epoch])
         torch.manual_seed(cfg.seed * 1000 + epoch)
@@ -238,6 +245,32 @@ def train_job(
         yield Progress("train", epoch + 1, cfg.epochs, f"loss {history[-1]['loss']:.4f}", info=history[-1])
     net.eval()
     return {"state_dict": net.state_dict(), "history": history, "seconds": elapsed, "net": net}
+
+
+def predict_outputs(net, samples: list[Sample], diameter: float | None, tile: int = 512) -> list[np.ndarray]:
+    """Network outputs ``(K, H, W)`` of each sample's image on its own pixel grid.
+
+    With ``diameter`` each image is first resampled so its nuclei (median
+    of its labels) are that size, as training and inference do, and the
+    outputs resampled back; so the thresholds tuned on them hold at inference.
+    """
+    import torch
+
+    from .jobs import run_sync
+    from .scale import resize, scaled_shape
+    from .tiling import predict_tiled
+
+    def run(batch):
+        with torch.inference_mode():
+            return net(torch.from_numpy(batch)).numpy()
+
+    outs = []
+    for s in samples:
+        f = scale_factor(diameter, median_diameter(s.labels)) if diameter else 1.0
+        x = resize(s.image, scaled_shape(s.image.shape[-2:], f)) if f != 1.0 else s.image
+        o = run_sync(predict_tiled(x, run, tile=tile, halo=net.config.halo, multiple=net.config.multiple))
+        outs.append(resize(o, s.image.shape[-2:]) if f != 1.0 else o)
+    return outs
 
 
 def tune_postprocess(

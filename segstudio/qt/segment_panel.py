@@ -25,6 +25,7 @@ from typing import Callable
 from qtpy.QtCore import QEvent, QObject, Qt, Signal
 from qtpy.QtWidgets import (
     QComboBox,
+    QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -202,6 +203,14 @@ class SegmentPanel(QWidget):
         self.channel_combo.setToolTip(
             "the channel the model reads; auto: the only channel, or the mean of colour channels"
         )
+        self.diameter_spin = QDoubleSpinBox()
+        self.diameter_spin.setRange(0.0, 1000.0)
+        self.diameter_spin.setDecimals(1)
+        self.diameter_spin.setSpecialValueText("auto")
+        self.diameter_spin.setSuffix(" px")
+        self.diameter_spin.setToolTip(
+            "typical nucleus diameter in image pixels; auto: estimated from the image. The image is resampled "
+            "so its nuclei match the size the model was trained on")
         self.run_button = QPushButton("Run")
         self.run_button.setToolTip("segment the image")
         self.cancel_button = QPushButton("Cancel")
@@ -225,6 +234,7 @@ class SegmentPanel(QWidget):
         form.addRow("Model", model_row)
         form.addRow("Backend", self.backend_combo)
         form.addRow("Channel", self.channel_combo)
+        form.addRow("Diameter", self.diameter_spin)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -314,6 +324,7 @@ class SegmentPanel(QWidget):
             self._show_error(exc)
             return
         model_name, backend_name, channel = self.model_name, self.backend_name, self.channel
+        diameter = self.diameter_spin.value() or None
         self._n_planes = max(1, math.prod(image.stack_shape))
         self._planes_done = 0
         self._t_start = time.perf_counter()
@@ -323,7 +334,8 @@ class SegmentPanel(QWidget):
         self.notice.setVisible(False)
         self._set_busy()
         backends, tile = self._backends, self._tile
-        self.runner.start(lambda cancel: _segment(image, backends, model_name, backend_name, channel, tile, cancel))
+        self.runner.start(lambda cancel: _segment(image, backends, model_name, backend_name, channel, tile, cancel,
+                                                  diameter))
 
     def cancel(self) -> None:
         """Ask the running job to stop."""
@@ -392,7 +404,8 @@ class SegmentPanel(QWidget):
         self.backend_combo.setCurrentIndex(max(index, 0))
 
     def _set_busy(self) -> None:
-        for w in (self.run_button, self.model_combo, self.open_model_button, self.backend_combo, self.channel_combo):
+        for w in (self.run_button, self.model_combo, self.open_model_button, self.backend_combo, self.channel_combo,
+                  self.diameter_spin):
             w.setEnabled(False)
         self.cancel_button.setEnabled(True)
 
@@ -401,6 +414,7 @@ class SegmentPanel(QWidget):
         self.model_combo.setEnabled(True)
         self.open_model_button.setEnabled(True)
         self.backend_combo.setEnabled(True)
+        self.diameter_spin.setEnabled(True)
         self.channel_combo.setEnabled(self.channel_combo.count() > 1)
         self.cancel_button.setEnabled(False)
         if not self._models:
@@ -463,11 +477,13 @@ def _segment(
     channel: int | None,
     tile: int,
     cancel: CancelToken,
+    diameter: float | None = None,
 ) -> Job[SegmentationResult]:
     """The panel's job, run on the worker thread: load (or reuse) the backend, then segment."""
     yield Progress("load", 0, 0, f"loading {model_name} ({backend_name})")
     model, backend = backends.get(model_name, backend_name)
     cancel.raise_if_cancelled()
     yield Progress("load", 1, 1, f"running on {backend.describe()}")
-    result = yield from segment_job(image, model, backend, channel=channel, tile=tile, cancel=cancel)
+    result = yield from segment_job(image, model, backend, channel=channel, tile=tile, cancel=cancel,
+                                    diameter=diameter)
     return result

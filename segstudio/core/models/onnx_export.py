@@ -26,7 +26,6 @@ def ir_version_for_opset(opset: int) -> int:
 
 def export_onnx(net, path: str | Path, *, in_channels: int, multiple: int, opset: int = DEFAULT_OPSET) -> Path:
     """Export ``net`` (eval mode) to one ONNX file with dynamic batch, H and W."""
-    import onnx
     import torch
 
     path = Path(path)

@@ -250,6 +250,17 @@ class ModelSpec:
         if self.trained_on:
             lines.append(f"  trained on: {self.trained_on}")
         for key, m in self.metrics.items():
+            if "network_speedup" in m:
+                lines.append(f"  CPU speed vs {m['against']}: network {m['network_speedup']:.2f}x "
+                             f"({m['network_ms_4x512']:.0f} vs {m['against_network_ms_4x512']:.0f} ms per 4 tiles "
+                             f"of 512 px), end to end {m['end_to_end_speedup']:.2f}x on {m['backend']}")
+                lines.append(f"    reproduce: {m['command']}")
+                continue
+            if "per_ratio" in m:
+                lines.append(f"  {key}: live/dead per-cell F1 >= {m['min_class_f1']:.3f} at every live:dead ratio "
+                             f"from 1:20 to 20:1; AP50 {m['ap50']:.3f} ({m['images']} images)")
+                lines.append(f"    reproduce: {m['command']}")
+                continue
             scores = ", ".join(f"{k.upper()} {m[k]:.3f}" for k in ("ap50", "ap75", "f1", "dice", "pq") if k in m)
             lines.append(f"  {key} ({m.get('images', '?')} images): {scores}")
             if "command" in m:

@@ -272,7 +272,7 @@ def _fill_from_onnx(spec: ModelSpec, onnx_path: Path, *, representation: str | N
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    inputs, outputs = sess.get_inputs(), sess.get_outputs()
+    inputs = sess.get_inputs()
     if len(inputs) != 1 or len(inputs[0].shape) != 4:
         raise IncompatibleArtifactError(
             f"{onnx_path.name}: segstudio runs networks with one (batch, channel, height, width) input; "

@@ -1,0 +1,116 @@
+"""Object scale: resampling, diameter estimates, and segmenting at the model's scale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segstudio.core.backends import create_backend
+from segstudio.core.evaluate import score
+from segstudio.core.io import ImageData, read_image
+from segstudio.core.jobs import run_sync
+from segstudio.core.models.catalog import get_model
+from segstudio.core.scale import (
+    ScaledPredict, median_diameter, resize, resize_labels, scale_factor, scaled_shape,
+)
+from segstudio.core.segment import segment_job
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+
+
+def test_resize_keeps_mean_and_constant_images():
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 37, 53)).astype(np.float32)
+    for shape in [(74, 106), (19, 27), (10, 200)]:
+        y = resize(x, shape)
+        assert y.shape == (2, *shape) and y.dtype == np.float32
+        assert abs(float(y.mean()) - float(x.mean())) < 5e-3
+    c = np.full((1, 30, 30), 7.0, np.float32)
+    assert np.allclose(resize(c, (13, 71)), 7.0)
+    assert resize(x, (37, 53)) is not None and np.array_equal(resize(x, (37, 53)), x)
+
+
+def test_resize_labels_and_factors():
+    lab = np.zeros((40, 40), np.int32)
+    lab[10:20, 10:20] = 3
+    big = resize_labels(lab, (80, 80))
+    assert set(np.unique(big)) == {0, 3} and (big == 3).sum() == 400
+    assert median_diameter(lab) == pytest.approx(2 * np.sqrt(100 / np.pi))
+    assert median_diameter(np.zeros((5, 5), np.int32)) is None
+    assert scale_factor(20, 10) == 2.0
+    assert scale_factor(20, 13.0) == pytest.approx(20 / 13, rel=0.023) and scale_factor(20, 13.0) == scale_factor(20, 13.1)
+    assert scale_factor(20, 19) == 1.0  # within tolerance: used as is
+    assert scale_factor(20, 1000) == 0.125  # clamped
+    assert scale_factor(None, 10) == 1.0 and scale_factor(20, None) == 1.0
+    assert scaled_shape((100, 50), 1.5) == (150, 75)
+
+
+def test_scaled_predict_rounds_to_the_network_multiple_and_crops():
+    seen = []
+
+    def predict(batch, crop):
+        seen.append(batch.shape)
+        return np.repeat(batch[:, :1], 2, axis=1)
+
+    f = ScaledPredict(predict, 1.7, 16, "net")
+    x = np.ones((3, 1, 100, 60), np.float32)
+    out = f(x, (slice(10, 90), slice(5, 55)))
+    assert seen[0][2] % 16 == 0 and seen[0][3] % 16 == 0 and seen[0][2] >= 170
+    assert out.shape == (3, 2, 80, 50) and np.allclose(out, 1.0)
+    assert "1.70x" in f.describe()
+
+
+@pytest.fixture(scope="module")
+def nuclei():
+    model = get_model("nuclei")
+    with create_backend("onnxruntime", model) as backend:
+        yield model, backend
+
+
+def _upscaled(factor: int):
+    img = read_image(SAMPLE / "0287e7ee5b00_img.tif")
+    truth = read_image(SAMPLE / "0287e7ee5b00_labels.tif").data
+    data = np.kron(img.data, np.ones((factor, factor), img.data.dtype)) if factor > 1 else img.data
+    big_truth = np.kron(truth, np.ones((factor, factor), truth.dtype)) if factor > 1 else truth
+    return ImageData(data, img.axes, name=f"x{factor}"), truth, big_truth
+
+
+def test_diameter_is_estimated_and_the_image_resampled(nuclei):
+    """The same nuclei at 3x the size: the estimate follows, and the labels still match the truth."""
+    model, backend = nuclei
+    if not model.spec.diameter:
+        pytest.skip("the built-in model has no trained diameter")
+    image, truth, _ = _upscaled(1)
+    small = run_sync(segment_job(image, model, backend, measure_cells=False))
+    big_image, _, big_truth = _upscaled(3)
+    big = run_sync(segment_job(big_image, model, backend, measure_cells=False))
+    true_d = median_diameter(truth)
+    assert small.diameter == pytest.approx(true_d, rel=0.25)
+    assert big.diameter == pytest.approx(3 * true_d, rel=0.25)
+    assert big.scale < 0.5 and any("resampled" in n for n in big.notices)
+    assert big.labels.shape[-2:] == big_truth.shape  # labels in image pixels
+    ap_small = score(truth, small.labels.reshape(truth.shape)).ap[0.5]
+    ap_big = score(big_truth, big.labels.reshape(big_truth.shape)).ap[0.5]
+    assert ap_big > ap_small - 0.1, (ap_small, ap_big)
+    # a diameter given by the user is used as is; "native" runs the image unresampled
+    given = run_sync(segment_job(big_image, model, backend, measure_cells=False, diameter=3 * true_d))
+    assert given.diameter == 3 * true_d and given.scale == pytest.approx(model.spec.diameter / (3 * true_d), rel=0.023)
+    native = run_sync(segment_job(big_image, model, backend, measure_cells=False, diameter="native"))
+    assert native.scale == 1.0
+
+
+def test_diameter_in_micrometres_needs_a_pixel_size(nuclei):
+    from segstudio.core.errors import InputError
+
+    model, backend = nuclei
+    image, truth, _ = _upscaled(1)
+    with pytest.raises(InputError, match="pixel size"):
+        run_sync(segment_job(image, model, backend, measure_cells=False, diameter_um=8.0))
+    if not model.spec.diameter:
+        return
+    sized = ImageData(image.data, image.axes, pixel_size=(0.5, 0.5), name="sized")
+    d_um = median_diameter(truth) * 0.5
+    res = run_sync(segment_job(sized, model, backend, measure_cells=False, diameter_um=d_um))
+    assert res.diameter == pytest.approx(median_diameter(truth))
