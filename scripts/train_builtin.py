@@ -13,12 +13,16 @@ the model card.  A killed run resumes from ``--workdir``.
 
 The shipped models (the exact command is in each card's ``training.command``):
 
-    # nuclei v2: width 24, every image resampled to nuclei 20 px across
-    python scripts/train_builtin.py --data ../shared/data/dsb2018 --name nuclei --version 2.0 \
-        --width 24 --diameter 20 --zoom 0.75 1.33 --crop 144 --epochs 120 --workdir runs/nuclei-v2
+    # nuclei v2.0: width 24, every image resampled to nuclei 20 px across; two stages (the card says why)
+    python scripts/train_builtin.py --data ../shared/data/dsb2018 --name nuclei --version 2.0 --width 24 \
+        --diameter 20 --zoom 0.75 1.33 --crop 144 --epochs 120 --stop-after 30 --workdir runs/nuclei-v2
+    python scripts/train_builtin.py --data ../shared/data/dsb2018 --name nuclei --version 2.0 --width 24 \
+        --diameter 20 --zoom 0.75 1.33 --crop 144 --epochs 45 --lr 0.002 \
+        --init-from runs/nuclei-v2/checkpoint.pt --workdir runs/nuclei-v2b
     # nuclei-light: width 12, distilled from v2 (logit KD, T=3, alpha=0.5, with the labels)
     python scripts/train_builtin.py --data ../shared/data/dsb2018 --name nuclei-light --width 12 \
-        --diameter 20 --zoom 0.75 1.33 --crop 144 --distill-from segstudio/core/models/builtin/nuclei.json
+        --diameter 20 --zoom 0.75 1.33 --crop 144 --steps 3000 \
+        --distill-from segstudio/core/models/builtin/nuclei.json
 """
 
 from __future__ import annotations

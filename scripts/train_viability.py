@@ -107,7 +107,7 @@ def evaluate(model, backend_name: str = "onnxruntime") -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=320, help="training images")
-    ap.add_argument("--epochs", type=int, default=50)
+    ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -155,7 +155,7 @@ def main() -> int:
     params, tune_ap = tune_postprocess(outputs, [s.labels for s in tune], PostprocessParams())
     spec.postprocess = params
     spec.training = {
-        "command": "python scripts/train_viability.py" + (f" --epochs {args.epochs}" if args.epochs != 50 else "")
+        "command": "python scripts/train_viability.py" + (f" --epochs {args.epochs}" if args.epochs != 60 else "")
         + (f" --lr {args.lr:g} --init-from {args.init_from}" if args.init_from else ""),
         "config": config_dict(cfg), "images": args.images,
         "seconds": round(result["seconds"]), "machine": "2-core AMD EPYC (AVX2), CPU only, torch " + torch.__version__,

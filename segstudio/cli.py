@@ -430,13 +430,13 @@ def cmd_start(args) -> int:
     images = sorted(str(p) for p in sample.glob("*_img.tif"))
     seg_args = argparse.Namespace(
         paths=images, pattern=None, model="nuclei", backend="auto", out=args.out, channel=None,
-        tile=512, batch_size=None, threads=0, quiet=args.quiet,
+        tile=512, batch_size=None, threads=0, quiet=args.quiet, diameter="auto",
     )
     code = cmd_segment(seg_args)
     if code == 0:
         ev_args = argparse.Namespace(
             images=str(sample), labels=None, kind=None, model="nuclei", backend="auto", channel=None,
-            tile=512, threads=0, quiet=True, json=None,
+            tile=512, threads=0, quiet=True, json=None, worst=0, worst_png=None, diameter="auto",
         )
         print("accuracy against the sample's ground truth:")
         code = cmd_eval(ev_args)

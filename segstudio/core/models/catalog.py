@@ -17,6 +17,7 @@ from ..errors import IncompatibleArtifactError, InputError
 from .spec import ModelSpec, file_sha256
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
+DEFAULT_MODEL = "nuclei"
 
 
 @dataclass
@@ -106,8 +107,9 @@ def model_digest(model: Model) -> str:
 
 
 def builtin_models() -> list[Model]:
-    """All models shipped with segstudio, by name."""
-    return [load_card(p, verify=False) for p in sorted(BUILTIN_DIR.glob("*.json"))]
+    """All models shipped with segstudio: the default (``nuclei``) first, then by name."""
+    cards = sorted(BUILTIN_DIR.glob("*.json"), key=lambda p: (p.stem != DEFAULT_MODEL, p.stem))
+    return [load_card(p, verify=False) for p in cards]
 
 
 def get_model(name_or_path: str | Path) -> Model:
