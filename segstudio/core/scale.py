@@ -142,12 +142,12 @@ def image_tiling(tile: int, halo: int, factor: float) -> tuple[int, int]:
 
 
 def estimate_diameter(
-    image: np.ndarray, spec, predict, *, tile: int = 512, max_side: int = 1024
+    image: np.ndarray, spec, predict, *, tile: int = 512
 ) -> float | None:
     """Median nucleus diameter, in image pixels, of a normalized ``(C, H, W)`` image.
 
-    Runs the network on (the centre ``max_side`` square of) the image at its
-    own scale, post-processes, and takes the median equivalent-circle
+    Pass a crop of a large image (``segment_job`` reads its centre 1024 px
+    square).  Runs the network on it at its own scale, post-processes, and takes the median equivalent-circle
     diameter; when that is far from the model's ``spec.diameter`` (the
     network sees nuclei at a scale it was not trained for and its answer is
     rough), it measures once more at the corrected scale.  ``None`` when no
@@ -157,9 +157,7 @@ def estimate_diameter(
     from .postprocess import network_instances
     from .tiling import predict_tiled
 
-    h, w = image.shape[-2:]
-    y0, x0 = max(0, (h - max_side) // 2), max(0, (w - max_side) // 2)
-    crop = image[:, y0 : y0 + max_side, x0 : x0 + max_side]
+    crop = image
     factor, diameter = 1.0, None
     for _ in range(2):
         x = resize(crop, scaled_shape(crop.shape[-2:], factor)) if factor != 1.0 else crop

@@ -239,4 +239,4 @@ def _estimate_diameter(source: ImageSource, index, prepare, spec, predict) -> fl
     h, w = source.plane_shape
     y0, x0 = max(0, (h - ESTIMATE_SIDE) // 2), max(0, (w - ESTIMATE_SIDE) // 2)
     block = source.read(index, (y0, min(h, y0 + ESTIMATE_SIDE)), (x0, min(w, x0 + ESTIMATE_SIDE)))
-    return estimate_diameter(prepare(block), spec, predict, max_side=ESTIMATE_SIDE)
+    return estimate_diameter(prepare(block), spec, predict)

@@ -13,7 +13,6 @@ again on the same data.
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import numpy as np
@@ -79,14 +78,14 @@ class FinetunePanel(QWidget):
     def run(self) -> None:
         from ..core.finetune import FinetuneConfig, finetune_job
         from ..core.models.catalog import get_model
-        from ..core.models.user import user_models_dir
+        from ..core.models.user import safe_name, user_models_dir
 
         try:
             base_name, arrays, image_name = self._get_data()
         except Exception as exc:  # noqa: BLE001 - shown to the user
             self._show_error(exc)
             return
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{base_name}-{image_name}-ft").strip("-")
+        name = safe_name(f"{base_name}-{image_name}-ft")
         out = user_models_dir() / name
         cfg = FinetuneConfig(steps=int(self.steps.value()))
         self.progress_bar.setRange(0, cfg.steps)

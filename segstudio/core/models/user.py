@@ -80,7 +80,8 @@ def import_cached(path: str | Path) -> Model:
     return import_model(path, out_dir=folder)
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
+    """``name`` made fit for a folder and file name (letters, digits, '-', '_', '.')."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")
     if not name:
         raise InputError("the model needs a name of letters, digits, '-', '_' or '.'")
@@ -130,7 +131,7 @@ def import_model(
     """
     path = Path(path)
     kind = detect_kind(path)
-    name = _safe_name(name or path.stem.replace(".bioimageio", ""))
+    name = safe_name(name or path.stem.replace(".bioimageio", ""))
     out_dir = Path(out_dir) if out_dir is not None else user_models_dir() / name
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
@@ -282,7 +283,6 @@ def _fill_from_onnx(spec: ModelSpec, onnx_path: Path, *, representation: str | N
         c = spec.input_channels
     spec.input_channels = c
     if spec.architecture != "unet":
-        spec.config = UNetConfig(in_channels=c, out_channels=spec.config.out_channels)
         spec.multiple_px = spec.multiple_px or DEFAULT_MULTIPLE
         spec.halo_px = spec.halo_px if spec.halo_px is not None else DEFAULT_HALO
     m = spec.multiple
@@ -296,7 +296,8 @@ def _fill_from_onnx(spec: ModelSpec, onnx_path: Path, *, representation: str | N
             f"{onnx_path.name}: outputs must be (batch, channels, height, width) at the input's size; "
             f"got {out.shape} for input {trial.shape}")
     k = out.shape[1]
-    spec.config = UNetConfig(**{**spec.config.__dict__, "out_channels": k}) if spec.architecture != "unet" else spec.config
+    if spec.architecture != "unet":  # not a U-Net: the config only carries its channel counts
+        spec.config = UNetConfig(in_channels=c, out_channels=k)
     representation = representation or ("fg" if k == 1 else "fg_dist")
     if representation not in ("fg", "fg_dist"):
         raise InputError(f"unknown output representation {representation!r}", hint="fg_dist or fg")
