@@ -2,10 +2,10 @@
 # Create .venv (Python >= 3.11) and install segstudio with the given extras,
 # pinned by requirements/constraints.txt. Re-runs are quick: nothing is
 # reinstalled unless pyproject.toml, the constraints or the extras changed.
-#   usage: bash scripts/setup.sh [EXTRAS]      (default: onnx,openvino,torch,gui)
+#   usage: bash scripts/setup.sh [EXTRAS]      (default: onnx,openvino,torch,gui,cluster)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-onnx,openvino,torch,gui}"
+extras="${1:-onnx,openvino,torch,gui,cluster}"
 
 py="${PYTHON:-}"
 if [ -z "$py" ]; then

@@ -26,5 +26,5 @@ if [ -n "$missing" ]; then
   fi
 fi
 
-bash scripts/setup.sh onnx,openvino,torch,gui,test
+bash scripts/setup.sh onnx,openvino,torch,gui,cluster,test
 exec .venv/bin/python -m pytest "$@"

@@ -170,6 +170,74 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    import signal
+
+    from .core.backends import create_backend
+    from .core.batch import batch_job
+    from .core.jobs import CancelToken, run_sync
+    from .core.models.catalog import get_model
+
+    model = get_model(args.model)
+    cancel = CancelToken()
+    distributed = args.workers > 1 or args.scheduler
+    backend = None
+    if not distributed:
+        backend = create_backend(args.backend, model, **({"threads": args.threads} if args.threads else {}))
+        print(f"model {model.name} v{model.spec.version} on {backend.describe()}")
+    else:
+        print(f"model {model.name} v{model.spec.version}, backend {args.backend} on "
+              + (f"the Dask cluster at {args.scheduler}" if args.scheduler else f"{args.workers} local Dask workers"))
+    bar = None
+
+    def on_progress(event):
+        nonlocal bar
+        if event.stage != "batch":
+            return
+        if bar is None:
+            bar = _Bar("batch", event.total, args.quiet)
+        bar.goto(event.done)
+        status = event.info.get("status")
+        if status == "failed":
+            bar.bar.write(f"failed: {event.message}", file=sys.stderr)
+        elif event.info.get("eta_s") is not None:
+            bar.bar.set_postfix_str(event.message[-40:], refresh=False)
+        elif "files" in event.info or not status:
+            bar.bar.write(event.message, file=sys.stdout)
+
+    def on_sigint(*_):
+        if cancel.cancelled:
+            raise KeyboardInterrupt
+        cancel.cancel()
+        print("\nstopping after the current image (Ctrl-C again to stop at once)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        report = run_sync(
+            batch_job(args.in_dir, args.out, model, args.backend, backend=backend, pattern=args.pattern,
+                      recursive=args.recursive, workers=args.workers, scheduler=args.scheduler,
+                      threads=args.threads, channel=_channel(args.channel), tile=args.tile,
+                      scale=_diameter(args.diameter), retry_failed=not args.no_retry, cancel=cancel),
+            on_progress,
+        )
+    except Cancelled as e:
+        _err(f"{e} (summary in {Path(args.out) / 'batch_summary.csv'})")
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if bar is not None:
+            bar.close()
+        if backend is not None:
+            backend.close()
+    c = report.counts
+    print(f"{c.get('done', 0)} done, {c.get('failed', 0)} failed, {c.get('skipped', 0)} skipped "
+          f"({report.processed} processed in this run, {report.seconds:.1f} s); "
+          f"summary: {report.out_dir / 'batch_summary.csv'}")
+    for r in report.failed:
+        print(f"  failed: {r['file']}: {r['reason']}", file=sys.stderr)
+    return EXIT_FAILED if report.failed else 0
+
+
 def cmd_eval(args) -> int:
     from .core.datasets import find_pairs
     from .core.evaluate import evaluate_job
@@ -494,6 +562,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="tiles per network call (default: 4 on a CPU, 16 on a GPU)")
     _add_model_opts(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("batch", help="segment every image of a folder (resumable; one machine or a Dask cluster)")
+    p.add_argument("in_dir", help="folder of images (never modified)")
+    p.add_argument("--out", required=True, help="output folder: the input tree mirrored, batch_summary.csv")
+    p.add_argument("--pattern", default=None, help='glob for files, e.g. "*.tif" (default: every file)')
+    p.add_argument("--recursive", action="store_true", help="also the files in sub-folders")
+    p.add_argument("--workers", type=int, default=1,
+                   help="N > 1: a local Dask cluster of N process workers (default 1: this process)")
+    p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (tcp://host:port)")
+    p.add_argument("--no-retry", action="store_true", help="do not try again the files that failed before")
+    _add_model_opts(p)
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("eval", help="accuracy against ground-truth labels (AP50, AP75, F1, Dice)")
     p.add_argument("--images", required=True, help="folder of images")

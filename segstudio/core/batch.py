@@ -1,0 +1,633 @@
+"""Batch processing: every image of a folder to labels and measurements, resumably.
+
+``batch_job(in_dir, out_dir, model, ...)`` segments every image under
+``in_dir`` and writes, mirroring the input tree under ``out_dir``::
+
+    <relative path without suffix>_labels.tif   instance labels
+    <relative path without suffix>_cells.csv    one row per cell
+    batch_summary.csv                           one row per file
+    batch_manifest.jsonl                        what is finished (the source of truth)
+
+Guarantees (``tests/test_batch.py`` kills the CLI with ``kill -9`` to check them):
+
+* **Atomic outputs.**  Every file is written under a temporary name in its
+  own folder and renamed into place (:func:`segstudio.core.io.atomic_path`),
+  so a reader never sees half a file.  Temporary files a killed run left
+  behind are removed when the next run starts.
+* **Manifest.**  After an image's outputs are in place one JSON line is
+  appended (flushed and fsynced) to ``batch_manifest.jsonl``.  A re-run skips
+  every image whose last record is ``done`` (when its input file is
+  unchanged, its outputs exist and the model is the same) and redoes the
+  rest; a line cut short by a kill is ignored and cut off.  Images whose
+  outputs were renamed into place but not yet recorded are simply redone, so
+  each image is recorded ``done`` exactly once.  A lock file keeps two runs
+  from writing into one folder.
+* **Bad files** (unreadable, corrupt, zero bytes, wrong dimensions) are
+  recorded ``failed`` with the reason and the batch goes on; files that are
+  not images at all (by their suffix) are listed ``skipped`` with the reason.
+  Failed files are tried again by the next run (a fixed file then succeeds).
+
+Execution:
+
+* ``workers=1`` (default): in this process.  A reader thread opens and
+  decodes the next images while the network runs on the current one
+  (:class:`_Prefetch`), and the labels TIFF is written by the segmentation
+  pipeline's own writer thread, so small images are not I/O-bound.
+* ``workers=N > 1``: a Dask ``LocalCluster`` of N single-threaded process
+  workers; ``scheduler="tcp://host:port"``: an existing Dask cluster (its
+  workers must see ``in_dir`` and ``out_dir`` at the same paths).  Each
+  worker process loads the model once (:func:`_worker_backend`) and writes
+  the outputs of the images it is given; results stream back as they finish
+  and only this process writes the manifest.
+
+Progress: ``Progress("batch", done, total, message, info)`` per event, where
+``info`` holds ``file`` (relative path), ``status`` (``running`` / ``done`` /
+``failed`` / ``skipped``), the summary ``row`` when finished and ``eta_s``;
+the first event has ``info["files"]``: every file with its status so far.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import Cancelled, InputError, SegStudioError
+from .io import IMAGE_SUFFIXES, atomic_path
+from .jobs import CancelToken, Job, Progress
+
+MANIFEST = "batch_manifest.jsonl"
+SUMMARY = "batch_summary.csv"
+LOCK = ".segstudio-batch.lock"
+SUMMARY_COLUMNS = ("file", "status", "reason", "cells", "mean_area", "live", "dead", "seconds", "model", "backend",
+                   "labels", "cells_csv")
+# what atomic_path (and the labels sink) name their temporary files: ".<name>.<random>.tmp[.u16]"
+_TMP = re.compile(r"^\..+\.tmp(\.u16)?$")
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One input file and where its outputs go."""
+
+    path: Path
+    rel: str  # the path relative to the input folder, with "/" separators
+    out_stem: str  # the outputs' path relative to the output folder, without "_labels.tif" / "_cells.csv"
+
+    @property
+    def is_image(self) -> bool:
+        return self.path.suffix.lower() in IMAGE_SUFFIXES
+
+    def outputs(self, out_dir: Path) -> tuple[Path, Path]:
+        return out_dir / f"{self.out_stem}_labels.tif", out_dir / f"{self.out_stem}_cells.csv"
+
+    def signature(self) -> list:
+        st = self.path.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+
+@dataclass
+class BatchReport:
+    """What a batch run ended with (also written as ``batch_summary.csv``)."""
+
+    rows: list[dict]
+    out_dir: Path
+    seconds: float
+    processed: int  # images segmented (or failed) by this run, not skipped as already done
+    cancelled: bool = False
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.rows if r["status"] == "failed"]
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def scan(in_dir: str | Path, *, pattern: str | None = None, recursive: bool = False,
+         exclude: str | Path | None = None) -> list[BatchItem]:
+    """The files of ``in_dir`` (matching ``pattern``; in sub-folders with ``recursive``), sorted.
+
+    Hidden files and anything under ``exclude`` (the output folder when it
+    lies inside the input folder) are left out.  Output names mirror the
+    input tree; two files that differ only by suffix (``a.tif``, ``a.png``)
+    keep their suffix in the output name (``a.tif_labels.tif``).
+    """
+    in_dir = Path(in_dir)
+    if not in_dir.is_dir():
+        raise InputError(f"{in_dir}: no such folder")
+    exclude = Path(exclude).resolve() if exclude is not None else None
+    glob = pattern or "*"
+    found = in_dir.rglob(glob) if recursive else in_dir.glob(glob)
+    files = []
+    for p in found:
+        rel = p.relative_to(in_dir)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if exclude is not None and (p.resolve() == exclude or exclude in p.resolve().parents):
+            continue
+        if p.is_file() or (p.is_dir() and p.suffix.lower() == ".zarr"):
+            if p.is_file() and any(q.suffix.lower() == ".zarr" for q in rel.parents if q != Path(".")):
+                continue  # a file inside a zarr store
+            files.append(rel)
+    files.sort(key=lambda r: r.as_posix())
+    stems: dict[str, int] = {}
+    for rel in files:
+        key = rel.with_suffix("").as_posix()
+        stems[key] = stems.get(key, 0) + 1
+    items = []
+    for rel in files:
+        stem = rel.with_suffix("").as_posix()
+        items.append(BatchItem(in_dir / rel, rel.as_posix(), rel.as_posix() if stems[stem] > 1 else stem))
+    return items
+
+
+def remove_stale_temporaries(out_dir: Path) -> int:
+    """Delete the temporary files a killed run left under ``out_dir``; their count."""
+    n = 0
+    for root, _dirs, names in os.walk(out_dir):
+        for name in names:
+            if _TMP.match(name):
+                try:
+                    os.unlink(os.path.join(root, name))
+                    n += 1
+                except FileNotFoundError:
+                    pass
+    return n
+
+
+class FolderLock:
+    """An exclusive lock on the output folder (released by the OS if the process dies)."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / LOCK
+        self.fd: int | None = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _lock_fd(self.fd)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise InputError(f"{self.path.parent}: another segstudio batch is writing to this folder",
+                             hint="wait for it to finish, or choose another output folder") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
+            self.fd = None
+
+
+def _lock_fd(fd: int) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+class Manifest:
+    """Append-only JSON lines: the last record of a file is its state."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: dict[str, dict] = {}
+        if path.exists():
+            self._load()
+        self._f = open(path, "a", encoding="utf-8")
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # a line cut short by a kill: cut it off so appends start on a fresh line
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+        for line in data[:end].splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "file" in rec:
+                self.records[rec["file"]] = rec
+
+    def append(self, record: dict) -> None:
+        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self.records[record["file"]] = record
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def is_finished(item: BatchItem, record: dict | None, out_dir: Path, model_id: str) -> bool:
+    """True when ``record`` says ``item`` is done, for this input and model, and its outputs exist."""
+    if not record or record.get("status") != "done" or record.get("model_id") != model_id:
+        return False
+    try:
+        if record.get("input") != item.signature():
+            return False
+    except OSError:
+        return False
+    return all(p.is_file() for p in item.outputs(out_dir))
+
+
+# ----------------------------------------------------------------------------- one image
+
+
+def _row(item: BatchItem, status: str, reason: str = "", **values) -> dict:
+    return {"file": item.rel, "status": status, "reason": reason, **values}
+
+
+def check_input(item: BatchItem) -> str | None:
+    """Why ``item`` cannot be an image before even opening it (``None`` when it may be)."""
+    if not item.is_image:
+        return f"not an image file ({item.path.suffix or 'no suffix'})"
+    if item.path.is_file() and item.path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    return None
+
+
+def process_image(item: BatchItem, out_dir: Path, model, backend, source=None, *, segment_opts: dict,
+                  cancel: CancelToken | None = None) -> dict:
+    """Segment one image and write its outputs atomically; the summary row (``done`` or ``failed``).
+
+    ``source``: the already opened :class:`ImageSource`, or the exception opening it raised.
+    """
+    from .jobs import run_sync
+    from .measure import write_csv
+    from .segment import segment_job
+    from .sources import open_source
+
+    t0 = time.perf_counter()
+    labels_path, csv_path = item.outputs(out_dir)
+    try:
+        if isinstance(source, BaseException):
+            raise source
+        if source is None:
+            source = open_source(item.path)
+        with source:
+            result = run_sync(segment_job(source, model, backend, labels_path=labels_path, cancel=cancel,
+                                          **segment_opts))
+        write_csv(csv_path, result.table)
+    except Cancelled:
+        raise
+    except SegStudioError as e:
+        return _row(item, "failed", _reason(e, item),
+                    seconds=round(time.perf_counter() - t0, 4), model=model.name)
+    except MemoryError:
+        return _row(item, "failed", "out of memory", seconds=round(time.perf_counter() - t0, 4), model=model.name)
+    except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch
+        return _row(item, "failed", f"unexpected error: {type(e).__name__}: {e}",
+                    seconds=round(time.perf_counter() - t0, 4), model=model.name)
+    table = result.table
+    area = table.get("area_px")
+    values = dict(cells=int(result.n_objects),
+                  mean_area=round(float(area.mean()), 3) if area is not None and len(area) else 0.0,
+                  seconds=round(time.perf_counter() - t0, 4), model=model.name, backend=result.backend,
+                  labels=labels_path.relative_to(out_dir).as_posix(), cells_csv=csv_path.relative_to(out_dir).as_posix())
+    classes = table.get("class")
+    if classes is not None:
+        values["live"] = int(sum(1 for c in classes if c == "live"))
+        values["dead"] = int(sum(1 for c in classes if c == "dead"))
+    return _row(item, "done", **values)
+
+
+def _reason(e: BaseException, item: BatchItem) -> str:
+    """The error message without the file's path in front (the summary's first column names the file)."""
+    text = str(e)
+    for prefix in (str(item.path), item.path.name):
+        if text.startswith(prefix + ": "):
+            return text[len(prefix) + 2:]
+    return text or type(e).__name__
+
+
+class _Prefetch:
+    """Opens (and, for small files, decodes) the next images on a reader thread."""
+
+    def __init__(self, items: list[BatchItem], depth: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), name="segstudio-batch-read", daemon=True)
+        self._thread.start()
+
+    def _run(self, items) -> None:
+        from .sources import open_source
+
+        for item in items:
+            if self._stop.is_set():
+                break
+            try:
+                src = open_source(item.path)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which records it
+                src = e
+            while not self._stop.is_set():
+                try:
+                    self._q.put((item, src), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            else:
+                if not isinstance(src, BaseException):
+                    src.close()
+
+    def __iter__(self):
+        while True:
+            got = self._q.get()
+            yield got
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # close what was opened but not consumed
+            try:
+                _item, src = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if not isinstance(src, BaseException):
+                src.close()
+        self._thread.join(timeout=5)
+
+
+# ----------------------------------------------------------------------------- Dask workers
+
+_WORKER_CACHE: dict[tuple, tuple] = {}
+_WORKER_LOCK = threading.Lock()
+_WORKER_LOADS: dict[tuple, int] = {}  # how often each (model, backend) was loaded in this process
+
+
+def _worker_backend(model_ref: str, backend_name: str, threads: int):
+    """The (model, backend) of this worker process, loaded on first use and kept."""
+    key = (model_ref, backend_name, threads)
+    with _WORKER_LOCK:
+        if key not in _WORKER_CACHE:
+            from .backends import create_backend
+            from .models.catalog import get_model
+
+            model = get_model(model_ref)
+            backend = create_backend(backend_name, model, **({"threads": threads} if threads else {}))
+            _WORKER_CACHE[key] = (model, backend)
+            _WORKER_LOADS[key] = _WORKER_LOADS.get(key, 0) + 1
+        return _WORKER_CACHE[key]
+
+
+def _worker_process(path: str, rel: str, out_stem: str, out_dir: str, model_ref: str, backend_name: str,
+                    threads: int, segment_opts: dict) -> dict:
+    """A Dask task: one image (runs in a worker process)."""
+    model, backend = _worker_backend(model_ref, backend_name, threads)
+    row = process_image(BatchItem(Path(path), rel, out_stem), Path(out_dir), model, backend,
+                        segment_opts=segment_opts)
+    row["worker"] = os.getpid()
+    row["loads"] = _WORKER_LOADS[(model_ref, backend_name, threads)]
+    return row
+
+
+def _client(workers: int, scheduler: str | None):
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise InputError("running on several workers or a cluster needs Dask distributed",
+                         hint="pip install 'segstudio[cluster]'") from None
+    if scheduler:
+        try:
+            return Client(scheduler, timeout="20s"), None
+        except OSError as e:
+            raise InputError(f"cannot reach the Dask scheduler at {scheduler} ({e})") from None
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                           memory_limit=0, silence_logs=40)
+    return Client(cluster), cluster
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def model_identity(model) -> str:
+    from .models.catalog import model_digest
+
+    return f"{model.name}@{model.spec.version}:{model_digest(model)[:12]}"
+
+
+def batch_job(
+    in_dir: str | Path,
+    out_dir: str | Path,
+    model,
+    backend_name: str = "auto",
+    *,
+    backend=None,
+    pattern: str | None = None,
+    recursive: bool = False,
+    workers: int = 1,
+    scheduler: str | None = None,
+    threads: int = 0,
+    channel=None,
+    tile: int = 512,
+    scale: dict | None = None,
+    retry_failed: bool = True,
+    cancel: CancelToken | None = None,
+) -> Job[BatchReport]:
+    """Segment every image of ``in_dir`` into ``out_dir`` (see the module docstring).
+
+    ``backend``: an already created backend to use in this process (the GUI
+    passes its cached one); otherwise ``backend_name`` is created here (and
+    by each Dask worker).  ``scale``: ``diameter`` / ``diameter_um`` as
+    :func:`~segstudio.core.segment.segment_job` takes them.  Returns a
+    :class:`BatchReport`; ``batch_summary.csv`` is written also when the run
+    is cancelled (files not reached are ``skipped``, "not processed yet").
+    """
+    cancel = cancel or CancelToken()
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if workers < 1:
+        raise InputError("--workers must be at least 1")
+    items = scan(in_dir, pattern=pattern, recursive=recursive, exclude=out_dir)
+    if not items:
+        raise InputError(f"{in_dir}: no files" + (f" matching {pattern!r}" if pattern else ""),
+                         hint="use --recursive for sub-folders" if not recursive else None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    segment_opts = dict(channel=channel, tile=tile, **(scale or {}))
+    model_id = model_identity(model)
+    t_start = time.perf_counter()
+    with FolderLock(out_dir):
+        remove_stale_temporaries(out_dir)
+        manifest = Manifest(out_dir / MANIFEST)
+        try:
+            rows: dict[str, dict] = {}
+            todo: list[BatchItem] = []
+            for item in items:
+                rec = manifest.records.get(item.rel)
+                why = check_input(item)
+                if why is not None:
+                    rows[item.rel] = _row(item, "skipped" if not item.is_image else "failed", why)
+                    if item.is_image and (rec or {}).get("reason") != why:
+                        manifest.append({**rows[item.rel], "input": _signature_or_none(item)})
+                elif is_finished(item, rec, out_dir, model_id):
+                    rows[item.rel] = {k: v for k, v in rec.items() if k in SUMMARY_COLUMNS}
+                elif rec and rec.get("status") == "failed" and not retry_failed \
+                        and rec.get("input") == _signature_or_none(item):
+                    rows[item.rel] = {k: v for k, v in rec.items() if k in SUMMARY_COLUMNS}
+                else:
+                    todo.append(item)
+            total = len(items)
+            done = total - len(todo)
+            yield Progress("batch", done, total, f"{len(todo)} of {total} file(s) to process",
+                           info={"files": {it.rel: rows.get(it.rel, {}).get("status", "pending") for it in items},
+                                 "out_dir": str(out_dir)})
+            clock = _Eta(len(todo))
+            cancelled = False
+
+            def finished(item: BatchItem, row: dict):
+                nonlocal done
+                rec = {**row, "input": _signature_or_none(item), "model_id": model_id, "at": time.time()}
+                manifest.append(rec)
+                rows[item.rel] = row
+                done += 1
+                clock.tick()
+                msg = f"{item.rel}: " + (f"{row.get('cells', 0)} cells" if row["status"] == "done" else row["reason"])
+                return Progress("batch", done, total, msg,
+                                info={"file": item.rel, "status": row["status"], "row": row, "eta_s": clock.eta()})
+
+            try:
+                if todo and (workers > 1 or scheduler):
+                    yield from _run_dask(todo, out_dir, model, backend_name, threads, segment_opts, workers,
+                                         scheduler, cancel, finished, total)
+                elif todo:
+                    yield from _run_local(todo, out_dir, model, backend, backend_name, threads, segment_opts,
+                                          cancel, finished, total)
+            except Cancelled:
+                cancelled = True
+            for item in items:
+                if item.rel not in rows:
+                    rows[item.rel] = _row(item, "skipped", "not processed yet (the run was cancelled)")
+            ordered = [rows[it.rel] for it in items]
+            write_summary(out_dir / SUMMARY, ordered)
+        finally:
+            manifest.close()
+    counts: dict[str, int] = {}
+    for r in ordered:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    report = BatchReport(ordered, out_dir, time.perf_counter() - t_start, len(todo) if not cancelled else
+                         sum(1 for it in todo if rows[it.rel]["status"] != "skipped"), cancelled, counts)
+    if cancelled:
+        raise Cancelled(f"batch cancelled: {counts.get('done', 0)} of {len(items)} done; run it again to resume")
+    return report
+
+
+def _signature_or_none(item: BatchItem):
+    try:
+        return item.signature()
+    except OSError:
+        return None
+
+
+class _Eta:
+    """Seconds left, from the pace of the images finished so far."""
+
+    def __init__(self, n: int):
+        self.n, self.k, self.t0 = n, 0, time.perf_counter()
+
+    def tick(self) -> None:
+        self.k += 1
+
+    def eta(self) -> float | None:
+        if not self.k:
+            return None
+        return (time.perf_counter() - self.t0) / self.k * max(0, self.n - self.k)
+
+
+def _run_local(todo, out_dir, model, backend, backend_name, threads, segment_opts, cancel, finished, total):
+    own = backend is None
+    if own:
+        from .backends import create_backend
+
+        backend = create_backend(backend_name, model, **({"threads": threads} if threads else {}))
+    reader = _Prefetch(todo)
+    try:
+        for k, (item, source) in enumerate(reader):
+            if cancel.cancelled and not isinstance(source, BaseException):
+                source.close()
+            cancel.raise_if_cancelled()
+            yield Progress("batch", total - len(todo) + k, total, f"{item.rel}: segmenting",
+                           info={"file": item.rel, "status": "running"})
+            row = process_image(item, out_dir, model, backend, source, segment_opts=segment_opts, cancel=cancel)
+            yield finished(item, row)
+            if k + 1 == len(todo):
+                break
+    finally:
+        reader.close()
+        if own:
+            backend.close()
+
+
+def _run_dask(todo, out_dir, model, backend_name, threads, segment_opts, workers, scheduler, cancel, finished,
+              total):
+    from distributed import as_completed
+
+    client, cluster = _client(workers, scheduler)
+    model_ref = str(Path(model.card_path).resolve())
+    by_key, futures = {}, []
+    try:
+        yield Progress("batch", total - len(todo), total,
+                       f"{len(client.scheduler_info().get('workers', {}))} Dask worker(s) at "
+                       f"{client.scheduler.address}")
+        for item in todo:
+            fut = client.submit(_worker_process, str(item.path.resolve()), item.rel, item.out_stem,
+                                str(out_dir.resolve()), model_ref, backend_name, threads or 1, segment_opts,
+                                pure=False)
+            by_key[fut.key] = item
+            futures.append(fut)
+        for fut in _poll(as_completed(futures), cancel):
+            item = by_key[fut.key]
+            try:
+                row = fut.result()
+            except Exception as e:  # noqa: BLE001 - a worker that died, a task that could not run
+                row = _row(item, "failed", f"worker error: {type(e).__name__}: {e}", model=model.name)
+            yield finished(item, row)
+    except Cancelled:
+        client.cancel(futures)
+        raise
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _poll(pending, cancel: CancelToken):
+    """Futures of ``pending`` as they finish, checking ``cancel`` while waiting."""
+    while True:
+        cancel.raise_if_cancelled()
+        if pending.is_empty():
+            return
+        batch = pending.next_batch(block=False)
+        if not batch:
+            time.sleep(0.05)
+            continue
+        for fut in batch:
+            yield fut
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def write_summary(path: Path, rows: list[dict]) -> Path:
+    """``batch_summary.csv``: one row per file (atomically)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(SUMMARY_COLUMNS), extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: r.get(k, "") for k in SUMMARY_COLUMNS})
+    return path
+
+
+def read_summary(path: str | Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,276 @@
+"""Batch processing: a folder of 220 files, killed three times, resumed; the same folder on Dask workers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from segstudio.core.batch import (
+    MANIFEST, SUMMARY, FolderLock, Manifest, batch_job, read_summary, remove_stale_temporaries, scan,
+)
+from segstudio.core.errors import Cancelled, InputError
+from segstudio.core.io import read_image
+from segstudio.core.jobs import CancelToken, run_sync
+
+pytest.importorskip("onnxruntime")
+
+N_GOOD = 210
+MODEL = "nuclei-light"
+TMP_NAME = ("tmp", "partial")
+
+
+def _crops(samples, n: int, size: int, seed: int):
+    rng = np.random.default_rng(seed)
+    images = [read_image(img).data for img, _ in samples]
+    for i in range(n):
+        im = images[i % len(images)]
+        plane = im.reshape(-1, *im.shape[-2:])[0]
+        y = rng.integers(0, plane.shape[0] - size + 1)
+        x = rng.integers(0, plane.shape[1] - size + 1)
+        yield plane[y:y + size, x:x + size]
+
+
+@pytest.fixture(scope="module")
+def plate(tmp_path_factory, samples):
+    """210 good 128x128 crops of the real sample images in two sub-folders, plus 11 bad files (5 %)."""
+    root = tmp_path_factory.mktemp("plate")
+    good = []
+    for i, crop in enumerate(_crops(samples, N_GOOD, 128, seed=0)):
+        rel = f"row{i % 2}/well_{i:03d}.tif"
+        (root / rel).parent.mkdir(exist_ok=True)
+        tifffile.imwrite(root / rel, crop)
+        good.append(rel)
+    bad = {
+        "row0/empty.tif": b"",
+        "row0/text.tif": b"hello\n" * 50,
+        "row1/truncated.tif": (root / good[1]).read_bytes()[:400],
+        "row1/garbage.png": os.urandom(2000),
+        "row1/junk.jpg": b"\xff\xd8\xff" + b"\x00" * 100,
+    }
+    for rel, data in bad.items():
+        (root / rel).write_bytes(data)
+    np.save(root / "row0/line.npy", np.zeros(50, np.uint16))  # wrong dims: 1-D
+    np.save(root / "row0/five.npy", np.zeros((2, 2, 3, 16, 16), np.uint8))  # wrong dims: 5-D
+    tifffile.imwrite(root / "row1/dot.tif", np.zeros((1, 1), np.uint8))  # too small to segment
+    tifffile.imwrite(root / "row1/stack5d.tif", np.zeros((2, 2, 5, 16, 16), np.uint8))
+    (root / "row0/notes.txt").write_text("plate map\n")
+    (root / "row1/export.csv").write_text("a,b\n")
+    failing = sorted([*bad, "row0/line.npy", "row0/five.npy", "row1/dot.tif", "row1/stack5d.tif"])
+    return root, good, failing, ["row0/notes.txt", "row1/export.csv"]
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "segstudio.cli", *map(str, args)]
+
+
+def _manifest_lines(out: Path) -> list[dict]:
+    path = out / MANIFEST
+    if not path.exists():
+        return []
+    recs = []
+    for line in path.read_bytes().splitlines():
+        try:
+            recs.append(json.loads(line))
+        except ValueError:
+            pass
+    return recs
+
+
+def _temporaries(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.name.startswith(".") and ".tmp" in p.name]
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(plate, tmp_path_factory):
+    """`segstudio batch` killed with SIGKILL three times at random moments, then run to the end."""
+    root, good, _failing, _skipped = plate
+    out = tmp_path_factory.mktemp("out")
+    cmd = _cli("batch", root, "--recursive", "--out", out, "--model", MODEL, "--diameter", "native", "-q")
+    rng = np.random.default_rng(int(os.environ.get("SEGSTUDIO_KILL_SEED", "6")))
+    kills = []
+    for _ in range(3):
+        before = sum(r["status"] == "done" for r in _manifest_lines(out))
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_for = int(rng.integers(8, 45))  # images this run finishes before the kill ...
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if sum(r["status"] == "done" for r in _manifest_lines(out)) - before >= wait_for:
+                break
+            time.sleep(0.01)
+        time.sleep(float(rng.uniform(0, 0.08)))  # ... plus a random part of the next one
+        assert proc.poll() is None, f"the batch ended before it could be killed: {proc.stderr.read()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        kills.append(sum(r["status"] == "done" for r in _manifest_lines(out)) - before)
+    final = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return out, kills, final
+
+
+def test_killed_three_times_then_resumed_every_good_image_done_exactly_once(plate, killed_and_resumed):
+    root, good, failing, skipped = plate
+    out, kills, final = killed_and_resumed
+    assert all(k > 0 for k in kills), kills  # every run got some work done before its kill
+    assert sum(kills) < len(good)
+    assert final.returncode == 1, final.stderr  # 1: some files failed
+    assert f"{len(good)} done, {len(failing)} failed, {len(skipped)} skipped" in final.stdout
+    done = [r["file"] for r in _manifest_lines(out) if r["status"] == "done"]
+    assert sorted(done) == sorted(good)  # each good image recorded done exactly once, over four runs
+    assert not _temporaries(out)
+    for rel in good:
+        stem = rel.removesuffix(".tif")
+        labels = tifffile.imread(out / f"{stem}_labels.tif")
+        assert labels.shape == (128, 128) and labels.dtype == np.uint16
+        with open(out / f"{stem}_cells.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == len(np.unique(labels)) - 1
+    rows = {r["file"]: r for r in read_summary(out / SUMMARY)}
+    assert len(rows) == len(good) + len(failing) + len(skipped)
+    for rel in failing:
+        assert rows[rel]["status"] == "failed" and rows[rel]["reason"], rel
+        assert rel in final.stderr
+    for rel in skipped:
+        assert rows[rel]["status"] == "skipped" and "not an image" in rows[rel]["reason"]
+    assert rows["row0/empty.tif"]["reason"] == "empty file (0 bytes)"
+    assert "TIFF" in rows["row1/truncated.tif"]["reason"]
+    cells = [int(rows[g]["cells"]) for g in good]
+    assert sum(cells) > 5 * len(good) and all(rows[g]["model"] == MODEL for g in good)
+    assert all(float(rows[g]["mean_area"]) > 0 for g in good if int(rows[g]["cells"]))
+    # inputs untouched, nothing written beside them
+    assert not any(p.name.endswith(("_labels.tif", "_cells.csv")) for p in root.rglob("*"))
+
+
+def test_rerun_of_a_finished_folder_does_nothing_again(plate, killed_and_resumed):
+    root, good, failing, _ = plate
+    out, _, _ = killed_and_resumed
+    lines = len(_manifest_lines(out))
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*_labels.tif")}
+    proc = subprocess.run(_cli("batch", root, "--recursive", "--out", out, "--model", MODEL, "--diameter",
+                               "native", "-q", "--no-retry"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "0 processed in this run" in proc.stdout, proc.stdout + proc.stderr
+    assert len(_manifest_lines(out)) == lines
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*_labels.tif")} == mtimes
+
+
+def test_local_cluster_with_two_process_workers_gives_identical_labels(plate, killed_and_resumed, tmp_path):
+    pytest.importorskip("distributed")
+    from segstudio.core.models.catalog import get_model
+
+    root, good, failing, _ = plate
+    single, _, _ = killed_and_resumed
+    out = tmp_path / "dask"
+    report = run_sync(batch_job(root, out, get_model(MODEL), "auto", recursive=True, workers=2,
+                                scale={"diameter": "native"}))
+    assert report.counts == {"done": len(good), "failed": len(failing), "skipped": 2}
+    recs = [r for r in _manifest_lines(out) if r["status"] == "done"]
+    workers = {r["worker"] for r in recs}
+    assert len(workers) == 2 and os.getpid() not in workers  # both process workers did some
+    assert all(r["loads"] == 1 for r in recs)  # each worker loaded the model once
+    for rel in good:
+        stem = rel.removesuffix(".tif")
+        a = tifffile.imread(single / f"{stem}_labels.tif")
+        b = tifffile.imread(out / f"{stem}_labels.tif")
+        assert np.array_equal(a, b), rel
+    assert {r["file"]: r["reason"] for r in read_summary(out / SUMMARY) if r["status"] == "failed"} == \
+        {r["file"]: r["reason"] for r in read_summary(single / SUMMARY) if r["status"] == "failed"}
+
+
+# ----------------------------------------------------------------------------- the parts
+
+
+def test_scan_mirrors_the_tree_and_keeps_colliding_suffixes(tmp_path):
+    for rel in ("a.tif", "a.png", "b.tif", "sub/c.tif", ".hidden.tif", "out/old_labels.tif"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    items = scan(tmp_path, recursive=True, exclude=tmp_path / "out")
+    assert {i.rel: i.out_stem for i in items} == {"a.png": "a.png", "a.tif": "a.tif", "b.tif": "b", "sub/c.tif": "sub/c"}
+    assert [i.rel for i in scan(tmp_path, pattern="*.tif")] == ["a.tif", "b.tif"]
+    with pytest.raises(InputError, match="no such folder"):
+        scan(tmp_path / "nope")
+
+
+def test_manifest_ignores_and_cuts_a_line_cut_short(tmp_path):
+    path = tmp_path / MANIFEST
+    path.write_text('{"file":"a.tif","status":"done"}\n{"file":"b.tif","sta')
+    m = Manifest(path)
+    assert set(m.records) == {"a.tif"}
+    m.append({"file": "b.tif", "status": "failed"})
+    m.close()
+    assert [json.loads(x)["file"] for x in path.read_text().splitlines()] == ["a.tif", "b.tif"]
+
+
+def test_stale_temporaries_are_removed_and_a_second_run_is_locked_out(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in (".x_labels.tif.abc123.tmp", "sub/.y_cells.csv.q.tmp", ".z_labels.tif.k.tmp.u16"):
+        (tmp_path / name).write_bytes(b"partial")
+    (tmp_path / "keep.tmp.tif").write_bytes(b"user file")
+    assert remove_stale_temporaries(tmp_path) == 3
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["keep.tmp.tif"]
+    with FolderLock(tmp_path):
+        with pytest.raises(InputError, match="another segstudio batch"):
+            FolderLock(tmp_path).__enter__()
+    with FolderLock(tmp_path):  # released
+        pass
+
+
+def test_cancel_writes_the_summary_and_a_fixed_file_or_a_new_model_is_redone(tmp_path, samples):
+    from segstudio.core.models.catalog import get_model
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, crop in enumerate(_crops(samples, 6, 96, seed=1)):
+        tifffile.imwrite(src / f"im{i}.tif", crop)
+    (src / "bad.tif").write_bytes(b"")
+    model = get_model(MODEL)
+    out = tmp_path / "out"
+    token = CancelToken()
+    events = []
+
+    def on_event(e):
+        events.append(e)
+        if e.info.get("status") == "done" and sum(x.info.get("status") == "done" for x in events) == 2:
+            token.cancel()
+
+    with pytest.raises(Cancelled, match="run it again to resume"):
+        run_sync(batch_job(src, out, model, "onnxruntime", scale={"diameter": "native"}, cancel=token), on_event)
+    rows = {r["file"]: r for r in read_summary(out / SUMMARY)}
+    assert [r["status"] for r in rows.values()].count("done") == 2
+    assert {r["status"] for f, r in rows.items() if f != "bad.tif"} == {"done", "skipped"}
+    assert events[0].info["files"]["im0.tif"] == "pending" and events[-1].info["eta_s"] is not None
+    # resume: the rest is done, the bad file still fails; then fix it and run again
+    report = run_sync(batch_job(src, out, model, "onnxruntime", scale={"diameter": "native"}))
+    assert report.processed == 4 and report.counts == {"done": 6, "failed": 1}
+    tifffile.imwrite(src / "bad.tif", next(_crops(samples, 1, 96, seed=2)))
+    report = run_sync(batch_job(src, out, model, "onnxruntime", scale={"diameter": "native"}))
+    assert report.processed == 1 and report.counts == {"done": 7}
+    # another model: everything is redone (the records name the model they were made with)
+    report = run_sync(batch_job(src, out, get_model("nuclei"), "onnxruntime", scale={"diameter": "native"}))
+    assert report.processed == 7 and {r["model"] for r in report.rows} == {"nuclei"}
+
+
+def test_viability_batch_counts_live_and_dead(tmp_path):
+    from segstudio.core.models.catalog import get_model
+    from segstudio.core.synthetic import ViabilityParams, viability_image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        img, _lab, cls, _ = viability_image(np.random.default_rng(100 + i), ViabilityParams(shape=(192, 192)),
+                                            assay="live-dead", live_fraction=0.5)
+        tifffile.imwrite(src / f"v{i}.tif", img, metadata={"axes": "CYX"})
+    report = run_sync(batch_job(src, tmp_path / "out", get_model("viability"), "onnxruntime"))
+    assert report.counts == {"done": 3}
+    for row in report.rows:
+        assert row["live"] + row["dead"] == row["cells"] > 0
+    assert sum(r["live"] for r in report.rows) > 0 and sum(r["dead"] for r in report.rows) > 0
+    summary = read_summary(tmp_path / "out" / SUMMARY)
+    assert all(int(r["live"]) + int(r["dead"]) == int(r["cells"]) for r in summary)
