@@ -7,9 +7,11 @@ tests and scripts.
 Files given on the command line and files dropped onto the window are read
 with :func:`~segstudio.core.io.read_image`, so the pixel size becomes the
 layer scale and channels become one layer each, exactly as the command line
-reads them.  Drops of anything else (folders, zarr stores, or a drop with
-Shift or Alt held, napari's "open as stack" / "choose plugin") go to napari's
-own drop handling.
+reads them.  A dropped folder goes to the
+*Batch* dock, which processes every image in it (see
+:mod:`segstudio.qt.batch_panel`).  Drops of anything else (zarr stores, or a
+drop with Shift or Alt held, napari's "open as stack" / "choose plugin") go
+to napari's own drop handling.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from ..core.errors import SegStudioError
 from ..core.io import IMAGE_SUFFIXES, read_image
 from ..napari_plugin._layers import image_layer_data
 from ..napari_plugin._sample_data import load_sample, sample_id
+from ..napari_plugin._batch import BatchWidget
 from ..napari_plugin._widget import SegmentWidget
+from ..qt.batch_panel import dropped_folder
 from ..qt.binding import check_qt_binding
 from ..qt.worker import shutdown_all
 from ..resources import ICON
@@ -86,11 +90,16 @@ def droppable_files(urls) -> list[Path]:
 
 
 class FileDropFilter(QObject):
-    """Event filter that opens dropped image files with :func:`open_paths`."""
+    """Event filter that opens dropped image files with :func:`open_paths`.
 
-    def __init__(self, viewer: napari.Viewer, parent: QObject | None = None):
+    With ``batch``, a dropped folder goes to that :class:`BatchWidget`, which
+    starts (or resumes) processing it.
+    """
+
+    def __init__(self, viewer: napari.Viewer, parent: QObject | None = None, batch: "BatchWidget | None" = None):
         super().__init__(parent)
         self._viewer = weakref.ref(viewer)  # the filter is owned by the window: no cycle back to it
+        self._batch = weakref.ref(batch) if batch is not None else None
 
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt override
         """Accept drags of image files and open them on drop; leave other events alone."""
@@ -101,6 +110,16 @@ class FileDropFilter(QObject):
         if modifiers & (Qt.KeyboardModifier.ShiftModifier | Qt.KeyboardModifier.AltModifier):
             return False  # napari's own "open as stack" / "choose a reader"
         mime = event.mimeData()
+        batch = self._batch() if self._batch is not None else None
+        folder = dropped_folder(mime.urls()) if batch is not None and mime is not None and mime.hasUrls() else None
+        if folder is not None:
+            event.acceptProposedAction()
+            if kind == QEvent.Type.Drop:
+                dock = batch.parentWidget()
+                if dock is not None:
+                    dock.raise_()  # show the Batch tab
+                batch.panel.open_folder(folder)
+            return True
         paths = droppable_files(mime.urls()) if mime is not None and mime.hasUrls() else []
         if not paths:
             return False
@@ -154,8 +173,11 @@ def build_window(
 
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Segment", area="right")
+    batch = BatchWidget(viewer)
+    viewer.window.add_dock_widget(batch, name="Batch", area="right", tabify=True)
+    widget.parentWidget().raise_()  # Segment in front; Batch one tab away
 
-    drop_filter = FileDropFilter(viewer, window)
+    drop_filter = FileDropFilter(viewer, window, batch)
     window.setAcceptDrops(True)
     window.installEventFilter(drop_filter)
     viewer.window._qt_viewer.installEventFilter(drop_filter)
@@ -168,12 +190,21 @@ def build_window(
     return viewer
 
 
+def _docked(viewer: napari.Viewer, cls):
+    widgets = viewer.window._qt_window.findChildren(cls)
+    if not widgets:
+        raise LookupError(f"this viewer has no segstudio {cls.__name__}")
+    return widgets[0]
+
+
 def segment_widget(viewer: napari.Viewer) -> SegmentWidget:
     """The :class:`SegmentWidget` docked in a window made by :func:`build_window`."""
-    widgets = viewer.window._qt_window.findChildren(SegmentWidget)
-    if not widgets:
-        raise LookupError("this viewer has no segstudio Segment widget")
-    return widgets[0]
+    return _docked(viewer, SegmentWidget)
+
+
+def batch_widget(viewer: napari.Viewer) -> BatchWidget:
+    """The :class:`BatchWidget` docked in a window made by :func:`build_window`."""
+    return _docked(viewer, BatchWidget)
 
 
 def run_app(paths: list[Path], show_sample: bool) -> int:

@@ -7,7 +7,8 @@ a time on a fresh ``QThread`` and turns what happens into Qt signals that are
 delivered on the GUI thread:
 
 * ``progress(Progress)`` while the job runs (throttled, so a job that yields
-  thousands of events cannot flood the event loop);
+  thousands of events cannot flood the event loop; events that carry a
+  ``file`` in their ``info``, a batch's per-file status, always go through);
 * exactly one of ``finished(result)``, ``failed(exception)`` or
   ``cancelled()`` at the end, emitted only *after* the thread has been joined,
   so when a slot sees the outcome no thread of the job is left running.
@@ -129,8 +130,9 @@ class _JobThread(QThread):
                     break
                 if isinstance(event, Progress):
                     now = time.monotonic()
-                    # the last event of a stage and every notice always go through
-                    final = (bool(event.total) and event.done >= event.total) or event.stage == "notice"
+                    # the last event of a stage, every notice and every per-file event of a batch go through
+                    final = ((bool(event.total) and event.done >= event.total) or event.stage == "notice"
+                             or "file" in event.info)
                     if final or now - last_emit.get(event.stage, 0.0) >= PROGRESS_INTERVAL_S:
                         last_emit[event.stage] = now
                         self.progress.emit(event)

@@ -1,0 +1,355 @@
+"""The Batch panel: a folder in, labels and measurements for every file out.
+
+Drop a folder on the panel (or choose one) and press Start: a table lists
+every file with its live status (pending, running, done, failed, skipped),
+cells, seconds and the reason of a failure; a progress bar with the ETA runs
+below.  Cancel stops after the current image; Resume (the same button, when
+the output folder holds a manifest) carries on where the last run, this one
+or a killed one, stopped: :func:`segstudio.core.batch.batch_job` does the
+work on a :class:`~segstudio.qt.worker.JobRunner` thread.  Clicking a
+finished row emits :attr:`BatchPanel.open_requested` with the image and its
+labels file; the napari widget and the standalone window open both.
+
+Qt only: no napari import here (the napari shell is
+:mod:`segstudio.napari_plugin._batch`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import (
+    QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
+    QProgressBar, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
+)
+
+from ..core.backends import runnable_variants
+from ..core.batch import MANIFEST, BatchReport, batch_job
+from ..core.jobs import Progress
+from ..core.models.catalog import builtin_models
+from ..core.models.user import user_models
+from .segment_panel import AUTO, BackendCache, ErrorView
+from .worker import JobRunner, describe_error, with_crash_log
+
+COLUMNS = ("File", "Status", "Cells", "Seconds", "Reason")
+STATUS_COLOURS = {"done": "#2e7d32", "failed": "#c62828", "skipped": "#9e9e9e", "running": "#1565c0"}
+
+
+def default_output(folder: Path) -> Path:
+    """Where a folder's results go unless the user says otherwise: ``<folder>_segstudio`` beside it."""
+    return folder.with_name(folder.name + "_segstudio")
+
+
+def dropped_folder(urls) -> Path | None:
+    """The one local folder of a drop (not a zarr store, which is an image), else ``None``."""
+    if len(urls) != 1 or not urls[0].isLocalFile():
+        return None
+    path = Path(urls[0].toLocalFile())
+    return path if path.is_dir() and path.suffix.lower() != ".zarr" else None
+
+
+class BatchPanel(QWidget):
+    """Folder, output, model and backend; Start / Resume, Cancel; the file table.
+
+    Signals
+    -------
+    open_requested(Path, Path)
+        The user clicked a finished row: the image and its labels file.
+    finished(BatchReport)
+        A run ended (also after a cancel: then with the files not reached as skipped).
+    """
+
+    open_requested = Signal(object, object)
+    finished = Signal(object)
+
+    def __init__(self, *, backends: BackendCache | None = None, parent: QWidget | None = None):
+        super().__init__(parent)
+        self._backends = backends or BackendCache.shared()
+        self._rows: dict[str, int] = {}
+        self._in_dir: Path | None = None
+        self._out_dir: Path | None = None
+        self._t_start = 0.0
+        self.report: BatchReport | None = None
+
+        self.runner = JobRunner(self)
+        self.runner.progress.connect(self._on_progress)
+        self.runner.finished.connect(self._on_finished)
+        self.runner.failed.connect(self._on_failed)
+        self.runner.cancelled.connect(self._on_cancelled)
+        self.runner.stopped.connect(self._set_idle)
+
+        self.folder_edit = QLineEdit()
+        self.folder_edit.setPlaceholderText("drop a folder here")
+        self.folder_button = QPushButton("Choose...")
+        self.out_edit = QLineEdit()
+        self.out_edit.setPlaceholderText("<folder>_segstudio")
+        self.recursive_check = QCheckBox("include sub-folders")
+        self.recursive_check.setChecked(True)
+        self._models = {m.name: m for m in builtin_models() + user_models()}
+        self.model_combo = QComboBox()
+        for name in self._models:
+            self.model_combo.addItem(name, name)
+        self.backend_combo = QComboBox()
+        self.backend_combo.addItem(AUTO, AUTO)
+        self.start_button = QPushButton("Start")
+        self.cancel_button = QPushButton("Cancel")
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setTextVisible(False)
+        self.status = QLabel("Drop a folder of images")
+        self.status.setWordWrap(True)
+        self.error_view = ErrorView()
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.verticalHeader().setVisible(False)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(4, QHeaderView.ResizeMode.Stretch)
+        self.table.setToolTip("click a finished file to open it with its labels")
+
+        form = QFormLayout()
+        form.setContentsMargins(0, 0, 0, 0)
+        folder_row = QHBoxLayout()
+        folder_row.addWidget(self.folder_edit, 1)
+        folder_row.addWidget(self.folder_button)
+        form.addRow("Folder", folder_row)
+        form.addRow("", self.recursive_check)
+        form.addRow("Output", self.out_edit)
+        form.addRow("Model", self.model_combo)
+        form.addRow("Backend", self.backend_combo)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.start_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status)
+        layout.addWidget(self.error_view)
+        layout.addWidget(self.table, 1)
+
+        self.setAcceptDrops(True)
+        self.folder_button.clicked.connect(self._choose_folder)
+        self.folder_edit.editingFinished.connect(lambda: self.set_folder(self.folder_edit.text()))
+        self.out_edit.editingFinished.connect(self._update_start_label)
+        self.model_combo.currentIndexChanged.connect(self._update_backends)
+        self.start_button.clicked.connect(self.start)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.table.cellClicked.connect(self._on_row_clicked)
+        self._update_backends()
+        self._set_idle()
+
+    # ------------------------------------------------------------------ public
+
+    def set_folder(self, folder: str | Path, out_dir: str | Path | None = None) -> None:
+        """Use ``folder`` (its results go to ``out_dir``, default ``<folder>_segstudio``)."""
+        if not str(folder).strip():
+            return
+        folder = Path(folder).expanduser()
+        self._in_dir = folder
+        self.folder_edit.setText(str(folder))
+        self.out_edit.setText(str(Path(out_dir) if out_dir is not None else default_output(folder)))
+        self._update_start_label()
+
+    @property
+    def out_dir(self) -> Path | None:
+        text = self.out_edit.text().strip()
+        return Path(text).expanduser() if text else (default_output(self._in_dir) if self._in_dir else None)
+
+    def is_running(self) -> bool:
+        return self.runner.is_running()
+
+    def start(self) -> None:
+        """Start (or resume) the batch in the background."""
+        if self.runner.is_running():
+            return
+        if self._in_dir is None:
+            self.status.setText("Choose or drop a folder first")
+            return
+        self.error_view.clear()
+        in_dir, out_dir = self._in_dir, self.out_dir
+        model_name, backend_name = self.model_combo.currentData(), self.backend_combo.currentData()
+        recursive = self.recursive_check.isChecked()
+        backends = self._backends
+        self._out_dir = out_dir
+        self._t_start = time.perf_counter()
+        self.progress_bar.setValue(0)
+        self.status.setText(f"Loading {model_name} ({backend_name})...")
+        self._set_busy()
+
+        def job(cancel):
+            model, backend = backends.get(model_name, backend_name)
+            return (yield from batch_job(in_dir, out_dir, model, backend=backend, recursive=recursive,
+                                         cancel=cancel))
+
+        self.runner.start(job)
+
+    def cancel(self) -> None:
+        """Stop after the current image (what is done stays done: Resume carries on)."""
+        if self.runner.is_running():
+            self.runner.cancel()
+            self.cancel_button.setEnabled(False)
+            self.status.setText("Cancelling after the current image...")
+
+    def shutdown(self, timeout_ms: int | None = None) -> bool:
+        return self.runner.shutdown(timeout_ms)
+
+    def statuses(self) -> dict[str, str]:
+        """File (relative path) -> the status shown in the table."""
+        return {self.table.item(r, 0).text(): self.table.item(r, 1).text() for r in range(self.table.rowCount())}
+
+    def error_text(self) -> str:
+        return self.error_view.text()
+
+    # ------------------------------------------------------------------ drops
+
+    def dragEnterEvent(self, event) -> None:  # noqa: N802 - Qt override
+        mime = event.mimeData()
+        if mime is not None and mime.hasUrls() and dropped_folder(mime.urls()) is not None:
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:  # noqa: N802 - Qt override
+        folder = dropped_folder(event.mimeData().urls())
+        if folder is not None:
+            event.acceptProposedAction()
+            self.open_folder(folder)
+
+    def open_folder(self, folder: Path) -> None:
+        """What a dropped folder does: use it and start (or resume) at once."""
+        if self.runner.is_running():
+            self.status.setText("A batch is running: cancel it first")
+            return
+        self.set_folder(folder)
+        self.start()
+
+    # ------------------------------------------------------------------ slots (GUI thread)
+
+    def _on_progress(self, event: Progress) -> None:
+        if event.stage != "batch":
+            return
+        info = event.info
+        if "files" in info:
+            self._fill(info["files"])
+        if "file" in info:
+            self._set_row(info["file"], info["status"], info.get("row", {}))
+        if event.total:
+            self.progress_bar.setValue(round(1000 * event.done / event.total))
+            eta = info.get("eta_s")
+            left = f", about {_duration(eta)} left" if eta is not None and event.done < event.total else ""
+            self.status.setText(f"{event.done} of {event.total} files{left}\n{event.message}")
+
+    def _on_finished(self, report: BatchReport) -> None:
+        self.report = report
+        for row in report.rows:
+            self._set_row(row["file"], row["status"], row)
+        c = report.counts
+        self.progress_bar.setValue(1000)
+        self.status.setText(f"{c.get('done', 0)} done, {c.get('failed', 0)} failed, {c.get('skipped', 0)} skipped "
+                            f"in {time.perf_counter() - self._t_start:.1f} s\nresults in {report.out_dir}")
+        self.finished.emit(report)
+
+    def _on_failed(self, exc: BaseException) -> None:
+        self.status.setText("Failed")
+        self.error_view.show_report(with_crash_log(describe_error(exc)))
+
+    def _on_cancelled(self) -> None:
+        for r in range(self.table.rowCount()):
+            if self.table.item(r, 1).text() == "running":
+                self._set_row(self.table.item(r, 0).text(), "pending", {})
+        self.status.setText("Cancelled: press Resume to carry on")
+
+    def _on_row_clicked(self, row: int, _col: int) -> None:
+        if self.table.item(row, 1).text() != "done" or self._in_dir is None or self._out_dir is None:
+            return
+        rel = self.table.item(row, 0).text()
+        labels = self.table.item(row, 0).data(Qt.ItemDataRole.UserRole)
+        if labels:
+            self.open_requested.emit(self._in_dir / rel, self._out_dir / labels)
+
+    # ------------------------------------------------------------------ table
+
+    def _fill(self, files: dict[str, str]) -> None:
+        self.table.setRowCount(0)
+        self._rows.clear()
+        self.table.setRowCount(len(files))
+        for r, (rel, status) in enumerate(files.items()):
+            self._rows[rel] = r
+            self.table.setItem(r, 0, QTableWidgetItem(rel))
+            for c in range(1, len(COLUMNS)):
+                self.table.setItem(r, c, QTableWidgetItem(""))
+            self._set_row(rel, status, {})
+
+    def _set_row(self, rel: str, status: str, row: dict) -> None:
+        r = self._rows.get(rel)
+        if r is None:
+            return
+        item = self.table.item(r, 1)
+        item.setText(status)
+        item.setForeground(_brush(STATUS_COLOURS.get(status)))
+        if row:
+            self.table.item(r, 2).setText(str(row.get("cells", "")))
+            seconds = row.get("seconds", "")
+            self.table.item(r, 3).setText(f"{float(seconds):.2f}" if seconds not in ("", None) else "")
+            self.table.item(r, 4).setText(str(row.get("reason", "")))
+            self.table.item(r, 4).setToolTip(str(row.get("reason", "")))
+            if row.get("labels"):
+                self.table.item(r, 0).setData(Qt.ItemDataRole.UserRole, row["labels"])
+        if status == "running":
+            self.table.scrollToItem(item)
+
+    # ------------------------------------------------------------------ state
+
+    def _choose_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Folder of images", str(self._in_dir or Path.home()))
+        if folder:
+            self.set_folder(folder)
+
+    def _update_backends(self) -> None:
+        model = self._models.get(self.model_combo.currentData())
+        self.backend_combo.clear()
+        self.backend_combo.addItem(AUTO, AUTO)
+        for name in runnable_variants(model) if model is not None else []:
+            self.backend_combo.addItem(name, name)
+
+    def _update_start_label(self) -> None:
+        out = self.out_dir
+        resumable = out is not None and (out / MANIFEST).is_file()
+        self.start_button.setText("Resume" if resumable else "Start")
+        self.start_button.setToolTip("carry on where the last run stopped: finished files are not redone"
+                                     if resumable else "process every file of the folder")
+
+    def _set_busy(self) -> None:
+        for w in (self.start_button, self.folder_edit, self.folder_button, self.out_edit, self.model_combo,
+                  self.backend_combo, self.recursive_check):
+            w.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+
+    def _set_idle(self) -> None:
+        for w in (self.start_button, self.folder_edit, self.folder_button, self.out_edit, self.model_combo,
+                  self.backend_combo, self.recursive_check):
+            w.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self._update_start_label()
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        self.shutdown()
+        super().closeEvent(event)
+
+
+def _brush(colour: str | None):
+    from qtpy.QtGui import QBrush, QColor
+
+    return QBrush(QColor(colour)) if colour else QBrush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
