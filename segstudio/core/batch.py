@@ -288,8 +288,16 @@ def process_image(item: BatchItem, out_dir: Path, model, backend, source=None, *
                     seconds=round(time.perf_counter() - t0, 4), model=model.name)
     except MemoryError:
         return _row(item, "failed", "out of memory", seconds=round(time.perf_counter() - t0, 4), model=model.name)
-    except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch
-        return _row(item, "failed", f"unexpected error: {type(e).__name__}: {e}",
+    except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch; a bug is logged
+        import traceback
+
+        from .errors import write_crash_log
+
+        try:
+            where = f"; details in {write_crash_log(''.join(traceback.format_exception(e)))}"
+        except OSError:
+            where = ""
+        return _row(item, "failed", f"unexpected error: {type(e).__name__}: {e} (this is a bug{where})",
                     seconds=round(time.perf_counter() - t0, 4), model=model.name)
     table = result.table
     area = table.get("area_px")
