@@ -196,6 +196,8 @@ def test_scan_mirrors_the_tree_and_keeps_colliding_suffixes(tmp_path):
     assert [i.rel for i in scan(tmp_path, pattern="*.tif")] == ["a.tif", "b.tif"]
     with pytest.raises(InputError, match="no such folder"):
         scan(tmp_path / "nope")
+    with pytest.raises(InputError, match="cannot be the input folder"):
+        run_sync(batch_job(tmp_path, tmp_path, None))
 
 
 def test_manifest_ignores_and_cuts_a_line_cut_short(tmp_path):

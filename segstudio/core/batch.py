@@ -456,6 +456,9 @@ def batch_job(
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if workers < 1:
         raise InputError("--workers must be at least 1")
+    if in_dir.resolve() == out_dir.resolve():
+        raise InputError(f"{out_dir}: the output folder cannot be the input folder (inputs are never touched)",
+                         hint="choose another --out, e.g. a sub-folder or a folder beside it")
     items = scan(in_dir, pattern=pattern, recursive=recursive, exclude=out_dir)
     if not items:
         raise InputError(f"{in_dir}: no files" + (f" matching {pattern!r}" if pattern else ""),
@@ -522,8 +525,8 @@ def batch_job(
     counts: dict[str, int] = {}
     for r in ordered:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    report = BatchReport(ordered, out_dir, time.perf_counter() - t_start, len(todo) if not cancelled else
-                         sum(1 for it in todo if rows[it.rel]["status"] != "skipped"), cancelled, counts)
+    processed = sum(1 for it in todo if rows[it.rel]["status"] != "skipped")
+    report = BatchReport(ordered, out_dir, time.perf_counter() - t_start, processed, cancelled, counts)
     if cancelled:
         raise Cancelled(f"batch cancelled: {counts.get('done', 0)} of {len(items)} done; run it again to resume")
     return report
