@@ -23,6 +23,8 @@ The shipped models (the exact command is in each card's ``training.command``):
     python scripts/train_builtin.py --data ../shared/data/dsb2018 --name nuclei-light --width 12 \
         --diameter 20 --zoom 0.75 1.33 --crop 144 --steps 3000 \
         --distill-from segstudio/core/models/builtin/nuclei.json
+    # the val metrics in a card, re-measured after a change to inference (e.g. the diameter estimate)
+    python scripts/train_builtin.py --data ../shared/data/dsb2018 --remeasure nuclei
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ def main() -> int:
     ap.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term")
     ap.add_argument("--speed", nargs=2, metavar=("MODEL", "AGAINST"), default=None,
                     help="only measure MODEL's CPU speed against AGAINST (interleaved) and write it into MODEL's card")
+    ap.add_argument("--remeasure", default=None, metavar="MODEL",
+                    help="only re-measure MODEL's val metrics with the current inference code and write them into its card")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "nuclei")
@@ -85,6 +89,13 @@ def main() -> int:
     args = ap.parse_args()
     if args.speed:
         record_speed(get_model(args.speed[0]).card_path, args.speed[1], args.data)
+        return 0
+    if args.remeasure:
+        model = get_model(args.remeasure)
+        spec = model.spec
+        spec.metrics = {**(spec.metrics or {}), "dsb2018_fluorescence_val": val_metrics(model.card_path, args.data)}
+        write_card(spec, model.files, model.card_path, model.provenance or None)
+        print(json.dumps(spec.metrics["dsb2018_fluorescence_val"], indent=1))
         return 0
 
     import torch

@@ -141,35 +141,61 @@ def image_tiling(tile: int, halo: int, factor: float) -> tuple[int, int]:
     return max(32, int(round(tile / factor))), int(np.ceil(halo / factor))
 
 
+# The estimate also measures the nuclei at these scales (coarsest first); a scale qualifies when
+# the nuclei it shows are within ESTIMATE_RANGE of the model's training size ...
+ESTIMATE_SCALES = (0.25, 0.5)
+ESTIMATE_RANGE = 1.5
+# ... and only when its nuclei are at least this much bigger than the native measurement says
+# (the native pass split them); otherwise the coarse pass only saw small nuclei blur into blobs.
+ESTIMATE_SPLIT = 2.0
+# A scaled image smaller than this says too little: at a quarter of a 256 px image, clusters of
+# small cells merge into blobs of about the training size (measured on generated viability images).
+ESTIMATE_MIN_SIDE = 96
+
+
 def estimate_diameter(
     image: np.ndarray, spec, predict, *, tile: int = 512
 ) -> float | None:
     """Median nucleus diameter, in image pixels, of a normalized ``(C, H, W)`` image.
 
     Pass a crop of a large image (``segment_job`` reads its centre 1024 px
-    square).  Runs the network on it at its own scale, post-processes, and takes the median equivalent-circle
-    diameter; when that is far from the model's ``spec.diameter`` (the
-    network sees nuclei at a scale it was not trained for and its answer is
-    rough), it measures once more at the corrected scale.  ``None`` when no
+    square).  The network runs on the image at its own scale and the median
+    equivalent-circle diameter of its instances is the estimate, measured
+    once more after resampling when it is far from ``spec.diameter`` (small
+    nuclei).  The network's answer leans toward the size it was trained on:
+    it cuts nuclei several times bigger into pieces of about that size.  So
+    the image is also measured at 1/4 and 1/2 scale (when that leaves at
+    least 96 px); the coarsest of them at which the nuclei come out within
+    1.5x of the training size, and at least twice as big as the native pass
+    says, wins.  (Without the last condition, small cells that blur into
+    blobs at a coarse scale would pass for big ones.)  ``None`` when no
     object is found.
     """
     from .jobs import run_sync
     from .postprocess import network_instances
     from .tiling import predict_tiled
 
-    crop = image
-    factor, diameter = 1.0, None
-    for _ in range(2):
-        x = resize(crop, scaled_shape(crop.shape[-2:], factor)) if factor != 1.0 else crop
+    def measure(factor: float, min_objects: int = 1) -> float | None:
+        x = resize(image, scaled_shape(image.shape[-2:], factor)) if factor != 1.0 else image
         out = run_sync(predict_tiled(x, lambda b: predict(b, None), tile=tile, halo=spec.halo,
                                      multiple=spec.multiple, batch_size=1))
         labels, _ = network_instances(out, spec)
-        d = median_diameter(labels)
-        if d is None:
-            return diameter
-        diameter = d / factor
-        step = scale_factor(spec.diameter, diameter)
-        if abs(np.log(step / factor)) < np.log(1.5):
-            break
-        factor = step
-    return diameter
+        d = object_diameters(labels)
+        return float(np.median(d)) if len(d) >= min_objects else None  # in network pixels
+
+    d = measure(1.0)
+    if d is None:
+        return None
+    for factor in ESTIMATE_SCALES:
+        if min(image.shape[-2:]) * factor < ESTIMATE_MIN_SIDE:
+            continue
+        coarse = measure(factor, min_objects=2)
+        if (coarse is not None and abs(np.log(coarse / spec.diameter)) <= np.log(ESTIMATE_RANGE)
+                and coarse / factor >= ESTIMATE_SPLIT * d):
+            return coarse / factor
+    step = scale_factor(spec.diameter, d)
+    if abs(np.log(step)) >= np.log(1.5):
+        refined = measure(step)
+        if refined is not None:
+            return refined / step
+    return d
