@@ -288,6 +288,9 @@ def process_image(item: BatchItem, out_dir: Path, model, backend, source=None, *
                     seconds=round(time.perf_counter() - t0, 4), model=model.name)
     except MemoryError:
         return _row(item, "failed", "out of memory", seconds=round(time.perf_counter() - t0, 4), model=model.name)
+    except OSError as e:  # permissions, a file that vanished, a full disk: the file's problem, not a bug
+        return _row(item, "failed", f"{type(e).__name__}: {e.strerror or e}",
+                    seconds=round(time.perf_counter() - t0, 4), model=model.name)
     except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch; a bug is logged
         import traceback
 
