@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import queue
 import re
@@ -414,8 +415,10 @@ def _client(workers: int, scheduler: str | None):
             return Client(scheduler, timeout="20s"), None
         except OSError as e:
             raise InputError(f"cannot reach the Dask scheduler at {scheduler} ({e})") from None
+    # silence_logs=CRITICAL: a worker's heartbeat that races the cluster's shutdown logs an ERROR with a
+    # traceback, which is noise to the user
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           memory_limit=0, silence_logs=40)
+                           memory_limit=0, silence_logs=logging.CRITICAL)
     return Client(cluster), cluster
 
 

@@ -148,9 +148,11 @@ ESTIMATE_RANGE = 1.5
 # ... and only when its nuclei are at least this much bigger than the native measurement says
 # (the native pass split them); otherwise the coarse pass only saw small nuclei blur into blobs.
 ESTIMATE_SPLIT = 2.0
-# A scaled image smaller than this says too little: at a quarter of a 256 px image, clusters of
-# small cells merge into blobs of about the training size (measured on generated viability images).
-ESTIMATE_MIN_SIDE = 96
+# A scaled image smaller than this says too little (at a quarter of a 256 px image, clusters of small
+# cells merge into blobs of about the training size), and small images skip the coarse looks, which
+# on the 2-core CPU nearly doubled the time of a 256 px image (the network's first call after other
+# work is slow: 60 ms instead of 30 for a 384 px input with nuclei-light on OpenVINO).
+ESTIMATE_MIN_SIDE = 160
 
 
 def estimate_diameter(
@@ -165,7 +167,7 @@ def estimate_diameter(
     nuclei).  The network's answer leans toward the size it was trained on:
     it cuts nuclei several times bigger into pieces of about that size.  So
     the image is also measured at 1/4 and 1/2 scale (when that leaves at
-    least 96 px); the coarsest of them at which the nuclei come out within
+    least 160 px); the coarsest of them at which the nuclei come out within
     1.5x of the training size, and at least twice as big as the native pass
     says, wins.  (Without the last condition, small cells that blur into
     blobs at a coarse scale would pass for big ones.)  ``None`` when no
