@@ -173,19 +173,18 @@ def cmd_segment(args) -> int:
 def cmd_batch(args) -> int:
     import signal
 
-    from .core.backends import create_backend
     from .core.batch import batch_job
     from .core.jobs import CancelToken, run_sync
     from .core.models.catalog import get_model
 
-    model = get_model(args.model)
     cancel = CancelToken()
     distributed = args.workers > 1 or args.scheduler
     backend = None
     if not distributed:
-        backend = create_backend(args.backend, model, **({"threads": args.threads} if args.threads else {}))
+        model, backend = _model_and_backend(args)
         print(f"model {model.name} v{model.spec.version} on {backend.describe()}")
     else:
+        model = get_model(args.model)  # each Dask worker creates its own backend
         print(f"model {model.name} v{model.spec.version}, backend {args.backend} on "
               + (f"the Dask cluster at {args.scheduler}" if args.scheduler else f"{args.workers} local Dask workers"))
     bar = None

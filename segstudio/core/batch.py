@@ -100,7 +100,6 @@ class BatchReport:
     out_dir: Path
     seconds: float
     processed: int  # images segmented (or failed) by this run, not skipped as already done
-    cancelled: bool = False
     counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -329,6 +328,7 @@ class _Prefetch:
     """Opens (and, for small files, decodes) the next images on a reader thread."""
 
     def __init__(self, items: list[BatchItem], depth: int = 2):
+        self._n = len(items)
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(items,), name="segstudio-batch-read", daemon=True)
@@ -355,9 +355,9 @@ class _Prefetch:
                     src.close()
 
     def __iter__(self):
-        while True:
-            got = self._q.get()
-            yield got
+        """``(item, opened source or the exception opening raised)``, once per item, in order."""
+        for _ in range(self._n):
+            yield self._q.get()
 
     def close(self) -> None:
         self._stop.set()
@@ -532,7 +532,7 @@ def batch_job(
     for r in ordered:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     processed = sum(1 for it in todo if rows[it.rel]["status"] != "skipped")
-    report = BatchReport(ordered, out_dir, time.perf_counter() - t_start, processed, cancelled, counts)
+    report = BatchReport(ordered, out_dir, time.perf_counter() - t_start, processed, counts)
     if cancelled:
         raise Cancelled(f"batch cancelled: {counts.get('done', 0)} of {len(items)} done; run it again to resume")
     return report
@@ -576,8 +576,6 @@ def _run_local(todo, out_dir, model, backend, backend_name, threads, segment_opt
                            info={"file": item.rel, "status": "running"})
             row = process_image(item, out_dir, model, backend, source, segment_opts=segment_opts, cancel=cancel)
             yield finished(item, row)
-            if k + 1 == len(todo):
-                break
     finally:
         reader.close()
         if own:

@@ -122,6 +122,20 @@ def write_csv(path: str | Path, table: Table) -> Path:
     return path
 
 
+def read_csv(path: str | Path) -> Table:
+    """A table written by :func:`write_csv`: numeric columns as float arrays, the rest as strings."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    table: Table = {}
+    for key in rows[0] if rows else []:
+        values = [r[key] for r in rows]
+        try:
+            table[key] = np.array([float(v) for v in values])
+        except ValueError:
+            table[key] = np.array(values, dtype=object)
+    return table
+
+
 def _fmt(v) -> str:
     if isinstance(v, (np.floating, float)):
         return f"{float(v):.6g}"

@@ -14,6 +14,7 @@ from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from ..core.errors import SegStudioError
 from ..core.io import read_image
+from ..core.measure import read_csv
 from ..qt.batch_panel import BatchPanel
 from ._layers import image_layer_data, labels_features
 
@@ -49,7 +50,7 @@ class BatchWidget(QWidget):
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
         csv = labels_path.with_name(labels_path.name.removesuffix("_labels.tif") + "_cells.csv")
-        features = _read_csv(csv) if csv.is_file() else {}
+        features = read_csv(csv) if csv.is_file() else {}
         kwargs = {"scale": first.scale[-labels.ndim:]} if first is not None else {}
         self.viewer.add_labels(labels, name=name, features=labels_features(features), **kwargs)
 
@@ -57,21 +58,3 @@ class BatchWidget(QWidget):
         self.panel.shutdown()
         super().closeEvent(event)
 
-
-def _read_csv(path: Path) -> dict:
-    import csv
-
-    import numpy as np
-
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return {}
-    out = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
-        try:
-            out[key] = np.array([float(v) for v in values])
-        except ValueError:
-            out[key] = np.array(values, dtype=object)
-    return out

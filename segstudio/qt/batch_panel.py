@@ -25,12 +25,9 @@ from qtpy.QtWidgets import (
     QProgressBar, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
 )
 
-from ..core.backends import runnable_variants
 from ..core.batch import MANIFEST, BatchReport, batch_job
 from ..core.jobs import Progress
-from ..core.models.catalog import builtin_models
-from ..core.models.user import user_models
-from .segment_panel import AUTO, BackendCache, ErrorView
+from .segment_panel import AUTO, BackendCache, ErrorView, available_models, fill_backends
 from .worker import JobRunner, describe_error, with_crash_log
 
 COLUMNS = ("File", "Status", "Cells", "Seconds", "Reason")
@@ -87,7 +84,7 @@ class BatchPanel(QWidget):
         self.out_edit.setPlaceholderText("<folder>_segstudio")
         self.recursive_check = QCheckBox("include sub-folders")
         self.recursive_check.setChecked(True)
-        self._models = {m.name: m for m in builtin_models() + user_models()}
+        self._models = available_models()
         self.model_combo = QComboBox()
         for name in self._models:
             self.model_combo.addItem(name, name)
@@ -309,11 +306,7 @@ class BatchPanel(QWidget):
             self.set_folder(folder)
 
     def _update_backends(self) -> None:
-        model = self._models.get(self.model_combo.currentData())
-        self.backend_combo.clear()
-        self.backend_combo.addItem(AUTO, AUTO)
-        for name in runnable_variants(model) if model is not None else []:
-            self.backend_combo.addItem(name, name)
+        fill_backends(self.backend_combo, self._models.get(self.model_combo.currentData()))
 
     def _update_start_label(self) -> None:
         out = self.out_dir
@@ -323,17 +316,17 @@ class BatchPanel(QWidget):
                                      if resumable else "process every file of the folder")
 
     def _set_busy(self) -> None:
-        for w in (self.start_button, self.folder_edit, self.folder_button, self.out_edit, self.model_combo,
-                  self.backend_combo, self.recursive_check):
-            w.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+        self._set_inputs_enabled(False)
 
     def _set_idle(self) -> None:
+        self._set_inputs_enabled(True)
+        self._update_start_label()
+
+    def _set_inputs_enabled(self, enabled: bool) -> None:
         for w in (self.start_button, self.folder_edit, self.folder_button, self.out_edit, self.model_combo,
                   self.backend_combo, self.recursive_check):
-            w.setEnabled(True)
-        self.cancel_button.setEnabled(False)
-        self._update_start_label()
+            w.setEnabled(enabled)
+        self.cancel_button.setEnabled(not enabled)
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
         self.shutdown()

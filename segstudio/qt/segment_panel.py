@@ -49,6 +49,21 @@ from .worker import ErrorReport, JobRunner, describe_error, with_crash_log
 AUTO = "auto"
 
 
+def available_models() -> dict[str, Model]:
+    """The built-in and imported models by name (what the panels' model lists offer)."""
+    return {m.name: m for m in builtin_models() + user_models()}
+
+
+def fill_backends(combo: QComboBox, model: Model | None) -> None:
+    """Offer ``auto`` and every backend that can run ``model`` here; keep the choice when still offered."""
+    current = combo.currentData() or AUTO
+    combo.clear()
+    combo.addItem(AUTO, AUTO)
+    for name in runnable_variants(model) if model is not None else []:
+        combo.addItem(name, name)
+    combo.setCurrentIndex(max(combo.findData(current), 0))
+
+
 class BackendCache:
     """Models and ready backends, created on first use and kept per (model, backend).
 
@@ -178,7 +193,7 @@ class SegmentPanel(QWidget):
         self._planes_done = 0
         self._t_start = 0.0
         self._watched: list[weakref.ref] = []
-        self._models = {m.name: m for m in builtin_models() + user_models()}
+        self._models = available_models()
 
         self.runner = JobRunner(self)
         self.runner.progress.connect(self._on_progress)
@@ -394,14 +409,7 @@ class SegmentPanel(QWidget):
         self.error_view.show_report(with_crash_log(describe_error(exc)))
 
     def _update_backends(self) -> None:
-        model = self._models.get(self.model_name)
-        current = self.backend_name
-        self.backend_combo.clear()
-        self.backend_combo.addItem(AUTO, AUTO)
-        for name in runnable_variants(model) if model is not None else []:
-            self.backend_combo.addItem(name, name)
-        index = self.backend_combo.findData(current)
-        self.backend_combo.setCurrentIndex(max(index, 0))
+        fill_backends(self.backend_combo, self._models.get(self.model_name))
 
     def _set_busy(self) -> None:
         for w in (self.run_button, self.model_combo, self.open_model_button, self.backend_combo, self.channel_combo,
