@@ -23,6 +23,9 @@ The shipped models (the exact command is in each card's ``training.command``):
     python scripts/train_builtin.py --data ../shared/data/dsb2018 --name nuclei-light --width 12 \
         --diameter 20 --zoom 0.75 1.33 --crop 144 --steps 3000 \
         --distill-from segstudio/core/models/builtin/nuclei.json
+    # on a GPU machine (CUDA torch): train there, then finish (tune, ONNX export, val metrics) on any machine
+    python scripts/train_builtin.py --data DATA ... --device cuda --loader-threads 12 --train-only
+    python scripts/train_builtin.py --data DATA ... --device auto   # finds the finished checkpoint
     # the val metrics in a card, re-measured after a change to inference (e.g. the diameter estimate)
     python scripts/train_builtin.py --data ../shared/data/dsb2018 --remeasure nuclei
 """
@@ -31,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -73,6 +78,9 @@ def main() -> int:
     ap.add_argument("--init-from", default=None, help="start from these weights (state dict or checkpoint)")
     ap.add_argument("--stop-after", type=int, default=None,
                     help="stop after this epoch (the checkpoint stays; the schedule spans --epochs)")
+    ap.add_argument("--train-only", action="store_true",
+                    help="stop after training, leaving the checkpoint in --workdir: the same command without this "
+                    "option then tunes, exports and evaluates it (train on a GPU machine, finish elsewhere)")
     ap.add_argument("--distill-from", default=None,
                     help="train a light student by knowledge distillation from this model card")
     ap.add_argument("--steps", type=int, default=3000, help="distillation steps (with --distill-from)")
@@ -84,6 +92,9 @@ def main() -> int:
                     help="only re-measure MODEL's val metrics with the current inference code and write them into its card")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (training only; inference stays on the CPU)")
+    ap.add_argument("--loader-threads", type=int, default=0,
+                    help="threads augmenting batches ahead of the network (on a GPU machine: most of its cores)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "nuclei")
     ap.add_argument("--out", type=Path, default=BUILTIN_DIR)
     args = ap.parse_args()
@@ -104,7 +115,7 @@ def main() -> int:
         unet=UNetConfig(in_channels=1, out_channels=2, depth=args.depth, width=args.width, separable=args.separable),
         epochs=args.epochs, crop=args.crop, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         diameter=args.diameter, zoom=tuple(args.zoom), init_from=args.init_from, stop_after=args.stop_after,
-        threads=args.threads,
+        threads=args.threads, device=args.device, loader_threads=args.loader_threads,
     )
     pairs = find_pairs(args.data / "train", args.data / "train", kind="fluorescence")
     tune_pairs = pairs[::10]
@@ -133,7 +144,7 @@ def main() -> int:
         history_loss = result["final_loss"]
     else:
         result = run_sync(train_job(train, cfg, args.workdir), log)
-        if args.stop_after and len(result["history"]) < cfg.epochs:
+        if args.train_only or (args.stop_after and len(result["history"]) < cfg.epochs):
             print(f"stopped after epoch {len(result['history'])}; checkpoint in {args.workdir}", flush=True)
             return 0
         net = result["net"]
@@ -183,11 +194,15 @@ def main() -> int:
         command += f" --distill-from {args.distill_from} --steps {args.steps}"
     if args.init_from:
         command += f" --lr {args.lr:g} --init-from {args.init_from}"
+    trained_on = result.get("device", "cpu")
+    if trained_on != "cpu":
+        command += " --device cuda" + (f" --loader-threads {args.loader_threads}" if args.loader_threads else "")
     spec.training = {
         "command": command,
         "config": config_dict(cfg),
         "seconds": round(result["seconds"]),
-        "machine": "2-core AMD EPYC (AVX2), CPU only, torch " + torch.__version__,
+        "machine": (f"{trained_on}, {os.cpu_count()} CPU cores" if trained_on != "cpu"
+                    else f"{os.cpu_count()}-core {platform.machine()} CPU only") + ", torch " + torch.__version__,
         "final_loss": history_loss,
         "tune_ap50": round(tune_ap, 4),
     }

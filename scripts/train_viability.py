@@ -115,6 +115,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "viability")
     ap.add_argument("--out", type=Path, default=BUILTIN_DIR)
+    ap.add_argument("--version", default="2.0", help="version written on the card")
     ap.add_argument("--eval-only", action="store_true", help="measure the written model again")
     args = ap.parse_args()
 
@@ -138,7 +139,7 @@ def main() -> int:
     net = result["net"]
 
     spec = ModelSpec(
-        name="viability", version="1.0",
+        name="viability", version=args.version,
         title="Live / dead cells in two-channel fluorescence (U-Net, foreground + distance + class)",
         description="Two channels: a live stain (calcein-AM) or a nuclear stain (Hoechst) first, a dead stain "
         "(propidium iodide, ethidium homodimer) second. Instance labels and a live / dead class per cell.",
@@ -155,8 +156,7 @@ def main() -> int:
     params, tune_ap = tune_postprocess(outputs, [s.labels for s in tune], PostprocessParams())
     spec.postprocess = params
     spec.training = {
-        "command": "python scripts/train_viability.py" + (f" --epochs {args.epochs}" if args.epochs != 60 else "")
-        + (f" --lr {args.lr:g} --init-from {args.init_from}" if args.init_from else ""),
+        "command": " ".join(["python scripts/train_viability.py", *sys.argv[1:]]),
         "config": config_dict(cfg), "images": args.images,
         "seconds": round(result["seconds"]), "machine": "2-core AMD EPYC (AVX2), CPU only, torch " + torch.__version__,
         "final_loss": result["history"][-1]["loss"], "tune_ap50": round(tune_ap, 4),

@@ -50,6 +50,11 @@ class TrainConfig:
     stop_after: int | None = None
     seed: int = 0
     threads: int = 0  # 0: torch default
+    # where the network trains: "cpu", "cuda", "cuda:1", or "auto" (the first CUDA GPU when there is one)
+    device: str = "cpu"
+    # threads preparing augmented batches ahead of the network (0: inline); a GPU step is faster than
+    # one thread's augmentation of its batch, so on a GPU machine give it most of the CPU cores
+    loader_threads: int = 0
 
 
 # ------------------------------------------------------------------ data
@@ -178,6 +183,58 @@ def segmentation_loss(out, fg, dist, cls=None):
 # ------------------------------------------------------------------ loop
 
 
+def resolve_device(name: str):
+    """The torch device ``name`` means ("auto": the first CUDA GPU if there is one, else the CPU)."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from .errors import InputError
+
+        raise InputError(f"training on {name} was asked for, but this torch ({torch.__version__}) sees no CUDA GPU",
+                             hint="use --device cpu (or auto)")
+    return device
+
+
+def epoch_batches(train: list[Sample], cfg: TrainConfig, epoch: int):
+    """The epoch's augmented batches, in order: ``(x, fg, dist, cls or None)`` CPU tensors.
+
+    Each batch draws from its own generator seeded by (seed, epoch, batch),
+    so the batches are the same whether they are made inline or by
+    ``cfg.loader_threads`` threads working ahead (at most twice as many
+    batches as threads are held in memory).
+    """
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
+    n = math.ceil(len(train) / cfg.batch_size)
+
+    def make(b: int):
+        idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        return _augment_batch([train[i] for i in idx], cfg, np.random.default_rng([cfg.seed, epoch, b]))
+
+    if cfg.loader_threads <= 0:
+        for b in range(n):
+            yield make(b)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(cfg.loader_threads, thread_name_prefix="segstudio-augment") as pool:
+        ahead = deque(pool.submit(make, b) for b in range(min(n, 2 * cfg.loader_threads)))
+        submitted = len(ahead)
+        try:
+            while ahead:
+                batch = ahead.popleft().result()
+                if submitted < n:
+                    ahead.append(pool.submit(make, submitted))
+                    submitted += 1
+                yield batch
+        finally:
+            for f in ahead:
+                f.cancel()
+
+
 def train_job(
     train: list[Sample], cfg: TrainConfig, workdir: str | Path, cancel: CancelToken | None = None
 ) -> Job[dict]:
@@ -193,10 +250,17 @@ def train_job(
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     net = build_unet(cfg.unet)
+    if cfg.init_from and not (workdir / "checkpoint.pt").is_file():
+        state = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["model"] if "model" in state else state)
+    net.to(device)
+    # on a GPU the forward and backward passes run in bfloat16 where it is safe (autocast), weights stay float32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -206,36 +270,36 @@ def train_job(
     start_epoch, elapsed = 0, 0.0
     ckpt_path = workdir / "checkpoint.pt"
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, weights_only=True)
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         net.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         sched.load_state_dict(ckpt["sched"])
         start_epoch, elapsed = int(ckpt["epoch"]), float(ckpt["seconds"])
         history = json.loads(ckpt["history"])
-    elif cfg.init_from:
-        state = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["model"] if "model" in state else state)
-    yield Progress("train", start_epoch, cfg.epochs, f"{len(train)} images, {steps_per_epoch} steps/epoch")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    yield Progress("train", start_epoch, cfg.epochs,
+                   f"{len(train)} images, {steps_per_epoch} steps/epoch on {device.type}")
     for epoch in range(start_epoch, min(cfg.epochs, cfg.stop_after or cfg.epochs)):
         t0 = time.perf_counter()
-        rng = np.random.default_rng([cfg.seed, epoch])
         torch.manual_seed(cfg.seed * 1000 + epoch)
-        order = rng.permutation(len(train))
         net.train()
         losses = []
-        for b in range(steps_per_epoch):
+        for batch in epoch_batches(train, cfg, epoch):
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            x, fg, dist, cls = _augment_batch([train[i] for i in idx], cfg, rng)
-            loss = segmentation_loss(net(x), fg, dist, cls)
+            x, fg, dist, cls = (t.to(device, non_blocking=True) if t is not None else None for t in batch)
+            with autocast:
+                out = net(x)
+            loss = segmentation_loss(out.float(), fg, dist, cls)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())
+        losses = [float(v) for v in losses]  # one device sync per epoch, not per step
         elapsed += time.perf_counter() - t0
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(elapsed, 1)})
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(elapsed, 1),
+                        "device": device_name})
         torch.save(
             {"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
              "epoch": epoch + 1, "seconds": elapsed, "history": json.dumps(history)},
@@ -243,8 +307,10 @@ def train_job(
         )
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)
         yield Progress("train", epoch + 1, cfg.epochs, f"loss {history[-1]['loss']:.4f}", info=history[-1])
-    net.eval()
-    return {"state_dict": net.state_dict(), "history": history, "seconds": elapsed, "net": net}
+    net.cpu().eval()  # export, tuning and inference take it from here on the CPU
+    # where the epochs ran (a run finished elsewhere from a GPU machine's checkpoint says that GPU)
+    trained_on = history[-1].get("device", "cpu") if history else device_name
+    return {"state_dict": net.state_dict(), "history": history, "seconds": elapsed, "net": net, "device": trained_on}
 
 
 def predict_outputs(net, samples: list[Sample], diameter: float | None, tile: int = 512) -> list[np.ndarray]:

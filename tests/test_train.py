@@ -1,0 +1,74 @@
+"""Training loop: same batches inline or from loader threads, resume after a kill, device choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from segstudio.core.datasets import find_pairs  # noqa: E402
+from segstudio.core.errors import InputError  # noqa: E402
+from segstudio.core.jobs import run_sync  # noqa: E402
+from segstudio.core.models.spec import UNetConfig  # noqa: E402
+from segstudio.core.train import TrainConfig, epoch_batches, load_samples, resolve_device, train_job  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def train_samples(sample_dir):
+    cfg = TrainConfig()
+    return load_samples(find_pairs(sample_dir, sample_dir), cfg.normalization, 1, 20.0)
+
+
+def small_config(**kw) -> TrainConfig:
+    return TrainConfig(unet=UNetConfig(in_channels=1, out_channels=2, depth=2, width=4), epochs=3, crop=64,
+                       batch_size=2, lr=3e-3, threads=1, **kw)
+
+
+def weights(result) -> dict:
+    return {k: v.clone() for k, v in result["state_dict"].items()}
+
+
+def test_loader_threads_make_the_same_batches(train_samples):
+    inline = list(epoch_batches(train_samples, small_config(), epoch=1))
+    threaded = list(epoch_batches(train_samples, small_config(loader_threads=3), epoch=1))
+    assert len(inline) == len(threaded) == 2  # 4 images, batch 2
+    for a, b in zip(inline, threaded):
+        for ta, tb in zip(a, b):
+            assert (ta is None and tb is None) or torch.equal(ta, tb)
+    other_epoch = next(epoch_batches(train_samples, small_config(), epoch=2))
+    assert not torch.equal(inline[0][0], other_epoch[0])  # each epoch draws new crops
+
+
+def test_training_resumes_where_it_stopped(tmp_path, train_samples):
+    """Stopped after one epoch and run again, training ends where one uninterrupted run ends."""
+    whole = run_sync(train_job(train_samples, small_config(loader_threads=2), tmp_path / "whole"))
+    assert [h["epoch"] for h in whole["history"]] == [1, 2, 3]
+    assert all(np.isfinite(h["loss"]) for h in whole["history"])
+    assert whole["device"] == "cpu" and next(whole["net"].parameters()).device.type == "cpu"
+
+    part = run_sync(train_job(train_samples, small_config(stop_after=1), tmp_path / "parts"))
+    assert len(part["history"]) == 1
+    rest = run_sync(train_job(train_samples, small_config(), tmp_path / "parts"))
+    assert [h["epoch"] for h in rest["history"]] == [1, 2, 3]
+    for name, value in weights(whole).items():
+        assert torch.allclose(value.float(), rest["state_dict"][name].float(), atol=1e-6), name
+
+
+def test_device_choice():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_training_on_cuda_lowers_the_loss(tmp_path, train_samples):
+    cfg = small_config(device="cuda", loader_threads=2)
+    cfg.epochs = 8
+    result = run_sync(train_job(train_samples, cfg, tmp_path / "gpu"))
+    losses = [h["loss"] for h in result["history"]]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert result["device"] != "cpu" and next(result["net"].parameters()).device.type == "cpu"
