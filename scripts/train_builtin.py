@@ -78,6 +78,8 @@ def main() -> int:
     ap.add_argument("--init-from", default=None, help="start from these weights (state dict or checkpoint)")
     ap.add_argument("--stop-after", type=int, default=None,
                     help="stop after this epoch (the checkpoint stays; the schedule spans --epochs)")
+    ap.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                    help="stop after the epoch that ends this long into the run (checkpoint kept; run again to go on)")
     ap.add_argument("--train-only", action="store_true",
                     help="stop after training, leaving the checkpoint in --workdir: the same command without this "
                     "option then tunes, exports and evaluates it (train on a GPU machine, finish elsewhere)")
@@ -115,7 +117,7 @@ def main() -> int:
         unet=UNetConfig(in_channels=1, out_channels=2, depth=args.depth, width=args.width, separable=args.separable),
         epochs=args.epochs, crop=args.crop, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         diameter=args.diameter, zoom=tuple(args.zoom), init_from=args.init_from, stop_after=args.stop_after,
-        threads=args.threads, device=args.device, loader_threads=args.loader_threads,
+        threads=args.threads, device=args.device, loader_threads=args.loader_threads, time_limit_s=args.time_limit,
     )
     pairs = find_pairs(args.data / "train", args.data / "train", kind="fluorescence")
     tune_pairs = pairs[::10]
@@ -144,7 +146,7 @@ def main() -> int:
         history_loss = result["final_loss"]
     else:
         result = run_sync(train_job(train, cfg, args.workdir), log)
-        if args.train_only or (args.stop_after and len(result["history"]) < cfg.epochs):
+        if args.train_only or len(result["history"]) < cfg.epochs:
             print(f"stopped after epoch {len(result['history'])}; checkpoint in {args.workdir}", flush=True)
             return 0
         net = result["net"]

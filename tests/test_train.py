@@ -41,14 +41,16 @@ def test_loader_threads_make_the_same_batches(train_samples):
 
 
 def test_training_resumes_where_it_stopped(tmp_path, train_samples):
-    """Stopped after one epoch and run again, training ends where one uninterrupted run ends."""
+    """Stopped by a time limit, then after epoch 2, then run to the end: where one uninterrupted run ends."""
     whole = run_sync(train_job(train_samples, small_config(loader_threads=2), tmp_path / "whole"))
     assert [h["epoch"] for h in whole["history"]] == [1, 2, 3]
     assert all(np.isfinite(h["loss"]) for h in whole["history"])
     assert whole["device"] == "cpu" and next(whole["net"].parameters()).device.type == "cpu"
 
-    part = run_sync(train_job(train_samples, small_config(stop_after=1), tmp_path / "parts"))
-    assert len(part["history"]) == 1
+    part = run_sync(train_job(train_samples, small_config(time_limit_s=0.0), tmp_path / "parts"))
+    assert len(part["history"]) == 1  # out of time after the first epoch, its checkpoint kept
+    part = run_sync(train_job(train_samples, small_config(stop_after=2), tmp_path / "parts"))
+    assert [h["epoch"] for h in part["history"]] == [1, 2]
     rest = run_sync(train_job(train_samples, small_config(), tmp_path / "parts"))
     assert [h["epoch"] for h in rest["history"]] == [1, 2, 3]
     for name, value in weights(whole).items():
@@ -72,3 +74,19 @@ def test_training_on_cuda_lowers_the_loss(tmp_path, train_samples):
     losses = [h["loss"] for h in result["history"]]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert result["device"] != "cpu" and next(result["net"].parameters()).device.type == "cpu"
+
+
+def test_finished_weights_finish_elsewhere_but_do_not_go_on(tmp_path, train_samples):
+    """The weights a GPU machine sends back (no optimizer state) finish the run; they cannot extend it."""
+    done = run_sync(train_job(train_samples, small_config(), tmp_path / "gpu"))
+    ckpt = torch.load(tmp_path / "gpu" / "checkpoint.pt", weights_only=True)
+    (tmp_path / "here").mkdir()
+    torch.save({k: ckpt[k] for k in ("model", "epoch", "seconds", "history")}, tmp_path / "here" / "checkpoint.pt")
+    finished = run_sync(train_job(train_samples, small_config(), tmp_path / "here"))
+    assert finished["history"] == done["history"]
+    for name, value in finished["state_dict"].items():
+        assert torch.equal(value, done["state_dict"][name]), name
+    longer = small_config()
+    longer.epochs = 8
+    with pytest.raises(InputError, match="without the optimizer state"):
+        run_sync(train_job(train_samples, longer, tmp_path / "here"))

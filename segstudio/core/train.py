@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .datasets import Pair
+from .errors import InputError
 from .evaluate import score
 from .io import read_image
 from .jobs import CancelToken, Job, Progress
@@ -52,6 +53,8 @@ class TrainConfig:
     threads: int = 0  # 0: torch default
     # where the network trains: "cpu", "cuda", "cuda:1", or "auto" (the first CUDA GPU when there is one)
     device: str = "cpu"
+    # stop (checkpoint saved, the run can be continued) after the first epoch that ends this many seconds in
+    time_limit_s: float | None = None
     # threads preparing augmented batches ahead of the network (0: inline); a GPU step is faster than
     # one thread's augmentation of its batch, so on a GPU machine give it most of the CPU cores
     loader_threads: int = 0
@@ -183,6 +186,9 @@ def segmentation_loss(out, fg, dist, cls=None):
 # ------------------------------------------------------------------ loop
 
 
+CHECKPOINT_EVERY_S = 30.0
+
+
 def resolve_device(name: str):
     """The torch device ``name`` means ("auto": the first CUDA GPU if there is one, else the CPU)."""
     import torch
@@ -191,8 +197,6 @@ def resolve_device(name: str):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from .errors import InputError
-
         raise InputError(f"training on {name} was asked for, but this torch ({torch.__version__}) sees no CUDA GPU",
                              hint="use --device cpu (or auto)")
     return device
@@ -241,8 +245,10 @@ def train_job(
     """Train a U-Net; yields a :class:`Progress` per epoch.
 
     Returns ``{"state_dict": ..., "history": [...], "seconds": ...}``.
-    ``workdir/checkpoint.pt`` is written after each epoch; a run that finds
-    one resumes from it (same seed, same sample order).
+    ``workdir/checkpoint.pt`` is written after an epoch when 30 s have passed
+    since the last one (every epoch on a CPU, where an epoch takes longer)
+    and when the run stops; a run that finds one resumes from it (same
+    seed, same batches).
     """
     import torch
 
@@ -272,14 +278,21 @@ def train_job(
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        sched.load_state_dict(ckpt["sched"])
         start_epoch, elapsed = int(ckpt["epoch"]), float(ckpt["seconds"])
+        if "opt" in ckpt:
+            opt.load_state_dict(ckpt["opt"])
+            sched.load_state_dict(ckpt["sched"])
+        elif start_epoch < cfg.epochs:  # a finished run's weights, brought from another machine, cannot go on
+            raise InputError(f"{ckpt_path} holds the weights of epoch {start_epoch} without the optimizer state, "
+                             f"so training cannot go on to epoch {cfg.epochs}", hint="give --epochs "
+                             f"{start_epoch} to finish this run, or train on from it with --init-from")
         history = json.loads(ckpt["history"])
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     yield Progress("train", start_epoch, cfg.epochs,
                    f"{len(train)} images, {steps_per_epoch} steps/epoch on {device.type}")
-    for epoch in range(start_epoch, min(cfg.epochs, cfg.stop_after or cfg.epochs)):
+    end_epoch = min(cfg.epochs, cfg.stop_after or cfg.epochs)
+    run_start = last_save = time.perf_counter()
+    for epoch in range(start_epoch, end_epoch):
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed * 1000 + epoch)
         net.train()
@@ -300,13 +313,19 @@ def train_job(
         elapsed += time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(elapsed, 1),
                         "device": device_name})
-        torch.save(
-            {"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-             "epoch": epoch + 1, "seconds": elapsed, "history": json.dumps(history)},
-            ckpt_path.with_suffix(".tmp"),
-        )
-        ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+        now = time.perf_counter()
+        out_of_time = cfg.time_limit_s is not None and now - run_start >= cfg.time_limit_s
+        if now - last_save >= CHECKPOINT_EVERY_S or out_of_time or epoch + 1 == end_epoch:
+            torch.save(
+                {"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                 "epoch": epoch + 1, "seconds": elapsed, "history": json.dumps(history)},
+                ckpt_path.with_suffix(".tmp"),
+            )
+            ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+            last_save = time.perf_counter()
         yield Progress("train", epoch + 1, cfg.epochs, f"loss {history[-1]['loss']:.4f}", info=history[-1])
+        if out_of_time:
+            break
     net.cpu().eval()  # export, tuning and inference take it from here on the CPU
     # where the epochs ran (a run finished elsewhere from a GPU machine's checkpoint says that GPU)
     trained_on = history[-1].get("device", "cpu") if history else device_name
