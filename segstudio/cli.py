@@ -146,7 +146,7 @@ def cmd_segment(args) -> int:
                     result = run_sync(
                         segment_job(source, model, backend, channel=_channel(args.channel), tile=args.tile,
                                     batch_size=args.batch_size, labels_path=out / f"{stem}_labels.tif",
-                                    **_diameter(args.diameter)),
+                                    tta=args.tta, **_diameter(args.diameter)),
                         bar.update,
                     )
                 write_csv(out / f"{stem}_cells.csv", result.table)
@@ -216,7 +216,7 @@ def cmd_batch(args) -> int:
             batch_job(args.in_dir, args.out, model, args.backend, backend=backend, pattern=args.pattern,
                       recursive=args.recursive, workers=args.workers, scheduler=args.scheduler,
                       threads=args.threads, channel=_channel(args.channel), tile=args.tile,
-                      scale=_diameter(args.diameter), retry_failed=not args.no_retry, cancel=cancel),
+                      scale=_diameter(args.diameter), tta=args.tta, retry_failed=not args.no_retry, cancel=cancel),
             on_progress,
         )
     except Cancelled as e:
@@ -254,7 +254,8 @@ def cmd_eval(args) -> int:
 
     try:
         report = run_sync(evaluate_job(pairs, model, backend, channel=_channel(args.channel), tile=args.tile,
-                                       keep_worst=args.worst, **_diameter(args.diameter)), on_progress)
+                                       keep_worst=args.worst, tta=args.tta, **_diameter(args.diameter)),
+                         on_progress)
     finally:
         bar.close()
         backend.close()
@@ -545,6 +546,8 @@ def _add_model_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diameter", default="auto",
                    help="nuclei diameter: auto (estimate it, default), native (no resampling), pixels (e.g. 24) "
                    "or micrometres (e.g. 9um, with the pixel size the file records)")
+    p.add_argument("--tta", action="store_true",
+                   help="average the network over four flips of each tile: 4x its time, a little more accurate")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-image lines")
 

@@ -257,6 +257,11 @@ def test_cancel_writes_the_summary_and_a_fixed_file_or_a_new_model_is_redone(tmp
     # another model: everything is redone (the records name the model they were made with)
     report = run_sync(batch_job(src, out, get_model("nuclei"), "onnxruntime", scale={"diameter": "native"}))
     assert report.processed == 7 and {r["model"] for r in report.rows} == {"nuclei"}
+    # averaged over flips: redone once, with the backend saying so
+    report = run_sync(batch_job(src, out, get_model("nuclei"), "onnxruntime", scale={"diameter": "native"}, tta=True))
+    assert report.processed == 7 and all("averaged over 4 flips" in r["backend"] for r in report.rows)
+    assert run_sync(batch_job(src, out, get_model("nuclei"), "onnxruntime", scale={"diameter": "native"},
+                              tta=True)).processed == 0
 
 
 def test_viability_batch_counts_live_and_dead(tmp_path):

@@ -167,3 +167,16 @@ def test_unexpected_error_is_reported_with_log(tmp_path, monkeypatch, capsys):
     assert "unexpected error: ZeroDivisionError: boom" in err
     logs = list((tmp_path / "logs").glob("crash-*.log"))
     assert len(logs) == 1 and "Traceback" in logs[0].read_text()
+
+
+def test_eval_with_flip_averaging(tmp_path, sample_dir):
+    """--tta runs the network over four flips: other labels, about the same (or better) accuracy."""
+    reports = {}
+    for flag in ((), ("--tta",)):
+        out = tmp_path / f"r{len(flag)}.json"
+        proc = run("eval", "--model", "nuclei-light", "--images", sample_dir, "--json", out, "--worst", "0", *flag)
+        assert proc.returncode == 0, proc.stderr
+        reports[flag] = json.loads(out.read_text())
+    plain, tta = reports[()], reports[("--tta",)]
+    assert [r["ap50"] for r in plain["images"]] != [r["ap50"] for r in tta["images"]]
+    assert tta["mean"]["ap50"] >= plain["mean"]["ap50"] - 0.02

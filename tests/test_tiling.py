@@ -78,3 +78,22 @@ def test_progress_events_count_tiles():
     events = []
     run_sync(predict_tiled(x, identity, tile=50, halo=8, batch_size=2), events.append)
     assert [e.done for e in events] == [0, 2, 4] and all(e.total == 4 for e in events)
+
+
+def test_flip_average_flips_back_and_averages():
+    from segstudio.core.segment import FlipAverage
+
+    ramp = np.arange(12, dtype=np.float32).reshape(3, 4) ** 1.5  # a network that is not flip-equivariant
+    calls = []
+
+    def predict(batch, crop=None):
+        calls.append(batch.copy())
+        return batch * ramp
+
+    x = np.random.default_rng(0).random((2, 1, 3, 4), dtype=np.float32)
+    tta = FlipAverage(predict, "net")
+    out = tta(x, (slice(1, 3), slice(0, 2)))
+    expected = x * (ramp + ramp[:, ::-1] + ramp[::-1] + ramp[::-1, ::-1]) / 4
+    np.testing.assert_allclose(out, expected[..., 1:3, 0:2], rtol=1e-6)
+    assert len(calls) == 4 and np.array_equal(calls[0], x) and np.array_equal(calls[3], x[..., ::-1, ::-1])
+    assert tta.describe() == "net, averaged over 4 flips"

@@ -446,6 +446,7 @@ def batch_job(
     channel=None,
     tile: int = 512,
     scale: dict | None = None,
+    tta: bool = False,
     retry_failed: bool = True,
     cancel: CancelToken | None = None,
 ) -> Job[BatchReport]:
@@ -454,7 +455,9 @@ def batch_job(
     ``backend``: an already created backend to use in this process (the GUI
     passes its cached one); otherwise ``backend_name`` is created here (and
     by each Dask worker).  ``scale``: ``diameter`` / ``diameter_um`` as
-    :func:`~segstudio.core.segment.segment_job` takes them.  Returns a
+    :func:`~segstudio.core.segment.segment_job` takes them; ``tta``: the
+    network averaged over four flips (files done without it are done again
+    with it, and the other way round).  Returns a
     :class:`BatchReport`; ``batch_summary.csv`` is written also when the run
     is cancelled (files not reached are ``skipped``, "not processed yet").
     """
@@ -470,8 +473,8 @@ def batch_job(
         raise InputError(f"{in_dir}: no files" + (f" matching {pattern!r}" if pattern else ""),
                          hint="use --recursive for sub-folders" if not recursive else None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    segment_opts = dict(channel=channel, tile=tile, **(scale or {}))
-    model_id = model_identity(model)
+    segment_opts = dict(channel=channel, tile=tile, tta=tta, **(scale or {}))
+    model_id = model_identity(model) + ("+tta" if tta else "")
     t_start = time.perf_counter()
     with FolderLock(out_dir):
         remove_stale_temporaries(out_dir)

@@ -189,7 +189,7 @@ def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_w
     ``{"mean": {...}, "images": [{"name", "ap50", ...}, ...]}`` and, with
     ``keep_worst``, ``"worst"``: the ``keep_worst`` lowest-AP50 images as
     ``(ap50, name, image path, truth, prediction)`` (for :func:`worst_images_png`).
-    ``scale``: ``diameter`` / ``diameter_um`` as :func:`segment_job` takes them.
+    ``scale``: ``diameter`` / ``diameter_um`` (and ``tta``) as :func:`segment_job` takes them.
     """
     import heapq
 

@@ -110,6 +110,7 @@ def segment_job(
     post_workers: int | None = None,
     diameter: float | str | None = None,
     diameter_um: float | None = None,
+    tta: bool = False,
     cancel: CancelToken | None = None,
 ) -> Job[SegmentationResult]:
     """Segment ``image`` with ``model`` on ``backend``.
@@ -133,6 +134,10 @@ def segment_job(
     in micrometres (the image must record its pixel size); ``"native"``
     runs the image as it is.  Labels and measurements are always in image
     pixels.
+
+    ``tta``: average the network's output over the tile as it is and
+    flipped three ways (:class:`FlipAverage`): four times the network's
+    work for a little more accuracy.
     """
     spec = model.spec
     source = image if isinstance(image, ImageSource) else source_from_image(image)
@@ -187,13 +192,15 @@ def segment_job(
                     else:
                         notices.append(f"nuclei about {diameter:.1f} px across (estimated)")
                 factor = scale_factor(spec.diameter, diameter)
-                if factor != 1.0:
-                    notices.append(f"image resampled {factor:.2f}x for the network (trained on nuclei "
-                                   f"{spec.diameter:g} px across)")
-                    predict = ScaledPredict(predict, factor, spec.multiple,
-                                            getattr(predict, "describe", backend.describe)())
-                    tile, halo = image_tiling(tile, spec.halo, factor)
-                    context = int(np.ceil(context / min(factor, 1.0)))
+            if i == 0 and tta:  # after the estimate, which needs no extra accuracy; inside the resampling
+                predict = FlipAverage(predict, getattr(predict, "describe", backend.describe)())
+            if i == 0 and factor != 1.0:
+                notices.append(f"image resampled {factor:.2f}x for the network (trained on nuclei "
+                               f"{spec.diameter:g} px across)")
+                predict = ScaledPredict(predict, factor, spec.multiple,
+                                        getattr(predict, "describe", backend.describe)())
+                tile, halo = image_tiling(tile, spec.halo, factor)
+                context = int(np.ceil(context / min(factor, 1.0)))
             result = yield from segment_plane_job(
                 source, index, spec, predict,
                 lambda y0, rows, index=index: sink.write(index, y0, rows),
@@ -229,6 +236,35 @@ def segment_job(
         diameter=diameter,
         scale=factor,
     )
+
+
+class FlipAverage:
+    """Test-time augmentation: the network's output averaged over four flips of each batch.
+
+    The batch runs as it is, flipped left-right, up-down and both; each
+    output is flipped back before the (logit) average, so an object's
+    prediction no longer depends on which way up the image was taken.
+    The U-Net is not flip-equivariant (its tiles' padding and pooling grid
+    break the symmetry), which is why the average helps.
+    """
+
+    FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
+
+    def __init__(self, predict, describe: str = ""):
+        self.predict = predict
+        self._describe = describe
+
+    def __call__(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
+        total = None
+        for axes in self.FLIPS:
+            out = self.predict(np.ascontiguousarray(np.flip(batch, axes)) if axes else batch, None)
+            out = np.flip(out, axes) if axes else out
+            total = out.astype(np.float32, copy=True) if total is None else np.add(total, out, out=total)
+        total *= 1.0 / len(self.FLIPS)
+        return total if crop is None else total[(Ellipsis, *crop)]
+
+    def describe(self) -> str:
+        return f"{self._describe}, averaged over {len(self.FLIPS)} flips"
 
 
 ESTIMATE_SIDE = 1024

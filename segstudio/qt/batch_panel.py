@@ -90,6 +90,9 @@ class BatchPanel(QWidget):
             self.model_combo.addItem(name, name)
         self.backend_combo = QComboBox()
         self.backend_combo.addItem(AUTO, AUTO)
+        self.tta_check = QCheckBox("average over flips (4x slower)")
+        self.tta_check.setToolTip("run the network on each tile as it is and flipped three ways and average: "
+                                  "four times the network time for a little more accuracy")
         self.start_button = QPushButton("Start")
         self.cancel_button = QPushButton("Cancel")
         self.progress_bar = QProgressBar()
@@ -118,6 +121,7 @@ class BatchPanel(QWidget):
         form.addRow("Output", self.out_edit)
         form.addRow("Model", self.model_combo)
         form.addRow("Backend", self.backend_combo)
+        form.addRow("", self.tta_check)
         buttons = QHBoxLayout()
         buttons.addWidget(self.start_button)
         buttons.addWidget(self.cancel_button)
@@ -170,7 +174,7 @@ class BatchPanel(QWidget):
         self.error_view.clear()
         in_dir, out_dir = self._in_dir, self.out_dir
         model_name, backend_name = self.model_combo.currentData(), self.backend_combo.currentData()
-        recursive = self.recursive_check.isChecked()
+        recursive, tta = self.recursive_check.isChecked(), self.tta_check.isChecked()
         backends = self._backends
         self._out_dir = out_dir
         self._t_start = time.perf_counter()
@@ -180,7 +184,7 @@ class BatchPanel(QWidget):
 
         def job(cancel):
             model, backend = backends.get(model_name, backend_name)
-            return (yield from batch_job(in_dir, out_dir, model, backend=backend, recursive=recursive,
+            return (yield from batch_job(in_dir, out_dir, model, backend=backend, recursive=recursive, tta=tta,
                                          cancel=cancel))
 
         self.runner.start(job)
@@ -324,7 +328,7 @@ class BatchPanel(QWidget):
 
     def _set_inputs_enabled(self, enabled: bool) -> None:
         for w in (self.start_button, self.folder_edit, self.folder_button, self.out_edit, self.model_combo,
-                  self.backend_combo, self.recursive_check):
+                  self.backend_combo, self.recursive_check, self.tta_check):
             w.setEnabled(enabled)
         self.cancel_button.setEnabled(not enabled)
 

@@ -44,11 +44,12 @@ def test_segment_sample_adds_labels_with_measurements(make_napari_viewer, qtbot,
     widget = add_widget(viewer)
     assert widget.current_layer().name == "nuclei"
 
-    job_threads = []
+    job_threads, job_options = [], []
     real_segment_job = segment_panel.segment_job
 
     def recording_segment_job(*args, **kwargs):
         job_threads.append(threading.get_ident())
+        job_options.append(kwargs)
         return (yield from real_segment_job(*args, **kwargs))
 
     monkeypatch.setattr(segment_panel, "segment_job", recording_segment_job)
@@ -73,12 +74,15 @@ def test_segment_sample_adds_labels_with_measurements(make_napari_viewer, qtbot,
     np.testing.assert_allclose(features["area_um2"], features["area_px"] * 0.25)
     assert "objects" in widget.panel.status.text()
 
-    # a second run replaces the labels in the same layer
+    # a second run (averaged over flips this time) replaces the labels in the same layer
     labels.opacity = 0.3
     n_layers = len(viewer.layers)
+    widget.panel.tta_check.setChecked(True)
     run_and_wait(qtbot, widget)
+    assert [o["tta"] for o in job_options] == [False, True]
     assert len(viewer.layers) == n_layers
     assert viewer.layers["nuclei labels"] is labels and labels.opacity == pytest.approx(0.3)
+    assert score(truth, labels.data).ap[0.5] > 0.3
 
 
 def mosaic() -> np.ndarray:
