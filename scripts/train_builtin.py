@@ -203,8 +203,8 @@ def main() -> int:
         "command": command,
         "config": config_dict(cfg),
         "seconds": round(result["seconds"]),
-        "machine": (f"{trained_on}, {os.cpu_count()} CPU cores" if trained_on != "cpu"
-                    else f"{os.cpu_count()}-core {platform.machine()} CPU only") + ", torch " + torch.__version__,
+        "machine": trained_on if trained_on != "cpu"
+        else f"{os.cpu_count()}-core {platform.machine()} CPU only, torch {torch.__version__}",
         "final_loss": history_loss,
         "tune_ap50": round(tune_ap, 4),
     }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -287,7 +288,8 @@ def train_job(
                              f"so training cannot go on to epoch {cfg.epochs}", hint="give --epochs "
                              f"{start_epoch} to finish this run, or train on from it with --init-from")
         history = json.loads(ckpt["history"])
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device_name = (f"{torch.cuda.get_device_name(device)}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+                   if device.type == "cuda" else "cpu")
     yield Progress("train", start_epoch, cfg.epochs,
                    f"{len(train)} images, {steps_per_epoch} steps/epoch on {device.type}")
     end_epoch = min(cfg.epochs, cfg.stop_after or cfg.epochs)
