@@ -91,3 +91,28 @@ def test_real_nuclei_with_a_dead_stain_on_some(viability, tmp_path):
     dead_rows = [float(r["mean_ch1"]) for r in rows if r["class"] == "dead"]
     live_rows = [float(r["mean_ch1"]) for r in rows if r["class"] == "live"]
     assert np.mean(dead_rows) > 3 * np.mean(live_rows)
+
+
+def test_pages_without_axis_names_are_the_channels(viability, tmp_path):
+    """A two-page TIFF that does not say its pages are channels (it reads as a Z stack) still segments."""
+    import tifffile
+
+    from segstudio.core.sources import open_source
+
+    model, backend = viability
+    img, lab, cls, _ = viability_image(np.random.default_rng(900_100), assay="live-dead", live_fraction=0.5)
+    tifffile.imwrite(tmp_path / "pages.tif", img)  # no axes: tifffile reads the pages as "Q", segstudio as Z
+    tifffile.imwrite(tmp_path / "channels.tif", img, metadata={"axes": "CYX"})
+    with open_source(tmp_path / "pages.tif") as src:
+        assert src.axes == "ZYX"
+        pages = run_sync(segment_job(src, model, backend))
+    with open_source(tmp_path / "channels.tif") as src:
+        assert src.axes == "CYX"
+        channels = run_sync(segment_job(src, model, backend))
+    assert any("2 planes are read as its 2 channels" in n for n in pages.notices)
+    assert pages.labels.shape == channels.labels.shape and np.array_equal(pages.labels, channels.labels)
+    assert pages.table["class"].tolist() == channels.table["class"].tolist() and len(pages.table["class"]) > 10
+    # a one-channel model still reads the pages as planes
+    nuclei = get_model("nuclei-light")
+    with create_backend("onnxruntime", nuclei) as b, open_source(tmp_path / "pages.tif") as src:
+        assert run_sync(segment_job(src, nuclei, b, diameter="native")).labels.shape == (2, *lab.shape)

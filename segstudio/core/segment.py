@@ -28,7 +28,7 @@ from .pipeline import STAGES, StageClock, segment_plane_job
 from .preprocess import normalize, sample_percentiles, select_channels
 from .scale import ScaledPredict, diameter_from_microns, estimate_diameter, image_tiling, scale_factor
 from .sinks import ArraySink, TiffSink
-from .sources import ImageSource, source_from_image
+from .sources import ImageSource, planes_as_channels, source_from_image
 
 DEFAULT_CONTEXT = 64
 
@@ -141,12 +141,19 @@ def segment_job(
     """
     spec = model.spec
     source = image if isinstance(image, ImageSource) else source_from_image(image)
+    notices: list[str] = []
+    if (spec.input_channels > 1 and "C" not in source.axes and "Z" in source.axes
+            and source.shape[source.axes.index("Z")] == spec.input_channels):
+        # pages without axis names read as a Z stack; a model that needs that many channels could not
+        # segment it as one, so the pages are its channels
+        source = planes_as_channels(source)
+        notices.append(f"the image's {spec.input_channels} planes are read as its {spec.input_channels} channels "
+                       "(the model reads that many channels)")
     sink = (
         TiffSink(labels_path, source.stack_shape, source.plane_shape, pixel_size=source.pixel_size)
         if labels_path is not None else ArraySink(source.stack_shape, source.plane_shape)
     )
     clock = StageClock()
-    notices: list[str] = []
     predict = backend.predict
     gpu = on_gpu(backend)
     batch_size = batch_size or default_batch_size(backend)

@@ -141,6 +141,20 @@ def _from_plan(raw, raw_axes: str, **kwargs) -> ImageSource:
     return src
 
 
+def planes_as_channels(source: ImageSource) -> ImageSource:
+    """The same pixels with the Z axis read as the channel axis (a file that holds channels as pages)."""
+    from dataclasses import replace
+
+    if "C" in source.axes or "Z" not in source.axes:
+        raise ValueError(f"axes {source.axes!r}: need a Z axis and no C axis")
+    sizes = dict(zip(source.axes, source.shape))
+    sizes["C"] = sizes.pop("Z")
+    axes = "".join(a for a in "TZCYX" if a in sizes)
+    where = {("C" if a == "Z" else a): i for a, i in source._where.items()}
+    return replace(source, axes=axes, shape=tuple(sizes[a] for a in axes), _where=where,
+                   channel_names=[f"ch{i}" for i in range(sizes["C"])])
+
+
 def source_from_image(image: ImageData) -> ImageSource:
     """Wrap an in-memory image (already in canonical axes)."""
     return _from_plan(
