@@ -250,9 +250,9 @@ class FlipAverage:
 
     The batch runs as it is, flipped left-right, up-down and both; each
     output is flipped back before the (logit) average, so an object's
-    prediction no longer depends on which way up the image was taken.
-    The U-Net is not flip-equivariant (its tiles' padding and pooling grid
-    break the symmetry), which is why the average helps.
+    prediction no longer depends on which way up the image was taken:
+    a trained network's filters are not symmetric, so its outputs for the
+    four flips differ a little, and their mean is less noisy than any one.
     """
 
     FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))

@@ -21,7 +21,7 @@ Axes follow the same rules as :func:`~segstudio.core.io.read_image`
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +143,6 @@ def _from_plan(raw, raw_axes: str, **kwargs) -> ImageSource:
 
 def planes_as_channels(source: ImageSource) -> ImageSource:
     """The same pixels with the Z axis read as the channel axis (a file that holds channels as pages)."""
-    from dataclasses import replace
-
     if "C" in source.axes or "Z" not in source.axes:
         raise ValueError(f"axes {source.axes!r}: need a Z axis and no C axis")
     sizes = dict(zip(source.axes, source.shape))

@@ -199,7 +199,7 @@ def resolve_device(name: str):
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"training on {name} was asked for, but this torch ({torch.__version__}) sees no CUDA GPU",
-                             hint="use --device cpu (or auto)")
+                         hint="use --device cpu (or auto)")
     return device
 
 
