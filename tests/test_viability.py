@@ -33,6 +33,8 @@ def test_card_reports_f1_across_the_ratio_range():
     test = m.metrics["synthetic_viability_test"]
     assert len(test["per_ratio"]) == 10 and test["command"]
     assert all(v["live_cells"] + v["dead_cells"] > 0 for v in test["per_ratio"].values())
+    # the bar: per-cell live and dead F1 >= 0.90 at every ratio of both assays
+    assert min(min(v["live_f1"], v["dead_f1"]) for v in test["per_ratio"].values()) == test["min_class_f1"] >= 0.90
 
 
 @pytest.mark.parametrize("assay,frac", [("live-dead", 1 / 21), ("nuclear-dead", 0.5), ("live-dead", 20 / 21)])
