@@ -32,9 +32,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
 [ -e segstudio/sample_data ] || ln -s ../sample_data segstudio/sample_data
 [ -e segstudio/resources ] || ln -s ../resources segstudio/resources
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# the CPU only augments: one torch thread per loader thread (16 intra-op threads each would fight)
 loaders=$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))
 python3 scripts/train_builtin.py --data runs/dsb2018 --workdir "$workdir" "$@" \
-    --device cuda --loader-threads "$loaders" --train-only 2>&1 | tee "$OUT/train.log"
+    --device cuda --loader-threads "$loaders" --threads 1 --train-only 2>&1 | tee "$OUT/train.log"
 # the final weights without the optimizer state (a third of the size)
 python3 - "$workdir/checkpoint.pt" "$OUT/checkpoint.pt" <<'EOF'
 import sys, torch
