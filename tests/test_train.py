@@ -87,6 +87,23 @@ def test_finished_weights_finish_elsewhere_but_do_not_go_on(tmp_path, train_samp
     for name, value in finished["state_dict"].items():
         assert torch.equal(value, done["state_dict"][name]), name
     longer = small_config()
-    longer.epochs = 8
+    longer.epochs = 5
     with pytest.raises(InputError, match="without the optimizer state"):
         run_sync(train_job(train_samples, longer, tmp_path / "here"))
+
+
+@pytest.mark.parametrize("steps", [1, 3, 10, 11, 400])
+def test_learning_rate_schedule_of_any_length(steps):
+    """Warm up to the peak, anneal to ~0; 10 steps once divided by zero in torch's one-cycle schedule."""
+    from segstudio.core.train import one_cycle
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = one_cycle(opt, 1e-3, steps)
+    lrs = []
+    for i in range(steps):
+        opt.step()
+        lrs.append(opt.param_groups[0]["lr"])
+        if i < steps - 1:
+            sched.step()
+    assert max(lrs) == pytest.approx(1e-3)
+    assert lrs[-1] < 1e-5 or steps < 4

@@ -190,6 +190,20 @@ def segmentation_loss(out, fg, dist, cls=None):
 CHECKPOINT_EVERY_S = 30.0
 
 
+def one_cycle(opt, lr: float, total_steps: int):
+    """One-cycle learning rate: warm up over the first 10 % of the steps (at least 2), then anneal.
+
+    Very short runs (under 4 steps) keep ``lr`` (torch's schedule divides by
+    zero when the warm-up rounds to nothing).
+    """
+    import torch
+
+    if total_steps < 4:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
+                                               pct_start=max(0.1, 2 / total_steps))
+
+
 def resolve_device(name: str):
     """The torch device ``name`` means ("auto": the first CUDA GPU if there is one, else the CPU)."""
     import torch
@@ -270,9 +284,7 @@ def train_job(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1
-    )
+    sched = one_cycle(opt, cfg.lr, cfg.epochs * steps_per_epoch)
     history: list[dict] = []
     start_epoch, elapsed = 0, 0.0
     ckpt_path = workdir / "checkpoint.pt"

@@ -71,7 +71,7 @@ def distill_job(student, teacher, images: list[np.ndarray], cfg: KDConfig, *,
     import torch
     import torch.nn.functional as F
 
-    from ..train import augment_crops, segmentation_loss
+    from ..train import augment_crops, one_cycle, segmentation_loss
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -91,7 +91,7 @@ def distill_job(student, teacher, images: list[np.ndarray], cfg: KDConfig, *,
         adapter = torch.nn.Conv2d(cs, ct, 1) if cs != ct else torch.nn.Identity()
     params = list(student.parameters()) + (list(adapter.parameters()) if adapter is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    sched = one_cycle(opt, cfg.lr, cfg.steps)
     n_img = images[0].shape[0]
     stacks = list(images)
     if labels is not None:
