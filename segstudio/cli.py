@@ -496,18 +496,12 @@ def cmd_start(args) -> int:
         print("no display: segmenting the bundled sample from the command line", file=sys.stderr)
     sample = sample_folder()
     images = sorted(str(p) for p in sample.glob("*_img.tif"))
-    seg_args = argparse.Namespace(
-        paths=images, pattern=None, model="nuclei", backend="auto", out=args.out, channel=None,
-        tile=512, batch_size=None, threads=0, quiet=args.quiet, diameter="auto",
-    )
-    code = cmd_segment(seg_args)
+    # the same commands a user would type (every other option at its default)
+    parser = build_parser()
+    code = cmd_segment(parser.parse_args(["segment", *images, "--out", str(args.out)] + (["-q"] if args.quiet else [])))
     if code == 0:
-        ev_args = argparse.Namespace(
-            images=str(sample), labels=None, kind=None, model="nuclei", backend="auto", channel=None,
-            tile=512, threads=0, quiet=True, json=None, worst=0, worst_png=None, diameter="auto",
-        )
         print("accuracy against the sample's ground truth:")
-        code = cmd_eval(ev_args)
+        code = cmd_eval(parser.parse_args(["eval", "--images", str(sample), "--worst", "0", "-q"]))
     return code
 
 
