@@ -125,8 +125,7 @@ def _channel(value: str | None):
 def cmd_segment(args) -> int:
     from .core.io import safe_stem
     from .core.jobs import run_sync
-    from .core.measure import write_csv
-    from .core.segment import segment_job, warm_up
+    from .core.segment import segment_to_files, warm_up
     from .core.sources import open_source
 
     files = expand_inputs(args.paths, args.pattern)
@@ -144,12 +143,11 @@ def cmd_segment(args) -> int:
                     stem = safe_stem(source.name)
                     out.mkdir(parents=True, exist_ok=True)
                     result = run_sync(
-                        segment_job(source, model, backend, channel=_channel(args.channel), tile=args.tile,
-                                    batch_size=args.batch_size, labels_path=out / f"{stem}_labels.tif",
-                                    tta=args.tta, **_diameter(args.diameter)),
+                        segment_to_files(source, model, backend, out / f"{stem}_labels.tif", out / f"{stem}_cells.csv",
+                                         channel=_channel(args.channel), tile=args.tile, batch_size=args.batch_size,
+                                         tta=args.tta, **_diameter(args.diameter)),
                         bar.update,
                     )
-                write_csv(out / f"{stem}_cells.csv", result.table)
                 rows.append((path.name, result.n_cells, time.perf_counter() - t0, result.timings))
             except SegStudioError as e:
                 failures.append((path, str(e)))

@@ -266,8 +266,7 @@ def process_image(item: BatchItem, out_dir: Path, model, backend, source=None, *
     ``source``: the already opened :class:`ImageSource`, or the exception opening it raised.
     """
     from .jobs import run_sync
-    from .measure import write_csv
-    from .segment import segment_job
+    from .segment import segment_to_files
     from .sources import open_source
 
     t0 = time.perf_counter()
@@ -278,9 +277,8 @@ def process_image(item: BatchItem, out_dir: Path, model, backend, source=None, *
         if source is None:
             source = open_source(item.path)
         with source:
-            result = run_sync(segment_job(source, model, backend, labels_path=labels_path, cancel=cancel,
-                                          **segment_opts))
-        write_csv(csv_path, result.table)
+            result = run_sync(segment_to_files(source, model, backend, labels_path, csv_path, cancel=cancel,
+                                               **segment_opts))
     except Cancelled:
         raise
     except SegStudioError as e:

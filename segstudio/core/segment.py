@@ -245,6 +245,20 @@ def segment_job(
     )
 
 
+def segment_to_files(source: ImageData | ImageSource, model: Model, backend: Backend, labels_path: str | Path,
+                     csv_path: str | Path, **options) -> Job[SegmentationResult]:
+    """:func:`segment_job` into a labels TIFF (streamed) and the measurements CSV, both written atomically.
+
+    ``options`` are :func:`segment_job`'s.  What ``segstudio segment`` and
+    ``segstudio batch`` do with each image.
+    """
+    from .measure import write_csv
+
+    result = yield from segment_job(source, model, backend, labels_path=labels_path, **options)
+    write_csv(csv_path, result.table)
+    return result
+
+
 class FlipAverage:
     """Test-time augmentation: the network's output averaged over four flips of each batch.
 
