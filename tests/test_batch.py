@@ -87,7 +87,9 @@ def _manifest_lines(out: Path) -> list[dict]:
 
 
 def _temporaries(out: Path) -> list[Path]:
-    return [p for p in out.rglob("*") if p.name.startswith(".") and ".tmp" in p.name]
+    from segstudio.core.io import TEMP_NAME
+
+    return [p for p in out.rglob("*") if TEMP_NAME.match(p.name) or p.name.endswith(".tmp")]
 
 
 @pytest.fixture(scope="module")
@@ -211,12 +213,20 @@ def test_manifest_ignores_and_cuts_a_line_cut_short(tmp_path):
 
 
 def test_stale_temporaries_are_removed_and_a_second_run_is_locked_out(tmp_path):
+    from segstudio.core.io import temporary_sibling
+
     (tmp_path / "sub").mkdir()
-    for name in (".x_labels.tif.abc123.tmp", "sub/.y_cells.csv.q.tmp", ".z_labels.tif.k.tmp.u16"):
-        (tmp_path / name).write_bytes(b"partial")
-    (tmp_path / "keep.tmp.tif").write_bytes(b"user file")
-    assert remove_stale_temporaries(tmp_path) == 3
-    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["keep.tmp.tif"]
+    (tmp_path / "notes").mkdir()
+    ours = [temporary_sibling(tmp_path / "x_labels.tif"), temporary_sibling(tmp_path / "sub" / "y_cells.csv")]
+    elsewhere = temporary_sibling(tmp_path / "notes" / "z_labels.tif")  # a folder this batch does not write to
+    users = [".x_labels.tif.abc123.tmp", "sub/.y_cells.csv.q.tmp", ".z_labels.tif.k.tmp.u16", "keep.tmp.tif",
+             "sub/.draft.segstudio-tmp", ".report.txt.12345678.tmp"]
+    for name in users:
+        (tmp_path / name).write_bytes(b"user file")
+    assert all(p.is_file() for p in ours)
+    assert remove_stale_temporaries([tmp_path, tmp_path / "sub", tmp_path / "gone"]) == 2
+    assert not any(p.exists() for p in ours) and elsewhere.is_file()
+    assert all((tmp_path / name).read_bytes() == b"user file" for name in users)
     with FolderLock(tmp_path):
         with pytest.raises(InputError, match="another segstudio batch"):
             FolderLock(tmp_path).__enter__()

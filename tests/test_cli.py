@@ -117,7 +117,7 @@ def test_optimize_cli_writes_reports_and_refuses_bad_steps(tmp_path, sample_dir)
     assert [r["status"] for r in report["steps"]] in (["kept", "skipped"], ["rolled_back", "skipped"])
     assert "quantize:int8" in proc.stdout and "final: AP50" in proc.stdout and (out / "report.html").is_file()
     for bad, msg in ((["--steps", "prune:2"], "between 0 and 1"), (["--steps", "quantize:int4"], "int8 or fp16"),
-                     (["--max-drop", "-1"], "at least 0")):
+                     (["--max-drop", "-1"], "from 0 to 1")):
         proc = run("optimize", "--calib", sample_dir, "--out", tmp_path / "bad", *bad)
         assert proc.returncode == 2 and msg in proc.stderr and not (tmp_path / "bad").exists()
 

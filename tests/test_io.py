@@ -183,7 +183,7 @@ def test_complex_and_pickled_npy_refused(tmp_path):
     with pytest.raises(InputError, match="not supported"):
         as_image(np.zeros((10, 10), np.complex64))
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    _raises_one_line(tmp_path / "obj.npy", "not a readable .npy")
+    _raises_one_line(tmp_path / "obj.npy", "holds Python objects, not pixels")
 
 
 # ------------------------------------------------------------------ writing

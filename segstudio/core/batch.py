@@ -13,17 +13,26 @@ Guarantees (``tests/test_batch.py`` kills the CLI with ``kill -9`` to check them
 * **Atomic outputs.**  Every file is written under a temporary name in its
   own folder and renamed into place (:func:`segstudio.core.io.atomic_path`),
   so a reader never sees half a file.  Temporary files a killed run left
-  behind are removed when the next run starts.
+  behind are removed when the next run starts: only files named as
+  segstudio names them (``.<name>.<8 random>.segstudio-tmp``), and only in
+  the folders this batch writes to; a file segstudio did not write is never
+  replaced (:func:`segstudio.core.io.check_replaceable`).
 * **Manifest.**  After an image's outputs are in place one JSON line is
   appended (flushed and fsynced) to ``batch_manifest.jsonl``.  A re-run skips
   every image whose last record is ``done`` (when its input file is
   unchanged, its outputs exist and the model is the same) and redoes the
-  rest; a line cut short by a kill is ignored and cut off.  Images whose
+  rest; a line cut short by a kill is ignored and cut off, and a damaged
+  line is skipped with a warning (its file is redone).  The input's
+  signature (size, time stamp and a fast hash of its bytes) is the one of
+  the bytes that were segmented, taken from the open file: a file replaced
+  or changed while the batch ran is recorded ``failed`` ("changed while it
+  was segmented") and redone by the next run.  Images whose
   outputs were renamed into place but not yet recorded are simply redone, so
   each image is recorded ``done`` exactly once.  A lock file keeps two runs
   from writing into one folder.
 * **Bad files** (unreadable, corrupt, zero bytes, wrong dimensions) are
-  recorded ``failed`` with the reason and the batch goes on; files that are
+  recorded ``failed`` with the reason and the batch goes on (a full disk or a
+  read-only output folder stops it: every later file would fail too); files that are
   not images at all (by their suffix) are listed ``skipped`` with the reason.
   Failed files are tried again by the next run (a fixed file then succeeds).
 
@@ -53,23 +62,21 @@ import json
 import logging
 import os
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import Cancelled, InputError, SegStudioError
-from .io import IMAGE_SUFFIXES, atomic_path
+from .errors import Cancelled, InputError, OutputError, SegStudioError
+from .io import IMAGE_SUFFIXES, TEMP_NAME, atomic_path, ensure_folder, file_signature
 from .jobs import CancelToken, Job, Progress
 
 MANIFEST = "batch_manifest.jsonl"
 SUMMARY = "batch_summary.csv"
 LOCK = ".segstudio-batch.lock"
 SUMMARY_COLUMNS = ("file", "status", "reason", "cells", "mean_area", "live", "dead", "seconds", "model", "backend",
-                   "labels", "cells_csv")
-# what atomic_path (and the labels sink) name their temporary files: ".<name>.<random>.tmp[.u16]"
-_TMP = re.compile(r"^\..+\.tmp(\.u16)?$")
+                   "labels", "cells_csv", "notes")
+STATUSES = ("done", "failed", "skipped")
 
 
 @dataclass(frozen=True)
@@ -88,8 +95,8 @@ class BatchItem:
         return out_dir / f"{self.out_stem}_labels.tif", out_dir / f"{self.out_stem}_cells.csv"
 
     def signature(self) -> list:
-        st = self.path.stat()
-        return [st.st_size, st.st_mtime_ns]
+        """:func:`~segstudio.core.io.file_signature` of the input as it is now."""
+        return file_signature(self.path)
 
 
 @dataclass
@@ -148,18 +155,31 @@ def scan(in_dir: str | Path, *, pattern: str | None = None, recursive: bool = Fa
     return items
 
 
-def remove_stale_temporaries(out_dir: Path) -> int:
-    """Delete the temporary files a killed run left under ``out_dir``; their count."""
+def remove_stale_temporaries(folders) -> int:
+    """Delete the temporary files a killed run left in ``folders`` (not below them); their count.
+
+    Only names made by :func:`segstudio.core.io.temporary_sibling` are
+    touched: a user's own ``.x.tmp`` is never removed.
+    """
     n = 0
-    for root, _dirs, names in os.walk(out_dir):
+    for folder in {Path(f) for f in ([folders] if isinstance(folders, (str, Path)) else folders)}:
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue  # a folder not made yet holds nothing stale
         for name in names:
-            if _TMP.match(name):
+            if TEMP_NAME.match(name):
                 try:
-                    os.unlink(os.path.join(root, name))
+                    os.unlink(os.path.join(folder, name))
                     n += 1
-                except FileNotFoundError:
+                except (FileNotFoundError, IsADirectoryError, PermissionError):
                     pass
     return n
+
+
+def output_folders(items: list["BatchItem"], out_dir: Path) -> set[Path]:
+    """The folders a batch writes to: ``out_dir`` and those of every item's outputs."""
+    return {out_dir} | {p.parent for item in items for p in item.outputs(out_dir)}
 
 
 class FolderLock:
@@ -170,7 +190,10 @@ class FolderLock:
         self.fd: int | None = None
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError.from_oserror(self.path.parent, e, "write to") from None
         try:
             _lock_fd(self.fd)
         except OSError:
@@ -198,14 +221,22 @@ def _lock_fd(fd: int) -> None:
 
 
 class Manifest:
-    """Append-only JSON lines: the last record of a file is its state."""
+    """Append-only JSON lines: the last record of a file is its state.
+
+    Lines that are not a record (cut short, damaged, edited by hand) are
+    skipped and listed in ``damaged`` (line numbers): their files are redone.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.records: dict[str, dict] = {}
-        if path.exists():
-            self._load()
-        self._f = open(path, "a", encoding="utf-8")
+        self.damaged: list[int] = []
+        try:
+            if path.exists():
+                self._load()
+            self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        except OSError as e:
+            raise OutputError.from_oserror(path, e, "use the manifest") from None
 
     def _load(self) -> None:
         data = self.path.read_bytes()
@@ -213,32 +244,57 @@ class Manifest:
         if end < len(data):  # a line cut short by a kill: cut it off so appends start on a fresh line
             with open(self.path, "r+b") as f:
                 f.truncate(end)
-        for line in data[:end].splitlines():
+        for number, line in enumerate(data[:end].splitlines(), start=1):
+            if not line.strip():
+                continue
             try:
                 rec = json.loads(line)
             except ValueError:
-                continue
-            if isinstance(rec, dict) and "file" in rec:
+                rec = None
+            if valid_record(rec):
                 self.records[rec["file"]] = rec
+            else:
+                self.damaged.append(number)
 
     def append(self, record: dict) -> None:
-        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            raise OutputError.from_oserror(self.path, e) from None
         self.records[record["file"]] = record
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:
+            pass  # a full disk: the lines that made it are fsynced already
+
+
+def valid_record(rec) -> bool:
+    """A manifest line segstudio could have written (types checked, so a damaged one is never trusted)."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) or rec.get("status") not in STATUSES:
+        return False
+    sig = rec.get("input")
+    if sig is not None and not (isinstance(sig, list) and 2 <= len(sig) <= 3
+                                and all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in sig)):
+        return False
+    return all(isinstance(rec.get(k), str) for k in ("model_id", "reason") if k in rec)
+
+
+def same_input(recorded, current) -> bool:
+    """Whether a recorded signature is the file's current one (records of before the hash compare size and time)."""
+    if not isinstance(recorded, list) or current is None:
+        return False
+    return recorded == current if len(recorded) == 3 else recorded == current[: len(recorded)]
 
 
 def is_finished(item: BatchItem, record: dict | None, out_dir: Path, model_id: str) -> bool:
     """True when ``record`` says ``item`` is done, for this input and model, and its outputs exist."""
     if not record or record.get("status") != "done" or record.get("model_id") != model_id:
         return False
-    try:
-        if record.get("input") != item.signature():
-            return False
-    except OSError:
+    if not same_input(record.get("input"), _signature_or_none(item)):
         return False
     return all(p.is_file() for p in item.outputs(out_dir))
 
@@ -254,8 +310,11 @@ def check_input(item: BatchItem) -> str | None:
     """Why ``item`` cannot be an image before even opening it (``None`` when it may be)."""
     if not item.is_image:
         return f"not an image file ({item.path.suffix or 'no suffix'})"
-    if item.path.is_file() and item.path.stat().st_size == 0:
-        return "empty file (0 bytes)"
+    try:
+        if item.path.is_file() and item.path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
     return None
 
 
@@ -271,24 +330,33 @@ def process_image(item: BatchItem, out_dir: Path, model, backend, source=None, *
 
     t0 = time.perf_counter()
     labels_path, csv_path = item.outputs(out_dir)
+    signature = None  # of the bytes segmented, once the file is open
+
+    def failed(reason: str) -> dict:
+        return _row(item, "failed", reason, seconds=round(time.perf_counter() - t0, 4), model=model.name,
+                    _input=signature or _signature_or_none(item))
+
     try:
         if isinstance(source, BaseException):
             raise source
         if source is None:
             source = open_source(item.path)
+        signature = source.signature
         with source:
             result = run_sync(segment_to_files(source, model, backend, labels_path, csv_path, cancel=cancel,
                                                **segment_opts))
     except Cancelled:
         raise
+    except OutputError as e:
+        if e.fatal:  # a full disk or a read-only folder: every later file would fail the same way
+            raise
+        return failed(_reason(e, item))
     except SegStudioError as e:
-        return _row(item, "failed", _reason(e, item),
-                    seconds=round(time.perf_counter() - t0, 4), model=model.name)
+        return failed(_reason(e, item))
     except MemoryError:
-        return _row(item, "failed", "out of memory", seconds=round(time.perf_counter() - t0, 4), model=model.name)
-    except OSError as e:  # permissions, a file that vanished, a full disk: the file's problem, not a bug
-        return _row(item, "failed", f"{type(e).__name__}: {e.strerror or e}",
-                    seconds=round(time.perf_counter() - t0, 4), model=model.name)
+        return failed("out of memory")
+    except OSError as e:  # permissions, a file that vanished: the file's problem, not a bug
+        return failed(f"{type(e).__name__}: {e.strerror or e}")
     except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch; a bug is logged
         import traceback
 
@@ -298,14 +366,17 @@ def process_image(item: BatchItem, out_dir: Path, model, backend, source=None, *
             where = f"; details in {write_crash_log(''.join(traceback.format_exception(e)))}"
         except OSError:
             where = ""
-        return _row(item, "failed", f"unexpected error: {type(e).__name__}: {e} (this is a bug{where})",
-                    seconds=round(time.perf_counter() - t0, 4), model=model.name)
+        return failed(f"unexpected error: {type(e).__name__}: {e} (this is a bug{where})")
+    if signature is not None and not same_input(signature, _signature_or_none(item)):
+        return failed("the file changed while it was being segmented (its outputs are of the version read); "
+                      "the next run segments it again")
     table = result.table
     area = table.get("area_px")
     values = dict(cells=int(result.n_objects),
                   mean_area=round(float(area.mean()), 3) if area is not None and len(area) else 0.0,
                   seconds=round(time.perf_counter() - t0, 4), model=model.name, backend=result.backend,
-                  labels=labels_path.relative_to(out_dir).as_posix(), cells_csv=csv_path.relative_to(out_dir).as_posix())
+                  labels=labels_path.relative_to(out_dir).as_posix(), cells_csv=csv_path.relative_to(out_dir).as_posix(),
+                  notes="; ".join(result.warnings), _input=signature)
     classes = table.get("class")
     if classes is not None:
         values["live"] = int(sum(1 for c in classes if c == "live"))
@@ -470,14 +541,19 @@ def batch_job(
     if not items:
         raise InputError(f"{in_dir}: no files" + (f" matching {pattern!r}" if pattern else ""),
                          hint="use --recursive for sub-folders" if not recursive else None)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_folder(out_dir)
     segment_opts = dict(channel=channel, tile=tile, tta=tta, **(scale or {}))
     model_id = model_identity(model) + ("+tta" if tta else "")
     t_start = time.perf_counter()
     with FolderLock(out_dir):
-        remove_stale_temporaries(out_dir)
+        remove_stale_temporaries(output_folders(items, out_dir))
         manifest = Manifest(out_dir / MANIFEST)
         try:
+            if manifest.damaged:
+                lines = ", ".join(str(n) for n in manifest.damaged[:10]) + (", ..." if len(manifest.damaged) > 10 else "")
+                yield Progress("notice", 0, 0, f"{manifest.path}: skipped {len(manifest.damaged)} damaged line(s) "
+                               f"({lines}); the files they named are segmented again",
+                               info={"warning": True})
             rows: dict[str, dict] = {}
             todo: list[BatchItem] = []
             for item in items:
@@ -490,7 +566,7 @@ def batch_job(
                 elif is_finished(item, rec, out_dir, model_id):
                     rows[item.rel] = {k: v for k, v in rec.items() if k in SUMMARY_COLUMNS}
                 elif rec and rec.get("status") == "failed" and not retry_failed \
-                        and rec.get("input") == _signature_or_none(item):
+                        and same_input(rec.get("input"), _signature_or_none(item)):
                     rows[item.rel] = {k: v for k, v in rec.items() if k in SUMMARY_COLUMNS}
                 else:
                     todo.append(item)
@@ -504,7 +580,8 @@ def batch_job(
 
             def finished(item: BatchItem, row: dict):
                 nonlocal done
-                rec = {**row, "input": _signature_or_none(item), "model_id": model_id, "at": time.time()}
+                signature = row.pop("_input", None) or _signature_or_none(item)
+                rec = {**row, "input": signature, "model_id": model_id, "at": time.time()}
                 manifest.append(rec)
                 rows[item.rel] = row
                 done += 1

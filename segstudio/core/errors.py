@@ -8,6 +8,7 @@ else that escapes the core is a bug and is reported as "unexpected error".
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -35,6 +36,43 @@ class SegStudioError(Exception):
 
 class InputError(SegStudioError):
     """The user's input (file, array, option) cannot be used."""
+
+
+class OutputError(InputError):
+    """A file or folder segstudio was asked to write cannot be written (not a folder, not writable, disk full).
+
+    ``fatal`` errors (a full disk, a read-only file system) stop a batch:
+    every later file would fail the same way.
+    """
+
+    FATAL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+    def __init__(self, message: str, *, hint: str | None = None, path: str | Path | None = None,
+                 errno_: int | None = None):
+        super().__init__(message, hint=hint)
+        self.path = path
+        self.errno = errno_
+
+    @property
+    def fatal(self) -> bool:
+        return self.errno in self.FATAL
+
+    @classmethod
+    def from_oserror(cls, path: str | Path, e: OSError, what: str = "write") -> "OutputError":
+        """The user-facing error for ``e`` raised while writing ``path``."""
+        reasons = {
+            errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied", errno.EFBIG: "the file is too large for this file system "
+            "(or for this process's file-size limit)", errno.ENOTDIR: "a part of the path is a file, not a folder",
+            errno.EISDIR: "it is a folder", errno.EEXIST: "a file of that name is in the way",
+            errno.ENAMETOOLONG: "the name is too long",
+        }
+        reason = reasons.get(e.errno, e.strerror or type(e).__name__)
+        where = e.filename if isinstance(e.filename, str) and e.filename else str(path)
+        return cls(f"cannot {what} {where}: {reason}", path=path, errno_=e.errno,
+                   hint="choose another output location" if e.errno not in cls.FATAL else "free some space or "
+                   "choose another output location")
 
 
 class BackendUnavailableError(SegStudioError):

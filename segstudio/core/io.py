@@ -14,11 +14,26 @@ Readers:
 
 Any file that cannot be used raises :class:`~segstudio.core.errors.InputError`
 with a one-line message naming the file and what is wrong with it.
+
+Limits (checked from the file's header, before any pixel is decoded):
+
+* a plane may hold at most :func:`max_pixels` pixels (``2**32`` by default,
+  a 65,536 x 65,536 plane; ``SEGSTUDIO_MAX_PIXELS`` raises it), a whole
+  stack four times that: a few bytes that declare 40 gigapixels are refused
+  with their size instead of running for hours;
+* what has to be decoded whole (PNG, JPEG, a TIFF strip or tile, a zarr
+  chunk, the pixels of a file read into memory) at most
+  :data:`MAX_DECODE_BYTES`;
+* pixel sizes must be finite and between 1 nm and 1 mm; any other value
+  in a file is ignored, with a notice (``ImageData.notices``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import math
 import os
 import re
 import tempfile
@@ -29,7 +44,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, OutputError
 
 TIFF_SUFFIXES = {".tif", ".tiff"}
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -37,6 +52,9 @@ IMAGE_SUFFIXES = TIFF_SUFFIXES | PIL_SUFFIXES | {".npy"}
 CANONICAL = "TZCYX"
 MIN_SIDE = 8
 MAX_CHANNELS = 16
+DEFAULT_MAX_PIXELS = 2**32  # per plane: a 65,536 x 65,536 image
+MAX_DECODE_BYTES = 2 * 2**30  # decoded at once: a PNG, a TIFF tile or strip, a zarr chunk, an in-memory image
+PIXEL_SIZE_RANGE_UM = (1e-3, 1e3)  # 1 nm (electron microscopy) to 1 mm per pixel
 
 # micrometres per unit, for units that appear in OME / ImageJ / TIFF metadata
 _UNIT_UM = {
@@ -68,6 +86,7 @@ class ImageData:
     pixel_size: tuple[float, float] | None = None
     name: str = "image"
     channel_names: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # what the reader ignored or changed, for the user
 
     def __post_init__(self) -> None:
         if not self.channel_names:
@@ -164,6 +183,65 @@ def check_plane_size(plane_shape: tuple[int, int], name: str) -> None:
         raise InputError(f"{name}: image is {h}x{w} pixels, too small to segment (at least {MIN_SIDE}x{MIN_SIDE})")
 
 
+def max_pixels() -> int:
+    """Pixels one plane may hold: :data:`DEFAULT_MAX_PIXELS`, or ``SEGSTUDIO_MAX_PIXELS``."""
+    raw = os.environ.get("SEGSTUDIO_MAX_PIXELS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        n = float(raw)
+    except ValueError:
+        n = float("nan")
+    if not math.isfinite(n) or n < MIN_SIDE * MIN_SIDE:
+        raise InputError(f"SEGSTUDIO_MAX_PIXELS must be a number of pixels (at least {MIN_SIDE * MIN_SIDE}), "
+                         f"not {raw!r}")
+    return int(n)
+
+
+def check_pixel_budget(plane_shape: tuple[int, ...], planes: int, name: str) -> None:
+    """Refuse a plane larger than :func:`max_pixels` or a stack larger than four times that."""
+    h, w = int(plane_shape[-2]), int(plane_shape[-1])
+    limit = max_pixels()
+    hint = "crop or downsample it, or raise the limit with SEGSTUDIO_MAX_PIXELS (pixels per plane)"
+    if h * w > limit:
+        raise InputError(f"{name}: a plane of {h:,} x {w:,} pixels ({_gpx(h * w)}) is larger than segstudio "
+                         f"segments ({_gpx(limit)} per plane)", hint=hint)
+    if h * w * planes > 4 * limit:
+        raise InputError(f"{name}: {planes:,} planes of {h:,} x {w:,} pixels ({_gpx(h * w * planes)} in all) "
+                         f"are more than segstudio segments in one file ({_gpx(4 * limit)})", hint=hint)
+
+
+def check_decode_bytes(nbytes: int, name: str, what: str) -> None:
+    """Refuse to decode more than :data:`MAX_DECODE_BYTES` in one piece (``what``: "its pixels", "one tile")."""
+    if nbytes > MAX_DECODE_BYTES:
+        raise InputError(
+            f"{name}: {what} would take {nbytes / 2**30:.1f} GiB of memory decoded in one piece "
+            f"(segstudio decodes at most {MAX_DECODE_BYTES / 2**30:.0f} GiB at once)",
+            hint="save it as a tiled TIFF or OME-Zarr, which segstudio reads region by region",
+        )
+
+
+def _gpx(n: int) -> str:
+    return f"{n / 1e9:.1f} gigapixels" if n >= 1e8 else f"{n / 1e6:.1f} megapixels"
+
+
+def checked_pixel_size(size, name: str, notices: list[str]) -> tuple[float, float] | None:
+    """``size`` ``(y, x)`` in µm when both are finite and in :data:`PIXEL_SIZE_RANGE_UM`; else ``None``, with a notice."""
+    if size is None:
+        return None
+    lo, hi = PIXEL_SIZE_RANGE_UM
+    try:
+        py, px = (float(v) for v in size)
+    except (TypeError, ValueError):
+        py = px = float("nan")
+    if all(math.isfinite(v) and lo <= v <= hi for v in (py, px)):
+        return py, px
+    shown = " x ".join(str(v) for v in size) if isinstance(size, (tuple, list)) else repr(size)
+    notices.append(f"{name}: the file's pixel size ({shown} µm) is not usable (it must be finite and between "
+                   f"{lo * 1e3:g} nm and {hi / 1e3:g} mm): it is ignored, so the measurements are in pixels only")
+    return None
+
+
 def guess_axes(shape: tuple[int, ...]) -> str:
     """Axes of an array that came without metadata.
 
@@ -207,17 +285,17 @@ def as_image(
     is ``None`` the axes are guessed with :func:`guess_axes`.
     """
     data = np.asarray(data) if not isinstance(data, np.ndarray) else data
-    if data.dtype == bool:
-        data = data.astype(np.uint8)
-    if data.dtype.kind not in "uif":
-        raise InputError(f"{name}: pixel type {data.dtype} is not supported (integers or floats only)")
+    data = native_pixels(data, name)
     if data.size == 0:
         raise InputError(f"{name}: the image is empty (shape {data.shape})")
     if axes is None:
         axes = guess_axes(data.shape)
     data, axes = _canonicalize(data, axes, name)
     check_plane_size(data.shape[-2:], name)
-    img = ImageData(data=data, axes=axes, pixel_size=pixel_size, name=name)
+    check_pixel_budget(data.shape[-2:], int(np.prod(data.shape[:-2])) // max(1, _channels(data.shape, axes)), name)
+    notices: list[str] = []
+    pixel_size = checked_pixel_size(pixel_size, name, notices)
+    img = ImageData(data=data, axes=axes, pixel_size=pixel_size, name=name, notices=notices)
     if img.n_channels > MAX_CHANNELS:
         raise InputError(f"{name}: {img.n_channels} channels; at most {MAX_CHANNELS} are supported")
     if channel_names:
@@ -228,33 +306,101 @@ def as_image(
     return img
 
 
+def _channels(shape: tuple[int, ...], axes: str) -> int:
+    return shape[axes.index("C")] if "C" in axes else 1
+
+
+def native_pixels(data: np.ndarray, name: str) -> np.ndarray:
+    """Pixels in a type the pipeline computes with: bool as uint8, float16 as float32, native byte order.
+
+    Anything but integers and floats (complex, strings, objects) is refused.
+    """
+    if data.dtype == bool:
+        return data.astype(np.uint8)
+    if data.dtype.kind not in "uif":
+        raise InputError(f"{name}: pixel type {data.dtype} is not supported (integers or floats only)")
+    if data.dtype.kind == "f" and data.dtype.itemsize < 4:
+        return data.astype(np.float32)
+    if not data.dtype.isnative:
+        return data.astype(data.dtype.newbyteorder("="))
+    return data
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """The type pixels of ``dtype`` are read as (see :func:`native_pixels`)."""
+    dtype = np.dtype(dtype)
+    if dtype == bool:
+        return np.dtype(np.uint8)
+    if dtype.kind == "f" and dtype.itemsize < 4:
+        return np.dtype(np.float32)
+    return dtype.newbyteorder("=")
+
+
 # --------------------------------------------------------------------------- readers
 
 
 def read_image(path: str | Path) -> ImageData:
     """Read an image file. See the module docstring for the formats."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
     if path.suffix.lower() == ".zarr":
         from .sources import open_source
 
         with open_source(path) as src:
-            data, axes = _canonicalize(np.asarray(src.raw[...]), src.raw_axes, src.name)
-            return ImageData(data=data, axes=axes, pixel_size=src.pixel_size, name=src.name)
-    if path.is_dir():
+            check_decode_bytes(src.nbytes, str(path), "its pixels")
+            data, axes = _canonicalize(native_pixels(np.asarray(src.raw[...]), src.name), src.raw_axes, src.name)
+            return ImageData(data=data, axes=axes, pixel_size=src.pixel_size, name=src.name,
+                             notices=list(src.notices))
+    with open_image_file(path) as f:
+        return read_open_file(path, f)
+
+
+@contextlib.contextmanager
+def open_image_file(path: str | Path) -> Iterator:
+    """``path`` opened for binary reading, or an :class:`InputError` saying why it cannot be.
+
+    Only regular, non-empty files are opened: a named pipe would block the
+    reader forever and a device such as ``/dev/zero`` never ends.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
+    import stat as stat_
+
+    if stat_.S_ISDIR(st.st_mode):
         raise InputError(f"{path} is a folder, not an image")
-    if path.stat().st_size == 0:
+    if not stat_.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: not a regular file (a device, pipe or socket), so not an image")
+    if st.st_size == 0:
         raise InputError(f"{path}: the file is empty (0 bytes)")
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+def read_open_file(path: Path, f) -> ImageData:
+    """Read the image file ``path`` from its open binary handle ``f``."""
     suffix = path.suffix.lower()
-    name = _stem(path)
+    name = image_stem(path)
     if suffix in TIFF_SUFFIXES:
-        return _read_tiff(path, name)
+        return _read_tiff(path, name, f)
     if suffix in PIL_SUFFIXES:
-        return _read_pil(path, name)
+        return _read_pil(path, name, f)
     if suffix == ".npy":
+        npy_header(path, f)  # refuses what cannot be read before allocating for it
+        f.seek(0)
         try:
-            data = np.load(path, allow_pickle=False)
+            data = np.load(f, allow_pickle=False)
+        except MemoryError:
+            raise InputError(f"{path}: too large to load into memory") from None
         except Exception as e:  # noqa: BLE001 - any failure here means a bad file
             raise InputError(f"{path}: not a readable .npy array ({_short(e)})") from None
         return as_image(data, name=name)
@@ -264,7 +410,38 @@ def read_image(path: str | Path) -> ImageData:
     )
 
 
-def _stem(path: Path) -> str:
+@dataclass(frozen=True)
+class NpyHeader:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    offset: int  # where the pixels start
+
+
+def npy_header(path: Path, f) -> NpyHeader:
+    """The header of the ``.npy`` file open as ``f``, checked against the file's size and the limits."""
+    fmt = np.lib.format
+    try:
+        f.seek(0)
+        version = fmt.read_magic(f)
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+    except Exception as e:  # noqa: BLE001 - a damaged header raises many types
+        raise InputError(f"{path}: not a readable .npy array ({_short(e)})") from None
+    if dtype.hasobject:
+        raise InputError(f"{path}: the array holds Python objects, not pixels (segstudio never unpickles)")
+    if len(shape) < 2:
+        raise InputError(f"{path}: a {len(shape)}-D array is not an image")
+    header = NpyHeader(tuple(int(n) for n in shape), np.dtype(dtype), bool(fortran), f.tell())
+    nbytes = int(np.prod(header.shape, dtype=object)) * header.dtype.itemsize
+    size = os.fstat(f.fileno()).st_size
+    if nbytes > size - header.offset:
+        raise InputError(f"{path}: the file is truncated (its header declares {header.shape} {header.dtype}, "
+                         f"{nbytes:,} bytes, but {max(0, size - header.offset):,} follow it)")
+    return header
+
+
+def image_stem(path: Path) -> str:
     name = path.name
     for suf in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suf):
@@ -277,15 +454,19 @@ def _short(e: BaseException) -> str:
     return text[:160]
 
 
-def _read_tiff(path: Path, name: str) -> ImageData:
+def _read_tiff(path: Path, name: str, f) -> ImageData:
     import tifffile
 
+    notices: list[str] = []
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(f, name=path.name) as tif:
             series = tif.series[0]
             axes = series.axes
+            check_tiff_limits(tif, series, str(path))
+            check_decode_bytes(int(np.prod(series.shape, dtype=object)) * np.dtype(series.dtype).itemsize,
+                               str(path), "its pixels")
             data = series.asarray()
-            pixel_size, channel_names = _tiff_metadata(tif)
+            pixel_size, channel_names = _tiff_metadata(tif, str(path), notices)
     except InputError:
         raise
     except tifffile.TiffFileError as e:
@@ -294,11 +475,35 @@ def _read_tiff(path: Path, name: str) -> ImageData:
         raise InputError(f"{path}: too large to load into memory") from None
     except Exception as e:  # noqa: BLE001 - decoders raise many types on corrupt data
         raise InputError(f"{path}: the TIFF file is truncated or corrupt ({_short(e)})") from None
-    return as_image(data, axes, pixel_size=pixel_size, name=name, channel_names=channel_names)
+    img = as_image(data, axes, pixel_size=pixel_size, name=name, channel_names=channel_names)
+    img.notices[:0] = notices
+    return img
 
 
-def _tiff_metadata(tif) -> tuple[tuple[float, float] | None, list[str] | None]:
-    """Pixel size (y, x) in µm and channel names from OME, ImageJ or TIFF tags."""
+def check_tiff_limits(tif, series, name: str) -> None:
+    """The pixel budget of the series' planes, and the size of one decoded tile or strip."""
+    shape, axes = tuple(series.shape), series.axes
+    yx = [shape[i] for i, a in enumerate(axes) if a in "YX"]
+    if len(yx) == 2:
+        planes = int(np.prod([n for a, n in zip(axes, shape) if a not in "YXCS"], dtype=object))
+        check_pixel_budget(tuple(yx), planes, name)
+    page = tif.pages.first
+    samples = int(getattr(page, "samplesperpixel", 1) or 1)
+    itemsize = np.dtype(page.dtype).itemsize if page.dtype is not None else 1
+    if page.is_tiled:
+        segment = int(page.tilelength) * int(page.tilewidth) * max(1, int(getattr(page, "tiledepth", 1) or 1))
+    else:
+        segment = int(min(page.rowsperstrip or page.imagelength, page.imagelength)) * int(page.imagewidth)
+    check_decode_bytes(segment * samples * itemsize, name, "one of its " + ("tiles" if page.is_tiled else "strips"))
+
+
+def _tiff_metadata(tif, name: str, notices: list[str]) -> tuple[tuple[float, float] | None, list[str] | None]:
+    """Pixel size (y, x) in µm and channel names from OME, ImageJ or TIFF tags (unusable sizes: a notice)."""
+    size, names = _tiff_metadata_raw(tif)
+    return checked_pixel_size(size, name, notices), names
+
+
+def _tiff_metadata_raw(tif) -> tuple[tuple[float, float] | None, list[str] | None]:
     if tif.is_ome and tif.ome_metadata:
         try:
             return _ome_metadata(tif.ome_metadata)
@@ -320,8 +525,11 @@ def _tiff_metadata(tif) -> tuple[tuple[float, float] | None, list[str] | None]:
         return None, None
 
     def size(tag: str) -> float | None:
-        num, den = tags[tag].value
-        return unit_um * den / num if num else None
+        try:
+            num, den = tags[tag].value
+            return unit_um * den / num if num else None
+        except (TypeError, ValueError, ZeroDivisionError):
+            return None
 
     py, px = size("YResolution"), size("XResolution")
     if not py or not px:
@@ -344,23 +552,44 @@ def _ome_metadata(xml: str) -> tuple[tuple[float, float] | None, list[str] | Non
             return None
         unit = pixels.get(f"PhysicalSize{axis}Unit", "µm").strip().lower()
         factor = _UNIT_UM.get(unit)
-        return float(value) * factor if factor else None
+        try:
+            return float(value) * factor if factor else None
+        except ValueError:
+            return float("nan")  # not a number: reported by checked_pixel_size
 
     py, px = size("Y"), size("X")
-    return ((py, px) if py and px else None), names
+    return ((py, px) if py is not None and px is not None else None), names
 
 
-def _read_pil(path: Path, name: str) -> ImageData:
-    from PIL import Image, UnidentifiedImageError
+def _read_pil(path: Path, name: str, f) -> ImageData:
+    import warnings
 
+    from PIL import Image
+
+    kind = path.suffix.lstrip(".").upper()
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode == "P":
-                im = im.convert("RGB")
-            data = np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{path}: not a readable {path.suffix.lstrip('.').upper()} image ({_short(e)})") from None
+        with warnings.catch_warnings():
+            # large images get an error below; Pillow's warning for "large" ones would only be noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(f) as im:
+                w, h = im.size
+                check_pixel_budget((h, w), 1, str(path))
+                bands = len(im.getbands())
+                depth = 4 if im.mode in ("I", "F") else 2 if im.mode.startswith("I;16") else 1
+                check_decode_bytes(w * h * max(bands, 3 if im.mode == "P" else 1) * depth, str(path), "its pixels")
+                im.load()
+                if im.mode == "P":
+                    im = im.convert("RGB")
+                data = np.asarray(im)
+    except InputError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{path}: refused as a possible decompression bomb ({_short(e)})",
+                         hint="save large images as TIFF, which segstudio reads region by region") from None
+    except MemoryError:
+        raise InputError(f"{path}: too large to load into memory") from None
+    except Exception as e:  # noqa: BLE001 - decoders raise many types on damaged files
+        raise InputError(f"{path}: not a readable {kind} image ({_short(e)})") from None
     if data.ndim == 3 and data.shape[-1] in (2, 4):
         alpha = data[..., -1]
         if alpha.min() == alpha.max():  # opaque: alpha carries nothing
@@ -372,25 +601,170 @@ def _read_pil(path: Path, name: str) -> ImageData:
 # --------------------------------------------------------------------------- writers
 
 
+TEMP_SUFFIX = ".segstudio-tmp"
+# what temporary_sibling names its files, and so the only names stale-file clean-up ever removes
+TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
+
+
+def ensure_folder(path: str | Path) -> Path:
+    """Create the output folder ``path`` (and its parents); an :class:`OutputError` when it cannot be one."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise OutputError(f"cannot write to {path}: it is a file, not a folder", path=path, errno_=e.errno,
+                          hint="choose a folder for the outputs") from None
+    except OSError as e:
+        raise OutputError.from_oserror(path, e, "create the folder") from None
+    if not path.is_dir():
+        raise OutputError(f"cannot write to {path}: it is not a folder", path=path,
+                          hint="choose a folder for the outputs")
+    return path
+
+
+def temporary_sibling(path: str | Path) -> Path:
+    """A new, empty file beside ``path`` named ``.<name>.<8 random>.segstudio-tmp`` (:data:`TEMP_NAME`)."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        raise OutputError.from_oserror(path, e) from None
+    os.close(fd)
+    return Path(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` on success.
 
     Readers of ``path`` never see a half-written file, and a failure (or a
-    killed process) leaves at most a ``.tmp`` file that is never mistaken
-    for output.
+    killed process) leaves at most a temporary file named by
+    :func:`temporary_sibling`, which is never mistaken for output and is the
+    only kind of file stale-file clean-up removes.  ``path`` must be a
+    regular file or not exist (a device such as ``/dev/null`` or a folder is
+    never replaced).  Errors of the file system are :class:`OutputError`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    ensure_folder(path.parent)
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise OutputError(f"cannot write {path}: it exists and is not a regular file (a folder or a device)",
+                          path=path, hint="choose another output location")
+    tmp = temporary_sibling(path)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        try:
+            yield tmp
+        except OSError as e:
+            if e.filename is None or str(e.filename) in (str(tmp), str(path)):
+                raise OutputError.from_oserror(path, e) from None
+            raise
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise OutputError.from_oserror(path, e) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_PREAD_LOCK = None
+
+
+def pread(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` of ``fd`` without moving its position (``os.pread``; a locked seek on Windows)."""
+    if hasattr(os, "pread"):
+        return os.pread(fd, n, offset)
+    global _PREAD_LOCK
+    import threading
+
+    _PREAD_LOCK = _PREAD_LOCK or threading.Lock()
+    with _PREAD_LOCK:
+        here = os.lseek(fd, 0, os.SEEK_CUR)
+        try:
+            os.lseek(fd, offset, os.SEEK_SET)
+            return os.read(fd, n)
+        finally:
+            os.lseek(fd, here, os.SEEK_SET)
+
+
+SIGNATURE_BLOCK = 1 << 16
+SIGNATURE_BLOCKS = 16
+
+
+def file_signature(path: str | Path, fd: int | None = None) -> list:
+    """``[size, mtime_ns, hash]`` of a file (of the open descriptor ``fd`` when given): what identifies its bytes.
+
+    The hash (BLAKE2b, 64 bits) covers the size and :data:`SIGNATURE_BLOCKS`
+    blocks of 64 KiB spread evenly over the file, first and last included:
+    the whole file when it is under 1 MiB, a fast sample of larger ones, so
+    a copy that kept the size and time stamp of the file it replaced is told
+    apart too.  A zarr store (a folder) hashes the names, sizes and time
+    stamps of its files.
+    """
+    path = Path(path)
+    h = hashlib.blake2b(digest_size=8)
+    if fd is None and path.is_dir():
+        latest, total = 0, 0
+        for root, dirs, names in os.walk(path):
+            dirs.sort()
+            for n in sorted(names):
+                st = os.stat(os.path.join(root, n))
+                total += st.st_size
+                latest = max(latest, st.st_mtime_ns)
+                h.update(f"{os.path.relpath(os.path.join(root, n), path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return [total, latest, h.hexdigest()]
+    own = fd is None
+    if own:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        size = st.st_size
+        h.update(str(size).encode())
+        if size <= SIGNATURE_BLOCK * SIGNATURE_BLOCKS:
+            h.update(pread(fd, size, 0))
+        else:
+            for k in range(SIGNATURE_BLOCKS):
+                offset = (size - SIGNATURE_BLOCK) * k // (SIGNATURE_BLOCKS - 1)
+                h.update(pread(fd, SIGNATURE_BLOCK, offset))
+    finally:
+        if own:
+            os.close(fd)
+    return [size, st.st_mtime_ns, h.hexdigest()]
+
+
+SOFTWARE = "segstudio"  # the TIFF Software tag of every labels file segstudio writes
+
+
+def check_replaceable(path: str | Path) -> None:
+    """Refuse to replace ``path`` unless it is missing or an output segstudio wrote.
+
+    Labels TIFFs carry ``Software: segstudio``; measurement tables start with
+    the ``label`` column.  Anything else under that name (a ground truth
+    ``X_labels.tif`` beside the images, a colleague's file) is the user's, and
+    segstudio never writes over it.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if path.is_file() and _written_by_segstudio(path):
+        return
+    raise OutputError(f"{path} exists and was not written by segstudio: it is not replaced",
+                      path=path, hint="move it away, or choose another output folder")
+
+
+def _written_by_segstudio(path: Path) -> bool:
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                tag = tif.pages.first.tags.get("Software")
+                return tag is not None and str(tag.value).startswith(SOFTWARE)
+        if path.suffix.lower() == ".csv":
+            with open(path, "rb") as f:
+                return f.read(6) in (b"label,", b"label\r", b"label\n")
+    except Exception:  # noqa: BLE001 - unreadable: not recognisably ours
+        return False
+    return False
 
 
 def labels_dtype(n_objects: int) -> np.dtype:
@@ -412,7 +786,7 @@ def write_labels(path: str | Path, labels: np.ndarray, *, pixel_size: tuple[floa
         py, px = pixel_size
         kwargs = dict(resolution=(1e4 / px, 1e4 / py), resolutionunit="CENTIMETER")
     with atomic_path(path) as tmp:
-        tifffile.imwrite(tmp, labels, compression="zlib", metadata=None, **kwargs)
+        tifffile.imwrite(tmp, labels, compression="zlib", metadata=None, software=SOFTWARE, **kwargs)
     return path
 
 

@@ -39,6 +39,7 @@ from .jobs import CancelToken, Job, Progress
 from .measure import Table, cell_classes, measure
 from .models.spec import ModelSpec
 from .postprocess import network_instances
+from .preprocess import background_nonfinite
 from .sources import ImageSource
 from .tiling import TilePlan, plan_tiles, read_region, round_up
 
@@ -103,6 +104,7 @@ def _get(q: queue.Queue, stop: threading.Event):
 class PlaneResult:
     n_objects: int
     table: Table
+    nonfinite: int = 0  # pixels whose value was NaN or infinite (made background)
 
 
 def segment_plane_job(
@@ -122,6 +124,7 @@ def segment_plane_job(
     notices: list[str] | None = None,
     post_workers: int = 1,
     halo: int | None = None,
+    nonfinite: bool = False,
     cancel: CancelToken | None = None,
 ) -> Job[PlaneResult]:
     """Segment plane ``index`` of ``source`` tile by tile; see the module docstring.
@@ -131,7 +134,9 @@ def segment_plane_job(
     ``write_rows(y0, rows)`` receives finished uint32 label rows in order,
     with ids from ``first_id`` on; ``prepare`` turns a raw ``(C, h, w)``
     block into the model's normalized input.  ``halo`` (default: the
-    model's) is the tile overlap in image pixels.
+    model's) is the tile overlap in image pixels.  ``nonfinite``: the
+    pixels may be NaN or infinite (a float image); they are made background
+    after ``prepare`` and counted once each (``PlaneResult.nonfinite``).
     """
     clock = clock or StageClock()
     halo = round_up(spec.halo if halo is None else halo, spec.multiple)  # as plan_tiles rounds it
@@ -147,6 +152,8 @@ def segment_plane_job(
         names=source.channel_names, pixel_size=source.pixel_size, clock=clock, workers=post_workers,
     )
 
+    bad_pixels = [0]
+
     def reader() -> None:
         try:
             rows = _tile_rows(plan)
@@ -157,6 +164,10 @@ def segment_plane_job(
                 band = read_region(view, ((y0, y1), (-halo, x_end)))
                 t1 = time.perf_counter()
                 band = prepare(band)
+                if nonfinite:  # counted over the row's own pixels: halos and mirrored pixels repeat others
+                    out_rows = row[0].out[0]
+                    core = (slice(out_rows.start - y0, out_rows.stop - y0), slice(halo, halo + plan.shape[1]))
+                    bad_pixels[0] += background_nonfinite(band, core)
                 clock.add("read", t1 - t0)
                 clock.add("normalize", time.perf_counter() - t1)
                 for t in row:
@@ -234,7 +245,7 @@ def segment_plane_job(
         for th in threads:
             th.join()
         post.close()
-    return PlaneResult(n_objects=post.next_id - first_id, table=post.table())
+    return PlaneResult(n_objects=post.next_id - first_id, table=post.table(), nonfinite=bad_pixels[0])
 
 
 def _tile_rows(plan: TilePlan) -> list[list]:

@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from .backends import Backend
-from .errors import InputError
+from .errors import IncompatibleArtifactError, InputError
 from .io import ImageData
 from .jobs import CancelToken, Job, Progress
 from .measure import Table, concat_tables
 from .models.catalog import Model
 from .pipeline import STAGES, StageClock, segment_plane_job
-from .preprocess import normalize, sample_percentiles, select_channels
+from .preprocess import background_nonfinite, normalize, sample_percentiles, select_channels
 from .scale import ScaledPredict, diameter_from_microns, estimate_diameter, image_tiling, scale_factor
 from .sinks import ArraySink, TiffSink
 from .sources import ImageSource, planes_as_channels, source_from_image
@@ -50,7 +50,8 @@ class SegmentationResult:
     pixel_size: tuple[float, float] | None = None
     labels_path: Path | None = None
     n_objects: int = 0
-    notices: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # what the user should know about the run, in order
+    warnings: list[str] = field(default_factory=list)  # the notices that say the input had a problem
     diameter: float | None = None  # nuclei diameter in image pixels (given or estimated)
     scale: float = 1.0  # the image was resampled by this factor for the network
 
@@ -141,7 +142,16 @@ def segment_job(
     """
     spec = model.spec
     source = image if isinstance(image, ImageSource) else source_from_image(image)
-    notices: list[str] = []
+    notices: list[str] = list(source.notices)
+    warnings: list[str] = list(source.notices)
+    told = 0
+
+    def tell():
+        """Progress events for the notices not yet told (``info["warning"]`` for warnings)."""
+        nonlocal told
+        for text in notices[told:]:
+            yield Progress("notice", 0, 0, text, info={"warning": text in warnings})
+        told = len(notices)
     if (spec.input_channels > 1 and "C" not in source.axes and "Z" in source.axes
             and source.shape[source.axes.index("Z")] == spec.input_channels):
         # pages without axis names read as a Z stack; a model that needs that many channels could not
@@ -163,6 +173,9 @@ def segment_job(
         from .backends.fallback import OomFallback
 
         predict = OomFallback(backend, model, notices.append)
+    predict = FiniteOutputs(predict, model, source.name, getattr(predict, "describe", backend.describe)())
+    nonfinite = np.dtype(source.dtype).kind == "f"  # only float pixels can be NaN or infinite
+    bad_pixels = 0
     tables, extras = [], []
     next_id = 1
     indices = source.stack_indices()
@@ -191,9 +204,15 @@ def segment_job(
             def prepare(block, pct=pct):
                 return normalize(select(block), spec.normalization, pct)
 
+            def prepare_whole(block, prepare=prepare):
+                x = prepare(block)
+                if nonfinite:
+                    background_nonfinite(x)
+                return x
+
             if i == 0 and spec.diameter:
                 if diameter is None:
-                    diameter = _estimate_diameter(source, index, prepare, spec, predict)
+                    diameter = _estimate_diameter(source, index, prepare_whole, spec, predict)
                     if diameter is None:
                         notices.append("no nuclei found to estimate their size: the image is used as is")
                     else:
@@ -208,19 +227,28 @@ def segment_job(
                                         getattr(predict, "describe", backend.describe)())
                 tile, halo = image_tiling(tile, spec.halo, factor)
                 context = int(np.ceil(context / min(factor, 1.0)))
+            yield from tell()
             result = yield from segment_plane_job(
                 source, index, spec, predict,
                 lambda y0, rows, index=index: sink.write(index, y0, rows),
                 prepare=prepare, tile=tile, batch_size=batch_size, context=context, first_id=next_id,
                 measure_cells=measure_cells, clock=clock, notices=notices, post_workers=post_workers,
-                halo=halo, cancel=cancel,
+                halo=halo, nonfinite=nonfinite, cancel=cancel,
             )
+            told = len(notices)  # the pipeline told those it added
             next_id += result.n_objects
+            bad_pixels += result.nonfinite
             if measure_cells:
                 tables.append(result.table)
                 extras.append(dict(zip(source.stack_axes.lower(), index)))
             yield Progress("plane", i + 1, len(indices), f"plane {i + 1}/{len(indices)}: {result.n_objects} objects")
         n_objects = next_id - 1
+        if bad_pixels:
+            total = int(np.prod(source.plane_shape)) * len(indices)
+            warnings.append(f"{bad_pixels:,} of {total:,} pixels ({100 * bad_pixels / total:.2g}%) are not finite "
+                            "(NaN or infinite, or beyond 32-bit float range) and were treated as background")
+            notices.append(warnings[-1])
+            yield from tell()
         t0 = time.perf_counter()
         out = sink.finish(n_objects)
         clock.add("write", time.perf_counter() - t0)
@@ -240,6 +268,7 @@ def segment_job(
         pixel_size=source.pixel_size,
         n_objects=n_objects,
         notices=notices,
+        warnings=warnings,
         diameter=diameter,
         scale=factor,
     )
@@ -250,13 +279,44 @@ def segment_to_files(source: ImageData | ImageSource, model: Model, backend: Bac
     """:func:`segment_job` into a labels TIFF (streamed) and the measurements CSV, both written atomically.
 
     ``options`` are :func:`segment_job`'s.  What ``segstudio segment`` and
-    ``segstudio batch`` do with each image.
+    ``segstudio batch`` do with each image.  Files of those names that
+    segstudio did not write are never replaced (:func:`~segstudio.core.io.check_replaceable`).
     """
+    from .io import check_replaceable
     from .measure import write_csv
 
+    for path in (labels_path, csv_path):
+        check_replaceable(path)
     result = yield from segment_job(source, model, backend, labels_path=labels_path, **options)
     write_csv(csv_path, result.table)
     return result
+
+
+class FiniteOutputs:
+    """The network call, refusing outputs that hold NaN or infinity (a broken model or backend).
+
+    Its inputs are finite (non-finite pixels become background before the
+    network), so a non-finite output is the model's: an error naming the
+    model, rather than an image that silently has no cells.
+    """
+
+    def __init__(self, predict, model: Model, image_name: str, describe: str = ""):
+        self.predict, self.model, self.image_name = predict, model, image_name
+        self._describe = describe
+
+    def __call__(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
+        out = self.predict(batch, crop)
+        if not np.isfinite(out).all():
+            raise IncompatibleArtifactError(
+                f"model {self.model.name!r} gave NaN or infinite outputs on {self.image_name} "
+                f"({self._describe}), so its result cannot be trusted",
+                hint="the model file is damaged or does not suit this backend: try another --backend, "
+                "or export the model again",
+            )
+        return out
+
+    def describe(self) -> str:
+        return self._describe
 
 
 class FlipAverage:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_path, labels_dtype
+from .errors import OutputError
+from .io import SOFTWARE, atomic_path, labels_dtype, temporary_sibling
 
 _END = object()
 
@@ -80,7 +81,8 @@ class TiffSink:
 
         try:
             tifffile.imwrite(self.tmp, data=self._tiles(), shape=self.shape, dtype=np.uint32,
-                             tile=(self.tile, self.tile), compression="zlib", metadata=None, **self.kwargs)
+                             tile=(self.tile, self.tile), compression="zlib", metadata=None, software=SOFTWARE,
+                             **self.kwargs)
         except BaseException as e:  # noqa: BLE001 - reported by finish()
             self._error = e
             while not self._ended:  # drain so write() never blocks
@@ -113,11 +115,17 @@ class TiffSink:
     def finish(self, n_objects: int) -> Path:
         self._q.put(_END)
         self._thread.join()
-        if self._error is not None:
+        try:
+            if self._error is not None:
+                raise self._error
+            if labels_dtype(n_objects) == np.uint16:
+                self._narrow()
+        except OSError as e:
             self.abort()
-            raise self._error
-        if labels_dtype(n_objects) == np.uint16:
-            self._narrow()
+            raise OutputError.from_oserror(self.path, e) from None
+        except BaseException:
+            self.abort()
+            raise
         self._atomic.__exit__(None, None, None)
         return self.path
 
@@ -134,10 +142,11 @@ class TiffSink:
                     for segment, _ in zip(page.segments(), range(10**12)):
                         yield segment[0].reshape(self.tile, self.tile).astype(np.uint16)
 
-            narrow = self.tmp.with_name(self.tmp.name + ".u16")
+            narrow = temporary_sibling(self.path)
             try:
                 tifffile.imwrite(narrow, data=tiles(), shape=self.shape, dtype=np.uint16,
-                                 tile=(self.tile, self.tile), compression="zlib", metadata=None, **self.kwargs)
+                                 tile=(self.tile, self.tile), compression="zlib", metadata=None, software=SOFTWARE,
+                             **self.kwargs)
             except BaseException:
                 narrow.unlink(missing_ok=True)
                 raise

@@ -6,12 +6,21 @@
 bytes it needs:
 
 * uncompressed TIFFs whose pixels are contiguous in the file are read row
-  block by row block with ``seek`` + ``readinto`` (no memory map, so resident
-  memory stays bounded by what is read, whatever the file size);
+  block by row block with positioned reads (``preadv``; no memory map, so
+  resident memory stays bounded by what is read, whatever the file size);
 * tiled or compressed TIFFs go through tifffile's zarr store, which decodes
   only the chunks (tiles or strips) a region covers;
 * zarr stores (a plain array, or OME-Zarr's full-resolution level with its
-  axes and pixel size) and NumPy arrays (``ImageData``) are sliced directly.
+  axes and pixel size), large ``.npy`` files (memory-mapped) and NumPy
+  arrays (``ImageData``) are sliced directly.
+
+A file is opened once: its signature (:func:`~segstudio.core.io.file_signature`)
+is taken from the same open descriptor the pixels are read from, so a file
+replaced while it is being segmented is either read whole in its old version
+(with the old version's signature) or detected afterwards (its signature
+changed), never recorded with the new file's signature and the old cells.
+The limits of :mod:`segstudio.core.io` (pixel budget, the size of one decoded
+chunk) are checked from the header before any pixel is decoded.
 
 Axes follow the same rules as :func:`~segstudio.core.io.read_image`
 (canonical ``TZCYX``), computed once from the metadata by
@@ -20,6 +29,8 @@ Axes follow the same rules as :func:`~segstudio.core.io.read_image`
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,11 +43,21 @@ from .io import (
     TIFF_SUFFIXES,
     ImageData,
     _short,
-    _stem,
+    image_stem,
     _tiff_metadata,
     axes_plan,
+    check_decode_bytes,
+    checked_pixel_size,
+    check_pixel_budget,
     check_plane_size,
-    read_image,
+    check_tiff_limits,
+    compute_dtype,
+    file_signature,
+    native_pixels,
+    npy_header,
+    open_image_file,
+    pread,
+    read_open_file,
 )
 
 # files whose decoded size is below this are simply read into memory
@@ -61,6 +82,8 @@ class ImageSource:
     pixel_size: tuple[float, float] | None = None
     channel_names: list[str] = field(default_factory=list)
     closer: Any = None
+    notices: list[str] = field(default_factory=list)  # what the reader ignored or changed, for the user
+    signature: list | None = None  # file_signature() of the file read (None for in-memory images)
     _fixed: dict[int, int] = field(default_factory=dict)  # raw axis -> index (dropped length-1 axes)
     _where: dict[str, int] = field(default_factory=dict)  # canonical letter -> raw axis
 
@@ -110,9 +133,7 @@ class ImageSource:
         block = np.transpose(block, order)
         if "C" not in kept:
             block = block[np.newaxis]
-        if not block.dtype.isnative:
-            block = block.astype(block.dtype.newbyteorder("="))
-        return block
+        return native_pixels(block, self.name)
 
     def read_plane(self, index: tuple[int, ...]) -> np.ndarray:
         h, w = self.plane_shape
@@ -133,11 +154,15 @@ class ImageSource:
 def _from_plan(raw, raw_axes: str, **kwargs) -> ImageSource:
     plan = axes_plan(raw_axes, tuple(raw.shape), kwargs.get("name", "image"))
     shape = tuple(raw.shape[plan.where[a]] for a in plan.axes)
+    if np.dtype(raw.dtype).kind not in "uifb":
+        raise InputError(f"{kwargs.get('name', 'image')}: pixel type {raw.dtype} is not supported "
+                         "(integers or floats only)")
     src = ImageSource(
-        raw=raw, raw_axes=raw_axes, axes=plan.axes, shape=shape, dtype=np.dtype(raw.dtype).newbyteorder("="),
+        raw=raw, raw_axes=raw_axes, axes=plan.axes, shape=shape, dtype=compute_dtype(raw.dtype),
         _fixed={i: 0 for i in plan.dropped}, _where=dict(plan.where), **kwargs,
     )
     check_plane_size(src.plane_shape, src.name)
+    check_pixel_budget(src.plane_shape, int(np.prod(src.stack_shape, dtype=object)), src.name)
     return src
 
 
@@ -156,7 +181,8 @@ def planes_as_channels(source: ImageSource) -> ImageSource:
 def source_from_image(image: ImageData) -> ImageSource:
     """Wrap an in-memory image (already in canonical axes)."""
     return _from_plan(
-        image.data, image.axes, name=image.name, pixel_size=image.pixel_size, channel_names=list(image.channel_names)
+        image.data, image.axes, name=image.name, pixel_size=image.pixel_size, channel_names=list(image.channel_names),
+        notices=list(image.notices),
     )
 
 
@@ -164,18 +190,21 @@ class ContiguousTiffArray:
     """Basic slicing over uncompressed pixels stored contiguously in a file.
 
     Reads whole rows (every axis after Y) for each combination of the axes
-    before Y, with one ``seek`` + ``readinto`` per block; thread-safe.
+    before Y, one positioned read per block, from the descriptor of the file
+    object ``f`` (kept open by the caller); thread-safe.
     """
 
-    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype, y_axis: int):
-        self.path, self.offset, self.shape, self.dtype = Path(path), offset, tuple(shape), np.dtype(dtype)
-        self.y_axis = y_axis
-        self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close()
-        self._lock = threading.Lock()
+    def __init__(self, f, offset: int, shape: tuple[int, ...], dtype: np.dtype, y_axis: int, name: str = "image"):
+        self.f, self.fd, self.offset, self.shape, self.dtype = f, f.fileno(), offset, tuple(shape), np.dtype(dtype)
+        self.y_axis, self.name = y_axis, name
         self.ndim = len(shape)
 
-    def close(self) -> None:
-        self._file.close()
+    def _read_into(self, buf: np.ndarray, pos: int) -> int:
+        if hasattr(os, "preadv"):
+            return os.preadv(self.fd, [memoryview(buf).cast("B")], pos)
+        data = pread(self.fd, buf.nbytes, pos)
+        buf.reshape(-1).view(np.uint8)[: len(data)] = np.frombuffer(data, np.uint8)
+        return len(data)
 
     def __getitem__(self, key):
         key = tuple(key) + (slice(None),) * (self.ndim - len(key))
@@ -192,11 +221,9 @@ class ContiguousTiffArray:
         flat = out.reshape(-1, (y1 - y0) * row_items) if out.size else out
         for n, idx in enumerate(np.ndindex(*[len(r) for r in lead_ranges])):
             start = sum(lead_ranges[a][i] * strides[a] for a, i in enumerate(idx)) + y0 * row_items
-            with self._lock:
-                self._file.seek(self.offset + int(start) * self.dtype.itemsize)
-                got = self._file.readinto(memoryview(flat[n]).cast("B"))
+            got = self._read_into(flat[n], self.offset + int(start) * self.dtype.itemsize)
             if got != flat[n].nbytes:
-                raise InputError(f"{self.path}: the file is truncated (wanted {flat[n].nbytes} bytes, got {got})")
+                raise InputError(f"{self.name}: the file is truncated (wanted {flat[n].nbytes} bytes, got {got})")
         tail_key = key[self.y_axis + 1 :]
         squeeze = tuple(0 for k in lead if isinstance(k, int))
         out = out[squeeze] if squeeze else out
@@ -215,63 +242,138 @@ def _open_zarr(path: Path) -> ImageSource:
         raise InputError(f"{path}: not a readable zarr store ({_short(e)})") from None
     axes, pixel_size = None, None
     if not hasattr(node, "shape"):  # a group: OME-Zarr multiscales
-        attrs = dict(node.attrs)
-        meta = attrs.get("ome", attrs)
-        try:
-            ms = meta["multiscales"][0]
-            dataset = ms["datasets"][0]
-            node = node[dataset["path"]]
-        except (KeyError, IndexError, TypeError):
-            raise InputError(f"{path}: a zarr group without OME-Zarr multiscales; give the array inside it") from None
-        names = [(a["name"] if isinstance(a, dict) else a).upper() for a in ms.get("axes", [])]
-        if len(names) == len(node.shape):
-            axes = "".join(names)
-            units = [(a.get("unit", "") if isinstance(a, dict) else "") for a in ms.get("axes", [])]
-            scale = next((t["scale"] for t in dataset.get("coordinateTransformations", [])
-                          if t.get("type") == "scale"), None)
-            if scale and "Y" in axes and "X" in axes:
-                iy, ix = axes.index("Y"), axes.index("X")
-                factor = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3}.get(units[ix])
-                if factor:
-                    pixel_size = (scale[iy] * factor, scale[ix] * factor)
+        node, axes, pixel_size = _ome_zarr_level(node, path)
+    if not hasattr(node, "shape") or not hasattr(node, "chunks"):
+        raise InputError(f"{path}: the OME-Zarr image's first level is not an array")
     if axes is None:
         from .io import guess_axes
 
         axes = guess_axes(tuple(node.shape))
-    return _from_plan(node, axes, name=path.stem, pixel_size=pixel_size)
+    notices: list[str] = []
+    pixel_size = checked_pixel_size(pixel_size, str(path), notices)
+    try:
+        chunk = int(np.prod([int(c) for c in node.chunks], dtype=object)) * np.dtype(node.dtype).itemsize
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: the zarr array's chunk shape {node.chunks!r} is not usable") from None
+    src = _from_plan(node, axes, name=path.stem, pixel_size=pixel_size, notices=notices)
+    check_decode_bytes(chunk, str(path), "one of its chunks")
+    return src
+
+
+def _ome_zarr_level(group, path: Path):
+    """The full-resolution array of an OME-Zarr group, its axes and pixel size (µm) when the metadata says."""
+    bad = InputError(f"{path}: a zarr group without usable OME-Zarr multiscales metadata; give the array inside it")
+    try:
+        attrs = dict(group.attrs)
+        meta = attrs.get("ome", attrs)
+        ms = meta["multiscales"][0]
+        dataset = ms["datasets"][0]
+        level = str(dataset["path"])
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+        raise bad from None
+    if not level or level.startswith(("/", "\\")) or ".." in level.replace("\\", "/").split("/"):
+        raise InputError(f"{path}: the OME-Zarr metadata names the level {level!r}, which is not inside the store")
+    try:
+        node = group[level]
+    except Exception:  # noqa: BLE001 - zarr raises KeyError or its own errors for a missing node
+        raise InputError(f"{path}: the OME-Zarr level {level!r} is missing from the store") from None
+    axes, pixel_size = None, None
+    try:
+        entries = ms.get("axes", [])
+        names = [str(a["name"] if isinstance(a, dict) else a).upper() for a in entries]
+        if len(names) == len(node.shape) and all(len(n) == 1 for n in names):
+            axes = "".join(names)
+            units = [(str(a.get("unit", "")) if isinstance(a, dict) else "") for a in entries]
+            scale = next((t["scale"] for t in dataset.get("coordinateTransformations", [])
+                          if isinstance(t, dict) and t.get("type") == "scale"), None)
+            if scale and "Y" in axes and "X" in axes:
+                iy, ix = axes.index("Y"), axes.index("X")
+                factor = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3}.get(units[ix])
+                if factor:
+                    pixel_size = (float(scale[iy]) * factor, float(scale[ix]) * factor)
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+        axes, pixel_size = None, None  # damaged axes metadata: the axes are guessed as for a plain array
+    return node, axes, pixel_size
 
 
 def open_source(path: str | Path, *, eager_bytes: int = EAGER_BYTES) -> ImageSource:
     """Open an image file (or zarr store) for region reads.
 
     Files that decode to less than ``eager_bytes`` are read whole (fastest);
-    larger TIFFs, and zarr stores always, are read lazily.  Errors are
-    :class:`InputError` as in :func:`~segstudio.core.io.read_image`.
+    larger TIFFs and ``.npy`` files, and zarr stores always, are read lazily.
+    Errors are :class:`InputError` as in :func:`~segstudio.core.io.read_image`.
+    The source's ``signature`` identifies the bytes it reads.
     """
     path = Path(path)
     if path.suffix.lower() == ".zarr":
-        return _open_zarr(path)
-    if path.suffix.lower() not in TIFF_SUFFIXES or not path.is_file() or path.stat().st_size == 0:
-        return source_from_image(read_image(path))
+        src = _open_zarr(path)
+        src.signature = file_signature(path)
+        return src
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(open_image_file(path))
+        signature = file_signature(path, f.fileno())
+        suffix = path.suffix.lower()
+        if suffix in TIFF_SUFFIXES:
+            src = _open_tiff(path, f, eager_bytes)
+        elif suffix == ".npy":
+            src = _open_npy(path, f, eager_bytes)
+        else:
+            src = source_from_image(read_open_file(path, f))
+        src.signature = signature
+        if src.closer is not None or isinstance(src.raw, (ContiguousTiffArray, np.memmap)):
+            keep = stack.pop_all()  # a lazy source reads from f until it is closed
+            inner = src.closer
+
+            def closer():
+                try:
+                    if inner is not None:
+                        inner()
+                finally:
+                    keep.close()
+
+            src.closer = closer
+        return src
+
+
+def _open_npy(path: Path, f, eager_bytes: int) -> ImageSource:
+    """A ``.npy`` file: read whole when small, memory-mapped (read region by region) when large."""
+    from .io import guess_axes
+
+    header = npy_header(path, f)
+    nbytes = int(np.prod(header.shape, dtype=object)) * header.dtype.itemsize
+    if nbytes <= eager_bytes:
+        f.seek(0)
+        return source_from_image(read_open_file(path, f))
+    raw = np.memmap(f, dtype=header.dtype, mode="r", offset=header.offset, shape=header.shape,
+                    order="F" if header.fortran else "C")
+    return _from_plan(raw, guess_axes(header.shape), name=image_stem(path))
+
+
+def _open_tiff(path: Path, f, eager_bytes: int) -> ImageSource:
     import tifffile
 
     try:
-        tif = tifffile.TiffFile(path)
+        tif = tifffile.TiffFile(f, name=path.name)
     except tifffile.TiffFileError as e:
         raise InputError(f"{path}: not a readable TIFF file ({_short(e)})") from None
+    except Exception as e:  # noqa: BLE001 - a damaged header raises many types
+        raise InputError(f"{path}: the TIFF file is truncated or corrupt ({_short(e)})") from None
     try:
         series = tif.series[0]
-        decoded = int(np.prod(series.shape)) * np.dtype(series.dtype).itemsize
+        check_tiff_limits(tif, series, str(path))
+        decoded = int(np.prod(series.shape, dtype=object)) * np.dtype(series.dtype).itemsize
         if decoded <= eager_bytes:
             tif.close()
-            return source_from_image(read_image(path))
-        pixel_size, channel_names = _tiff_metadata(tif)
+            f.seek(0)
+            return source_from_image(read_open_file(path, f))
+        notices: list[str] = []
+        pixel_size, channel_names = _tiff_metadata(tif, str(path), notices)
         raw_axes = series.axes
         if series.dataoffset is not None:
             dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
-            raw = ContiguousTiffArray(path, series.dataoffset, series.shape, dtype, raw_axes.index("Y"))
+            raw = ContiguousTiffArray(f, series.dataoffset, series.shape, dtype, raw_axes.index("Y"), str(path))
             tif.close()
-            closer = raw.close
+            closer = None
         else:
             try:
                 import zarr
@@ -286,8 +388,8 @@ def open_source(path: str | Path, *, eager_bytes: int = EAGER_BYTES) -> ImageSou
             def closer():
                 store.close()
                 tif.close()
-        return _from_plan(raw, raw_axes, name=_stem(path), pixel_size=pixel_size,
-                          channel_names=channel_names or [], closer=closer)
+        return _from_plan(raw, raw_axes, name=image_stem(path), pixel_size=pixel_size,
+                          channel_names=channel_names or [], closer=closer, notices=notices)
     except InputError:
         tif.close()
         raise
