@@ -11,6 +11,11 @@ Pixels outside the image are mirrored (``reflect``) from the whole plane,
 computed by index, so a tile at the border sees the same padding whatever the
 tiling.  All tiles of a plan have one shape, which lets backends batch them
 and engines use one static shape.
+
+A network that takes only some input sizes (a fixed 512 x 512, or ``min +
+n * step``: :meth:`ModelSpec.tile_shape <segstudio.core.models.spec.ModelSpec.tile_shape>`)
+gets tiles of exactly that shape (``tile_shape``): cores of the shape less
+twice the halo, and a plane smaller than that is mirrored out to it.
 """
 
 from __future__ import annotations
@@ -46,16 +51,24 @@ class TilePlan:
         return len(self.tiles)
 
 
-def plan_tiles(shape: tuple[int, int], *, tile: int = 512, halo: int = 64, multiple: int = 1) -> TilePlan:
+def plan_tiles(shape: tuple[int, int], *, tile: int = 512, halo: int = 64, multiple: int = 1,
+               tile_shape: tuple[int, int] | None = None) -> TilePlan:
     """Plan tiles over a plane of ``shape`` ``(H, W)``.
 
     ``tile`` and ``halo`` are rounded up to ``multiple``; a plane smaller than
     ``tile`` gets one tile just large enough (rounded up to ``multiple``).
+    ``tile_shape`` (halo included) gives every tile exactly that shape
+    instead, whatever ``tile`` and the plane's size.
     """
     if tile < 1 or halo < 0 or multiple < 1:
         raise ValueError("tile >= 1, halo >= 0 and multiple >= 1 are required")
     halo = round_up(halo, multiple)
-    cores = [min(round_up(tile, multiple), round_up(n, multiple)) for n in shape]
+    if tile_shape is not None:
+        cores = [int(n) - 2 * halo for n in tile_shape]
+        if min(cores) < 1:
+            raise ValueError(f"tiles of {tile_shape} leave no core inside a halo of {halo}")
+    else:
+        cores = [min(round_up(tile, multiple), round_up(n, multiple)) for n in shape]
     tiles = []
     for y0 in range(0, shape[0], cores[0]):
         for x0 in range(0, shape[1], cores[1]):
@@ -104,14 +117,16 @@ def predict_tiled(
     halo: int = 64,
     multiple: int = 1,
     batch_size: int = 1,
+    tile_shape: tuple[int, int] | None = None,
     cancel: CancelToken | None = None,
 ) -> Job[np.ndarray]:
     """Run ``predict`` over ``image`` ``(C, H, W)`` tile by tile.
 
     ``predict`` maps a batch ``(B, C, h, w)`` to ``(B, K, h, w)``.  Yields a
     :class:`Progress` per batch of tiles; returns ``(K, H, W)`` float32.
+    ``tile_shape``: see :func:`plan_tiles`.
     """
-    plan = plan_tiles(image.shape[-2:], tile=tile, halo=halo, multiple=multiple)
+    plan = plan_tiles(image.shape[-2:], tile=tile, halo=halo, multiple=multiple, tile_shape=tile_shape)
     out = None
     n = len(plan)
     yield Progress("network", 0, n, f"{n} tile(s) of {plan.tile_shape[0]}x{plan.tile_shape[1]}")

@@ -50,7 +50,14 @@ def _is_card(path: Path) -> bool:
 
 
 def load_card(card: str | Path, *, verify: bool = True) -> Model:
-    """Read a model card and check that its files exist (and match their hash)."""
+    """Read a model card and check that its files exist (and match their hash).
+
+    With ``verify``, the ONNX files of a card that does not ship with
+    segstudio are also checked as untrusted data
+    (:func:`~segstudio.core.models.onnx_check.check_onnx_file`: external
+    data inside the folder, no custom operators, bounded loops) before any
+    backend opens them.
+    """
     card = Path(card)
     try:
         payload = json.loads(card.read_text())
@@ -63,8 +70,14 @@ def load_card(card: str | Path, *, verify: bool = True) -> Model:
     except (KeyError, TypeError, ValueError) as e:
         raise IncompatibleArtifactError(f"{card}: the model description is incomplete or damaged ({e})") from None
     files = {}
-    for fmt, entry in payload.get("files", {}).items():
-        path = card.parent / entry["path"]
+    entries = payload.get("files", {})
+    if not isinstance(entries, dict):
+        raise IncompatibleArtifactError(f"{card}: not a segstudio model card (its files are not a mapping)")
+    for fmt, entry in entries.items():
+        path = card.parent / str(entry.get("path", "")) if isinstance(entry, dict) else card.parent
+        if path.resolve().parent != card.parent.resolve():
+            raise IncompatibleArtifactError(f"{card.name}: its {fmt} file must sit next to the card "
+                                            f"(it names {entry.get('path') if isinstance(entry, dict) else entry!r})")
         if not path.is_file():
             raise IncompatibleArtifactError(f"{card.name}: its {fmt} file {path.name} is missing")
         if verify and entry.get("sha256") and file_sha256(path) != entry["sha256"]:
@@ -73,6 +86,12 @@ def load_card(card: str | Path, *, verify: bool = True) -> Model:
                 hint="the file is damaged or was replaced; reinstall or re-export the model",
             )
         files[fmt] = path
+    if verify and card.parent.resolve() != BUILTIN_DIR.resolve():
+        from .onnx_check import check_onnx_file
+
+        for fmt, path in files.items():
+            if fmt.startswith("onnx"):
+                check_onnx_file(path)
     return Model(spec=spec, files=files, card_path=card, provenance=payload.get("provenance", {}))
 
 
@@ -112,12 +131,13 @@ def builtin_models() -> list[Model]:
     return [load_card(p, verify=False) for p in cards]
 
 
-def get_model(name_or_path: str | Path) -> Model:
+def get_model(name_or_path: str | Path, *, trust_code: bool = False) -> Model:
     """A built-in or imported model by name, a model card by path, a folder holding one card, or a model file.
 
     A model file (ONNX, TorchScript, state dict) or BioImage.IO package is
     imported once (:func:`segstudio.core.models.user.import_cached`) and
-    reused while its contents do not change.
+    reused while its contents do not change.  TorchScript (code) is refused
+    unless ``trust_code`` (then converted to ONNX in a confined process).
     """
     candidate = Path(name_or_path)
     if candidate.suffix == ".json" and candidate.is_file():
@@ -130,7 +150,7 @@ def get_model(name_or_path: str | Path) -> Model:
     from .user import RDF_NAMES, import_cached, user_models_dir
 
     if candidate.is_file() or (candidate.is_dir() and any((candidate / n).is_file() for n in RDF_NAMES)):
-        return import_cached(candidate)
+        return import_cached(candidate, trust_code=trust_code)
     card = BUILTIN_DIR / f"{name_or_path}.json"
     if card.is_file():
         return load_card(card)

@@ -149,12 +149,15 @@ class Normalization:
     ``mode``: ``"percentile"`` maps the ``low`` / ``high`` percentiles to
     0 / 1; ``"meanstd"`` subtracts the mean and divides by the standard
     deviation (BioImage.IO's ``zero_mean_unit_variance``); ``"none"`` passes
-    intensities through.
+    intensities through.  ``eps`` is added to the divisor (the span between
+    the percentiles, or the standard deviation), as BioImage.IO's
+    ``scale_range`` and ``zero_mean_unit_variance`` do (their default: 1e-6).
     """
 
     low: float = 1.0
     high: float = 99.8
     mode: str = "percentile"
+    eps: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,12 @@ class ModelSpec:
     # tile overlap and input size multiple for networks that are not built-in U-Nets (user models)
     halo_px: int | None = None
     multiple_px: int | None = None
+    # input sizes the network takes (halo included), when it does not take any multiple of `multiple`:
+    # (height, width) = input_min + n * input_step (n >= 0), or exactly input_min when input_step is (0, 0)
+    input_min: tuple[int, int] | None = None
+    input_step: tuple[int, int] | None = None
+    # the largest batch of tiles the network takes (None: any)
+    max_batch: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
@@ -208,10 +217,46 @@ class ModelSpec:
         """Input height and width must be multiples of this."""
         return self.config.multiple if self.multiple_px is None else self.multiple_px
 
+    @property
+    def fixed_input(self) -> tuple[int, int] | None:
+        """The one input (height, width) the network takes, or None when it takes several."""
+        return self.input_min if self.input_min is not None and tuple(self.input_step or (0, 0)) == (0, 0) else None
+
+    def input_size(self, want: tuple[int, int]) -> tuple[int, int] | None:
+        """The smallest input (height, width) the network takes that is at least ``want``.
+
+        None for a network without declared sizes (it takes any multiple of
+        :attr:`multiple`); a fixed-size network always gets its size.
+        """
+        if self.input_min is None:
+            return None
+        step = self.input_step or (0, 0)
+        out = []
+        for n, lo, s in zip(want, self.input_min, step):
+            out.append(lo if s == 0 else lo + max(0, -(-(int(n) - lo) // s)) * s)
+        return out[0], out[1]
+
+    def tile_shape(self, tile: int, plane: tuple[int, int], halo: int | None = None) -> tuple[int, int] | None:
+        """The (height, width) of every tile, halo included, for ``tile``-pixel cores over ``plane``.
+
+        None when the network takes any multiple of :attr:`multiple` (the
+        tiler then sizes tiles itself, see
+        :func:`segstudio.core.tiling.plan_tiles`); otherwise the smallest size
+        the network takes that holds what the tiler would read.
+        """
+        if self.input_min is None:
+            return None
+        m = self.multiple
+        halo = self.halo if halo is None else -(-halo // m) * m
+        want = [min(-(-tile // m) * m, -(-n // m) * m) + 2 * halo for n in plane]
+        return self.input_size((want[0], want[1]))
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["outputs"] = list(self.outputs)
         d["classes"] = list(self.classes)
+        for key in ("input_min", "input_step"):
+            d[key] = None if d[key] is None else list(d[key])
         return d
 
     @classmethod
@@ -226,6 +271,9 @@ class ModelSpec:
             d["postprocess"] = PostprocessParams(**d.get("postprocess", {}))
             d["outputs"] = tuple(d.get("outputs", ()))
             d["classes"] = tuple(d.get("classes", ()))
+            for key in ("input_min", "input_step"):  # cards written before these fields lack them
+                if d.get(key) is not None:
+                    d[key] = tuple(int(v) for v in d[key])
             return cls(**d)
         except TypeError as e:
             raise IncompatibleArtifactError(

@@ -6,26 +6,47 @@ model folder (``$SEGSTUDIO_HOME/models`` or ``~/.segstudio/models``), so the
 rest of the app (backends, tiling, post-processing, optimization) uses it
 unchanged; :func:`get_model` finds it by name afterwards.
 
-Model files are untrusted:
+Model files are untrusted.  No code from a model file runs in segstudio's
+process:
 
 * state dicts are read with ``torch.load(weights_only=True)``: a pickle that
   holds anything but tensors and plain containers is refused;
-* TorchScript archives are loaded by the TorchScript runtime (their code is
-  TorchScript, not Python) and converted to ONNX once, at import;
-* BioImage.IO packages: only ``onnx`` and ``torchscript`` weights are used;
-  ``pytorch_state_dict`` weights need Python code from the package, which is
-  never run; YAML is read with ``safe_load``; a zip member whose path leaves
-  the target folder (``../``, absolute paths, links) refuses the whole zip.
+* TorchScript archives hold code (TorchScript is a programming language:
+  an archive's ``__setstate__`` runs while it is loaded, its ``forward``
+  when it is traced, and both can call operators that open, map and write
+  files).  They are recognised from the archive's records before anything
+  parses them and refused, unless the user opts in (``trust_code``,
+  ``--trust-code``, the GUI's checkbox): then the archive is converted to
+  ONNX in a confined child process (:mod:`.confine`) and only the ONNX file
+  comes back;
+* ONNX files are checked as data before ONNX Runtime sees them
+  (:mod:`.onnx_check`: external data inside the model folder, no custom
+  operators, bounded loops, at most 2 GiB of weights) and the import's trial
+  run happens in a confined child under a memory and time limit;
+* BioImage.IO packages: only ``onnx`` weights, or ``torchscript`` ones under
+  the rule above, are used; ``pytorch_state_dict`` weights need Python code
+  from the package, which is never run; YAML is read with ``safe_load`` and
+  every field used is type-checked; test tensors are read with
+  ``allow_pickle=False`` after their header is checked; a zip is checked
+  from its central directory (entries, total size, compression ratio)
+  before anything is extracted, extraction stops when an entry yields more
+  than it declares, and a member whose path leaves the target folder
+  (``../``, absolute paths, links) refuses the whole zip.
 
 What a network's outputs mean is declared (``representation``): two
 channels are foreground and distance (the built-in convention), one channel
 is a foreground map (instances then come from its distance transform);
 probabilities or logits (``output_kind``) are told apart from the test run.
+A network that takes only some input sizes (fixed, or ``min + n * step``,
+from its ONNX graph or its BioImage.IO description) gets exactly those
+(:attr:`ModelSpec.input_min`), in the trial run and in the tiling.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import math
 import os
 import re
 import shutil
@@ -38,14 +59,31 @@ import numpy as np
 
 from ..errors import IncompatibleArtifactError, InputError
 from .catalog import Model, load_card, write_card
+from .confine import Limits, run_confined
 from .spec import ModelSpec, Normalization, PostprocessParams, UNetConfig, file_sha256
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 DEFAULT_MULTIPLE, DEFAULT_HALO = 16, 32
 
+# zips (BioImage.IO packages, PyTorch archives) are checked against these before anything is extracted
+MAX_ZIP_BYTES = 1 << 30  # what all entries extract to
+MAX_ZIP_ENTRIES = 10_000
+MAX_ZIP_RATIO = 200  # extracted / compressed, for an entry of more than ZIP_RATIO_FLOOR bytes
+ZIP_RATIO_FLOOR = 16 << 20
+MAX_WEIGHTS_ZIP_BYTES = 2 << 30  # a PyTorch archive's tensors
+MAX_TEST_TENSOR_BYTES = 256 << 20
+# Converting a TorchScript archive: torch itself reserves about 1 GB of address space; tracing the
+# BioImage.IO U-Net at its 512 x 512 input peaked at about 2 GB (VmPeak) in the child.
+CONVERT_LIMITS = Limits(memory_bytes=6 << 30, cpu_seconds=600, wall_seconds=300.0, file_bytes=2 << 30,
+                        open_files=512)
+
+TRUST_HINT = ("export the network to ONNX (torch.onnx.export) and import that file; or, only if you trust where "
+              "it comes from, allow model files that contain code (--trust-code, or the checkbox under Open... in "
+              "the app): segstudio then converts it to ONNX in a confined process")
+
 
 class ModelRefusedError(IncompatibleArtifactError):
-    """A model file that is unsafe to load (code in a pickle, a zip that writes outside its folder)."""
+    """A model file that is unsafe to load (code in a pickle or archive, a zip that writes outside its folder)."""
 
 
 def user_models_dir() -> Path:
@@ -63,8 +101,12 @@ def user_models() -> list[Model]:
     return out
 
 
-def import_cached(path: str | Path) -> Model:
-    """A model file or package imported under ``<user models>/.imported/<content hash>`` (once per content)."""
+def import_cached(path: str | Path, *, trust_code: bool = False) -> Model:
+    """A model file or package imported under ``<user models>/.imported/<content hash>`` (once per content).
+
+    ``trust_code``: see :func:`import_model`.  A file imported once with it
+    is reused as the ONNX it became.
+    """
     path = Path(path)
     if path.is_dir():
         digest = hashlib.sha256()
@@ -77,7 +119,7 @@ def import_cached(path: str | Path) -> Model:
     cards = sorted(folder.glob("*.json"))
     if cards:
         return load_card(cards[0])
-    return import_model(path, out_dir=folder)
+    return import_model(path, out_dir=folder, trust_code=trust_code)
 
 
 def safe_name(name: str) -> str:
@@ -86,6 +128,118 @@ def safe_name(name: str) -> str:
     if not name:
         raise InputError("the model needs a name of letters, digits, '-', '_' or '.'")
     return name
+
+
+# ------------------------------------------------------------------ zips
+
+
+def zip_members(path: Path, *, max_bytes: int = MAX_ZIP_BYTES) -> list[zipfile.ZipInfo]:
+    """The entries of a zip, refused (with the numbers) when they are too many, too big or too compressed.
+
+    Read from the central directory only: nothing is decompressed.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as e:
+        raise IncompatibleArtifactError(f"{path.name}: not a readable zip archive ({e})") from None
+    if len(infos) > MAX_ZIP_ENTRIES:
+        raise ModelRefusedError(f"refused {path.name}: {len(infos)} entries (segstudio opens at most "
+                                f"{MAX_ZIP_ENTRIES})")
+    total = sum(i.file_size for i in infos)
+    packed = sum(i.compress_size for i in infos)
+    if total > max_bytes:
+        raise ModelRefusedError(
+            f"refused {path.name}: it would extract to {total / (1 << 30):.2f} GiB ({total} bytes from "
+            f"{packed} compressed; segstudio extracts at most {max_bytes / (1 << 30):.0f} GiB)")
+    for i in infos:
+        if i.file_size > ZIP_RATIO_FLOOR and i.file_size > MAX_ZIP_RATIO * max(i.compress_size, 1):
+            raise ModelRefusedError(
+                f"refused {path.name}: its entry {i.filename!r} is compressed {i.file_size / max(i.compress_size, 1):.0f}:1 "
+                f"({i.file_size} bytes from {i.compress_size}; segstudio accepts at most {MAX_ZIP_RATIO}:1)")
+    return infos
+
+
+def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, sink, zip_name: str) -> None:
+    """Copy one entry to ``sink`` (a writable file, or None to discard), never past its declared size."""
+    left = info.file_size
+    with z.open(info) as src:
+        while True:
+            chunk = src.read(min(1 << 20, left + 1))
+            if not chunk:
+                break
+            left -= len(chunk)
+            if left < 0:
+                raise ModelRefusedError(f"refused {zip_name}: its entry {info.filename!r} holds more than the "
+                                        f"{info.file_size} bytes it declares")
+            if sink is not None:
+                sink.write(chunk)
+
+
+def safe_extract(zip_path: Path, target: Path) -> None:
+    """Extract ``zip_path`` into ``target``, refusing zips that are too big (:func:`zip_members`),
+    members that would land outside it (or are links), and entries that yield more than they declare."""
+    target = target.resolve()
+    infos = zip_members(zip_path)
+    for info in infos:
+        name = info.filename
+        dest = (target / name).resolve()
+        mode = info.external_attr >> 16
+        if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or (
+            dest != target and target not in dest.parents
+        ):
+            raise ModelRefusedError(
+                f"refused {zip_path.name}: its entry {name!r} would be written outside the model folder",
+                hint="the archive is damaged or malicious; get the model from its author again",
+            )
+        if stat.S_ISLNK(mode):
+            raise ModelRefusedError(f"refused {zip_path.name}: its entry {name!r} is a symbolic link")
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            for info in infos:
+                dest = target / info.filename
+                if info.is_dir():
+                    dest.mkdir(parents=True, exist_ok=True)
+                    continue
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with open(dest, "wb") as f:
+                    _read_member(z, info, f, zip_path.name)
+    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, NotImplementedError) as e:
+        if isinstance(e, OSError) and e.errno is not None and not isinstance(e, zipfile.BadZipFile):
+            raise InputError(f"cannot extract {zip_path.name} to a temporary folder ({e.strerror})") from None
+        raise IncompatibleArtifactError(f"{zip_path.name}: a damaged zip archive ({e})") from None
+
+
+# ------------------------------------------------------------------ what a file is
+
+
+PICKLE_SCAN_BYTES = 64 << 20
+
+
+def is_torchscript_archive(path: Path, infos: list[zipfile.ZipInfo] | None = None) -> bool:
+    """Whether a zip is a TorchScript archive, from its records alone (nothing of it is run or unpickled).
+
+    TorchScript archives hold a ``code/`` folder (their program), and
+    ``constants.pkl`` / ``*.debug_pkl`` records; their pickles name
+    ``__torch__`` classes.  Any of these marks one, whatever the file is
+    called and whichever records were removed.
+    """
+    infos = zip_members(path, max_bytes=MAX_WEIGHTS_ZIP_BYTES) if infos is None else infos
+    for info in infos:
+        parts = info.filename.replace("\\", "/").split("/")
+        if "code" in parts[:-1] or parts[-1] in ("constants.pkl", "model.json") or parts[-1].endswith(".debug_pkl"):
+            return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in infos:
+                if info.filename.endswith(".pkl") and info.file_size <= PICKLE_SCAN_BYTES:
+                    data = io.BytesIO()
+                    _read_member(z, info, data, path.name)
+                    if b"__torch__" in data.getbuffer():
+                        return True
+    except (zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as e:
+        raise IncompatibleArtifactError(f"{path.name}: a damaged zip archive ({e})") from None
+    return False
 
 
 def detect_kind(path: Path) -> str:
@@ -97,18 +251,20 @@ def detect_kind(path: Path) -> str:
                          hint="give a model file (.onnx, .pt) or a BioImage.IO package")
     if not path.is_file():
         raise InputError(f"{path} does not exist")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if path.suffix.lower() == ".onnx":
-        return "onnx"
-    if head[:2] == b"PK":
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-        if any(n.split("/")[-1] in RDF_NAMES for n in names):
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror})") from None
+    if head[:2] == b"PK":  # a zip, whatever its name says (an ONNX file is never one)
+        infos = zip_members(path, max_bytes=MAX_WEIGHTS_ZIP_BYTES)
+        if any(i.filename.split("/")[-1] in RDF_NAMES for i in infos):
             return "bioimageio"
-        if any("/code/" in n or n.startswith("code/") for n in names) and any(n.endswith("constants.pkl") for n in names):
+        if is_torchscript_archive(path, infos):
             return "torchscript"
         return "state_dict"
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
     if head[:1] == b"\x80":  # a bare (legacy) pickle stream
         return "state_dict"
     if path.suffix.lower() in (".pt", ".pth"):
@@ -117,10 +273,18 @@ def detect_kind(path: Path) -> str:
                      hint="ONNX (.onnx), TorchScript or a PyTorch state dict (.pt), or a BioImage.IO package")
 
 
+def refuse_code(path: Path, what: str = "a TorchScript archive") -> ModelRefusedError:
+    return ModelRefusedError(f"refused {path.name}: it is {what}, which holds code that runs when it is loaded",
+                             hint=TRUST_HINT)
+
+
+# ------------------------------------------------------------------ importing
+
+
 def import_model(
     path: str | Path, *, name: str | None = None, out_dir: str | Path | None = None,
     representation: str | None = None, output_kind: str | None = None, diameter: float | None = None,
-    normalization: Normalization | None = None, overwrite: bool = False,
+    normalization: Normalization | None = None, overwrite: bool = False, trust_code: bool = False,
 ) -> Model:
     """Import a user's model file or package; returns the new model (its card written under ``out_dir``).
 
@@ -128,50 +292,65 @@ def import_model(
     (``fg_dist`` or ``fg``) and ``output_kind`` (``logit`` or
     ``probability``) default to what the outputs look like; ``diameter``
     (nuclei size in pixels the model expects) enables rescaling.
+    ``trust_code``: convert a TorchScript archive (or a BioImage.IO
+    package's ``torchscript`` weights) to ONNX in a confined child process
+    instead of refusing it.  With ``overwrite`` an existing model of that
+    name is replaced only once the new one has imported.
     """
     path = Path(path)
     kind = detect_kind(path)
+    if kind == "torchscript" and not trust_code:
+        raise refuse_code(path)
     name = safe_name(name or path.stem.replace(".bioimageio", ""))
     out_dir = Path(out_dir) if out_dir is not None else user_models_dir() / name
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise InputError(f"a model named {name!r} already exists ({out_dir})", hint="pick another name")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(f"a model named {name!r} already exists ({out_dir})", hint="pick another name")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.importing-", dir=out_dir.parent))
     try:
         if kind == "bioimageio":
-            spec, files, extra = _import_bioimageio(path, name, out_dir)
+            spec, files, extra = _import_bioimageio(path, name, work, trust_code=trust_code)
         else:
+            extra: dict = {}
+            config = None
             if kind == "onnx":
-                onnx_path = out_dir / f"{name}.onnx"
-                shutil.copyfile(path, onnx_path)
-                files = {"onnx": onnx_path}
-                config = None
+                files = {"onnx": copy_onnx(path, work / f"{name}.onnx")}
             elif kind == "torchscript":
-                files, config = {"onnx": _torchscript_to_onnx(path, out_dir / f"{name}.onnx")}, None
+                onnx_path, extra["provenance"] = _torchscript_to_onnx(path, work / f"{name}.onnx")
+                files = {"onnx": onnx_path}
             else:
-                files, config = _import_state_dict(path, out_dir, name)
+                files, config = _import_state_dict(path, work, name)
             spec = ModelSpec(name=name, version="user", title=f"{name} (imported {kind})",
                              description=f"imported from {path.name}", architecture="unet" if config else "onnx")
             if config is not None:
                 spec.config = config
-            extra = {}
-        _fill_from_onnx(spec, files["onnx"], representation=representation or extra.get("representation"),
-                        output_kind=output_kind or extra.get("output_kind"))
+        test_report = _fill_from_onnx(spec, files["onnx"], representation=representation or extra.get("representation"),
+                                      output_kind=output_kind or extra.get("output_kind"), test=extra.get("test"))
         if normalization is not None:
             spec.normalization = normalization
         if diameter:
             spec.diameter = float(diameter)
         provenance = {"imported_from": str(path), "kind": kind,
                       "source_sha256": file_sha256(path) if path.is_file() else None, **extra.get("provenance", {})}
-        card = write_card(spec, files, out_dir / f"{name}.json", provenance=provenance)
-        model = load_card(card)
-        if extra.get("test"):
-            _check_test_tensors(model, *extra["test"])
-        return model
-    except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+        if test_report is not None:
+            provenance["test_tensors"] = test_report
+        write_card(spec, files, work / f"{name}.json", provenance=provenance)
+        _move_into_place(work, out_dir)
+        return load_card(out_dir / f"{name}.json")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _move_into_place(work: Path, out_dir: Path) -> None:
+    """Make ``work`` the model folder ``out_dir``, replacing an old one only now that the new one is complete."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.replaced-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    work.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ formats
@@ -186,6 +365,10 @@ def _import_state_dict(path: Path, out_dir: Path, name: str):
     from .onnx_export import export_onnx
     from .unet import build_unet
 
+    with open(path, "rb") as f:
+        zipped = f.read(2) == b"PK"
+    if zipped:  # sizes checked before torch reads it; detect_kind already ruled out TorchScript
+        zip_members(path, max_bytes=MAX_WEIGHTS_ZIP_BYTES)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -194,11 +377,11 @@ def _import_state_dict(path: Path, out_dir: Path, name: str):
             f"({str(e).splitlines()[0][:200]})",
             hint="save the weights with torch.save(model.state_dict(), path), or export ONNX",
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        raise IncompatibleArtifactError(f"{path.name}: not a readable PyTorch file ({e})") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise IncompatibleArtifactError(f"{path.name}: not a readable PyTorch file ({_first_line(e)})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a training checkpoint
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise IncompatibleArtifactError(f"{path.name}: not a state dict (a mapping of names to tensors)")
     config = unet_config_from_state(state)
     net = build_unet(config)
@@ -239,25 +422,60 @@ def unet_config_from_state(state: dict) -> UNetConfig:
                       depth=depth, width=width, max_width=max_width, separable=separable)
 
 
-def _torchscript_to_onnx(path: Path, onnx_path: Path) -> Path:
+def copy_onnx(src: Path, dst: Path) -> Path:
+    """Copy an ONNX file (checked first, :func:`check_onnx_file`) and its external data files to ``dst``."""
+    from .onnx_check import check_onnx_file
+
+    summary = check_onnx_file(src)
+    shutil.copyfile(src, dst)
+    base = src.parent.resolve()
+    for ext in summary.external_files:
+        target = dst.parent / ext.relative_to(base)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ext, target)
+    return dst
+
+
+def _torchscript_to_onnx(path: Path, onnx_path: Path, shape: tuple[int, ...] | None = None) -> tuple[Path, dict]:
+    """Convert a TorchScript archive to ``onnx_path`` in a confined child (:mod:`.confine`).
+
+    Its code runs there only; what comes back is one ONNX file, which the
+    import then checks like any other.  ``shape``: the example input the
+    conversion traces (default ``(1, channels, 64, 64)``).
+    """
+    with tempfile.TemporaryDirectory(prefix="segstudio-convert-") as tmp:
+        result = run_confined("segstudio.core.models.user:convert_torchscript", inputs={"model.pt": path},
+                              args={"shape": list(shape) if shape else None}, outputs=("model.onnx",), dest=tmp,
+                              limits=CONVERT_LIMITS, label=path.name)
+        shutil.move(result.files["model.onnx"], onnx_path)
+    info = {"converted": {"from": "torchscript", "in": "a confined child process", "sandbox": result.method,
+                          "applied": result.applied, "seconds": round(result.seconds, 2),
+                          "peak_bytes": result.memory}}
+    return onnx_path, info
+
+
+def convert_torchscript(inputs: dict[str, Path], out: Path, *, shape: list[int] | None = None) -> dict:
+    """TorchScript archive ``inputs["model.pt"]`` -> ``out / "model.onnx"``.  Runs in a confined child only."""
     import torch
 
     from .onnx_export import finalize_onnx
 
+    torch.set_num_threads(1)
     try:
-        module = torch.jit.load(str(path), map_location="cpu").eval()
-    except RuntimeError as e:
-        raise IncompatibleArtifactError(f"{path.name}: not a loadable TorchScript archive ({e})") from None
-    channels = _guess_channels(module)
-    tmp = onnx_path.with_suffix(".export.onnx")
+        module = torch.jit.load(str(inputs["model.pt"]), map_location="cpu").eval()
+    except Exception as e:  # noqa: BLE001 - whatever the archive does, it is the archive's failure
+        raise IncompatibleArtifactError(f"not a loadable TorchScript archive ({_first_line(e)})") from None
+    example = torch.zeros(*(shape or (1, _guess_channels(module), 64, 64)))
+    tmp = out / "export.onnx"
     dyn = {0: "batch", 2: "height", 3: "width"}
     try:
-        torch.onnx.export(module, (torch.zeros(1, channels, 64, 64),), str(tmp), dynamo=False, opset_version=17,
+        torch.onnx.export(module, (example,), str(tmp), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["output"],
                           dynamic_axes={"input": dyn, "output": dyn})
+        finalize_onnx(tmp, out / "model.onnx")
     except Exception as e:  # noqa: BLE001 - any exporter failure is the model's
-        raise IncompatibleArtifactError(f"{path.name}: TorchScript could not be converted to ONNX ({e})") from None
-    return finalize_onnx(tmp, onnx_path)
+        raise IncompatibleArtifactError(f"TorchScript could not be converted to ONNX ({_first_line(e)})") from None
+    return {"channels": int(example.shape[1]), "torch": torch.__version__}
 
 
 def _guess_channels(module) -> int:
@@ -268,30 +486,48 @@ def _guess_channels(module) -> int:
     return 1
 
 
-def _fill_from_onnx(spec: ModelSpec, onnx_path: Path, *, representation: str | None, output_kind: str | None):
-    """Input channels, outputs and their meaning from the ONNX graph and a trial run."""
-    import onnxruntime as ort
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return " ".join(lines[0].split())[:300] if lines else type(e).__name__
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    inputs = sess.get_inputs()
-    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+
+def _fill_from_onnx(spec: ModelSpec, onnx_path: Path, *, representation: str | None, output_kind: str | None,
+                    test: tuple | None = None) -> dict | None:
+    """Input channels and sizes, outputs and their meaning from the ONNX graph and a confined trial run.
+
+    ``test``: a BioImage.IO package's ``(input, expected output, sigmoid,
+    tolerance)``; the input is run in the same child and the reproduction
+    is checked (:func:`check_reproduction`).  Returns its report.
+    """
+    from .onnx_check import TRIAL_LIMITS, check_onnx_file
+
+    summary = check_onnx_file(onnx_path)
+    dims = summary.input_dims()
+    if len(summary.inputs) != 1 or len(dims) != 4:
         raise IncompatibleArtifactError(
             f"{onnx_path.name}: segstudio runs networks with one (batch, channel, height, width) input; "
-            f"this one has {len(inputs)} input(s) of shape {[i.shape for i in inputs]}")
-    c = inputs[0].shape[1]
-    if not isinstance(c, int):
-        c = spec.input_channels
-    spec.input_channels = c
+            f"this one has {len(summary.inputs)} input(s) of shape {[list(i[1]) for i in summary.inputs]}")
+    b, c, h, w = dims
+    if b is not None and b > 1:
+        raise IncompatibleArtifactError(f"{onnx_path.name}: its batch size is fixed at {b}; segstudio runs "
+                                        "networks whose batch is free or 1")
+    if b == 1:
+        spec.max_batch = 1
+    spec.input_channels = c if c is not None else spec.input_channels
+    c = spec.input_channels
     if spec.architecture != "unet":
         spec.multiple_px = spec.multiple_px or DEFAULT_MULTIPLE
         spec.halo_px = spec.halo_px if spec.halo_px is not None else DEFAULT_HALO
+    _input_sizes_from_graph(spec, (h, w), onnx_path.name)
     m = spec.multiple
-    trial = np.random.default_rng(0).random((1, c, 4 * m, 4 * m), dtype=np.float32)
-    try:
-        out = sess.run(None, {inputs[0].name: trial})[0]
-    except Exception as e:  # noqa: BLE001
-        raise IncompatibleArtifactError(f"{onnx_path.name}: the network fails on a {trial.shape} input ({e})") from None
-    if out.ndim != 4 or out.shape[2:] != trial.shape[2:]:
+    shape = spec.input_size((4 * m, 4 * m)) or (4 * m, 4 * m)
+    halo = spec.halo
+    if spec.fixed_input is not None and min(shape) - 2 * halo < 1:
+        raise IncompatibleArtifactError(f"{onnx_path.name}: its input of {shape[0]}x{shape[1]} leaves nothing "
+                                        f"inside a tile halo of {halo} px")
+    trial = np.random.default_rng(0).random((1, c, *shape), dtype=np.float32)
+    out, test_out = _trial(onnx_path, summary, trial, None if test is None else test[0], TRIAL_LIMITS)
+    if out.ndim != 4 or out.shape[0] != 1 or out.shape[2:] != trial.shape[2:]:
         raise IncompatibleArtifactError(
             f"{onnx_path.name}: outputs must be (batch, channels, height, width) at the input's size; "
             f"got {out.shape} for input {trial.shape}")
@@ -310,48 +546,243 @@ def _fill_from_onnx(spec: ModelSpec, onnx_path: Path, *, representation: str | N
         raise InputError(f"unknown output kind {spec.output_kind!r}", hint="logit or probability")
     if spec.architecture != "unet":
         spec.postprocess = PostprocessParams(fg_threshold=0.5, seed_threshold=0.6, min_size=8)
+    if test is None:
+        return None
+    _, expected, sigmoid, tolerance = test
+    return check_reproduction(test_out, expected, sigmoid=sigmoid, **tolerance)
+
+
+def _input_sizes_from_graph(spec: ModelSpec, hw: tuple, name: str) -> None:
+    """Merge the ONNX graph's fixed height / width into the sizes the description declares (if any)."""
+    if all(d is None for d in hw):
+        return
+    m = spec.multiple
+    lo = list(spec.input_min or (m, m))
+    step = list(spec.input_step or (m, m))
+    for axis, d in enumerate(hw):
+        if d is None:
+            continue
+        declared_ok = step[axis] == 0 and lo[axis] == d or step[axis] > 0 and d >= lo[axis] and (d - lo[axis]) % step[axis] == 0
+        if spec.input_min is not None and not declared_ok:
+            raise IncompatibleArtifactError(
+                f"{name}: the graph's input is fixed at {d} px along {'yx'[axis]}, which its description does not allow "
+                f"({lo[axis]}" + (f" + n * {step[axis]}" if step[axis] else "") + ")")
+        lo[axis], step[axis] = d, 0
+    spec.input_min, spec.input_step = (lo[0], lo[1]), (step[0], step[1])
+
+
+def _trial(onnx_path: Path, summary, trial: np.ndarray, test_in: np.ndarray | None, limits: Limits):
+    """Run ``trial`` (and ``test_in``) through the network in a confined child; their outputs."""
+    base = onnx_path.parent.resolve()
+    inputs = {"model.onnx": onnx_path, **{str(p.relative_to(base)): p for p in summary.external_files}}
+    feeds = ["trial.npy"] + (["test.npy"] if test_in is not None else [])
+    with tempfile.TemporaryDirectory(prefix="segstudio-trial-") as tmp:
+        np.save(Path(tmp) / "trial.npy", trial)
+        inputs["trial.npy"] = Path(tmp) / "trial.npy"
+        if test_in is not None:
+            np.save(Path(tmp) / "test.npy", test_in.astype(np.float32))
+            inputs["test.npy"] = Path(tmp) / "test.npy"
+        result = run_confined("segstudio.core.models.onnx_check:trial_run", inputs=inputs,
+                              args={"model": "model.onnx", "feeds": feeds}, outputs=tuple(f"out_{f}" for f in feeds),
+                              dest=Path(tmp) / "back", limits=limits, label=onnx_path.name)
+        outs = [load_npy(result.files[f"out_{f}"], f"{onnx_path.name}: the trial run's output") for f in feeds]
+    return outs[0], (outs[1] if test_in is not None else None)
+
+
+def load_npy(path: Path, what: str, max_bytes: int = MAX_TEST_TENSOR_BYTES) -> np.ndarray:
+    """A ``.npy`` file of numbers, its header checked before its data is read (no pickles, bounded size)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version in ((2, 0), (3, 0)):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unknown .npy version {version}")
+            data_start = f.tell()
+        size = path.stat().st_size
+    except (OSError, ValueError, SyntaxError) as e:
+        raise IncompatibleArtifactError(f"{what} ({path.name}) is not a readable .npy array ({_first_line(e)})") from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise IncompatibleArtifactError(f"{what} ({path.name}) holds {dtype} values, not numbers"
+                                        + (" (a pickle, which segstudio never loads)" if dtype.hasobject else ""))
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > max_bytes or nbytes > size - data_start:
+        raise IncompatibleArtifactError(f"{what} ({path.name}) declares {nbytes} bytes of data; the file holds "
+                                        f"{size - data_start} (at most {max_bytes} are read)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise IncompatibleArtifactError(f"{what} ({path.name}) is not a readable .npy array ({_first_line(e)})") from None
+
+
+def check_reproduction(got: np.ndarray, expected: np.ndarray, *, sigmoid: bool, relative: float, absolute: float,
+                       mismatched_ppm: float) -> dict:
+    """Compare a test output with the package's, as ``bioimageio.core``'s model test does.
+
+    An element mismatches when ``|got - expected| > absolute + relative *
+    |expected|``; the test passes when at most ``mismatched_ppm`` elements per
+    million do.  ``sigmoid``: the package's output is after a sigmoid, the
+    network's before.
+    """
+    if sigmoid:
+        got = 1.0 / (1.0 + np.exp(-got.astype(np.float64)))
+    if got.shape != expected.shape:
+        raise IncompatibleArtifactError(f"the test output has shape {expected.shape}, the model gives {got.shape}")
+    got, expected = got.astype(np.float64), expected.astype(np.float64)
+    diff = np.abs(got - expected)
+    mismatched = int((diff > absolute + relative * np.abs(expected)).sum())
+    ppm = mismatched / max(expected.size, 1) * 1e6
+    report = {"max_abs_error": float(diff.max()) if diff.size else 0.0,
+              "max_rel_error": float((diff / (np.abs(expected) + 1e-6)).max()) if diff.size else 0.0,
+              "mismatched": mismatched, "mismatched_ppm": round(ppm, 3), "elements": int(expected.size),
+              "tolerance": {"relative": relative, "absolute": absolute, "mismatched_ppm": mismatched_ppm}}
+    if ppm > mismatched_ppm:
+        raise IncompatibleArtifactError(
+            f"the package's test tensors do not reproduce: {mismatched} of {expected.size} values differ by more "
+            f"than {absolute:g} + {relative:g} x |expected| ({ppm:.1f} per million, {mismatched_ppm:g} allowed; "
+            f"max difference {report['max_abs_error']:.3g})",
+            hint="the weights or the pre-processing described in the package do not match",
+        )
+    return report
 
 
 # ------------------------------------------------------------------ BioImage.IO
 
 
-def safe_extract(zip_path: Path, target: Path) -> None:
-    """Extract ``zip_path`` into ``target``, refusing members that would land outside it (or are links)."""
-    target = target.resolve()
-    with zipfile.ZipFile(zip_path) as z:
-        members = z.infolist()
-        for info in members:
-            name = info.filename
-            dest = (target / name).resolve()
-            mode = info.external_attr >> 16
-            if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or (
-                dest != target and target not in dest.parents
-            ):
-                raise ModelRefusedError(
-                    f"refused {zip_path.name}: its entry {name!r} would be written outside the model folder",
-                    hint="the archive is damaged or malicious; get the model from its author again",
-                )
-            if stat.S_ISLNK(mode):
-                raise ModelRefusedError(f"refused {zip_path.name}: its entry {name!r} is a symbolic link")
-        z.extractall(target)
+class _Doc:
+    """Typed reads of a BioImage.IO description: a wrong type is an error naming the file and the field."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def fail(self, where: str, what: str):
+        raise IncompatibleArtifactError(f"{self.name}: {where} {what}")
+
+    def _bad(self, where: str, want: str, value):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        self.fail(where, f"must be {want}, not {shown}")
+
+    def mapping(self, value, where: str, default=None) -> dict:
+        if value is None and default is not None:
+            return default
+        if not isinstance(value, dict):
+            self._bad(where, "a mapping (key: value)", value)
+        return value
+
+    def seq(self, value, where: str, default=None) -> list:
+        if value is None and default is not None:
+            return default
+        if not isinstance(value, list):
+            self._bad(where, "a list", value)
+        return value
+
+    def text(self, value, where: str, default: str | None = None) -> str:
+        if value is None and default is not None:
+            return default
+        if not isinstance(value, str):
+            self._bad(where, "text", value)
+        return value
+
+    def integer(self, value, where: str, minimum: int | None = None) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+            self._bad(where, "a whole number" + (f" >= {minimum}" if minimum is not None else ""), value)
+        return value
+
+    def number(self, value, where: str, low: float | None = None, high: float | None = None) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self._bad(where, "a number", value)
+        if (low is not None and value < low) or (high is not None and value > high):
+            self._bad(where, f"a number from {low} to {high}", value)
+        return float(value)
+
+    def scalar_text(self, value) -> str:
+        return str(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
 
 
-def _bioimageio_axes(t: dict) -> str:
+def _axes(doc: _Doc, t: dict, where: str) -> list[dict]:
+    """Each axis of a tensor description as ``{"id", "size", "halo"}``; ``size`` is ``("fixed", n)``,
+    ``("step", min, step)``, ``("ref", tensor, axis, offset)`` or None."""
     axes = t.get("axes")
-    if isinstance(axes, str):
-        return axes.lower()
-    letters = []
-    for a in axes or []:
-        typ = a.get("type")
-        letters.append({"batch": "b", "channel": "c", "index": "i", "time": "t"}.get(typ) or str(a.get("id", "?")))
-    return "".join(letters).lower()
+    if isinstance(axes, str):  # 0.4: letters, sizes in "shape", halo in "halo"
+        letters = axes.lower()
+        shape = t.get("shape")
+        sizes: list = [None] * len(letters)
+        if isinstance(shape, list):
+            sizes = [("fixed", doc.integer(v, f"{where}.shape[{i}]", 1)) for i, v in enumerate(shape)]
+        elif isinstance(shape, dict) and "min" in shape:
+            lo = doc.seq(shape.get("min"), f"{where}.shape.min")
+            st = doc.seq(shape.get("step"), f"{where}.shape.step")
+            if len(lo) != len(letters) or len(st) != len(letters):
+                doc.fail(f"{where}.shape", f"must give min and step for each of the axes {letters!r}")
+            sizes = []
+            for i, (a, b) in enumerate(zip(lo, st)):
+                a, b = doc.integer(a, f"{where}.shape.min[{i}]", 1), doc.integer(b, f"{where}.shape.step[{i}]", 0)
+                sizes.append(("fixed", a) if b == 0 else ("step", a, b))
+        elif isinstance(shape, dict) and "reference_tensor" in shape:
+            ref = doc.text(shape.get("reference_tensor"), f"{where}.shape.reference_tensor")
+            scale = doc.seq(shape.get("scale"), f"{where}.shape.scale", [1.0] * len(letters))
+            offset = doc.seq(shape.get("offset"), f"{where}.shape.offset", [0.0] * len(letters))
+            if len(scale) != len(letters) or len(offset) != len(letters):
+                doc.fail(f"{where}.shape", f"must give a scale and an offset for each of the axes {letters!r}")
+            sizes = []
+            for i, (s, o) in enumerate(zip(scale, offset)):
+                s, o = doc.number(s, f"{where}.shape.scale[{i}]"), doc.number(o, f"{where}.shape.offset[{i}]")
+                sizes.append(("ref", ref, letters[i], o) if s == 1.0 else ("scaled", s, o))
+        elif shape is not None:
+            doc._bad(f"{where}.shape", "a list of sizes or a mapping", shape)
+        if len(sizes) != len(letters):
+            doc.fail(f"{where}.shape", f"has {len(sizes)} sizes for the axes {letters!r}")
+        halo = t.get("halo")
+        halos = [0] * len(letters)
+        if halo is not None:
+            halo = doc.seq(halo, f"{where}.halo")
+            if len(halo) != len(letters):
+                doc.fail(f"{where}.halo", f"has {len(halo)} values for the axes {letters!r}")
+            halos = [doc.integer(v, f"{where}.halo[{i}]", 0) for i, v in enumerate(halo)]
+        return [{"id": a, "size": s, "halo": h} for a, s, h in zip(letters, sizes, halos)]
+    out = []
+    for i, a in enumerate(doc.seq(axes, f"{where}.axes")):
+        w = f"{where}.axes[{i}]"
+        a = doc.mapping(a, w)
+        typ = doc.text(a.get("type"), f"{w}.type")
+        letter = {"batch": "b", "channel": "c", "index": "i", "time": "t"}.get(typ)
+        if letter is None:
+            if typ != "space":
+                doc._bad(f"{w}.type", "batch, channel, index, time or space", typ)
+            letter = doc.text(a.get("id"), f"{w}.id", "x").lower()  # the specification's default id is "x"
+        size = a.get("size")
+        if typ == "channel":
+            names = doc.seq(a.get("channel_names"), f"{w}.channel_names", [])
+            size = ("fixed", len(names)) if names else None
+        elif size is None:
+            size = None
+        elif isinstance(size, dict) and "min" in size:
+            lo = doc.integer(size.get("min"), f"{w}.size.min", 1)
+            st = doc.integer(size.get("step"), f"{w}.size.step", 1)
+            size = ("step", lo, st)
+        elif isinstance(size, dict):
+            size = ("ref", doc.text(size.get("tensor_id"), f"{w}.size.tensor_id"),
+                    doc.text(size.get("axis_id"), f"{w}.size.axis_id").lower(),
+                    doc.integer(size.get("offset", 0), f"{w}.size.offset"))
+        else:
+            size = ("fixed", doc.integer(size, f"{w}.size", 1))
+        halo = doc.integer(a.get("halo", 0), f"{w}.halo", 0)
+        out.append({"id": letter, "size": size, "halo": halo})
+    return out
 
 
-def _op_name(op: dict) -> str:
-    return str(op.get("id") or op.get("name") or "")
+def _op_name(doc: _Doc, op, where: str) -> tuple[str, dict]:
+    op = doc.mapping(op, where)
+    name = doc.text(op.get("id", op.get("name")), f"{where}.id")
+    return name, doc.mapping(op.get("kwargs"), f"{where}.kwargs", {})
 
 
-def _import_bioimageio(path: Path, name: str, out_dir: Path):
+def _import_bioimageio(path: Path, name: str, out_dir: Path, *, trust_code: bool):
     import yaml
 
     with tempfile.TemporaryDirectory(prefix="segstudio-bioimageio-") as tmp:
@@ -365,63 +796,88 @@ def _import_bioimageio(path: Path, name: str, out_dir: Path):
         if rdf_path is None:
             raise IncompatibleArtifactError(f"{path.name}: no rdf.yaml or bioimageio.yaml in the package")
         pkg = rdf_path.parent
+        doc = _Doc(rdf_path.name)
         try:
-            rdf = yaml.safe_load(rdf_path.read_text())
-        except yaml.YAMLError as e:
-            raise IncompatibleArtifactError(f"{rdf_path.name}: not valid YAML ({e})") from None
-        if not isinstance(rdf, dict) or rdf.get("type", "model") != "model":
+            raw = yaml.safe_load(rdf_path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise IncompatibleArtifactError(f"{rdf_path.name}: not valid YAML ({_first_line(e)})") from None
+        if not isinstance(raw, dict) or doc.scalar_text(raw.get("type", "model")) != "model":
             raise IncompatibleArtifactError(f"{rdf_path.name}: not a BioImage.IO model description")
-        inputs, outputs = rdf.get("inputs") or [], rdf.get("outputs") or []
+        rdf = raw
+        inputs = doc.seq(rdf.get("inputs"), "inputs", [])
+        outputs = doc.seq(rdf.get("outputs"), "outputs", [])
         if len(inputs) != 1 or len(outputs) < 1:
-            raise IncompatibleArtifactError("segstudio runs BioImage.IO models with one input tensor")
-        t_in, t_out = inputs[0], outputs[0]
-        in_axes, out_axes = _bioimageio_axes(t_in), _bioimageio_axes(t_out)
+            raise IncompatibleArtifactError(f"{rdf_path.name}: segstudio runs BioImage.IO models with one input "
+                                            f"tensor (this one has {len(inputs)} input(s), {len(outputs)} output(s))")
+        t_in, t_out = doc.mapping(inputs[0], "inputs[0]"), doc.mapping(outputs[0], "outputs[0]")
+        ax_in, ax_out = _axes(doc, t_in, "inputs[0]"), _axes(doc, t_out, "outputs[0]")
+        in_axes, out_axes = "".join(a["id"] for a in ax_in), "".join(a["id"] for a in ax_out)
         if in_axes.replace("b", "") not in ("cyx", "yx") or out_axes.replace("b", "") not in ("cyx", "yx"):
             raise IncompatibleArtifactError(
-                f"axes {in_axes!r} -> {out_axes!r}: segstudio runs 2-D models (b, c, y, x)")
-        weights = rdf.get("weights") or {}
+                f"{rdf_path.name}: axes {in_axes!r} -> {out_axes!r}: segstudio runs 2-D models (b, c, y, x)")
+        weights = doc.mapping(rdf.get("weights"), "weights", {})
         fmt = "onnx" if "onnx" in weights else "torchscript" if "torchscript" in weights else None
         if fmt is None:
             raise ModelRefusedError(
-                f"{rdf_path.name}: the package offers only {', '.join(weights) or 'no'} weights; segstudio takes "
-                "onnx or torchscript weights (pytorch_state_dict weights need Python code from the package, "
+                f"{rdf_path.name}: the package offers only {', '.join(map(str, weights)) or 'no'} weights; segstudio "
+                "takes onnx or torchscript weights (pytorch_state_dict weights need Python code from the package, "
                 "which segstudio never runs)")
-        source = _resolve_in(pkg, weights[fmt].get("source", ""))
+        entry = doc.mapping(weights[fmt], f"weights.{fmt}")
+        source = _resolve_in(pkg, doc.text(entry.get("source"), f"weights.{fmt}.source"), rdf_path.name)
+        spec = ModelSpec(name=name, version=doc.scalar_text(rdf.get("version")) or "user",
+                         title=doc.scalar_text(rdf.get("name")) or name,
+                         description=doc.scalar_text(rdf.get("description")), architecture="onnx",
+                         normalization=_bioimageio_normalization(doc, t_in, ax_in),
+                         license=doc.scalar_text(rdf.get("license")))
+        post = _bioimageio_postprocessing(doc, t_out)
+        spec.multiple_px, spec.halo_px = _bioimageio_tiling(ax_in, ax_out)
+        _bioimageio_sizes(doc, spec, ax_in, ax_out, t_in)
         onnx_path = out_dir / f"{name}.onnx"
+        provenance: dict = {}
         if fmt == "onnx":
-            shutil.copyfile(source, onnx_path)
+            copy_onnx(source, onnx_path)
         else:
-            _torchscript_to_onnx(source, onnx_path)
-        norm = _bioimageio_normalization(t_in.get("preprocessing") or [])
-        post = [_op_name(op) for op in (t_out.get("postprocessing") or [])]
-        unknown = [p for p in post if p not in ("sigmoid", "")]
-        if unknown:
-            raise IncompatibleArtifactError(f"output post-processing {unknown} is not supported (only sigmoid)")
-        spec = ModelSpec(name=name, version=str(rdf.get("version") or "user"),
-                         title=str(rdf.get("name") or name), description=str(rdf.get("description") or ""),
-                         architecture="onnx", normalization=norm, license=str(rdf.get("license") or ""))
-        spec.multiple_px, spec.halo_px = _bioimageio_tiling(t_in, t_out)
+            if not trust_code:
+                raise refuse_code(source, f"the package's only weights, a TorchScript archive ({source.name})")
+            shape = (1, spec.input_channels, *(spec.input_size((64, 64)) or (64, 64)))
+            _, provenance = _torchscript_to_onnx(source, onnx_path, shape=shape)
         test = None
-        tin = (t_in.get("test_tensor") or {}).get("source") or (rdf.get("test_inputs") or [None])[0]
-        tout = (t_out.get("test_tensor") or {}).get("source") or (rdf.get("test_outputs") or [None])[0]
+        tin = _test_source(doc, t_in, rdf, "inputs", "test_inputs")
+        tout = _test_source(doc, t_out, rdf, "outputs", "test_outputs")
         if tin and tout:
-            x, y = np.load(_resolve_in(pkg, tin), allow_pickle=False), np.load(_resolve_in(pkg, tout), allow_pickle=False)
-            test = (_as_bcyx(x, in_axes), _as_bcyx(y, out_axes), "sigmoid" in post)
-        cite = {"rdf": rdf_path.name, "format_version": rdf.get("format_version"), "weights": fmt,
+            x = load_npy(_resolve_in(pkg, tin, rdf_path.name), f"{rdf_path.name}: the test input")
+            y = load_npy(_resolve_in(pkg, tout, rdf_path.name), f"{rdf_path.name}: the test output")
+            x, y = _as_bcyx(doc, x, in_axes, "test input"), _as_bcyx(doc, y, out_axes, "test output")
+            xn = _normalize_test_input(x, spec.normalization)
+            tol = _tolerance(doc, rdf, fmt, doc.scalar_text(t_out.get("id", t_out.get("name"))))
+            test = (xn, y, "sigmoid" in post, tol)
+        cite = {"rdf": rdf_path.name, "format_version": doc.scalar_text(rdf.get("format_version")), "weights": fmt,
                 "authors": [a.get("name") for a in rdf.get("authors") or [] if isinstance(a, dict)]}
-        extra = {"provenance": {"bioimageio": cite}, "test": test,
-                 "output_kind": "probability" if "sigmoid" in post else None}
+        # a sigmoid in the package's post-processing: the network gives logits, which segstudio turns into
+        # probabilities itself
+        extra = {"provenance": {"bioimageio": cite, **provenance}, "test": test,
+                 "output_kind": "logit" if "sigmoid" in post else None}
         return spec, {"onnx": onnx_path}, extra
 
 
-def _resolve_in(pkg: Path, rel: str) -> Path:
+def _test_source(doc: _Doc, t: dict, rdf: dict, side: str, legacy: str) -> str | None:
+    if t.get("test_tensor") is not None:  # 0.5
+        return doc.text(doc.mapping(t["test_tensor"], f"{side}[0].test_tensor").get("source"),
+                        f"{side}[0].test_tensor.source")
+    files = doc.seq(rdf.get(legacy), legacy, [])
+    return doc.text(files[0], f"{legacy}[0]") if files else None
+
+
+def _resolve_in(pkg: Path, rel: str, rdf_name: str = "the description") -> Path:
     p = (pkg / str(rel)).resolve()
     if pkg.resolve() not in p.parents or not p.is_file():
-        raise IncompatibleArtifactError(f"the package names a file it does not hold: {rel!r}")
+        raise IncompatibleArtifactError(f"{rdf_name}: the package names a file it does not hold: {rel!r}")
     return p
 
 
-def _as_bcyx(a: np.ndarray, axes: str) -> np.ndarray:
+def _as_bcyx(doc: _Doc, a: np.ndarray, axes: str, what: str) -> np.ndarray:
+    if a.ndim != len(axes):
+        doc.fail(f"the {what}", f"has {a.ndim} dimensions for the axes {axes!r}")
     if "b" not in axes:
         a, axes = a[None], "b" + axes
     if "c" not in axes:
@@ -429,57 +885,146 @@ def _as_bcyx(a: np.ndarray, axes: str) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def _bioimageio_normalization(ops: list[dict]) -> Normalization:
-    if not ops:
-        return Normalization(mode="none")
-    if len(ops) > 1:
-        raise IncompatibleArtifactError(f"input pre-processing {[_op_name(o) for o in ops]}: segstudio supports one step")
-    op, kw = _op_name(ops[0]), ops[0].get("kwargs") or {}
-    if op == "scale_range":
-        return Normalization(low=float(kw.get("min_percentile", 0.0)), high=float(kw.get("max_percentile", 100.0)))
-    if op == "zero_mean_unit_variance":
-        return Normalization(mode="meanstd")
-    raise IncompatibleArtifactError(
-        f"input pre-processing {op!r} is not supported", hint="scale_range or zero_mean_unit_variance")
+def _normalize_test_input(x: np.ndarray, norm: Normalization) -> np.ndarray:
+    from ..preprocess import normalize
+
+    return np.stack([normalize(b, norm) for b in x]).astype(np.float32)
 
 
-def _bioimageio_tiling(t_in: dict, t_out: dict) -> tuple[int, int]:
-    step = DEFAULT_MULTIPLE
-    axes = t_in.get("axes")
-    if isinstance(axes, list):  # 0.5: per-axis size {min, step}
-        steps = [a.get("size", {}).get("step") for a in axes if isinstance(a.get("size"), dict)]
-        steps = [int(s) for s in steps if s]
-        step = max(steps) if steps else step
-    elif isinstance(t_in.get("shape"), dict):  # 0.4: shape {min: [...], step: [...]}
-        steps = [int(s) for s in t_in["shape"].get("step", []) if s]
-        step = max(steps) if steps else step
-    halo = DEFAULT_HALO
-    if isinstance(t_out.get("halo"), list):
-        halo = max(int(h) for h in t_out["halo"])
-    elif isinstance(t_out.get("axes"), list):
-        halos = [int(a.get("halo", 0)) for a in t_out["axes"] if isinstance(a, dict)]
-        halo = max(halos) if halos and max(halos) else halo
+def _norm_axes(doc: _Doc, kw: dict, where: str, channels: int) -> None:
+    """BioImage.IO normalizes jointly over ``axes``; segstudio normalizes each channel over y and x (per image)."""
+    axes = kw.get("axes")
+    if axes is None:
+        names = {"c"}  # 0.5: all axes jointly, channels included
+    elif isinstance(axes, str):
+        names = set(axes.lower())
+    else:
+        names = {doc.text(v, f"{where}.kwargs.axes[{i}]").lower() for i, v in enumerate(doc.seq(axes, f"{where}.kwargs.axes"))}
+    names = {"c" if n == "channel" else "b" if n == "batch" else n for n in names}
+    if not names <= {"b", "c", "y", "x"}:
+        doc.fail(f"{where}.kwargs.axes", f"names axes {sorted(names)} this 2-D model does not have")
+    if "c" in names and channels > 1:
+        doc.fail(f"{where}.kwargs.axes", "normalizes across channels; segstudio normalizes each channel on its own")
+
+
+def _bioimageio_normalization(doc: _Doc, t_in: dict, ax_in: list[dict]) -> Normalization:
+    ops = doc.seq(t_in.get("preprocessing"), "inputs[0].preprocessing", [])
+    channels = next((a["size"][1] for a in ax_in if a["id"] == "c" and a["size"] and a["size"][0] == "fixed"), 1)
+    norm = None
+    for i, op in enumerate(ops):
+        where = f"inputs[0].preprocessing[{i}]"
+        name, kw = _op_name(doc, op, where)
+        if name == "ensure_dtype":
+            dtype = doc.text(kw.get("dtype"), f"{where}.kwargs.dtype")
+            if dtype not in ("float32", "float64"):
+                doc.fail(f"{where}", f"casts to {dtype}; segstudio feeds networks float32")
+            continue  # segstudio's normalization gives float32
+        if norm is not None:
+            doc.fail(where, f"is a second normalization ({name}); segstudio applies one")
+        mode = doc.text(kw.get("mode", "per_sample"), f"{where}.kwargs.mode")
+        if mode not in ("per_sample", "per_dataset"):
+            doc.fail(f"{where}.kwargs.mode", f"is {mode!r}; segstudio computes the statistics of each image "
+                     "(per_sample)")
+        eps = doc.number(kw.get("eps", 1e-6), f"{where}.kwargs.eps", 0.0, 0.1)
+        _norm_axes(doc, kw, where, channels)
+        if name == "scale_range":
+            if kw.get("reference_tensor") not in (None, t_in.get("id", t_in.get("name"))):
+                doc.fail(f"{where}.kwargs.reference_tensor", "names another tensor")
+            low = doc.number(kw.get("min_percentile", 0.0), f"{where}.kwargs.min_percentile", 0.0, 100.0)
+            high = doc.number(kw.get("max_percentile", 100.0), f"{where}.kwargs.max_percentile", 0.0, 100.0)
+            if low >= high:
+                doc.fail(f"{where}.kwargs", f"has min_percentile {low} >= max_percentile {high}")
+            norm = Normalization(low=low, high=high, eps=eps)
+        elif name == "zero_mean_unit_variance":
+            norm = Normalization(mode="meanstd", eps=eps)
+        else:
+            raise IncompatibleArtifactError(
+                f"{doc.name}: input pre-processing {name!r} is not supported",
+                hint="scale_range or zero_mean_unit_variance (and ensure_dtype float32)")
+    return norm or Normalization(mode="none")
+
+
+def _bioimageio_postprocessing(doc: _Doc, t_out: dict) -> list[str]:
+    names = []
+    for i, op in enumerate(doc.seq(t_out.get("postprocessing"), "outputs[0].postprocessing", [])):
+        where = f"outputs[0].postprocessing[{i}]"
+        name, kw = _op_name(doc, op, where)
+        if name == "ensure_dtype":
+            doc.text(kw.get("dtype"), f"{where}.kwargs.dtype")
+            continue
+        if name != "sigmoid":
+            raise IncompatibleArtifactError(f"{doc.name}: output post-processing {name!r} is not supported "
+                                            "(only sigmoid and ensure_dtype)")
+        names.append(name)
+    return names
+
+
+def _bioimageio_tiling(ax_in: list[dict], ax_out: list[dict]) -> tuple[int, int]:
+    """The input size step (the tiles' multiple) and the output halo."""
+    steps = [a["size"][2] for a in ax_in if a["id"] in "yx" and a["size"] and a["size"][0] == "step"]
+    step = max(steps) if steps else DEFAULT_MULTIPLE
+    halos = [a["halo"] for a in ax_out if a["id"] in "yx"]
+    halo = max(halos) if halos and max(halos) else DEFAULT_HALO
     return step, halo
 
 
-def _check_test_tensors(model: Model, x: np.ndarray, expected: np.ndarray, sigmoid: bool) -> None:
-    """Run the package's test input (with its pre-processing) and compare with its test output."""
-    import onnxruntime as ort
+def _bioimageio_sizes(doc: _Doc, spec: ModelSpec, ax_in: list[dict], ax_out: list[dict], t_in: dict) -> None:
+    """Channels, batch and the input sizes the network takes, from the input axes; outputs match the input."""
+    in_id = doc.scalar_text(t_in.get("id", t_in.get("name")))
+    by_id = {a["id"]: a for a in ax_in}
+    c = by_id.get("c", {}).get("size")
+    if c and c[0] == "fixed":
+        spec.input_channels = c[1]
+    b = by_id.get("b", {}).get("size")
+    if b and b[0] == "fixed":
+        if b[1] != 1:
+            doc.fail("inputs[0]", f"has a fixed batch of {b[1]}; segstudio runs networks whose batch is free or 1")
+        spec.max_batch = 1
+    lo, step = [], []
+    for axis in "yx":
+        size = by_id[axis]["size"]
+        if size is None or size[0] == "ref":
+            lo.append(None)
+            step.append(None)
+        elif size[0] == "fixed":
+            lo.append(size[1])
+            step.append(0)
+        else:
+            lo.append(size[1])
+            step.append(size[2])
+    if all(v is not None for v in lo):
+        spec.input_min, spec.input_step = (lo[0], lo[1]), (step[0], step[1])
+    for a in ax_out:
+        if a["id"] not in "yx":
+            continue
+        size = a["size"]
+        same = (size is None or size[0] == "ref" and size[1] in (in_id, "") and size[2] == a["id"] and size[3] == 0
+                or size[0] == "fixed" and by_id[a["id"]]["size"] == size)
+        if not same:
+            doc.fail(f"outputs[0] axis {a['id']!r}", "is not the size of the input's; segstudio runs networks whose "
+                     "output has the input's height and width")
 
-    from ..preprocess import normalize
 
-    sess = ort.InferenceSession(str(model.file("onnx")), providers=["CPUExecutionProvider"])
-    xn = np.stack([normalize(b, model.spec.normalization) for b in x]).astype(np.float32)
-    got = sess.run(None, {sess.get_inputs()[0].name: xn})[0]
-    if got.shape != expected.shape:
-        raise IncompatibleArtifactError(f"the test output has shape {expected.shape}, the model gives {got.shape}")
-    tol = 1e-3 * max(1.0, float(np.abs(expected).max()))
-    err = float(np.abs(got - expected).max())
-    if err > tol:
-        raise IncompatibleArtifactError(
-            f"the package's test tensors do not reproduce: max difference {err:.3g} (tolerance {tol:.3g})",
-            hint="the weights or the pre-processing described in rdf.yaml do not match",
-        )
-    model.provenance["test_tensors"] = {"max_abs_error": err, "tolerance": tol}
-    write_card(model.spec, model.files, model.card_path, provenance=model.provenance)
-
+def _tolerance(doc: _Doc, rdf: dict, fmt: str, output_id: str) -> dict:
+    """The reproduction tolerance: the description's (0.5 ``config.bioimageio.reproducibility_tolerance``,
+    first entry that applies), else the specification's defaults (what ``bioimageio.core`` uses)."""
+    tol = {"relative": 1e-3, "absolute": 1e-3, "mismatched_ppm": 100.0}
+    if not str(rdf.get("format_version", "")).startswith("0.5"):
+        tol["mismatched_ppm"] = 0.0  # bioimageio.core's check of 0.4 descriptions allows no mismatch
+    config = rdf.get("config")
+    entries = []
+    if isinstance(config, dict) and isinstance(config.get("bioimageio"), dict):
+        entries = doc.seq(config["bioimageio"].get("reproducibility_tolerance"),
+                          "config.bioimageio.reproducibility_tolerance", [])
+    for i, e in enumerate(entries):
+        where = f"config.bioimageio.reproducibility_tolerance[{i}]"
+        e = doc.mapping(e, where)
+        formats = doc.seq(e.get("weights_formats"), f"{where}.weights_formats", [])
+        ids = doc.seq(e.get("output_ids"), f"{where}.output_ids", [])
+        if (formats and fmt not in formats) or (ids and output_id not in ids):
+            continue
+        return {"relative": doc.number(e.get("relative_tolerance", 1e-3), f"{where}.relative_tolerance", 0.0),
+                "absolute": doc.number(e.get("absolute_tolerance", 1e-3), f"{where}.absolute_tolerance", 0.0),
+                "mismatched_ppm": doc.number(e.get("mismatched_elements_per_million", 100),
+                                             f"{where}.mismatched_elements_per_million", 0.0, 1e6)}
+    return tol
