@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .core.errors import Cancelled, InputError, SegStudioError, write_crash_log
+from .core.errors import Cancelled, InputError, OutputError, SegStudioError, write_crash_log
 
 EXIT_FAILED = 1  # some inputs failed, the rest were processed
 EXIT_USAGE = 2  # bad input or options
@@ -25,6 +26,111 @@ EXIT_BUG = 3  # unexpected error
 
 def _err(msg: str) -> None:
     print(f"segstudio: error: {msg}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``segstudio: error: ...``, exit code 2), like every other error."""
+
+    def error(self, message: str):
+        print(f"segstudio: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+# ----------------------------------------------------------------------------- option types
+# Every option is checked when the command line is parsed, with its allowed range in the message.
+
+
+def _bounds(lo, hi) -> str:
+    return f"from {lo:g} to {hi:g}" if hi is not None else f"at least {lo:g}"
+
+
+def _int_opt(lo: int, hi: int | None = None):
+    """An argparse type: a whole number in ``[lo, hi]``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number {_bounds(lo, hi)}, not {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {_bounds(lo, hi)}, not {value}")
+        return value
+
+    return parse
+
+
+def _float_opt(lo: float, hi: float | None = None, *, above: bool = False):
+    """An argparse type: a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``above``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        low_ok = value > lo if above else value >= lo
+        if not (math.isfinite(value) and low_ok and (hi is None or value <= hi)):
+            what = f"above {lo:g}" + (f" and at most {hi:g}" if hi is not None else "") if above else _bounds(lo, hi)
+            raise argparse.ArgumentTypeError(f"must be a number {what}, not {text!r}")
+        return value
+
+    return parse
+
+
+DIAMETER_PX = (1.0, 10000.0)
+DIAMETER_UM = (0.01, 10000.0)
+
+
+def _diameter(value: str) -> dict:
+    """``--diameter``: auto (estimate), native (no resampling), a size in pixels, or in micrometres (``12um``)."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return {}
+    if text == "native":
+        return {"diameter": "native"}
+    micrometres = text.endswith(("um", "µm"))
+    number = text.rstrip("uµm").strip() if micrometres else text.removesuffix("px").strip()
+    lo, hi = DIAMETER_UM if micrometres else DIAMETER_PX
+    try:
+        d = float(number)
+    except ValueError:
+        d = float("nan")
+    if not math.isfinite(d) or not lo <= d <= hi:
+        raise argparse.ArgumentTypeError(
+            f"must be auto, native, pixels from {DIAMETER_PX[0]:g} to {DIAMETER_PX[1]:g} (e.g. 24) or micrometres "
+            f"from {DIAMETER_UM[0]:g} to {DIAMETER_UM[1]:g} (e.g. 9um), not {value!r}")
+    return {"diameter_um" if micrometres else "diameter": d}
+
+
+def _channel(value: str):
+    if value == "mean":
+        return value
+    try:
+        index = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a channel index (0, 1, ...) or 'mean', not {value!r}") from None
+    if index < 0:
+        raise argparse.ArgumentTypeError(f"must be a channel index (0, 1, ...) or 'mean', not {value!r}")
+    return index
+
+
+def _normalization(value: str):
+    """``--normalize``: ``percentile[:LOW,HIGH]``, ``meanstd`` or ``none``."""
+    from .core.models.spec import Normalization
+
+    mode, sep, rest = value.strip().partition(":")
+    usage = f"must be percentile[:LOW,HIGH] (0 <= LOW < HIGH <= 100), meanstd or none, not {value!r}"
+    if mode in ("meanstd", "none") and not sep:
+        return Normalization(mode=mode)
+    if mode != "percentile":
+        raise argparse.ArgumentTypeError(usage)
+    if not sep:
+        return Normalization()
+    lo, comma, hi = rest.partition(",")
+    try:
+        low, high = float(lo), float(hi)
+    except ValueError:
+        raise argparse.ArgumentTypeError(usage) from None
+    if not comma or not (math.isfinite(low) and math.isfinite(high) and 0 <= low < high <= 100):
+        raise argparse.ArgumentTypeError(usage)
+    return Normalization(low=low, high=high)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -89,66 +195,78 @@ def _model_and_backend(args):
     return model, backend
 
 
-def _diameter(value: str | None) -> dict:
-    """``--diameter``: auto (estimate), native (no resampling), a size in pixels, or in micrometres (``12um``)."""
-    if value is None or value == "auto":
-        return {}
-    if value == "native":
-        return {"diameter": "native"}
-    text = value.strip().lower()
-    try:
-        if text.endswith(("um", "µm")):
-            d = float(text.rstrip("uµm").strip())
-            key = "diameter_um"
-        else:
-            d = float(text.removesuffix("px").strip())
-            key = "diameter"
-    except ValueError:
-        raise InputError(f"--diameter must be auto, native, pixels (e.g. 24) or micrometres (e.g. 9um), not {value!r}") from None
-    if d <= 0:
-        raise InputError("--diameter must be positive")
-    return {key: d}
-
-
-def _channel(value: str | None):
-    if value is None or value == "mean":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise InputError(f"--channel must be an index or 'mean', not {value!r}") from None
-
-
 # ----------------------------------------------------------------------------- commands
 
 
+def output_stems(files: list[Path], out: Path) -> list[str]:
+    """The output name of each input (``<stem>_labels.tif``, ``<stem>_cells.csv``); refuses names that collide.
+
+    Two inputs with one stem (``a/img.tif``, ``b/img.tif``, or ``img.tif``
+    and ``img.png``) would write one pair of outputs: the first would be
+    lost.  An output that would replace one of the inputs is refused too.
+    """
+    from .core.io import image_stem, safe_stem
+
+    fold = str.casefold if sys.platform in ("win32", "darwin") else (lambda t: t)  # case-insensitive file systems
+    seen: dict[str, Path] = {}
+    inputs = {p.resolve() for p in files}
+    stems = []
+    for path in files:
+        stem = safe_stem(image_stem(path))
+        if fold(stem) in seen:
+            raise InputError(f"{seen[fold(stem)]} and {path} would both be written as {out / stem}_labels.tif",
+                             hint="segment them into separate --out folders, or use `segstudio batch`, "
+                             "which mirrors the input folders")
+        seen[fold(stem)] = path
+        for suffix in ("_labels.tif", "_cells.csv"):
+            if (out / f"{stem}{suffix}").resolve() in inputs:
+                raise InputError(f"{path}: its output {out / stem}{suffix} is one of the inputs",
+                                 hint="choose another --out")
+        stems.append(stem)
+    return stems
+
+
 def cmd_segment(args) -> int:
-    from .core.io import safe_stem
+    from .core.io import ensure_folder
     from .core.jobs import run_sync
     from .core.segment import segment_to_files, warm_up
     from .core.sources import open_source
 
-    files = expand_inputs(args.paths, args.pattern)
-    model, backend = _model_and_backend(args)
+    files = list(dict.fromkeys(expand_inputs(args.paths, args.pattern)))  # a file named twice is done once
     out = Path(args.out)
+    stems = output_stems(files, out)
+    ensure_folder(out)
+    model, backend = _model_and_backend(args)
     warm = warm_up(model, backend, tile=args.tile, batch_size=args.batch_size)
     print(f"model {model.name} v{model.spec.version} on {backend.describe()} (ready in {warm:.1f} s)")
     bar = _Bar("segment", len(files), args.quiet)
     failures, rows = [], []
     try:
-        for path in files:
+        for path, stem in zip(files, stems):
             t0 = time.perf_counter()
+
+            def on_progress(event, name=path.name):
+                if event.stage == "notice" and event.info.get("warning"):
+                    bar.bar.write(f"segstudio: warning: {name}: {event.message}", file=sys.stderr)
+                elif event.stage == "notice" and not args.quiet:
+                    bar.write(f"{name}: {event.message}")
+                else:
+                    bar.update(event)
+
             try:
                 with open_source(path) as source:
-                    stem = safe_stem(source.name)
-                    out.mkdir(parents=True, exist_ok=True)
                     result = run_sync(
                         segment_to_files(source, model, backend, out / f"{stem}_labels.tif", out / f"{stem}_cells.csv",
-                                         channel=_channel(args.channel), tile=args.tile, batch_size=args.batch_size,
-                                         tta=args.tta, **_diameter(args.diameter)),
-                        bar.update,
+                                         channel=args.channel, tile=args.tile, batch_size=args.batch_size,
+                                         tta=args.tta, **args.diameter),
+                        on_progress,
                     )
                 rows.append((path.name, result.n_cells, time.perf_counter() - t0, result.timings))
+            except OutputError as e:
+                if e.fatal:  # a full disk: the next images would fail the same way
+                    raise
+                failures.append((path, str(e)))
+                bar.bar.write(f"segstudio: error: {e}", file=sys.stderr)
             except SegStudioError as e:
                 failures.append((path, str(e)))
                 bar.bar.write(f"segstudio: error: {e}", file=sys.stderr)
@@ -189,6 +307,8 @@ def cmd_batch(args) -> int:
 
     def on_progress(event):
         nonlocal bar
+        if event.stage == "notice" and event.info.get("warning"):
+            print(f"segstudio: warning: {event.message}", file=sys.stderr)
         if event.stage != "batch":
             return
         if bar is None:
@@ -213,8 +333,8 @@ def cmd_batch(args) -> int:
         report = run_sync(
             batch_job(args.in_dir, args.out, model, args.backend, backend=backend, pattern=args.pattern,
                       recursive=args.recursive, workers=args.workers, scheduler=args.scheduler,
-                      threads=args.threads, channel=_channel(args.channel), tile=args.tile,
-                      scale=_diameter(args.diameter), tta=args.tta, retry_failed=not args.no_retry, cancel=cancel),
+                      threads=args.threads, channel=args.channel, tile=args.tile,
+                      scale=args.diameter, tta=args.tta, retry_failed=not args.no_retry, cancel=cancel),
             on_progress,
         )
     except Cancelled as e:
@@ -251,8 +371,8 @@ def cmd_eval(args) -> int:
             bar.step()
 
     try:
-        report = run_sync(evaluate_job(pairs, model, backend, channel=_channel(args.channel), tile=args.tile,
-                                       keep_worst=args.worst, tta=args.tta, **_diameter(args.diameter)),
+        report = run_sync(evaluate_job(pairs, model, backend, channel=args.channel, tile=args.tile,
+                                       keep_worst=args.worst, tta=args.tta, **args.diameter),
                          on_progress)
     finally:
         bar.close()
@@ -348,8 +468,6 @@ def cmd_optimize(args) -> int:
     from .core.optimize.steps import Context, parse_steps
     from .core.optimize.validate import ValidationSet
 
-    if args.max_drop < 0:
-        raise InputError(f"--max-drop is the largest AP50 loss allowed, at least 0 (not {args.max_drop})")
     model = get_model(args.model, trust_code=args.trust_code)
     steps = parse_steps(args.steps)
     calib = None
@@ -435,17 +553,12 @@ def cmd_train(args) -> int:
 def cmd_models(args) -> int:
     from .core.backends import runnable_variants
     from .core.models.catalog import builtin_models
-    from .core.models.spec import Normalization
     from .core.models.user import import_model, user_models
 
     if args.action == "import":
         if not args.path:
             raise InputError("segstudio models import needs the model file or package", hint="segstudio models import PATH")
-        norm = None
-        if args.normalize:
-            mode, _, rest = args.normalize.partition(":")
-            lo, _, hi = rest.partition(",")
-            norm = Normalization(mode=mode, **({"low": float(lo), "high": float(hi)} if mode == "percentile" and rest else {}))
+        norm = args.normalize
         model = import_model(args.path, name=args.name, representation=args.representation,
                              output_kind=args.output_kind, diameter=args.diameter, normalization=norm,
                              overwrite=args.overwrite, trust_code=args.trust_code)
@@ -541,19 +654,19 @@ def _add_model_opts(p: argparse.ArgumentParser) -> None:
     _add_trust_opt(p)
     p.add_argument("--model", default="nuclei", help="built-in model name or model card path (default: nuclei)")
     p.add_argument("--backend", default="auto", help="auto, torch or onnxruntime (default: auto)")
-    p.add_argument("--channel", default=None, help="channel index for one-channel models, or 'mean'")
-    p.add_argument("--tile", type=int, default=512, help="tile size in pixels (default: 512)")
-    p.add_argument("--diameter", default="auto",
+    p.add_argument("--channel", type=_channel, default=None, help="channel index for one-channel models, or 'mean'")
+    p.add_argument("--tile", type=_int_opt(32, 8192), default=512, help="tile size in pixels, 32 to 8192 (default: 512)")
+    p.add_argument("--diameter", type=_diameter, default="auto",
                    help="nuclei diameter: auto (estimate it, default), native (no resampling), pixels (e.g. 24) "
                    "or micrometres (e.g. 9um, with the pixel size the file records)")
     p.add_argument("--tta", action="store_true",
                    help="average the network over four flips of each tile: 4x its time, a little more accurate")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    p.add_argument("--threads", type=_int_opt(0, 1024), default=0, help="CPU threads (default 0: all)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-image lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segstudio", description="Fast microscopy segmentation.")
+    parser = _Parser(prog="segstudio", description="Fast microscopy segmentation.")
     parser.add_argument("--version", action="version", version=f"segstudio {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -561,7 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--pattern", default=None, help="glob for files inside folders (default: all images)")
-    p.add_argument("--batch-size", type=int, default=None, help="tiles per network call (default: 4 on a CPU, 16 on a GPU)")
+    p.add_argument("--batch-size", type=_int_opt(1, 256), default=None,
+                   help="tiles per network call (default: 4 on a CPU, 16 on a GPU)")
     _add_model_opts(p)
     p.set_defaults(func=cmd_segment)
 
@@ -570,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: the input tree mirrored, batch_summary.csv")
     p.add_argument("--pattern", default=None, help='glob for files, e.g. "*.tif" (default: every file)')
     p.add_argument("--recursive", action="store_true", help="also the files in sub-folders")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=_int_opt(1, 1024), default=1,
                    help="N > 1: a local Dask cluster of N process workers (default 1: this process)")
     p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (tcp://host:port)")
     p.add_argument("--no-retry", action="store_true", help="do not try again the files that failed before")
@@ -582,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="folder of label images (default: the images folder)")
     p.add_argument("--kind", default=None, help="keep only images of this kind in index.json (e.g. fluorescence)")
     p.add_argument("--json", default=None, help="write the report as JSON here")
-    p.add_argument("--worst", type=int, default=8, help="how many lowest-AP50 images to draw (default 8; 0: none)")
+    p.add_argument("--worst", type=_int_opt(0, 100), default=8, help="how many lowest-AP50 images to draw (default 8; 0: none)")
     p.add_argument("--worst-png", default=None,
                    help="PNG of the worst images' predictions over the truth (default: next to --json)")
     _add_model_opts(p)
@@ -594,10 +708,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default=None,
                    help="comma-separated variants, e.g. torch:fp32,ort:fp32,openvino,torch@cuda:fp16+graph "
                         "(default: every FP32 variant that runs here)")
-    p.add_argument("--repeats", type=int, default=10, help="measured runs per variant (default 10)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--tile", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--repeats", type=_int_opt(1, 1000), default=10, help="measured runs per variant (default 10)")
+    p.add_argument("--warmup", type=_int_opt(0, 100), default=2)
+    p.add_argument("--tile", type=_int_opt(32, 8192), default=512)
+    p.add_argument("--batch-size", type=_int_opt(1, 256), default=4)
     p.add_argument("--no-e2e", action="store_true", help="network only (no end-to-end runs)")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--png", default=None, help="write the chart here (default: next to --json)")
@@ -611,19 +725,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-kind", default=None, help="keep only calibration images of this kind (index.json)")
     p.add_argument("--calib-labels", action="store_true",
                    help="the calibration folder has X_img / X_labels pairs: recovery also fine-tunes on them")
-    p.add_argument("--calib-tiles", type=int, default=64, help="INT8 calibration tiles (default 64)")
-    p.add_argument("--calib-max", type=int, default=200, help="at most this many calibration images (default 200)")
+    p.add_argument("--calib-tiles", type=_int_opt(1, 100000), default=64, help="INT8 calibration tiles (default 64)")
+    p.add_argument("--calib-max", type=_int_opt(1), default=200, help="at most this many calibration images (default 200)")
     p.add_argument("--val-images", default=None, help="validation images (default: the calibration folder)")
     p.add_argument("--val-labels", default=None, help="their labels (AP50); without, agreement with the original")
-    p.add_argument("--val-limit", type=int, default=None, help="use at most this many validation images")
+    p.add_argument("--val-limit", type=_int_opt(1), default=None, help="use at most this many validation images")
     p.add_argument("--kind", default=None, help="keep only images of this kind (index.json), e.g. fluorescence")
     p.add_argument("--steps", default="prune:0.5,recover,quantize:int8",
                    help="comma-separated: prune[:ratio], recover, distill[:width], sparsify[:ratio], export, "
                         "quantize[:int8|fp16], engine[:fp32|fp16|int8]; options as :key=value")
-    p.add_argument("--max-drop", type=float, default=0.01, help="largest AP50 loss allowed (default 0.01)")
+    p.add_argument("--max-drop", type=_float_opt(0.0, 1.0), default=0.01, help="largest AP50 loss allowed (default 0.01)")
     p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--speed-tile", type=int, default=512, help="tile size of the latency measurement (default 512)")
+    p.add_argument("--threads", type=_int_opt(0, 1024), default=0)
+    p.add_argument("--speed-tile", type=_int_opt(32, 8192), default=512, help="tile size of the latency measurement (default 512)")
     p.add_argument("--out", required=True, help="output folder (artifacts, report.json, report.html)")
     p.add_argument("--quiet", "-q", action="store_true")
     _add_trust_opt(p)
@@ -634,15 +748,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--labels", default=None, help="folder of their label images (default: the images folder)")
     p.add_argument("--kind", default=None, help="keep only images of this kind in index.json")
-    p.add_argument("--limit", type=int, default=None, help="use the first N labelled images only")
+    p.add_argument("--limit", type=_int_opt(1), default=None, help="use the first N labelled images only")
     p.add_argument("--out", required=True, help="folder of the new model")
     p.add_argument("--name", default=None, help="the new model's name (default: the --out folder's name)")
-    p.add_argument("--steps", type=int, default=300, help="training steps at most (default 300)")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--eval-every", type=int, default=25, help="validate every N steps (default 25)")
-    p.add_argument("--patience", type=int, default=4, help="stop after N validations without gain (default 4)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out (at least one)")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--steps", type=_int_opt(1, 1_000_000), default=300, help="training steps at most (default 300)")
+    p.add_argument("--lr", type=_float_opt(0.0, 1.0, above=True), default=3e-4)
+    p.add_argument("--eval-every", type=_int_opt(1), default=25, help="validate every N steps (default 25)")
+    p.add_argument("--patience", type=_int_opt(1), default=4, help="stop after N validations without gain (default 4)")
+    p.add_argument("--val-fraction", type=_float_opt(0.0, 0.9, above=True), default=0.2, help="share of images held out (at least one)")
+    p.add_argument("--threads", type=_int_opt(0, 1024), default=0)
     p.add_argument("--quiet", "-q", action="store_true")
     _add_trust_opt(p)
     p.set_defaults(func=cmd_train)
@@ -655,8 +769,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="import: output channels are foreground + distance (fg_dist) or foreground only (fg)")
     p.add_argument("--output-kind", choices=["logit", "probability"], default=None,
                    help="import: outputs are logits or probabilities (default: guessed from a trial run)")
-    p.add_argument("--diameter", type=float, default=None, help="import: nuclei diameter (px) the model expects")
-    p.add_argument("--normalize", default=None,
+    p.add_argument("--diameter", type=_float_opt(*DIAMETER_PX), default=None,
+                   help="import: nuclei diameter (px) the model expects")
+    p.add_argument("--normalize", type=_normalization, default=None,
                    help="import: input normalization, percentile[:LOW,HIGH] (default 1,99.8), meanstd or none")
     p.add_argument("--overwrite", action="store_true", help="import: replace a model of the same name")
     _add_trust_opt(p)
@@ -673,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("self-test", help="segment the sample with every installed backend and check accuracy")
-    p.add_argument("--min-ap50", type=float, default=0.7)
+    p.add_argument("--min-ap50", type=_float_opt(0.0, 1.0), default=0.7)
     p.set_defaults(func=cmd_self_test)
     return parser
 

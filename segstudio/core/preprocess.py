@@ -4,6 +4,12 @@ Percentiles are computed per channel over the *whole* image (or plane), never
 per tile: per-tile normalization stretches the noise of an empty tile into
 "cells".  For large planes the percentiles come from a regular subsample,
 which gives the same values to within a grey level at a fraction of the cost.
+
+Non-finite pixels (NaN, infinity, and values beyond float32's range, which
+become infinite) carry no intensity: percentiles and means are taken over the
+finite pixels only, and :func:`background_nonfinite` turns them into
+background after normalization (and counts them, so the user is told).
+Integer images cannot hold them and skip both steps.
 """
 
 from __future__ import annotations
@@ -15,10 +21,15 @@ from .models.spec import Normalization
 SAMPLE_PIXELS = 4_000_000
 
 
+# normalized values are clipped to +-this: beyond it a pixel says nothing more to the network, and finite
+# but enormous values (1e300 in a float64 image) would overflow inside it
+NORMALIZED_LIMIT = 1e4
+
+
 def channel_percentiles(plane: np.ndarray, norm: Normalization) -> np.ndarray:
     """Per-channel ``(low, high)`` percentiles of a ``(C, Y, X)`` plane (mean, mean + std in ``meanstd`` mode).
 
-    Returns an array of shape ``(C, 2)``.
+    Returns an array of shape ``(C, 2)``; non-finite pixels are left out.
     """
     c, h, w = plane.shape
     step = max(1, int(np.ceil(np.sqrt(h * w / SAMPLE_PIXELS))))
@@ -26,12 +37,19 @@ def channel_percentiles(plane: np.ndarray, norm: Normalization) -> np.ndarray:
 
 
 def _stats(flat: np.ndarray, norm: Normalization) -> np.ndarray:
-    """``(C, 2)`` values that :func:`normalize` maps to 0 and 1, from ``(C, N)`` samples."""
-    if norm.mode == "meanstd":
-        mean = flat.mean(axis=1, dtype=np.float64)
-        return np.stack([mean, mean + flat.std(axis=1, dtype=np.float64)], axis=1)
+    """``(C, 2)`` values that :func:`normalize` maps to 0 and 1, from ``(C, N)`` samples (finite ones only)."""
     if norm.mode == "none":
         return np.tile([0.0, 1.0], (flat.shape[0], 1))
+    if flat.dtype.kind == "f":
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = np.isfinite(flat)
+            if not finite.all():
+                return np.stack([_stats(row[ok][None], norm)[0] if ok.any() else np.array([0.0, 1.0])
+                                 for row, ok in zip(flat, finite)])
+    if norm.mode == "meanstd":
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean = flat.mean(axis=1, dtype=np.float64)
+            return np.stack([mean, mean + flat.std(axis=1, dtype=np.float64)], axis=1)
     return np.percentile(flat, [norm.low, norm.high], axis=1).T.astype(np.float64)
 
 
@@ -44,10 +62,27 @@ def normalize(plane: np.ndarray, norm: Normalization, percentiles: np.ndarray | 
         percentiles = channel_percentiles(plane, norm)
     lo = percentiles[:, 0].reshape(-1, 1, 1)
     span = percentiles[:, 1].reshape(-1, 1, 1) - lo + norm.eps  # eps: BioImage.IO adds it to the divisor
-    span = np.where(span > 1e-12, span, np.inf)
-    return ((plane.astype(np.float32, copy=False) - lo.astype(np.float32)) / span.astype(np.float32)).astype(
-        np.float32, copy=False
-    )
+    span = np.where(np.isfinite(span) & (span > 1e-12), span, np.inf)
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite pixels: see background_nonfinite
+        return ((plane.astype(np.float32, copy=False) - lo.astype(np.float32)) / span.astype(np.float32)).astype(
+            np.float32, copy=False
+        )
+
+
+def background_nonfinite(x: np.ndarray, core: tuple[slice, slice] | None = None) -> int:
+    """Make the non-finite values of a normalized ``(C, h, w)`` block background (0) and clip the rest, in place.
+
+    Returns how many pixels (of the ``core`` window, when given) had a
+    non-finite value in any channel.
+    """
+    bad = ~np.isfinite(x)
+    n = 0
+    if bad.any():
+        per_pixel = bad.any(axis=0)
+        n = int(per_pixel[core].sum() if core is not None else per_pixel.sum())
+        x[bad] = 0.0
+    np.clip(x, -NORMALIZED_LIMIT, NORMALIZED_LIMIT, out=x)
+    return n
 
 
 def select_channels(plane: np.ndarray, n_model: int, channel: int | str | None) -> np.ndarray:
@@ -69,7 +104,8 @@ def select_channels(plane: np.ndarray, n_model: int, channel: int | str | None) 
     if channel is None:
         channel = 0 if c == 1 else "mean"
     if channel == "mean":
-        return plane.astype(np.float32).mean(axis=0, keepdims=True)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return plane.astype(np.float32).mean(axis=0, keepdims=True)
     try:
         idx = int(channel)
     except (TypeError, ValueError):
@@ -90,10 +126,11 @@ def sample_percentiles(
     every ``step``-th column, about :data:`SAMPLE_PIXELS` pixels in all.
     """
     h, w = shape
-    if h * w <= SAMPLE_PIXELS or h <= blocks * block_rows:
-        return channel_percentiles(select(read_rows(0, h)).astype(np.float32, copy=False), norm)
-    step = max(1, int(np.ceil(blocks * block_rows * w / SAMPLE_PIXELS)))
-    starts = np.linspace(0, h - block_rows, blocks).astype(int)
-    sample = np.concatenate([select(read_rows(y, y + block_rows))[:, :, ::step] for y in starts], axis=1)
-    c = sample.shape[0]
-    return _stats(sample.reshape(c, -1).astype(np.float32, copy=False), norm)
+    with np.errstate(over="ignore"):  # values beyond float32 become infinite, and are left out
+        if h * w <= SAMPLE_PIXELS or h <= blocks * block_rows:
+            return channel_percentiles(select(read_rows(0, h)).astype(np.float32, copy=False), norm)
+        step = max(1, int(np.ceil(blocks * block_rows * w / SAMPLE_PIXELS)))
+        starts = np.linspace(0, h - block_rows, blocks).astype(int)
+        sample = np.concatenate([select(read_rows(y, y + block_rows))[:, :, ::step] for y in starts], axis=1)
+        c = sample.shape[0]
+        return _stats(sample.reshape(c, -1).astype(np.float32, copy=False), norm)
