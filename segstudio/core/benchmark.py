@@ -300,7 +300,8 @@ def bench_job(
             return select_channels(block, spec.input_channels, None)
 
         pct = sample_percentiles(lambda y0, y1: src.read(index, (y0, y1), (0, w)), (h, w), spec.normalization, select)
-        plan = plan_tiles((h, w), tile=tile, halo=spec.halo, multiple=spec.multiple)
+        plan = plan_tiles((h, w), tile=tile, halo=spec.halo, multiple=spec.multiple,
+                          tile_shape=spec.tile_shape(tile, (h, w)))
         view_tiles = plan.tiles[:max_net_tiles]
         from .pipeline import _PlaneView
 

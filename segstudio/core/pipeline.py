@@ -125,6 +125,7 @@ def segment_plane_job(
     post_workers: int = 1,
     halo: int | None = None,
     nonfinite: bool = False,
+    tile_shape: tuple[int, int] | None = None,
     cancel: CancelToken | None = None,
 ) -> Job[PlaneResult]:
     """Segment plane ``index`` of ``source`` tile by tile; see the module docstring.
@@ -137,11 +138,15 @@ def segment_plane_job(
     model's) is the tile overlap in image pixels.  ``nonfinite``: the
     pixels may be NaN or infinite (a float image); they are made background
     after ``prepare`` and counted once each (``PlaneResult.nonfinite``).
+    ``tile_shape``: every tile's shape in image pixels, halo included
+    (default: the one the model takes, :meth:`ModelSpec.tile_shape`, for a
+    network of fixed or stepped input sizes; else sized by the tiler).
     """
     clock = clock or StageClock()
     halo = round_up(spec.halo if halo is None else halo, spec.multiple)  # as plan_tiles rounds it
     cancel = cancel or CancelToken()
-    plan = plan_tiles(source.plane_shape, tile=tile, halo=halo, multiple=spec.multiple)
+    tile_shape = tile_shape or spec.tile_shape(tile, source.plane_shape, halo)
+    plan = plan_tiles(source.plane_shape, tile=tile, halo=halo, multiple=spec.multiple, tile_shape=tile_shape)
     view = _PlaneView(source, index)
     stop = threading.Event()
     failure = _Failure()

@@ -119,16 +119,20 @@ class ScaledPredict:
     size (rounded up to the network's input ``multiple``), run, and the
     outputs resampled back to ``(h, w)`` before the ``crop`` window is cut:
     the caller sees image-pixel outputs as if the network ran natively.
+    ``shape``: the one input size a network takes (fixed-size networks):
+    every batch is resampled to exactly that.
     """
 
-    def __init__(self, predict, factor: float, multiple: int, describe: str = ""):
+    def __init__(self, predict, factor: float, multiple: int, describe: str = "",
+                 shape: tuple[int, int] | None = None):
         self.predict, self.factor, self.multiple = predict, factor, multiple
         self._describe = describe
+        self.shape = shape
 
     def __call__(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
         h, w = batch.shape[-2:]
         m = self.multiple
-        shape = tuple(max(m, -(-int(round(n * self.factor)) // m) * m) for n in (h, w))
+        shape = self.shape or tuple(max(m, -(-int(round(n * self.factor)) // m) * m) for n in (h, w))
         out = resize(self.predict(resize(batch, shape), None), (h, w))
         return out if crop is None else out[(Ellipsis, *crop)]
 
@@ -180,7 +184,8 @@ def estimate_diameter(
     def measure(factor: float, min_objects: int = 1) -> float | None:
         x = resize(image, scaled_shape(image.shape[-2:], factor)) if factor != 1.0 else image
         out = run_sync(predict_tiled(x, lambda b: predict(b, None), tile=tile, halo=spec.halo,
-                                     multiple=spec.multiple, batch_size=1))
+                                     multiple=spec.multiple, batch_size=1,
+                                     tile_shape=spec.tile_shape(tile, x.shape[-2:])))
         labels, _ = network_instances(out, spec)
         d = object_diameters(labels)
         return float(np.median(d)) if len(d) >= min_objects else None  # in network pixels

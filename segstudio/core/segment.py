@@ -26,9 +26,10 @@ from .measure import Table, concat_tables
 from .models.catalog import Model
 from .pipeline import STAGES, StageClock, segment_plane_job
 from .preprocess import background_nonfinite, normalize, sample_percentiles, select_channels
-from .scale import ScaledPredict, diameter_from_microns, estimate_diameter, image_tiling, scale_factor
+from .scale import ScaledPredict, diameter_from_microns, estimate_diameter, image_tiling, scale_factor, scaled_shape
 from .sinks import ArraySink, TiffSink
 from .sources import ImageSource, planes_as_channels, source_from_image
+from .tiling import round_up
 
 DEFAULT_CONTEXT = 64
 
@@ -89,7 +90,10 @@ def warm_up(model: Model, backend: Backend, *, tile: int = 512, batch_size: int 
     t0 = time.perf_counter()
     spec = model.spec
     batch_size = batch_size or default_batch_size(backend)
-    plan = plan_tiles((tile, tile), tile=tile, halo=spec.halo, multiple=spec.multiple)
+    if spec.max_batch:
+        batch_size = min(batch_size, spec.max_batch)
+    plan = plan_tiles((tile, tile), tile=tile, halo=spec.halo, multiple=spec.multiple,
+                      tile_shape=spec.tile_shape(tile, (tile, tile)))
     out = backend.predict(np.zeros((batch_size, spec.input_channels, *plan.tile_shape), np.float32))
     lab, n = network_instances(out[0, :, :64, :64], spec)
     first_pixels(lab, n)
@@ -167,6 +171,8 @@ def segment_job(
     predict = backend.predict
     gpu = on_gpu(backend)
     batch_size = batch_size or default_batch_size(backend)
+    if spec.max_batch:  # a network of fixed batch size gets batches of at most that size
+        batch_size = min(batch_size, spec.max_batch)
     if post_workers is None:
         post_workers = max(1, min(8, (os.cpu_count() or 2) - 1)) if gpu else 1
     if gpu:
@@ -181,6 +187,7 @@ def segment_job(
     indices = source.stack_indices()
     t_start = time.perf_counter()
     factor, halo = 1.0, spec.halo
+    tile_shape = None  # image pixels; None: the model's own (see segment_plane_job)
     if diameter == "native":
         diameter = spec.diameter
     elif diameter_um is not None:
@@ -223,9 +230,15 @@ def segment_job(
             if i == 0 and factor != 1.0:
                 notices.append(f"image resampled {factor:.2f}x for the network (trained on nuclei "
                                f"{spec.diameter:g} px across)")
+                # a network that takes only some input sizes gets exactly the one it takes, from image tiles
+                # of about that size divided by the factor
+                net_shape = spec.tile_shape(tile, scaled_shape(source.plane_shape, factor))
                 predict = ScaledPredict(predict, factor, spec.multiple,
-                                        getattr(predict, "describe", backend.describe)())
+                                        getattr(predict, "describe", backend.describe)(), shape=net_shape)
                 tile, halo = image_tiling(tile, spec.halo, factor)
+                if net_shape is not None:
+                    least = 2 * round_up(halo, spec.multiple) + 1
+                    tile_shape = tuple(max(least, int(round(n / factor))) for n in net_shape)
                 context = int(np.ceil(context / min(factor, 1.0)))
             yield from tell()
             result = yield from segment_plane_job(
@@ -233,7 +246,7 @@ def segment_job(
                 lambda y0, rows, index=index: sink.write(index, y0, rows),
                 prepare=prepare, tile=tile, batch_size=batch_size, context=context, first_id=next_id,
                 measure_cells=measure_cells, clock=clock, notices=notices, post_workers=post_workers,
-                halo=halo, nonfinite=nonfinite, cancel=cancel,
+                halo=halo, nonfinite=nonfinite, tile_shape=tile_shape, cancel=cancel,
             )
             told = len(notices)  # the pipeline told those it added
             next_id += result.n_objects

@@ -149,8 +149,14 @@ def create_backend(variant: str, model: Model, **options) -> Backend:
     if v.on_gpu:
         from .device import DeviceBound, DeviceThread
 
-        return DeviceBound(DeviceThread.get("cuda:0"), factory)
-    return factory()
+        backend = DeviceBound(DeviceThread.get("cuda:0"), factory)
+    else:
+        backend = factory()
+    if model.spec.max_batch:  # a network of fixed batch size: bigger batches go through in parts
+        from .base import BatchLimited
+
+        return BatchLimited(backend, model.spec.max_batch)
+    return backend
 
 
 def runnable_variants(model: Model) -> list[str]:

@@ -151,7 +151,8 @@ def auto_variant(model: Model, *, tile: int = 512, batch_size: int = 4) -> str:
         )
     if len(names) == 1:
         return names[0]
-    plan = plan_tiles((tile, tile), tile=tile, halo=model.spec.halo, multiple=model.spec.multiple)
+    plan = plan_tiles((tile, tile), tile=tile, halo=model.spec.halo, multiple=model.spec.multiple,
+                      tile_shape=model.spec.tile_shape(tile, (tile, tile)))
     key = _key(model, names, plan.tile_shape)
     path = cache_path()
     try:

@@ -80,3 +80,41 @@ class BackendBase:
         if batch.ndim != 4 or batch.shape[1] != channels:
             raise ValueError(f"expected a (B, {channels}, h, w) batch, got {batch.shape}")
         return np.ascontiguousarray(batch, dtype=np.float32)
+
+
+class BatchLimited:
+    """A backend whose network takes at most ``max_batch`` tiles a call (a fixed batch dimension).
+
+    Larger batches are split and their outputs joined, so every caller may
+    ask for any batch; everything else is the wrapped backend's.
+    """
+
+    def __init__(self, inner, max_batch: int):
+        self._inner, self.max_batch = inner, max(1, int(max_batch))
+        for attr in ("name", "device", "precision", "variant"):
+            setattr(self, attr, getattr(inner, attr, None))
+
+    @property
+    def inner(self):
+        return self._inner
+
+    def predict(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
+        m = self.max_batch
+        if len(batch) <= m:
+            return self._inner.predict(batch, crop)
+        return np.concatenate([self._inner.predict(batch[i : i + m], crop) for i in range(0, len(batch), m)])
+
+    def describe(self) -> str:
+        return self._inner.describe()
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getattr__(self, item):
+        return getattr(self._inner, item)

@@ -301,7 +301,7 @@ def import_model(
     kind = detect_kind(path)
     if kind == "torchscript" and not trust_code:
         raise refuse_code(path)
-    name = safe_name(name or path.stem.replace(".bioimageio", ""))
+    name = safe_name(name or (path.name if path.is_dir() else path.stem).replace(".bioimageio", ""))
     out_dir = Path(out_dir) if out_dir is not None else user_models_dir() / name
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise InputError(f"a model named {name!r} already exists ({out_dir})", hint="pick another name")
