@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .core.errors import Cancelled, InputError, OutputError, SegStudioError, write_crash_log
+from .core.errors import Cancelled, InputError, OutputError, SegStudioError, naming, write_crash_log
 
 EXIT_FAILED = 1  # some inputs failed, the rest were processed
 EXIT_USAGE = 2  # bad input or options
@@ -205,7 +205,7 @@ def output_stems(files: list[Path], out: Path) -> list[str]:
     and ``img.png``) would write one pair of outputs: the first would be
     lost.  An output that would replace one of the inputs is refused too.
     """
-    from .core.io import image_stem, safe_stem
+    from .core.io import check_output_file, check_replaceable, image_stem, safe_stem
 
     fold = str.casefold if sys.platform in ("win32", "darwin") else (lambda t: t)  # case-insensitive file systems
     seen: dict[str, Path] = {}
@@ -219,9 +219,10 @@ def output_stems(files: list[Path], out: Path) -> list[str]:
                              "which mirrors the input folders")
         seen[fold(stem)] = path
         for suffix in ("_labels.tif", "_cells.csv"):
-            if (out / f"{stem}{suffix}").resolve() in inputs:
-                raise InputError(f"{path}: its output {out / stem}{suffix} is one of the inputs",
-                                 hint="choose another --out")
+            target = out / f"{stem}{suffix}"
+            if target.resolve() in inputs:
+                raise InputError(f"{path}: its output {target} is one of the inputs", hint="choose another --out")
+            check_replaceable(check_output_file(target))
         stems.append(stem)
     return stems
 
@@ -236,8 +237,19 @@ def cmd_segment(args) -> int:
     out = Path(args.out)
     stems = output_stems(files, out)
     ensure_folder(out)
-    model, backend = _model_and_backend(args)
-    warm = warm_up(model, backend, tile=args.tile, batch_size=args.batch_size)
+    opened = {}
+    if len(files) == 1:  # a bad single input is reported at once, not after the model has loaded
+        opened[files[0]] = open_source(files[0])
+    backend = None
+    try:
+        model, backend = _model_and_backend(args)
+        warm = warm_up(model, backend, tile=args.tile, batch_size=args.batch_size)
+    except BaseException:
+        for source in opened.values():
+            source.close()
+        if backend is not None:
+            backend.close()
+        raise
     print(f"model {model.name} v{model.spec.version} on {backend.describe()} (ready in {warm:.1f} s)")
     bar = _Bar("segment", len(files), args.quiet)
     failures, rows = [], []
@@ -254,7 +266,7 @@ def cmd_segment(args) -> int:
                     bar.update(event)
 
             try:
-                with open_source(path) as source:
+                with opened.pop(path, None) or open_source(path) as source:
                     result = run_sync(
                         segment_to_files(source, model, backend, out / f"{stem}_labels.tif", out / f"{stem}_cells.csv",
                                          channel=args.channel, tile=args.tile, batch_size=args.batch_size,
@@ -262,12 +274,10 @@ def cmd_segment(args) -> int:
                         on_progress,
                     )
                 rows.append((path.name, result.n_cells, time.perf_counter() - t0, result.timings))
-            except OutputError as e:
-                if e.fatal:  # a full disk: the next images would fail the same way
-                    raise
-                failures.append((path, str(e)))
-                bar.bar.write(f"segstudio: error: {e}", file=sys.stderr)
             except SegStudioError as e:
+                if isinstance(e, OutputError) and e.fatal:  # a full disk: the next images would fail the same way
+                    raise
+                e = naming(e, path)
                 failures.append((path, str(e)))
                 bar.bar.write(f"segstudio: error: {e}", file=sys.stderr)
             bar.step()
@@ -293,6 +303,9 @@ def cmd_batch(args) -> int:
     from .core.jobs import CancelToken, run_sync
     from .core.models.catalog import get_model
 
+    from .core.batch import check_folders
+
+    check_folders(args.in_dir, args.out)  # before the model loads
     cancel = CancelToken()
     distributed = args.workers > 1 or args.scheduler
     backend = None
@@ -358,10 +371,13 @@ def cmd_batch(args) -> int:
 def cmd_eval(args) -> int:
     from .core.datasets import find_pairs
     from .core.evaluate import evaluate_job
-    from .core.io import atomic_path
+    from .core.io import atomic_path, check_output_file
     from .core.jobs import run_sync
 
     pairs = find_pairs(args.images, args.labels or args.images, kind=args.kind)
+    for target in (args.json, args.worst_png):
+        if target:
+            check_output_file(target)  # before the work, not after it
     model, backend = _model_and_backend(args)
     print(f"model {model.name} v{model.spec.version} on {backend.describe()}; {len(pairs)} image(s)")
     bar = _Bar("eval", len(pairs), args.quiet)
@@ -406,10 +422,13 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     from .core.backends import runnable_variants
     from .core.benchmark import bench_job, write_chart
-    from .core.io import atomic_path
+    from .core.io import atomic_path, check_output_file
     from .core.jobs import run_sync
     from .core.models.catalog import get_model
 
+    for target in (args.json, args.png):
+        if target:
+            check_output_file(target)  # before the work, not after it
     model = get_model(args.model, trust_code=args.trust_code)
     variants = [v for v in args.backends.split(",") if v] if args.backends else runnable_variants(model)
     bar = _Bar("bench", 0, args.quiet)

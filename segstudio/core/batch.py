@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import Cancelled, InputError, OutputError, SegStudioError
-from .io import IMAGE_SUFFIXES, TEMP_NAME, atomic_path, ensure_folder, file_signature
+from .io import IMAGE_SUFFIXES, TEMP_NAME, atomic_path, check_output_file, ensure_folder, file_signature
 from .jobs import CancelToken, Job, Progress
 
 MANIFEST = "batch_manifest.jsonl"
@@ -494,6 +494,17 @@ def _client(workers: int, scheduler: str | None):
 # ----------------------------------------------------------------------------- the job
 
 
+def check_folders(in_dir: str | Path, out_dir: str | Path) -> None:
+    """Refuse an input that is not a folder and an output folder that is the input folder or not a folder."""
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if not in_dir.is_dir():
+        raise InputError(f"{in_dir}: no such folder")
+    if in_dir.resolve() == out_dir.resolve():
+        raise InputError(f"{out_dir}: the output folder cannot be the input folder (inputs are never touched)",
+                         hint="choose another --out, e.g. a sub-folder or a folder beside it")
+    check_output_file(out_dir / MANIFEST)
+
+
 def model_identity(model) -> str:
     from .models.catalog import model_digest
 
@@ -534,9 +545,7 @@ def batch_job(
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if workers < 1:
         raise InputError("--workers must be at least 1")
-    if in_dir.resolve() == out_dir.resolve():
-        raise InputError(f"{out_dir}: the output folder cannot be the input folder (inputs are never touched)",
-                         hint="choose another --out, e.g. a sub-folder or a folder beside it")
+    check_folders(in_dir, out_dir)
     items = scan(in_dir, pattern=pattern, recursive=recursive, exclude=out_dir)
     if not items:
         raise InputError(f"{in_dir}: no files" + (f" matching {pattern!r}" if pattern else ""),

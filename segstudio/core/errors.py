@@ -91,6 +91,28 @@ class StepFailedError(SegStudioError):
     """An optimization step failed or broke its accuracy budget."""
 
 
+def naming(e: SegStudioError, path) -> SegStudioError:
+    """``e`` with the file ``path`` in front of its message, unless the message names it already.
+
+    Checks deep in the core know only an image's stem (``img: image is 4x4
+    pixels``); the user gets the path (``data/img.tif: image is 4x4 pixels``).
+    """
+    name = str(path)
+    if name in e.message:
+        return e
+    base = Path(name)
+    message = e.message
+    for stem in (base.stem, Path(base.stem).stem, base.name):
+        if message.startswith(stem + ": "):
+            message = message[len(stem) + 2:]
+            break
+    out = type(e).__new__(type(e))
+    out.__dict__.update(e.__dict__)
+    out.message = f"{name}: {message}"
+    out.args = (out.message,)
+    return out
+
+
 class InternalError(Exception):
     """A bug: an invariant of segstudio itself does not hold."""
 

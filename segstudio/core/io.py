@@ -44,7 +44,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, naming
 
 TIFF_SUFFIXES = {".tif", ".tiff"}
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -225,7 +225,7 @@ def _gpx(n: int) -> str:
     return f"{n / 1e9:.1f} gigapixels" if n >= 1e8 else f"{n / 1e6:.1f} megapixels"
 
 
-def checked_pixel_size(size, name: str, notices: list[str]) -> tuple[float, float] | None:
+def checked_pixel_size(size, notices: list[str]) -> tuple[float, float] | None:
     """``size`` ``(y, x)`` in µm when both are finite and in :data:`PIXEL_SIZE_RANGE_UM`; else ``None``, with a notice."""
     if size is None:
         return None
@@ -237,7 +237,7 @@ def checked_pixel_size(size, name: str, notices: list[str]) -> tuple[float, floa
     if all(math.isfinite(v) and lo <= v <= hi for v in (py, px)):
         return py, px
     shown = " x ".join(str(v) for v in size) if isinstance(size, (tuple, list)) else repr(size)
-    notices.append(f"{name}: the file's pixel size ({shown} µm) is not usable (it must be finite and between "
+    notices.append(f"the file's pixel size ({shown} µm) is not usable (it must be finite and between "
                    f"{lo * 1e3:g} nm and {hi / 1e3:g} mm): it is ignored, so the measurements are in pixels only")
     return None
 
@@ -294,7 +294,7 @@ def as_image(
     check_plane_size(data.shape[-2:], name)
     check_pixel_budget(data.shape[-2:], int(np.prod(data.shape[:-2])) // max(1, _channels(data.shape, axes)), name)
     notices: list[str] = []
-    pixel_size = checked_pixel_size(pixel_size, name, notices)
+    pixel_size = checked_pixel_size(pixel_size, notices)
     img = ImageData(data=data, axes=axes, pixel_size=pixel_size, name=name, notices=notices)
     if img.n_channels > MAX_CHANNELS:
         raise InputError(f"{name}: {img.n_channels} channels; at most {MAX_CHANNELS} are supported")
@@ -354,6 +354,20 @@ def read_image(path: str | Path) -> ImageData:
         return read_open_file(path, f)
 
 
+def _named(read):
+    """Readers' errors name the file (``as_image`` and the axis checks only know the image's stem)."""
+    import functools
+
+    @functools.wraps(read)
+    def wrapper(path, *args, **kwargs):
+        try:
+            return read(path, *args, **kwargs)
+        except InputError as e:
+            raise naming(e, path) from None
+
+    return wrapper
+
+
 @contextlib.contextmanager
 def open_image_file(path: str | Path) -> Iterator:
     """``path`` opened for binary reading, or an :class:`InputError` saying why it cannot be.
@@ -386,6 +400,7 @@ def open_image_file(path: str | Path) -> Iterator:
         f.close()
 
 
+@_named
 def read_open_file(path: Path, f) -> ImageData:
     """Read the image file ``path`` from its open binary handle ``f``."""
     suffix = path.suffix.lower()
@@ -466,7 +481,7 @@ def _read_tiff(path: Path, name: str, f) -> ImageData:
             check_decode_bytes(int(np.prod(series.shape, dtype=object)) * np.dtype(series.dtype).itemsize,
                                str(path), "its pixels")
             data = series.asarray()
-            pixel_size, channel_names = _tiff_metadata(tif, str(path), notices)
+            pixel_size, channel_names = _tiff_metadata(tif, notices)
     except InputError:
         raise
     except tifffile.TiffFileError as e:
@@ -497,10 +512,10 @@ def check_tiff_limits(tif, series, name: str) -> None:
     check_decode_bytes(segment * samples * itemsize, name, "one of its " + ("tiles" if page.is_tiled else "strips"))
 
 
-def _tiff_metadata(tif, name: str, notices: list[str]) -> tuple[tuple[float, float] | None, list[str] | None]:
+def _tiff_metadata(tif, notices: list[str]) -> tuple[tuple[float, float] | None, list[str] | None]:
     """Pixel size (y, x) in µm and channel names from OME, ImageJ or TIFF tags (unusable sizes: a notice)."""
     size, names = _tiff_metadata_raw(tif)
-    return checked_pixel_size(size, name, notices), names
+    return checked_pixel_size(size, notices), names
 
 
 def _tiff_metadata_raw(tif) -> tuple[tuple[float, float] | None, list[str] | None]:
@@ -622,6 +637,21 @@ def ensure_folder(path: str | Path) -> Path:
     return path
 
 
+def check_output_file(path: str | Path) -> Path:
+    """Refuse an output file ``path`` that exists as something else than a regular file (a folder, a device)."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise OutputError(f"cannot write {path}: it exists and is not a regular file (a folder or a device)",
+                          path=path, hint="choose another output location")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"cannot write {path}: {parent} is a file, not a folder", path=path,
+                                  hint="choose another output location")
+            break
+    return path
+
+
 def temporary_sibling(path: str | Path) -> Path:
     """A new, empty file beside ``path`` named ``.<name>.<8 random>.segstudio-tmp`` (:data:`TEMP_NAME`)."""
     path = Path(path)
@@ -644,11 +674,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     regular file or not exist (a device such as ``/dev/null`` or a folder is
     never replaced).  Errors of the file system are :class:`OutputError`.
     """
-    path = Path(path)
+    path = check_output_file(path)
     ensure_folder(path.parent)
-    if (path.exists() or path.is_symlink()) and not path.is_file():
-        raise OutputError(f"cannot write {path}: it exists and is not a regular file (a folder or a device)",
-                          path=path, hint="choose another output location")
     tmp = temporary_sibling(path)
     try:
         try:

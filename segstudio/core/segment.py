@@ -258,7 +258,7 @@ def segment_job(
         n_objects = next_id - 1
         if bad_pixels:
             total = int(np.prod(source.plane_shape)) * len(indices)
-            warnings.append(f"{bad_pixels:,} of {total:,} pixels ({100 * bad_pixels / total:.2g}%) are not finite "
+            warnings.append(f"{bad_pixels:,} of {total:,} pixels ({100 * bad_pixels / total:.3g}%) are not finite "
                             "(NaN or infinite, or beyond 32-bit float range) and were treated as background")
             notices.append(warnings[-1])
             yield from tell()

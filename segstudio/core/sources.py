@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, naming
 from .io import (
     TIFF_SUFFIXES,
     ImageData,
@@ -250,7 +250,7 @@ def _open_zarr(path: Path) -> ImageSource:
 
         axes = guess_axes(tuple(node.shape))
     notices: list[str] = []
-    pixel_size = checked_pixel_size(pixel_size, str(path), notices)
+    pixel_size = checked_pixel_size(pixel_size, notices)
     try:
         chunk = int(np.prod([int(c) for c in node.chunks], dtype=object)) * np.dtype(node.dtype).itemsize
     except (TypeError, ValueError):
@@ -304,7 +304,13 @@ def open_source(path: str | Path, *, eager_bytes: int = EAGER_BYTES) -> ImageSou
     Errors are :class:`InputError` as in :func:`~segstudio.core.io.read_image`.
     The source's ``signature`` identifies the bytes it reads.
     """
-    path = Path(path)
+    try:
+        return _open_source(Path(path), eager_bytes)
+    except InputError as e:
+        raise naming(e, path) from None
+
+
+def _open_source(path: Path, eager_bytes: int) -> ImageSource:
     if path.suffix.lower() == ".zarr":
         src = _open_zarr(path)
         src.signature = file_signature(path)
@@ -367,7 +373,7 @@ def _open_tiff(path: Path, f, eager_bytes: int) -> ImageSource:
             f.seek(0)
             return source_from_image(read_open_file(path, f))
         notices: list[str] = []
-        pixel_size, channel_names = _tiff_metadata(tif, str(path), notices)
+        pixel_size, channel_names = _tiff_metadata(tif, notices)
         raw_axes = series.axes
         if series.dataoffset is not None:
             dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
