@@ -291,3 +291,166 @@ def test_viability_batch_counts_live_and_dead(tmp_path):
     assert sum(r["live"] for r in report.rows) > 0 and sum(r["dead"] for r in report.rows) > 0
     summary = read_summary(tmp_path / "out" / SUMMARY)
     assert all(int(r["live"]) + int(r["dead"]) == int(r["cells"]) for r in summary)
+
+
+# ----------------------------------------------------------------------------- nothing the user owns is lost
+
+
+def test_a_file_replaced_while_it_is_segmented_is_redone(tmp_path, samples, monkeypatch):
+    """The record holds the signature of the bytes segmented: a file replaced mid-run fails and is redone."""
+    import segstudio.core.segment as segment
+    from segstudio.core.io import file_signature
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    crops = list(_crops(samples, 3, 128, seed=5))
+    for i, crop in enumerate(crops[:2]):
+        tifffile.imwrite(src / f"w{i}.tif", crop)
+    replacement = tmp_path / "new.tif"
+    tifffile.imwrite(replacement, np.ascontiguousarray(crops[2][::-1]))
+    old_signature = file_signature(src / "w0.tif")
+    original = segment.segment_to_files
+
+    def replaced_meanwhile(source, *args, **kwargs):
+        if source.name == "w0" and replacement.exists():
+            os.replace(replacement, src / "w0.tif")  # the microscope PC overwrites the file
+        return (yield from original(source, *args, **kwargs))
+
+    monkeypatch.setattr(segment, "segment_to_files", replaced_meanwhile)
+    from segstudio.core.models.catalog import get_model
+
+    model = get_model(MODEL)
+    opts = dict(backend_name="onnxruntime", scale={"diameter": "native"})
+    report = run_sync(batch_job(src, out, model, **opts))
+    rows = {r["file"]: r for r in report.rows}
+    assert rows["w0.tif"]["status"] == "failed" and "changed while it was being segmented" in rows["w0.tif"]["reason"]
+    assert rows["w1.tif"]["status"] == "done"
+    record = [r for r in _manifest_lines(out) if r["file"] == "w0.tif"][-1]
+    assert record["input"] == old_signature != file_signature(src / "w0.tif")
+    report = run_sync(batch_job(src, out, model, **opts))  # the next run segments the new file
+    rows = {r["file"]: r for r in report.rows}
+    assert rows["w0.tif"]["status"] == "done" and report.processed == 1
+    assert [r for r in _manifest_lines(out) if r["file"] == "w0.tif"][-1]["input"] == file_signature(src / "w0.tif")
+    labels = read_image(out / "w0_labels.tif").data
+    fresh = run_sync(segment.segment_job(read_image(src / "w0.tif"), model, _ort(model), diameter="native"))
+    assert np.array_equal(labels, fresh.labels)
+
+
+def _ort(model):
+    from segstudio.core.backends import create_backend
+
+    return create_backend("onnxruntime", model)
+
+
+def test_signature_tells_apart_a_copy_with_the_same_size_and_time(tmp_path):
+    from segstudio.core.batch import BatchItem, is_finished, same_input
+    from segstudio.core.io import file_signature
+
+    def rewritten(path, pixels, where):
+        """``pixels`` changed at ``where`` and written back with the old size and time stamp (cp -p, rsync -t)."""
+        st = path.stat()
+        pixels = pixels.copy()
+        pixels[where] += 1
+        tifffile.imwrite(path, pixels)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    small = np.random.default_rng(1).integers(0, 4000, (300, 300), dtype=np.uint16)  # under 1 MiB: all hashed
+    g = tmp_path / "b.tif"
+    tifffile.imwrite(g, small)
+    first = file_signature(g)
+    rewritten(g, small, (150, 150))
+    assert first[:2] == file_signature(g)[:2] and first != file_signature(g)
+    f = tmp_path / "a.tif"
+    big = np.random.default_rng(0).integers(0, 4000, (1200, 1200), dtype=np.uint16)  # 2.9 MB: 16 blocks sampled
+    tifffile.imwrite(f, big)
+    before = file_signature(f)
+    rewritten(f, big, (1199, slice(1100, 1200)))  # the last block is one of those sampled
+    after = file_signature(f)
+    assert before[:2] == after[:2] and before != after
+    assert not same_input(before, after) and same_input(before[:2], after)  # manifests of before the hash
+    item = BatchItem(f, "a.tif", "a")
+    (tmp_path / "a_labels.tif").write_bytes(b"x")
+    (tmp_path / "a_cells.csv").write_bytes(b"x")
+    record = {"file": "a.tif", "status": "done", "model_id": "m", "input": before}
+    assert not is_finished(item, record, tmp_path, "m")
+    assert is_finished(item, {**record, "input": after}, tmp_path, "m")
+
+
+def test_batch_keeps_the_users_files_in_the_output_folder(tmp_path, samples):
+    """Stale-file clean-up touches only segstudio's temporaries; outputs never replace a file it did not write."""
+    from segstudio.core.io import temporary_sibling
+    from segstudio.core.models.catalog import get_model
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    (src / "sub").mkdir(parents=True)
+    crops = list(_crops(samples, 2, 96, seed=2))
+    tifffile.imwrite(src / "a.tif", crops[0])
+    tifffile.imwrite(src / "sub" / "b.tif", crops[1])
+    (out / "sub").mkdir(parents=True)
+    (out / "notes").mkdir()
+    mine = {"a_labels.tif": b"my ground truth", ".a.tif.backup.tmp": b"x", ".x.tmp.u16": b"x",
+            "notes/.y_cells.csv.abcdefgh.segstudio-tmp": b"look-alike, in a folder the batch does not write",
+            "sub/keep.tmp": b"x"}
+    for rel, data in mine.items():
+        (out / rel).write_bytes(data)
+    stale = temporary_sibling(out / "sub" / "b_labels.tif")  # what a killed run leaves
+    report = run_sync(batch_job(src, out, get_model(MODEL), "onnxruntime", recursive=True,
+                                scale={"diameter": "native"}))
+    rows = {r["file"]: r for r in report.rows}
+    assert rows["sub/b.tif"]["status"] == "done" and not stale.exists()
+    assert rows["a.tif"]["status"] == "failed" and "was not written by segstudio" in rows["a.tif"]["reason"]
+    assert all((out / rel).read_bytes() == data for rel, data in mine.items())
+    # the outputs segstudio wrote are its own: a run after the file is moved away replaces nothing of the user's
+    (out / "a_labels.tif").rename(tmp_path / "a_labels_truth.tif")
+    report = run_sync(batch_job(src, out, get_model(MODEL), "onnxruntime", recursive=True,
+                                scale={"diameter": "native"}))
+    assert report.counts == {"done": 2}
+
+
+def test_damaged_manifest_lines_are_skipped_with_a_warning_and_their_files_redone(tmp_path, samples):
+    from segstudio.core.models.catalog import get_model
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i, crop in enumerate(_crops(samples, 2, 96, seed=3)):
+        tifffile.imwrite(src / f"w{i}.tif", crop)
+    model = get_model(MODEL)
+    run_sync(batch_job(src, out, model, "onnxruntime", scale={"diameter": "native"}))
+    lines = (out / MANIFEST).read_bytes().splitlines()
+    good = json.loads(lines[0])
+    damaged = [b"\x00\x00\xff not json", json.dumps({**good, "file": 7}).encode(),
+               json.dumps({**good, "input": {"size": 1}}).encode(), json.dumps({**good, "status": "maybe"}).encode(),
+               b"[]", json.dumps({**json.loads(lines[1]), "input": [True, 1]}).encode()]
+    (out / MANIFEST).write_bytes(b"\n".join([lines[0], *damaged]) + b"\n")
+    events = []
+    report = run_sync(batch_job(src, out, model, "onnxruntime", scale={"diameter": "native"}), events.append)
+    warning = [e for e in events if e.stage == "notice" and e.info.get("warning")]
+    assert len(warning) == 1 and "skipped 6 damaged line(s) (2, 3, 4, 5, 6, 7)" in warning[0].message
+    assert report.counts == {"done": 2} and report.processed == 1  # w0's good line stands; w1's was damaged
+
+
+def test_a_full_output_disk_stops_the_batch(tmp_path, samples, monkeypatch):
+    """ENOSPC while writing one file is every later file's fate: the batch stops with one error."""
+    import errno
+
+    import segstudio.core.measure as measure
+    from segstudio.core.errors import OutputError
+    from segstudio.core.models.catalog import get_model
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i, crop in enumerate(_crops(samples, 3, 96, seed=4)):
+        tifffile.imwrite(src / f"w{i}.tif", crop)
+
+    def full(path, table):
+        from segstudio.core.io import atomic_path
+
+        with atomic_path(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(measure, "write_csv", full)
+    seen = []
+    with pytest.raises(OutputError, match="the disk is full") as info:
+        run_sync(batch_job(src, out, get_model(MODEL), "onnxruntime", scale={"diameter": "native"}), seen.append)
+    assert info.value.fatal
+    assert sum(1 for e in seen if e.info.get("status") == "running") == 1  # stopped at the first file

@@ -252,3 +252,65 @@ def test_read_image_reads_zarr_whole(tmp_path):
     img = read_image(tmp_path / "a.zarr")
     assert img.axes == "CYX" and img.name == "a"
     np.testing.assert_array_equal(img.data, z[:])
+
+
+# ------------------------------------------------------------------ non-finite pixels
+
+
+@pytest.fixture(scope="module")
+def light():
+    pytest.importorskip("onnxruntime")
+    from segstudio.core.backends import create_backend
+    from segstudio.core.models.catalog import get_model
+
+    model = get_model("nuclei-light")
+    with create_backend("onnxruntime", model) as backend:
+        yield model, backend
+
+
+@pytest.mark.parametrize("tile", [64, 512])
+def test_nonfinite_pixels_are_background_counted_once_and_change_nothing_else(light, samples, tile):
+    from segstudio.core.segment import segment_job
+
+    model, backend = light
+    clean = read_image(samples[0][0]).data.astype(np.float64)
+    ref = run_sync(segment_job(as_image(clean, "YX"), model, backend, diameter="native", tile=tile)).labels
+    background = np.argwhere(np.lib.stride_tricks.sliding_window_view(ref, (12, 12)).max(axis=(-2, -1)) == 0)
+    y, x = background[len(background) // 2]
+    bad = clean.copy()
+    bad[y + 1 : y + 11, x + 1 : x + 11] = np.nan  # 100 pixels in the background
+    spots = np.argwhere(ref == 0)[::997][:20]
+    bad[tuple(spots.T)] = np.inf
+    bad[spots[0][0], spots[0][1]] = 1e300  # finite in float64, infinite in float32
+    with np.errstate(over="ignore"):
+        expected = int((~np.isfinite(bad.astype(np.float32))).sum())
+    assert expected >= 110
+    result = run_sync(segment_job(as_image(bad, "YX"), model, backend, diameter="native", tile=tile))
+    assert len(result.warnings) == 1 and result.warnings[0].startswith(f"{expected} of {clean.size:,} pixels")
+    assert score(ref, result.labels, thresholds=(0.9,)).ap[0.9] > 0.95  # the same nuclei
+    assert result.n_objects >= 0.95 * ref.max()
+
+
+def test_a_model_that_outputs_nan_is_an_error_naming_it(light, samples):
+    from segstudio.core.errors import IncompatibleArtifactError
+    from segstudio.core.segment import segment_job
+
+    model, backend = light
+
+    class Broken:
+        name, device, precision = "broken", "cpu", "fp32"
+
+        def predict(self, batch, crop=None):
+            out = backend.predict(batch, crop)
+            out[0, 0, 5, 5] = np.nan
+            return out
+
+        def describe(self):
+            return "a backend that returns NaN"
+
+        def close(self):
+            pass
+
+    image = read_image(samples[0][0])
+    with pytest.raises(IncompatibleArtifactError, match="model 'nuclei-light' gave NaN or infinite outputs"):
+        run_sync(segment_job(image, model, Broken(), diameter="native"))

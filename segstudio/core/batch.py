@@ -356,6 +356,8 @@ def process_image(item: BatchItem, out_dir: Path, model, backend, source=None, *
     except MemoryError:
         return failed("out of memory")
     except OSError as e:  # permissions, a file that vanished: the file's problem, not a bug
+        if e.errno in OutputError.FATAL:  # but a full disk is every later file's problem too
+            raise OutputError.from_oserror(out_dir, e) from None
         return failed(f"{type(e).__name__}: {e.strerror or e}")
     except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch; a bug is logged
         import traceback
