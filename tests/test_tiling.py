@@ -97,3 +97,60 @@ def test_flip_average_flips_back_and_averages():
     np.testing.assert_allclose(out, expected[..., 1:3, 0:2], rtol=1e-6)
     assert len(calls) == 4 and np.array_equal(calls[0], x) and np.array_equal(calls[3], x[..., ::-1, ::-1])
     assert tta.describe() == "net, averaged over 4 flips"
+
+
+# ----------------------------------------------------------------------------- networks of fixed or stepped sizes
+
+
+@pytest.mark.parametrize("shape", [(100, 90), (512, 512), (700, 300), (1500, 449)])
+def test_exact_tile_shape_covers_each_pixel_once(shape):
+    rng = np.random.default_rng(sum(shape))
+    x = rng.random((1, *shape)).astype(np.float32)
+    seen = []
+
+    def record(batch):
+        seen.append(batch.shape[-2:])
+        return batch.copy()
+
+    plan = plan_tiles(shape, tile=64, halo=32, multiple=16, tile_shape=(512, 512))
+    count = np.zeros(shape, int)
+    for t in plan.tiles:
+        count[t.out] += 1
+        (y0, y1), (x0, x1) = t.read
+        assert (y1 - y0, x1 - x0) == (512, 512)
+    assert (count == 1).all() and plan.tile_shape == (512, 512)
+    out = run_sync(predict_tiled(x, record, tile=64, halo=32, multiple=16, batch_size=2, tile_shape=(512, 512)))
+    np.testing.assert_array_equal(out, x)  # mirrored out to the tile, cropped back
+    assert set(seen) == {(512, 512)}
+
+
+def test_exact_tile_shape_must_leave_a_core():
+    with pytest.raises(ValueError, match="leave no core"):
+        plan_tiles((100, 100), tile=64, halo=32, tile_shape=(64, 64))
+
+
+def test_model_tile_shapes_follow_its_declared_sizes():
+    from segstudio.core.models.spec import ModelSpec
+
+    def spec(**kw):
+        return ModelSpec(name="m", version="1", title="", description="", architecture="onnx", halo_px=32,
+                         multiple_px=16, **kw)
+
+    free = spec()
+    assert free.tile_shape(512, (1000, 1000)) is None and free.fixed_input is None  # the tiler decides
+    fixed = spec(input_min=(512, 512), input_step=(0, 0))
+    assert fixed.fixed_input == (512, 512)
+    for tile, plane in ((512, (1000, 1000)), (128, (60, 60)), (2048, (4000, 300))):
+        assert fixed.tile_shape(tile, plane) == (512, 512)
+    stepped = spec(input_min=(100, 100), input_step=(16, 16))
+    assert stepped.tile_shape(512, (1000, 1000)) == (100 + 30 * 16, 100 + 30 * 16)  # >= 512 + 64, on the grid
+    assert stepped.tile_shape(16, (20, 20)) == (100, 100)  # never below the minimum
+    assert stepped.input_size((101, 99)) == (116, 100)
+    # cards keep the sizes; cards written before these fields load as before
+    again = ModelSpec.from_dict(fixed.to_dict())
+    assert again.input_min == (512, 512) and again.input_step == (0, 0) and again.max_batch is None
+    old = fixed.to_dict()
+    for key in ("input_min", "input_step", "max_batch"):
+        del old[key]
+    del old["normalization"]["eps"]
+    assert ModelSpec.from_dict(old).tile_shape(512, (1000, 1000)) is None

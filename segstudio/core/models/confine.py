@@ -62,6 +62,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import stat
@@ -345,7 +346,10 @@ def run_confined(
         if result is None:
             raise ConfinedRunError(f"{label}: {_death(rc, limits)}" + (f" ({_last_line(log_text)})" if log_text else ""))
         if not result.get("ok"):
-            raise ConfinedRunError(f"{label}: {_one_line(str(result.get('error', 'failed')))}")
+            message = _one_line(str(result.get("error", "failed")).replace(str(work / "in") + os.sep, ""))
+            if re.search(r"alloc|MemoryError|out of memory", message, re.IGNORECASE):
+                message += f" (a confined run may use at most {limits.memory_bytes / (1 << 30):.1f} GiB)"
+            raise ConfinedRunError(f"{label}: {message}")
         files = {}
         if outputs:
             dest = Path(dest)
