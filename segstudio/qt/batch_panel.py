@@ -30,7 +30,7 @@ from ..core.jobs import Progress
 from .segment_panel import AUTO, BackendCache, ErrorView, available_models, fill_backends
 from .worker import JobRunner, describe_error, with_crash_log
 
-COLUMNS = ("File", "Status", "Cells", "Seconds", "Reason")
+COLUMNS = ("File", "Status", "Cells", "Seconds", "Reason / notes")
 STATUS_COLOURS = {"done": "#2e7d32", "failed": "#c62828", "skipped": "#9e9e9e", "running": "#1565c0"}
 
 
@@ -100,6 +100,10 @@ class BatchPanel(QWidget):
         self.progress_bar.setTextVisible(False)
         self.status = QLabel("Drop a folder of images")
         self.status.setWordWrap(True)
+        # warnings about the run as a whole (a damaged manifest whose lines were skipped)
+        self.notice = QLabel("")
+        self.notice.setWordWrap(True)
+        self.notice.setVisible(False)
         self.error_view = ErrorView()
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
@@ -130,6 +134,7 @@ class BatchPanel(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.status)
+        layout.addWidget(self.notice)
         layout.addWidget(self.error_view)
         layout.addWidget(self.table, 1)
 
@@ -172,6 +177,8 @@ class BatchPanel(QWidget):
             self.status.setText("Choose or drop a folder first")
             return
         self.error_view.clear()
+        self.notice.clear()
+        self.notice.setVisible(False)
         in_dir, out_dir = self._in_dir, self.out_dir
         model_name, backend_name = self.model_combo.currentData(), self.backend_combo.currentData()
         recursive, tta = self.recursive_check.isChecked(), self.tta_check.isChecked()
@@ -230,6 +237,10 @@ class BatchPanel(QWidget):
     # ------------------------------------------------------------------ slots (GUI thread)
 
     def _on_progress(self, event: Progress) -> None:
+        if event.stage == "notice" and event.info.get("warning"):
+            text = self.notice.text()
+            self.notice.setText(f"{text}\n{event.message}" if text else event.message)
+            self.notice.setVisible(True)
         if event.stage != "batch":
             return
         info = event.info
@@ -295,8 +306,9 @@ class BatchPanel(QWidget):
             self.table.item(r, 2).setText(str(row.get("cells", "")))
             seconds = row.get("seconds", "")
             self.table.item(r, 3).setText(f"{float(seconds):.2f}" if seconds not in ("", None) else "")
-            self.table.item(r, 4).setText(str(row.get("reason", "")))
-            self.table.item(r, 4).setToolTip(str(row.get("reason", "")))
+            text = str(row.get("reason") or row.get("notes") or "")
+            self.table.item(r, 4).setText(text)
+            self.table.item(r, 4).setToolTip(text)
             if row.get("labels"):
                 self.table.item(r, 0).setData(Qt.ItemDataRole.UserRole, row["labels"])
         if status == "running":

@@ -96,3 +96,25 @@ def test_cancel_then_resume_finishes_without_redoing(make_napari_viewer, qtbot, 
     assert list(panel.statuses().values()).count("done") == 12
     assert len(again) == 12 - len(first_run)  # only the rest was processed
     widget.close()
+
+
+def test_a_damaged_manifest_and_nan_pixels_are_shown(make_napari_viewer, qtbot, tmp_path, no_thread_left_running):
+    """What the batch had to skip or make background is on screen: a notice, and the file's notes."""
+    from segstudio.napari_plugin._batch import BatchWidget
+
+    src, out = tmp_path / "plate", tmp_path / "results"
+    src.mkdir()
+    image = read_image(sample_pairs()[1][0]).data.astype(np.float32)
+    image[10:20, 10:20] = np.nan
+    tifffile.imwrite(src / "nan.tif", image[:128, :160])
+    out.mkdir()
+    (out / MANIFEST).write_bytes(b'{"file": 3}\n\x00\x00\n')
+    widget = BatchWidget(make_napari_viewer())
+    panel = widget.panel
+    panel.model_combo.setCurrentIndex(panel.model_combo.findData("nuclei-light"))
+    panel.set_folder(src, out)
+    panel.start()
+    qtbot.waitUntil(lambda: not panel.is_running(), timeout=120_000)
+    assert not panel.notice.isHidden() and "skipped 2 damaged line(s)" in panel.notice.text()
+    assert panel.statuses() == {"nan.tif": "done"}
+    assert "100 of 20,480 pixels" in panel.table.item(0, 4).text()
