@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 apt_packages="xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 libxcb-image0 libxcb-render-util0
   libxcb-shape0 libxcb-xinerama0 libxcb-randr0 libxcb-xkb1 libxkbcommon0 libxkbcommon-x11-0 libegl1 libgl1
-  libdbus-1-3 libfontconfig1"
+  libdbus-1-3 libfontconfig1 bubblewrap"  # bubblewrap: the sandbox of model conversions (core/models/confine.py)
 missing=""
 for p in $apt_packages; do
   dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
