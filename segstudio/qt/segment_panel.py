@@ -12,6 +12,12 @@ called on the GUI thread when the user presses Run, and listens to
 cached per (model, backend) in a :class:`BackendCache` shared by every panel
 of the process, so the second run does not load the model again and the GUI
 thread never runs inference.
+
+A model file opened with *Open...* is imported on a background thread too.
+A TorchScript file holds code: it is refused unless the user ticks "Allow
+model files that contain code (TorchScript)", which shows what that means
+(a conversion to ONNX in a confined process, and the confinement this
+machine gives it: :func:`~segstudio.core.models.confine.describe_confinement`).
 """
 
 from __future__ import annotations
@@ -213,6 +219,19 @@ class SegmentPanel(QWidget):
         self.open_model_button.setToolTip(
             "use a model card (.json, e.g. from segstudio optimize), an ONNX, TorchScript or state-dict file, "
             "or a BioImage.IO package")
+        self.trust_check = QCheckBox("Allow model files that contain code (TorchScript)")
+        self.trust_check.setToolTip(
+            "TorchScript files (and BioImage.IO packages with only torchscript weights) are programs, not just "
+            "weights; unticked, segstudio refuses them")
+        self.trust_warning = QLabel()
+        self.trust_warning.setObjectName("segstudioTrustWarning")
+        self.trust_warning.setWordWrap(True)
+        self.trust_warning.setStyleSheet("color: #e8a33f;")
+        self.trust_warning.setVisible(False)
+        self.import_runner = JobRunner(self)
+        self.import_runner.finished.connect(self._on_model_imported)
+        self.import_runner.failed.connect(self._on_import_failed)
+        self.import_runner.stopped.connect(self._set_idle)
         self.backend_combo = QComboBox()
         self.backend_combo.setToolTip("auto picks the fastest backend installed for this model")
         self.channel_combo = QComboBox()
@@ -252,6 +271,8 @@ class SegmentPanel(QWidget):
         model_row.addWidget(self.model_combo, 1)
         model_row.addWidget(self.open_model_button)
         form.addRow("Model", model_row)
+        form.addRow("", self.trust_check)
+        form.addRow("", self.trust_warning)
         form.addRow("Backend", self.backend_combo)
         form.addRow("Channel", self.channel_combo)
         form.addRow("Diameter", self.diameter_spin)
@@ -271,6 +292,7 @@ class SegmentPanel(QWidget):
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.open_model_button.clicked.connect(self._choose_model)
+        self.trust_check.toggled.connect(self._on_trust_toggled)
         self._update_backends()
         self.set_channels([])
         self._set_idle()
@@ -292,13 +314,59 @@ class SegmentPanel(QWidget):
         """The chosen channel index, or None for auto."""
         return self.channel_combo.currentData()
 
+    @property
+    def trust_code(self) -> bool:
+        """Whether model files that contain code (TorchScript) may be converted (in a confined process)."""
+        return self.trust_check.isChecked()
+
     def add_model(self, path: str) -> Model | None:
-        """Offer the model card at ``path`` (or a folder holding one) and select it; errors are shown."""
+        """Offer the model card at ``path`` (or a folder holding one) and select it; errors are shown.
+
+        Runs on the calling (GUI) thread: for a model file that needs
+        importing, :meth:`open_model` does it in the background.
+        """
         try:
-            model = get_model(path)
+            model = get_model(path, trust_code=self.trust_code)
         except Exception as exc:  # noqa: BLE001 - shown to the user: verbatim if expected, as a bug otherwise
             self._show_error(exc)
             return None
+        return self._offer(model)
+
+    def open_model(self, path: str) -> None:
+        """Import the model at ``path`` on a background thread, then offer and select it (errors are shown)."""
+        if self.runner.is_running() or self.import_runner.is_running():
+            return
+        from pathlib import Path
+
+        self.error_view.clear()
+        trust = self.trust_code
+        self.status.setText(f"Importing {Path(path).name}..." + (
+            " (a file with code is converted in a confined process)" if trust else ""))
+        self._set_busy(cancellable=False)
+        self.import_runner.start(lambda cancel: _import(path, trust))
+
+    def _on_model_imported(self, model: Model) -> None:
+        self._offer(model)
+        self.status.setText(f"Opened {model.name}")
+
+    def _on_import_failed(self, exc: BaseException) -> None:
+        self.status.setText("Ready")
+        self._show_error(exc)
+
+    def _on_trust_toggled(self, checked: bool) -> None:
+        if checked:
+            from ..core.models.confine import describe_confinement
+
+            try:
+                where = describe_confinement()
+            except Exception as exc:  # noqa: BLE001 - e.g. an unknown SEGSTUDIO_SANDBOX: say so
+                where = f"no confinement is possible ({exc})"
+            self.trust_warning.setText(
+                "Warning: a TorchScript file is a program. Allow it only from people you trust. segstudio converts "
+                f"it to ONNX in a separate process and keeps only the ONNX file. Here: {where}.")
+        self.trust_warning.setVisible(checked)
+
+    def _offer(self, model: Model) -> Model:
         key = str(model.card_path)
         if key not in self._models:
             self._models[key] = model
@@ -317,7 +385,7 @@ class SegmentPanel(QWidget):
             "Models (*.json *.onnx *.pt *.pth *.zip);;Model cards (*.json);;ONNX (*.onnx);;PyTorch (*.pt *.pth);;"
             "BioImage.IO packages (*.zip)")
         if path:
-            self.add_model(path)
+            self.open_model(path)
 
     def set_channels(self, names: list[str], current: int | None = None) -> None:
         """Offer ``names`` as channels (besides auto); the combo is disabled for one channel."""
@@ -336,7 +404,7 @@ class SegmentPanel(QWidget):
 
     def run(self) -> None:
         """Fetch the image and start segmenting it in the background."""
-        if self.runner.is_running():
+        if self.runner.is_running() or self.import_runner.is_running():
             return
         self.error_view.clear()
         try:
@@ -367,8 +435,9 @@ class SegmentPanel(QWidget):
             self.status.setText("Cancelling...")
 
     def shutdown(self, timeout_ms: int | None = None) -> bool:
-        """Cancel a running job and join its thread; True if no thread is left running."""
-        return self.runner.shutdown(timeout_ms)
+        """Cancel a running job (an import runs to its end) and join its thread; True if no thread is left running."""
+        segmenting = self.runner.shutdown(timeout_ms)
+        return self.import_runner.shutdown(timeout_ms) and segmenting
 
     def error_text(self) -> str:
         """The error shown in the panel, or ``""``."""
@@ -418,16 +487,17 @@ class SegmentPanel(QWidget):
     def _update_backends(self) -> None:
         fill_backends(self.backend_combo, self._models.get(self.model_name))
 
-    def _set_busy(self) -> None:
+    def _set_busy(self, cancellable: bool = True) -> None:
         for w in (self.run_button, self.model_combo, self.open_model_button, self.backend_combo, self.channel_combo,
-                  self.diameter_spin, self.tta_check):
+                  self.diameter_spin, self.tta_check, self.trust_check):
             w.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+        self.cancel_button.setEnabled(cancellable)
 
     def _set_idle(self) -> None:
         self.run_button.setEnabled(bool(self._models))
         self.model_combo.setEnabled(True)
         self.open_model_button.setEnabled(True)
+        self.trust_check.setEnabled(True)
         self.backend_combo.setEnabled(True)
         self.diameter_spin.setEnabled(True)
         self.tta_check.setEnabled(True)
@@ -483,6 +553,12 @@ class SegmentPanel(QWidget):
             widget.installEventFilter(self)
         # weak references: the panel must not keep its window alive
         self._watched = [weakref.ref(widget) for widget in ancestors]
+
+
+def _import(path: str, trust_code: bool) -> Job[Model]:
+    """The Open... job, run on a worker thread: find or import the model."""
+    yield Progress("load", 0, 0, f"importing {path}")
+    return get_model(path, trust_code=trust_code)
 
 
 def _segment(
