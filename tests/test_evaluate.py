@@ -89,3 +89,83 @@ def test_mean_scores():
     rows = [score(t, t).as_dict(), score(t, np.zeros_like(t)).as_dict()]
     m = mean_scores(rows)
     assert m["ap50"] == pytest.approx(0.5) and m["count_error"] == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------ evaluation inputs
+
+
+def _pair_folder(folder, labels_shape=None, index=None):
+    """A folder with one image / labels pair (the bundled sample), labels of ``labels_shape`` when given."""
+    import tifffile
+
+    from segstudio.core.io import read_image
+    from segstudio.sample_data import sample_pairs
+
+    img, lab = sample_pairs()[0]
+    folder.mkdir()
+    image = read_image(img).data.reshape(read_image(img).plane_shape)
+    tifffile.imwrite(folder / "x_img.tif", image)
+    truth = read_image(lab).data.reshape(image.shape)
+    tifffile.imwrite(folder / "x_labels.tif", truth if labels_shape is None else np.zeros(labels_shape, np.uint16))
+    if index is not None:
+        (folder / "index.json").write_text(index)
+    return folder
+
+
+def test_labels_of_another_shape_is_an_input_error_naming_both_files(tmp_path):
+    from segstudio.core.backends import create_backend
+    from segstudio.core.datasets import find_pairs
+    from segstudio.core.errors import InputError
+    from segstudio.core.evaluate import evaluate_job
+    from segstudio.core.jobs import run_sync
+    from segstudio.core.models.catalog import get_model
+
+    folder = _pair_folder(tmp_path / "d", labels_shape=(100, 80))
+    pairs = find_pairs(folder, folder)
+    model = get_model("nuclei-light")
+    calls = []
+
+    class Counting:  # the network must not run for a pair that cannot be scored
+        def __init__(self, backend):
+            self.backend, self.device, self.precision = backend, "cpu", "fp32"
+
+        def predict(self, batch, crop=None):
+            calls.append(batch.shape)
+            return self.backend.predict(batch, crop)
+
+        def describe(self):
+            return self.backend.describe()
+
+    with create_backend("onnxruntime", model) as b, pytest.raises(InputError) as e:
+        run_sync(evaluate_job(pairs, model, Counting(b)))
+    text = str(e.value)
+    assert str(folder / "x_labels.tif") in text and str(folder / "x_img.tif") in text
+    assert "100x80" in text and not calls
+
+
+@pytest.mark.parametrize("content,says", [
+    ('[{"file": "y", "kind": ', "not a readable JSON file"),
+    ('{"file": 3}', "expected a list of entries, found a JSON dict"),
+    ('[{"file": 3, "kind": "fluorescence"}]', "entry 0 is not an object"),
+    ('[{"file": "d/x", "kind": "fluorescence"}, {"file": "d/z"}]', "entry 1 is not an object"),
+    ('["d/x"]', "entry 0 is not an object"),
+    (b"\xff\xfe\x00[", "not a readable JSON file"),
+])
+def test_broken_index_json_is_an_input_error_naming_it(tmp_path, content, says):
+    from segstudio.core.datasets import find_images, find_pairs
+    from segstudio.core.errors import InputError
+
+    folder = _pair_folder(tmp_path / "d")
+    index = folder / "index.json"
+    index.write_bytes(content if isinstance(content, bytes) else content.encode())
+    for call in (lambda: find_pairs(folder, folder, kind="fluorescence"), lambda: find_images(folder, kind="fluorescence")):
+        with pytest.raises(InputError) as e:
+            call()
+        assert str(index) in str(e.value) and says in str(e.value)
+
+
+def test_valid_index_json_still_filters_by_kind(tmp_path):
+    from segstudio.core.datasets import find_pairs
+
+    folder = _pair_folder(tmp_path / "d", index='[{"file": "d/x", "kind": "fluorescence"}]')
+    assert [p.name for p in find_pairs(folder, folder, kind="fluorescence")] == ["x"]

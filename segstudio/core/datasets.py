@@ -85,10 +85,29 @@ def find_images(folder: str | Path, *, kind: str | None = None) -> list[Path]:
     return files
 
 
+INDEX_HINT = 'index.json must be a JSON list of {"file": "<folder>/<stem>", "kind": "<kind>"} entries'
+
+
 def read_kinds(folder: Path) -> dict[str, str]:
-    """Map stem -> kind from an ``index.json`` in ``folder`` or its parent."""
+    """Map stem -> kind from an ``index.json`` in ``folder`` or its parent.
+
+    A file that is not such a list (not JSON, not a list, an entry without a
+    ``file`` or ``kind`` string) is an :class:`InputError` naming it.
+    """
     for candidate in (folder / "index.json", folder.parent / "index.json"):
         if candidate.is_file():
-            entries = json.loads(candidate.read_text())
-            return {Path(e["file"]).name: e["kind"] for e in entries if "file" in e and "kind" in e}
+            try:
+                entries = json.loads(candidate.read_bytes())
+            except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise InputError(f"{candidate}: not a readable JSON file ({e})", hint=INDEX_HINT) from None
+            if not isinstance(entries, list):
+                raise InputError(f"{candidate}: expected a list of entries, found a JSON {type(entries).__name__}",
+                                 hint=INDEX_HINT)
+            kinds = {}
+            for i, e in enumerate(entries):
+                if not (isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("kind"), str)):
+                    raise InputError(f"{candidate}: entry {i} is not an object with a \"file\" and a \"kind\" string "
+                                     f"({json.dumps(e)[:80]})", hint=INDEX_HINT)
+                kinds[Path(e["file"]).name] = e["kind"]
+            return kinds
     return {}
