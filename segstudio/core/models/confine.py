@@ -366,8 +366,11 @@ def run_confined(
 
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError, OSError):
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, signal.SIGKILL)  # the child leads its own session: all it started goes too
+        elif proc.poll() is None:
+            proc.kill()
+    except OSError:  # gone already
         pass
     try:
         proc.wait(timeout=10)
@@ -627,8 +630,11 @@ def _set_limits(limits: dict) -> dict:
         soft, hard = resource.getrlimit(which)
         value = int(value) if hard == resource.RLIM_INFINITY else min(int(value), hard)
         # CPU: the soft limit sends SIGXCPU; the hard one, a little later, SIGKILL
-        resource.setrlimit(which, (value, value + 5 if name == "RLIMIT_CPU" and hard == resource.RLIM_INFINITY
-                                   else value))
+        try:
+            resource.setrlimit(which, (value, value + 5 if name == "RLIMIT_CPU" and hard == resource.RLIM_INFINITY
+                                       else value))
+        except (ValueError, OSError):  # macOS refuses some (RLIMIT_AS): it is then not applied, and not reported
+            continue
         applied[name] = value
     return applied
 
