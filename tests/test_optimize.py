@@ -222,7 +222,9 @@ def test_step_syntax_is_checked():
                                         "quantize:int8:method=entropy", "export"]
     for bad, msg in [("prune:1.5", "between 0 and 1"), ("prune:0.5:speed=max", "no option speed"),
                      ("squash", "unknown step"), ("quantize:int4", "int8 or fp16"), ("", "no optimization"),
-                     ("distill:wide", "whole numbers")]:
+                     ("distill:wide", "whole numbers"), ("prune:0.5:of=weird", "one of channels, flops"),
+                     ("recover:steps=0", "from 1 to 1,000,000"), ("recover:lr=nan", "a number from"),
+                     ("quantize:int8:method=kl", "one of percentile"), ("distill:separable=maybe", "true or false")]:
         with pytest.raises(InputError, match=msg):
             parse_steps(bad)
 

@@ -15,6 +15,7 @@ The plain functions behind them live in :mod:`.prune`, :mod:`.distill`,
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,7 +49,9 @@ class Context:
 
 class Step(ABC):
     name: ClassVar[str] = ""
-    options: ClassVar[dict] = {}
+    options: ClassVar[dict] = {}  # name -> default; the default's type is the option's type
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}  # the values a text option may take
+    limits: ClassVar[dict[str, tuple[float, float | None]]] = {}  # (lowest, highest) of a number (default >= 0)
     needs_recovery: ClassVar[bool] = False
     doc: ClassVar[str] = ""
 
@@ -58,7 +61,33 @@ class Step(ABC):
             raise InputError(f"step {self.name} has no option {', '.join(sorted(unknown))}"
                              f" (options: {', '.join(self.options) or 'none'})")
         self.arg = arg
-        self.opts = {**self.options, **opts}
+        self.opts = {**self.options, **{k: self._parse(k, v) for k, v in opts.items()}}
+
+    def _parse(self, key: str, value):
+        """``value`` (text from the command line, or a value) as the option's type, checked against its range."""
+        default, where = self.options[key], f"{self.name}:{key}"
+        if isinstance(default, bool):
+            text = str(value).strip().lower()
+            if text not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+                raise InputError(f"{where} must be true or false, not {value!r}")
+            return text in ("true", "yes", "1", "on")
+        if isinstance(default, (int, float)):
+            kind = int if isinstance(default, int) else float
+            try:
+                number = kind(value)
+            except (TypeError, ValueError):
+                number = None
+            lo, hi = self.limits.get(key, (0, None))
+            if number is None or not math.isfinite(number) or number < lo or (hi is not None and number > hi):
+                what = "a whole number" if kind is int else "a number"
+                show = (lambda x: f"{int(x):,}") if kind is int else (lambda x: f"{x:g}")
+                span = f"from {show(lo)} to {show(hi)}" if hi is not None else f"at least {show(lo)}"
+                raise InputError(f"{where} must be {what} {span}, not {value!r}")
+            return number
+        allowed = self.choices.get(key)
+        if allowed is not None and str(value) not in allowed:
+            raise InputError(f"{where} must be one of {', '.join(allowed)}, not {value!r}")
+        return str(value)
 
     @property
     def label(self) -> str:
@@ -103,6 +132,8 @@ def _ratio(arg: str | None, default: float, what: str) -> float:
 class PruneStep(Step):
     name = "prune"
     options = {"importance": "bn", "mode": "uniform", "round": 8, "of": "channels", "keep": "full-res"}
+    choices = {"importance": ("bn", "l1", "l2"), "mode": ("uniform", "global"), "of": ("channels", "flops")}
+    limits = {"round": (1, 256)}
     needs_recovery = True
     doc = ("structured channel pruning: the ratio is of channels removed per layer group, or with of=flops "
            "of the FLOPs removed; keep=full-res (default) leaves the full-resolution blocks whole, keep=none "
@@ -114,8 +145,6 @@ class PruneStep(Step):
 
     def check(self, parent, ctx):
         problems = _need_torch(parent)
-        if self.opts["of"] not in ("channels", "flops"):
-            problems.append(f"of={self.opts['of']}: the ratio is of 'channels' or 'flops'")
         if not problems:
             from .prune import channel_groups
 
@@ -168,6 +197,9 @@ class RecoverStep(Step):
     name = "recover"
     options = {"steps": 2500, "lr": 1e-3, "temperature": 3.0, "alpha": 0.5, "labels": "auto", "crop": 192,
                "retune": "auto"}
+    choices = {"labels": ("auto", "yes", "no"), "retune": ("auto", "off")}
+    limits = {"steps": (1, 10**6), "lr": (1e-8, 1.0), "temperature": (0.01, 100.0), "alpha": (0.0, 1.0),
+              "crop": (32, 4096)}
     doc = ("distill from the unpruned model on the calibration images (and fine-tune on labels when given), "
            "then re-tune the post-processing thresholds (retune=off keeps them)")
 
@@ -202,6 +234,9 @@ class DistillStep(Step):
     name = "distill"
     options = {"width": 8, "separable": False, "depth": 0, "steps": 3000, "lr": 2e-3, "temperature": 3.0,
                "alpha": 0.5, "feature_kd": 0.0, "retune": "auto"}
+    choices = {"retune": ("auto", "off")}
+    limits = {"width": (2, 1024), "depth": (0, 8), "steps": (1, 10**6), "lr": (1e-8, 1.0),
+              "temperature": (0.01, 100.0), "alpha": (0.0, 1.0), "feature_kd": (0.0, 100.0)}
     doc = "train a smaller student U-Net (narrower and/or depthwise-separable) from the model"
 
     def __init__(self, arg=None, **opts):
@@ -276,6 +311,7 @@ class SparsifyStep(Step):
 class ExportStep(Step):
     name = "export"
     options = {"opset": 18}
+    limits = {"opset": (13, 23)}
     doc = "ONNX export (dynamic batch, height, width; BatchNorm folded) verified against PyTorch"
 
     def check(self, parent, ctx):
@@ -313,6 +349,8 @@ class ExportStep(Step):
 class QuantizeStep(Step):
     name = "quantize"
     options = {"method": "percentile", "tiles": 0, "fallback": "auto", "max_fallback": 6}
+    choices = {"method": ("percentile", "minmax", "entropy"), "fallback": ("auto", "off")}
+    limits = {"tiles": (0, 100_000), "max_fallback": (0, 100)}
     doc = "INT8 (Q/DQ, calibrated on your images, sensitive layers kept in float if needed) or FP16"
 
     def __init__(self, arg=None, **opts):
@@ -392,6 +430,7 @@ class QuantizeStep(Step):
 class EngineStep(Step):
     name = "engine"
     options = {"workspace_gb": 4, "level": 3, "batch": 16, "tile": 512}
+    limits = {"workspace_gb": (1, 1024), "level": (0, 5), "batch": (1, 256), "tile": (32, 8192)}
     doc = "TensorRT engine (GPU) from the FP32, FP16 or Q/DQ INT8 ONNX"
 
     def __init__(self, arg=None, **opts):
