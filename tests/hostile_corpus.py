@@ -418,6 +418,9 @@ def make_corpus(root: Path, *, with_models: bool = True) -> list[Case]:
     tifffile.imwrite(d / "plate" / "w2.tif", px[:128, :128])
     cases.append(Case("batch_out_is_in", "option value",
                       ["batch", str(d / "plate"), "--out", str(d / "plate")], names="plate"))
+    cases.append(Case("batch_scheduler_not_an_address", "option value",
+                      ["batch", str(d / "plate"), "--out", "{out}", "--scheduler", "notanaddress", "--model", MODEL,
+                       "--backend", BACKEND, "-q"], names="notanaddress"))
     cases.append(Case("batch_damaged_manifest", "batch state",
                       ["batch", str(d / "plate"), "--out", "{out}", "--model", MODEL, "--backend", BACKEND, "-q"],
                       expect=(0,), stderr_has="damaged line"))
@@ -443,6 +446,18 @@ def make_corpus(root: Path, *, with_models: bool = True) -> list[Case]:
     cases.append(Case("eval_index_json_wrong_types", "evaluation input",
                       ["eval", "--model", MODEL, "--backend", BACKEND, "--images", str(d / "evalindex2"),
                        "--kind", "fluorescence", "-q"], names="index.json"))
+
+    (d / "trainshape").mkdir()
+    for stem in ("p", "q"):
+        tifffile.imwrite(d / "trainshape" / f"{stem}_img.tif", px)
+        tifffile.imwrite(d / "trainshape" / f"{stem}_labels.tif", np.zeros((10, 12), np.uint16))
+    cases.append(Case("train_labels_of_another_shape", "evaluation input",
+                      ["train", "--from", MODEL, "--images", str(d / "trainshape"), "--out", "{out}", "--steps", "2",
+                       "-q"], names="_labels.tif"))
+    cases.append(Case("optimize_labels_of_another_shape", "evaluation input",
+                      ["optimize", "--model", MODEL, "--calib", str(d / "trainshape"), "--val-labels",
+                       str(d / "trainshape"), "--steps", "quantize:int8", "--out", "{out}", "-q"],
+                      names="_labels.tif"))
 
     if with_models:
         cases += _model_cases(root, d)

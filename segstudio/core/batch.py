@@ -484,8 +484,9 @@ def _client(workers: int, scheduler: str | None):
     if scheduler:
         try:
             return Client(scheduler, timeout="20s"), None
-        except OSError as e:
-            raise InputError(f"cannot reach the Dask scheduler at {scheduler} ({e})") from None
+        except (OSError, ValueError, TypeError) as e:  # unreachable, or not an address (no port, bad scheme)
+            raise InputError(f"cannot reach the Dask scheduler at {scheduler!r} ({e})",
+                             hint="give its address as tcp://HOST:PORT") from None
     # silence_logs=CRITICAL: a worker's heartbeat that races the cluster's shutdown logs an ERROR with a
     # traceback, which is noise to the user
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
