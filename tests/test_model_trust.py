@@ -16,7 +16,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -25,7 +24,7 @@ pytest.importorskip("onnxruntime")
 from segstudio.core.errors import IncompatibleArtifactError, InputError  # noqa: E402
 from segstudio.core.models import confine  # noqa: E402
 from segstudio.core.models.catalog import get_model  # noqa: E402
-from segstudio.core.models.confine import ConfinedRunError, Limits, run_confined  # noqa: E402
+from segstudio.core.models.confine import Limits, run_confined  # noqa: E402
 from segstudio.core.models.user import (  # noqa: E402
     ModelRefusedError,
     detect_kind,
@@ -157,6 +156,15 @@ def test_torchscript_is_refused_by_import_and_get_model(evil, victims, home):
             get_model(str(f))
     victims.untouched()
     assert not list(home.rglob("*.json")) if home.exists() else True
+
+
+def test_torchscript_is_refused_by_models_import(evil, victims, home, capsys):
+    from segstudio.cli import main
+
+    assert main(["models", "import", str(evil["EvilState-existing"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refused EvilState-existing.pt: it is a TorchScript archive" in err[0]
+    victims.untouched()
 
 
 @pytest.mark.parametrize("how", ["renamed .pth", "renamed .onnx", "no constants.pkl", "no code/ folder"])

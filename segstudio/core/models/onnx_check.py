@@ -10,8 +10,8 @@ loaded) and refuses, with the file named:
   to a file inside the model's folder, or whose offset / length fall
   outside that file;
 * operators of custom domains: only the standard ones (``''`` /
-  ``ai.onnx``, ``ai.onnx.ml``) and the ``com.microsoft`` operators that ONNX
-  Runtime's CPU provider implements are allowed (a custom operator is native
+  ``ai.onnx``, ``ai.onnx.ml``) and the ``com.microsoft`` operators that the
+  installed ONNX Runtime implements are allowed (a custom operator is native
   code segstudio would have to load);
 * subgraphs except those of ``If``, ``Loop`` and ``Scan``;
 * a ``Loop`` without a trip count, with one that is not a constant, or with
@@ -29,7 +29,6 @@ child, not the app.
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -80,13 +79,12 @@ def _onnx():
 
 @lru_cache(maxsize=1)
 def ort_contrib_ops() -> frozenset[str]:
-    """The ``com.microsoft`` operators ONNX Runtime's CPU provider implements here (empty without it)."""
+    """The ``com.microsoft`` operators the installed ONNX Runtime implements (empty without it)."""
     try:
         from onnxruntime.capi import onnxruntime_pybind11_state as C
     except ImportError:
         return frozenset()
-    return frozenset(k.op_name for k in C.get_all_opkernel_def()
-                     if k.domain == "com.microsoft" and k.provider == "CPUExecutionProvider")
+    return frozenset(k.op_name for k in C.get_all_opkernel_def() if k.domain == "com.microsoft")
 
 
 def _dims(value_info) -> tuple:

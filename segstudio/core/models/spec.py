@@ -283,13 +283,25 @@ class ModelSpec:
 
     def card(self) -> str:
         """A short, human-readable model card."""
+        norm = self.normalization
+        scaling = {"meanstd": "zero mean and unit variance", "none": "nothing (used as they are)"}.get(
+            norm.mode, f"percentiles {norm.low}..{norm.high}")
+        sizes = ""
+        if self.fixed_input is not None:
+            sizes = f"; takes {self.fixed_input[0]}x{self.fixed_input[1]} tiles only"
+        elif self.input_min is not None:
+            sizes = (f"; takes tiles of {self.input_min[0]}x{self.input_min[1]} + n x "
+                     f"{self.input_step[0]}x{self.input_step[1]}" if self.input_step else "")
+        if self.max_batch:
+            sizes += f", {self.max_batch} at a time"
         lines = [
             f"{self.name} (v{self.version}): {self.title}",
             f"  {self.description}",
-            f"  input: {self.input_channels} channel(s), normalized per channel to "
-            f"percentiles {self.normalization.low}..{self.normalization.high} over the whole image",
-            f"  architecture: {self.architecture} depth {self.config.depth}, width {self.config.width}"
-            + (", depthwise-separable" if self.config.separable else ""),
+            f"  input: {self.input_channels} channel(s), normalized per channel to {scaling} over the whole image"
+            + sizes,
+            (f"  architecture: {self.architecture} depth {self.config.depth}, width {self.config.width}"
+             + (", depthwise-separable" if self.config.separable else "")) if self.architecture == "unet"
+            else f"  architecture: {self.architecture} (an imported network)",
             f"  output: {self.representation} -> instance labels by watershed"
             + (f", a class per cell ({' / '.join(self.classes)})" if self.classes else ""),
         ]

@@ -96,6 +96,8 @@ def user_models() -> list[Model]:
     """Every model imported into the user's model folder (unreadable ones are skipped)."""
     out = []
     for card in sorted(user_models_dir().glob("*/*.json")):
+        if card.parent.name.startswith("."):  # an import in progress (or one that was interrupted)
+            continue
         try:
             out.append(load_card(card, verify=False))
         except IncompatibleArtifactError:
