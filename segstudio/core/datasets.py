@@ -111,3 +111,24 @@ def read_kinds(folder: Path) -> dict[str, str]:
                 kinds[Path(e["file"]).name] = e["kind"]
             return kinds
     return {}
+
+
+def mismatch_error(pair: Pair, labels_shape, image_shape) -> InputError:
+    """The error for a labels file whose shape is not its image's."""
+    def dims(shape) -> str:
+        return "x".join(str(int(n)) for n in shape)
+
+    return InputError(f"{pair.labels}: labels of {dims(labels_shape)} px do not match the image {pair.image} "
+                      f"({dims(image_shape)} px)", hint="a labels file must have its image's planes, height and width")
+
+
+def read_pair(pair: Pair):
+    """``(ImageData, labels)`` of a pair, refusing labels whose height and width are not the image's."""
+    from .io import read_image
+
+    image = read_image(pair.image)
+    labels = read_image(pair.labels).data
+    if labels.shape[-2:] != image.plane_shape:
+        raise mismatch_error(pair, labels.shape, image.plane_shape)
+    return image, labels
+

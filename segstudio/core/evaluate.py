@@ -23,7 +23,6 @@ from scipy import sparse
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 
-from .errors import InputError
 
 DEFAULT_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
 
@@ -195,6 +194,7 @@ def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_w
     """
     import heapq
 
+    from .datasets import mismatch_error
     from .io import read_image
     from .jobs import Progress
     from .segment import segment_job
@@ -209,12 +209,12 @@ def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_w
         # the image is read as the segmentation needs it (region by region when large), never held twice
         with open_source(pair.image) as source:
             if truth.shape[-2:] != source.plane_shape:  # before the work
-                raise _mismatch(pair, truth.shape, source.plane_shape)
+                raise mismatch_error(pair, truth.shape, source.plane_shape)
             result = yield from segment_job(
                 source, model, backend, channel=channel, tile=tile, measure_cells=False, cancel=cancel, **scale
             )
         if result.labels.size != truth.size:  # as many planes
-            raise _mismatch(pair, truth.shape, result.labels.shape)
+            raise mismatch_error(pair, truth.shape, result.labels.shape)
         pred = result.labels.reshape(truth.shape)
         row = {"name": pair.name, **score(truth, pred).as_dict()}
         if result.diameter is not None:
@@ -233,14 +233,6 @@ def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_w
     if keep_worst:
         report["worst"] = [(-w[0], w[2], w[3], w[4], w[5]) for w in sorted(worst, key=lambda w: (-w[0], w[1]))]
     return report
-
-
-def _mismatch(pair, labels_shape, image_shape) -> InputError:
-    def dims(shape) -> str:
-        return "x".join(str(int(n)) for n in shape)
-
-    return InputError(f"{pair.labels}: labels of {dims(labels_shape)} px do not match the image {pair.image} "
-                      f"({dims(image_shape)} px)", hint="a labels file must have its image's planes, height and width")
 
 
 def worst_images_png(path, worst, *, columns: int = 4, size: int = 320) -> None:

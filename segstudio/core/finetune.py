@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import Pair
+from .datasets import Pair, read_pair
 from .errors import InputError
 from .jobs import CancelToken, Job, Progress
 from .models.catalog import Model, model_digest
@@ -105,7 +105,6 @@ def finetune_job(
     """
     import torch
 
-    from .io import read_image
     from .models.unet import build_unet
     from .plots import training_curves_png
     from .preprocess import normalize, select_channels
@@ -125,7 +124,7 @@ def finetune_job(
 
     # ---- data, at the model's scale
     raw = arrays if arrays is not None else [
-        (next(read_image(p.image).planes())[1], read_image(p.labels).data) for p in (pairs or [])
+        (next(image.planes())[1], labels) for image, labels in map(read_pair, pairs or [])
     ]
     if len(raw) == 1:
         raw = split_image(*raw[0])

@@ -31,7 +31,6 @@ Limits (checked from the file's header, before any pixel is decoded):
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import math
 import os

@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from .datasets import Pair
+from .datasets import Pair, read_pair
 from .errors import InputError
 from .evaluate import score
-from .io import read_image
 from .jobs import CancelToken, Job, Progress
 from .models.spec import Normalization, PostprocessParams, UNetConfig
 from .postprocess import fg_dist_to_labels
@@ -96,8 +95,7 @@ def load_samples(
     """Read, normalize and (with ``diameter``) resample image / label pairs to the model's scale."""
     samples = []
     for p in pairs:
-        img = read_image(p.image)
-        lab = read_image(p.labels).data
+        img, lab = read_pair(p)
         plane = next(img.planes())[1]
         x = normalize(select_channels(plane, in_channels, None), norm)
         lab = lab.astype(np.int32)

@@ -80,15 +80,14 @@ class CalibrationSource:
         them (``X_img`` / ``X_labels``), and the labels are kept for
         fine-tuning.
         """
-        from ..datasets import find_images, find_pairs
+        from ..datasets import find_images, find_pairs, read_pair
 
         folder = Path(folder)
         if not folder.is_dir():
             raise InputError(f"{folder} is not a folder of calibration images")
         if with_labels:
-            pairs = find_pairs(folder, folder, kind=kind)
-            return cls([read_image(p.image) for p in pairs], spec,
-                       labels=[read_image(p.labels).data for p in pairs], **kwargs)
+            read = [read_pair(p) for p in find_pairs(folder, folder, kind=kind)]
+            return cls([image for image, _ in read], spec, labels=[labels for _, labels in read], **kwargs)
         files = find_images(folder, kind=kind)
         return cls([read_image(p) for p in files], spec, **kwargs)
 

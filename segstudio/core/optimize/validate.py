@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backends import create_backend, installed
-from ..datasets import find_images, find_pairs
+from ..datasets import find_images, find_pairs, read_pair
 from ..errors import SegStudioError
 from ..evaluate import mean_scores, score
 from ..io import ImageData, read_image
@@ -42,8 +42,8 @@ class ValidationSet:
         images = Path(images)
         if labels is not None:
             pairs = find_pairs(images, labels, kind=kind)[:limit]
-            return cls([read_image(p.image) for p in pairs], [read_image(p.labels).data for p in pairs],
-                       [p.name for p in pairs])
+            read = [read_pair(p) for p in pairs]
+            return cls([image for image, _ in read], [labels for _, labels in read], [p.name for p in pairs])
         files = find_images(images, kind=kind)[:limit]
         return cls([read_image(p) for p in files], None, [p.stem for p in files])
 
