@@ -356,3 +356,17 @@ def test_trust_code_reaches_the_commands_that_take_a_model():
                  ["models", "import", "x"]):
         assert parser.parse_args(argv).trust_code is False
         assert parser.parse_args([*argv, "--trust-code"]).trust_code is True
+
+
+def test_a_card_whose_weights_are_torchscript_is_refused(tmp_path, evil, victims):
+    from segstudio.core.models.catalog import write_card
+    from segstudio.core.models.spec import ModelSpec
+
+    folder = tmp_path / "card"
+    folder.mkdir()
+    weights = folder / "m.pt"
+    weights.write_bytes(evil["EvilState-existing"].read_bytes())
+    card = write_card(ModelSpec(name="m", version="1", title="", description=""), {"torch": weights}, folder / "m.json")
+    with pytest.raises(ModelRefusedError, match=r"refused m\.pt: it is a TorchScript archive"):
+        get_model(str(card))
+    victims.untouched()

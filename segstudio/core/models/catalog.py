@@ -88,11 +88,19 @@ def load_card(card: str | Path, *, verify: bool = True) -> Model:
         files[fmt] = path
     if verify and card.parent.resolve() != BUILTIN_DIR.resolve():
         from .onnx_check import check_onnx_file
+        from .user import is_torchscript_archive, refuse_code
 
         for fmt, path in files.items():
             if fmt.startswith("onnx"):
                 check_onnx_file(path)
+            elif fmt == "torch" and _starts_with(path, b"PK") and is_torchscript_archive(path):
+                raise refuse_code(path)  # weights, the card says; code, the file says
     return Model(spec=spec, files=files, card_path=card, provenance=payload.get("provenance", {}))
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
 
 
 def write_card(spec: ModelSpec, files: dict[str, Path], card: str | Path, provenance: dict | None = None) -> Path:
