@@ -173,45 +173,42 @@ def onnx_bytes(kind: str, folder: Path) -> Path:
 
 def torchscript_trap(folder: Path, target: Path, where: str) -> Path:
     """A TorchScript archive that maps ``target`` with ``torch.from_file(shared=True)`` in ``where``
-    (``__setstate__`` or ``forward``): running it creates ``target``."""
+    (``__setstate__``: when it is loaded, or ``forward``: when it runs) and writes to it: running it creates
+    ``target``."""
     import torch
 
     path = folder / f"trap_{where}.pt"
     name = str(target)
 
-    if where == "__setstate__":
-        class Trap(torch.nn.Module):
-            __constants__ = ["target"]
+    class Base(torch.nn.Module):
+        __constants__ = ["target"]
 
-            def __init__(self):
-                super().__init__()
-                self.target = name
-                self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+        def __init__(self):
+            super().__init__()
+            self.target = name
+            self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
 
-            def forward(self, x):
-                return self.conv(x)
+    class OnLoad(Base):
+        def forward(self, x):
+            return self.conv(x)
 
-            @torch.jit.export
-            def __getstate__(self):
-                return (self.training,)
+        @torch.jit.export
+        def __getstate__(self):
+            return (self.training,)
 
-            @torch.jit.export
-            def __setstate__(self, state: tuple[bool]):
-                torch.from_file(self.target, shared=True, size=16)
-                self.training = state[0]
-    else:
-        class Trap(torch.nn.Module):
-            __constants__ = ["target"]
+        @torch.jit.export
+        def __setstate__(self, state: tuple[bool]):
+            mapped = torch.from_file(self.target, shared=True, size=16, dtype=torch.uint8)
+            mapped.fill_(1)
+            self.training = state[0] and bool(mapped.sum() >= 0)  # used, so never optimized away
 
-            def __init__(self):
-                super().__init__()
-                self.target = name
-                self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+    class OnRun(Base):
+        def forward(self, x):
+            mapped = torch.from_file(self.target, shared=True, size=16, dtype=torch.uint8)
+            mapped.fill_(1)
+            return self.conv(x) + mapped[0].to(x.dtype) * 0.0
 
-            def forward(self, x):
-                torch.from_file(self.target, shared=True, size=16)
-                return self.conv(x)
-
+    Trap = OnLoad if where == "__setstate__" else OnRun
     torch.jit.script(Trap()).save(str(path))
     return path
 
@@ -432,20 +429,15 @@ def make_corpus(root: Path, *, with_models: bool = True) -> list[Case]:
     cases.append(Case("eval_labels_of_another_shape", "evaluation input",
                       ["eval", "--model", MODEL, "--backend", BACKEND, "--images", str(d / "evalshape"), "-q",
                        "--worst", "0"], names="x_"))
-    (d / "evalindex").mkdir()
-    tifffile.imwrite(d / "evalindex" / "y_img.tif", px)
-    tifffile.imwrite(d / "evalindex" / "y_labels.tif", np.zeros(px.shape, np.uint16))
-    (d / "evalindex" / "index.json").write_text('[{"file": "y", "kind": ')
-    cases.append(Case("eval_broken_index_json", "evaluation input",
-                      ["eval", "--model", MODEL, "--backend", BACKEND, "--images", str(d / "evalindex"),
-                       "--kind", "fluorescence", "-q"], names="index.json"))
-    (d / "evalindex2").mkdir()
-    tifffile.imwrite(d / "evalindex2" / "y_img.tif", px)
-    tifffile.imwrite(d / "evalindex2" / "y_labels.tif", np.zeros(px.shape, np.uint16))
-    (d / "evalindex2" / "index.json").write_text('{"file": 3}')
-    cases.append(Case("eval_index_json_wrong_types", "evaluation input",
-                      ["eval", "--model", MODEL, "--backend", BACKEND, "--images", str(d / "evalindex2"),
-                       "--kind", "fluorescence", "-q"], names="index.json"))
+    for name, index in (("broken_index_json", '[{"file": "y", "kind": '), ("index_json_wrong_types", '{"file": 3}')):
+        folder = d / name
+        folder.mkdir()
+        tifffile.imwrite(folder / "y_img.tif", px)
+        tifffile.imwrite(folder / "y_labels.tif", np.zeros(px.shape, np.uint16))
+        (folder / "index.json").write_text(index)
+        cases.append(Case(f"eval_{name}", "evaluation input",
+                          ["eval", "--model", MODEL, "--backend", BACKEND, "--images", str(folder),
+                           "--kind", "fluorescence", "-q"], names="index.json"))
 
     (d / "trainshape").mkdir()
     for stem in ("p", "q"):
