@@ -98,9 +98,9 @@ def naming(e: SegStudioError, path) -> SegStudioError:
     pixels``); the user gets the path (``data/img.tif: image is 4x4 pixels``).
     """
     name = str(path)
-    if name in e.message:
-        return e
     base = Path(name)
+    if name in e.message or base.name in e.message.split(":", 1)[0]:  # "refused x.zip: ..." names it
+        return e
     message = e.message
     for stem in (base.stem, Path(base.stem).stem, base.name):
         if message.startswith(stem + ": "):

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import IncompatibleArtifactError, InputError
+from ..errors import IncompatibleArtifactError, InputError, SegStudioError, naming
 from .catalog import Model, load_card, write_card
 from .confine import Limits, run_confined
 from .spec import ModelSpec, Normalization, PostprocessParams, UNetConfig, file_sha256
@@ -348,6 +348,9 @@ def import_model(
         write_card(spec, files, work / f"{name}.json", provenance=provenance)
         _move_into_place(work, out_dir)
         return load_card(out_dir / f"{name}.json")
+    except SegStudioError as e:
+        # a package's errors name the file inside it (rdf.yaml, weights.pt): say which package too
+        raise naming(e, path) if kind == "bioimageio" else e from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
