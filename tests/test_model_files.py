@@ -29,7 +29,7 @@ from segstudio.core.models.spec import ModelSpec  # noqa: E402
 from segstudio.core.models.user import ModelRefusedError, import_model, safe_extract  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_IMAGE = sorted((ROOT / "sample_data").glob("*_img.tif"))[0]
+SAMPLE_IMAGE = min((ROOT / "sample_data").glob("*_img.tif"))
 BIOIMAGEIO = ROOT.parent / "shared" / "data" / "bioimageio"
 
 
@@ -151,7 +151,7 @@ def test_unbounded_loops_are_refused_wherever_they_hide(tmp_path, home, no_onnxr
         "huge trip count": (_loop("n"), [numpy_helper.from_array(np.array(10**9, np.int64), "n")],
                             "runs 1000000000 times"),
     }
-    for label, (nodes, inits, message) in cases.items():
+    for nodes, inits, message in cases.values():
         f = _save(_graph_model(nodes, inits), tmp_path / "loop.onnx")
         with pytest.raises(OnnxRefusedError, match=message):
             import_model(f)

@@ -148,7 +148,7 @@ def _bwrap_works() -> bool:
         return False
     try:
         done = subprocess.run([exe, "--ro-bind", "/", "/", "--unshare-all", "--die-with-parent", "--", "/bin/true"],
-                              stdin=subprocess.DEVNULL, capture_output=True, timeout=20)
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=20, check=False)
     except (OSError, subprocess.SubprocessError):
         return False
     return done.returncode == 0
@@ -162,7 +162,7 @@ def _unshare_works() -> bool:
             f"sys.exit(0 if libc.unshare({CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWIPC})==0 else 1)")
     try:
         done = subprocess.run([sys.executable, "-I", "-S", "-c", code], stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=20, env=_clean_env(Path(tempfile.gettempdir())))
+                              capture_output=True, timeout=20, env=_clean_env(Path(tempfile.gettempdir())), check=False)
     except (OSError, subprocess.SubprocessError):
         return False
     return done.returncode == 0
@@ -627,7 +627,7 @@ def _set_limits(limits: dict) -> dict:
         which = getattr(resource, name, None)
         if which is None:
             continue
-        soft, hard = resource.getrlimit(which)
+        _, hard = resource.getrlimit(which)
         value = int(value) if hard == resource.RLIM_INFINITY else min(int(value), hard)
         # CPU: the soft limit sends SIGXCPU; the hard one, a little later, SIGKILL
         try:
@@ -662,8 +662,8 @@ def probe(inputs: dict[str, Path], out: Path, *, read: tuple[str, ...] = (), wri
                                                  for k, v in inputs.items()}}
     for folder in (out, Path(os.environ.get("HOME", out)), Path.cwd()):
         (folder / "marker.txt").write_text(f"written by the confined child {os.getpid()}\n")
-    report["read"] = {p: attempt(lambda p=p: open(p, "rb").read(16)) for p in read}
-    report["write"] = {p: attempt(lambda p=p: open(p, "wb").close()) for p in write}
+    report["read"] = {p: attempt(lambda p=p: Path(p).open("rb").close()) for p in read}
+    report["write"] = {p: attempt(lambda p=p: Path(p).open("wb").close()) for p in write}
     if connect:
         import socket
 
