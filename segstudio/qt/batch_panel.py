@@ -30,7 +30,7 @@ from ..core.jobs import Progress
 from .segment_panel import AUTO, BackendCache, ErrorView, available_models, fill_backends
 from .worker import JobRunner, describe_error, with_crash_log
 
-COLUMNS = ("File", "Status", "Cells", "Seconds", "Reason / notes")
+COLUMNS = ("File", "Status", "Cells", "Seconds", "Reason")
 STATUS_COLOURS = {"done": "#2e7d32", "failed": "#c62828", "skipped": "#9e9e9e", "running": "#1565c0"}
 
 
@@ -112,6 +112,8 @@ class BatchPanel(QWidget):
         self.table.verticalHeader().setVisible(False)
         header = self.table.horizontalHeader()
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        for column in (1, 2, 3):  # short values: as wide as they need, the rest to the file and the reason
+            header.setSectionResizeMode(column, QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(4, QHeaderView.ResizeMode.Stretch)
         self.table.setToolTip("click a finished file to open it with its labels")
 
