@@ -205,3 +205,66 @@ def test_tensorrt_missing_is_a_clear_error(nuclei):
 
 def test_profile_dataclass_is_hashable():
     assert len({Profile((1, 1, 8, 8), (1, 1, 8, 8), (1, 1, 8, 8))}) == 1
+
+
+def test_openvino_compiles_once_for_any_number_of_shapes(nuclei, monkeypatch):
+    """Images of every size and scale make many input shapes: one dynamic model serves them all.
+
+    (Compiled once per shape, each kept about 100 MB of buffers forever.)
+    """
+    if not installed("openvino"):
+        pytest.skip("openvino is not installed")
+    from segstudio.core.backends.openvino_backend import SHAPE_CACHE, OpenVinoBackend
+
+    compiles = []
+    b = OpenVinoBackend(nuclei)
+    real = b.core.compile_model
+    b.core = type("Core", (), {"compile_model": lambda self, *a, **k: compiles.append(1) or real(*a, **k)})()
+    assert b.config["CPU_RUNTIME_CACHE_CAPACITY"] == SHAPE_CACHE <= 64  # OpenVINO's own per-shape cache, capped
+    rng = np.random.default_rng(0)
+    with create_backend("onnxruntime", nuclei) as ref:
+        for i in range(50):
+            shape = (int(rng.integers(1, 4)), 1, 8 * int(rng.integers(4, 20)), 8 * int(rng.integers(4, 20)))
+            x = rng.standard_normal(shape).astype(np.float32)
+            crop = (slice(2, shape[2] - 3), slice(1, shape[3]))
+            out = b.predict(x, crop)
+            assert out.shape == (shape[0], 2, shape[2] - 5, shape[3] - 1) and out.flags.owndata
+            if i % 10 == 0:
+                np.testing.assert_allclose(out, ref.predict(x, crop), atol=2e-3)
+    assert compiles == []  # compiled in __init__, never again
+    b.close()
+    assert b.predict(x).shape == (shape[0], 2, *shape[2:]) and compiles == [1]  # usable after close
+
+
+def test_openvino_runs_a_fixed_shape_network_at_its_declared_shape(tmp_path):
+    """A network that declares its batch and size (a reshape to constants inside) gets exactly those."""
+    if not installed("openvino"):
+        pytest.skip("openvino is not installed")
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from segstudio.core.backends.openvino_backend import OpenVinoBackend
+
+    inits = [numpy_helper.from_array(np.full((2, 1, 1, 1), 2.0, np.float32), "w"),
+             numpy_helper.from_array(np.array([2, 2 * 4096], np.int64), "flat"),
+             numpy_helper.from_array(np.array([2, 2, 64, 64], np.int64), "back")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Reshape", ["c", "flat"], ["f"]),
+             helper.make_node("Reshape", ["f", "back"], ["y"])]
+    graph = helper.make_graph(nodes, "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 1, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2, 64, 64])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "fixed.onnx")
+
+    class Fixed:  # the two things a backend reads off a model
+        spec = type("Spec", (), {"input_channels": 1})()
+
+        @staticmethod
+        def file(fmt):
+            return tmp_path / "fixed.onnx"
+
+    b = OpenVinoBackend(Fixed())
+    assert b.input_shape == (2, 1, 64, 64) and b.n_batch == 2
+    x = np.random.default_rng(0).random((3, 1, 64, 64), dtype=np.float32)
+    out = b.predict(x, (slice(0, 60), slice(4, 64)))  # 3 tiles: batches of 2, the last one filled up
+    np.testing.assert_allclose(out, 2 * np.repeat(x, 2, axis=1)[:, :, :60, 4:], rtol=1e-6)
+    with pytest.raises(IncompatibleArtifactError, match="takes inputs of 64x64 px only, not 72x64"):
+        b.predict(np.zeros((1, 1, 72, 64), np.float32))

@@ -32,6 +32,22 @@ def test_resize_keeps_mean_and_constant_images():
     assert resize(x, (37, 53)) is not None and np.array_equal(resize(x, (37, 53)), x)
 
 
+def test_resampling_matrices_are_cached_within_a_size_limit():
+    """Every image size and scale brings new matrices: the cache keeps the recent ones, up to its byte limit."""
+    from segstudio.core.scale import _MatrixCache, _interpolation_matrix
+
+    cache = _MatrixCache(max_bytes=4 * 2**20)
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        n_in, n_out = (int(v) for v in rng.integers(200, 1500, 2))
+        m = cache.get(n_in, n_out)
+        assert m.shape == (n_out, n_in) and not m.flags.writeable
+        np.testing.assert_array_equal(m, _interpolation_matrix(n_in, n_out))
+        assert cache.nbytes <= cache.max_bytes or len(cache._items) == 1
+        assert cache.nbytes == sum(v.nbytes for v in cache._items.values())
+    assert cache.get(n_in, n_out) is m  # the most recent one is kept
+
+
 def test_resize_labels_and_factors():
     lab = np.zeros((40, 40), np.int32)
     lab[10:20, 10:20] = 3

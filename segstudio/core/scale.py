@@ -16,7 +16,8 @@ the shrink factor so it averages instead of skipping pixels (no aliasing).
 
 from __future__ import annotations
 
-from functools import lru_cache
+import threading
+from collections import OrderedDict
 
 import numpy as np
 
@@ -27,8 +28,48 @@ MIN_FACTOR, MAX_FACTOR = 0.125, 8.0
 STEPS_PER_OCTAVE = 16
 
 
-@lru_cache(maxsize=64)
+class _MatrixCache:
+    """The most recently used resampling matrices, at most ``max_bytes`` of them (thread-safe).
+
+    A run resamples every tile of an image with the same few matrices, but a
+    long run meets many sizes (every image size, every scale factor), and a
+    matrix can take tens of MB (``(n_out, n_in)`` float32): kept without a
+    size limit they would add up.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.nbytes = max_bytes, 0
+        self._items: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, n_in: int, n_out: int) -> np.ndarray:
+        key = (n_in, n_out)
+        with self._lock:
+            m = self._items.get(key)
+            if m is not None:
+                self._items.move_to_end(key)
+                return m
+        m = _interpolation_matrix(n_in, n_out)
+        m.setflags(write=False)
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = m
+                self.nbytes += m.nbytes
+            while self.nbytes > self.max_bytes and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self.nbytes -= old.nbytes
+        return m
+
+
+_MATRICES = _MatrixCache(max_bytes=64 * 2**20)
+
+
 def _matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``(n_out, n_in)`` linear-interpolation weights, cached (read-only)."""
+    return _MATRICES.get(n_in, n_out)
+
+
+def _interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
     """``(n_out, n_in)`` linear-interpolation weights (pixel centres aligned, edges clamped)."""
     s = n_out / n_in
     support = max(1.0, 1.0 / s)
