@@ -314,3 +314,19 @@ def test_a_model_that_outputs_nan_is_an_error_naming_it(light, samples):
     image = read_image(samples[0][0])
     with pytest.raises(IncompatibleArtifactError, match="model 'nuclei-light' gave NaN or infinite outputs"):
         run_sync(segment_job(image, model, Broken(), diameter="native"))
+
+
+def test_nonfinite_pixels_of_a_streamed_tiled_tiff_are_counted_once(light, samples, tmp_path):
+    """The same count when the image is read tile by tile from a compressed file (the streaming path)."""
+    from segstudio.core.segment import segment_job
+
+    model, backend = light
+    image = read_image(samples[0][0]).data.astype(np.float32)
+    image[100:130, 3:9] = np.nan
+    image[::50, ::40] = -np.inf
+    expected = int((~np.isfinite(image)).sum())
+    tifffile.imwrite(tmp_path / "tiled.tif", image, tile=(64, 64), compression="zlib")
+    with open_source(tmp_path / "tiled.tif", eager_bytes=0) as source:  # force region-by-region reading
+        assert not isinstance(source.raw, np.ndarray)
+        result = run_sync(segment_job(source, model, backend, diameter="native", tile=96))
+    assert result.warnings == [w for w in result.warnings if w.startswith(f"{expected} of ")] and result.warnings
