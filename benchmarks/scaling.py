@@ -6,12 +6,19 @@ that process's resident memory every 50 ms.  Writes
 benchmarks/results/scaling-<device>-<date>.json and prints a table.
 
     python benchmarks/scaling.py [--sizes 2048,4096,8192,16384] [--backend openvino] [--layout contiguous|tiled]
+        [--trees .,../other-checkout --repeats 3]
+
+``--trees`` runs every size with each checkout in turn (A, B, A, B ... for
+``--repeats`` rounds; ``PYTHONPATH`` set to the checkout), so that two
+versions are compared within one session of a shared machine; the report
+then gives each tree's median and the ratios to the first tree.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def mosaic_rows(height: int, width: int, y0: int, y1: int) -> np.ndarray:
     """Rows y0..y1 of an endless mirrored mosaic of the crowded sample, as 12-bit uint16."""
-    from segstudio.core.io import read_image
     from segstudio.sample_data import SAMPLE_DIR
+
+    from segstudio.core.io import read_image
 
     tile = read_image(SAMPLE_DIR / "6fe2df6de1d9_img.tif").data.astype(np.float32)
     unit = np.block([[tile, tile[:, ::-1]], [tile[::-1], tile[::-1, ::-1]]])
@@ -57,11 +65,13 @@ def make_image(path: Path, size: int, layout: str) -> None:
                          compression="zlib")
 
 
-def run_segment(path: Path, out: Path, backend: str) -> dict:
-    cmd = [str(Path(sys.executable).parent / "segstudio"), "segment", str(path), "--out", str(out),
+def run_segment(path: Path, out: Path, backend: str, tree: Path = ROOT) -> dict:
+    shutil.rmtree(out, ignore_errors=True)  # outputs of an earlier run are not replaced
+    cmd = [sys.executable, "-m", "segstudio.cli", "segment", str(path), "--out", str(out),
            "--backend", backend, "--quiet"]
     t0 = time.perf_counter()
-    proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tree))
     peak = 0
     while proc.poll() is None:
         try:
@@ -86,32 +96,40 @@ def main() -> int:
     ap.add_argument("--backend", default="openvino")
     ap.add_argument("--layout", default="contiguous", choices=["contiguous", "tiled"])
     ap.add_argument("--workdir", default=None, help="where the test images go (default: a temporary folder)")
+    ap.add_argument("--trees", default=str(ROOT), help="comma-separated checkouts, run in turn (default: this one)")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds over the trees per size")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    trees = [Path(t).resolve() for t in args.trees.split(",") if t]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="segstudio-scaling-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
         # one warm start so that compiled kernels and the autotune cache exist before timing
         make_image(work / "warm.tif", 1024, args.layout)
-        run_segment(work / "warm.tif", work / "out", args.backend)
+        for tree in trees:
+            run_segment(work / "warm.tif", work / "out", args.backend, tree)
         for size in sizes:
             path = work / f"scaling_{size}.tif"
             make_image(path, size, args.layout)
-            r = run_segment(path, work / "out", args.backend)
-            r.update(size=size, megapixels=size * size / 1e6, file_mb=path.stat().st_size / 2**20)
-            # per pixel: the segmentation itself, without the process's fixed start-up (imports, model load)
-            r["ns_per_px"] = 1e9 * r["segment_s"] / (size * size)
-            rows.append(r)
-            print(f"{size:>6}^2  {r['megapixels']:8.1f} Mpx  {r['segment_s']:8.1f} s ({r['wall_s']:.1f} s with start-up)"
-                  f"  {r['ns_per_px']:7.0f} ns/px  "
-                  f"peak RSS {r['peak_rss_mb']:7.0f} MB  {r['cells']} cells", flush=True)
+            for rep in range(args.repeats):
+                for tree in trees:
+                    r = run_segment(path, work / "out", args.backend, tree)
+                    r.update(size=size, megapixels=size * size / 1e6, file_mb=path.stat().st_size / 2**20,
+                             tree=str(tree), round=rep)
+                    # per pixel: the segmentation itself, without the process's fixed start-up (imports, model load)
+                    r["ns_per_px"] = 1e9 * r["segment_s"] / (size * size)
+                    rows.append(r)
+                    print(f"{size:>6}^2  {r['megapixels']:8.1f} Mpx  {r['segment_s']:8.1f} s "
+                          f"({r['wall_s']:.1f} s with start-up)  {r['ns_per_px']:7.0f} ns/px  "
+                          f"peak RSS {r['peak_rss_mb']:7.0f} MB  {r['cells']} cells  [{tree}]", flush=True)
             path.unlink()
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    ref = rows[0]["ns_per_px"]
+    mine = [r for r in rows if r["tree"] == str(trees[0])]
+    ref = mine[0]["ns_per_px"]
     for r in rows:
         r["time_per_px_vs_smallest"] = r["ns_per_px"] / ref
     from segstudio.core.benchmark import machine_info
@@ -120,9 +138,20 @@ def main() -> int:
         "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"), "backend": args.backend, "layout": args.layout,
         "host": machine_info(), "rows": rows,
-        "max_peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
-        "time_per_px_spread": max(r["time_per_px_vs_smallest"] for r in rows) - 1,
+        "max_peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+        "time_per_px_spread": max(r["time_per_px_vs_smallest"] for r in mine) - 1,
     }
+    if len(trees) > 1:
+        by = {}
+        for size in sizes:
+            med = {str(t): {k: float(np.median([r[k] for r in rows if r["tree"] == str(t) and r["size"] == size]))
+                            for k in ("ns_per_px", "peak_rss_mb")} for t in trees}
+            first = med[str(trees[0])]
+            by[size] = {t: {**m, "ns_per_px_vs_first": m["ns_per_px"] / first["ns_per_px"],
+                            "peak_rss_vs_first": m["peak_rss_mb"] / first["peak_rss_mb"]} for t, m in med.items()}
+            print(f"{size}^2 medians: " + "; ".join(f"{t}: {m['ns_per_px']:.0f} ns/px, {m['peak_rss_mb']:.0f} MB"
+                                                    for t, m in by[size].items()))
+        report["trees"] = by
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"scaling-cpu-{args.layout}-{report['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
