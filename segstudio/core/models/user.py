@@ -1051,3 +1051,83 @@ def _tolerance(doc: _Doc, rdf: dict, fmt: str, output_id: str) -> dict:
                 "mismatched_ppm": doc.number(e.get("mismatched_elements_per_million", 100),
                                              f"{where}.mismatched_elements_per_million", 0.0, 1e6)}
     return tol
+
+
+def keep_model(card_path: str | Path, name: str | None = None) -> Model:
+    """Keep the model of ``card_path`` (e.g. an optimize result) as a user model; returns the kept copy.
+
+    The card's folder is copied into :func:`user_models_dir` under ``name``
+    (default: the model's; ``name-2``, ``name-3``... when a built-in or
+    another user model holds it, so the name finds this model):
+    its weight files and a card whose provenance is the original's plus
+    ``kept_from`` (where it came from) and, for an optimize result, the
+    ``lineage`` (the steps of its run, from the run's ``report.json``).
+    A model already kept (same files) is returned as it is, not copied again.
+    """
+    from dataclasses import replace as _replace
+
+    from .catalog import model_digest
+
+    source = load_card(card_path)
+    from .catalog import BUILTIN_DIR
+
+    where = source.card_path.parent.resolve()
+    if where == BUILTIN_DIR.resolve() or where.parent == user_models_dir().resolve():
+        return source  # built in, or a user model already
+    digest = model_digest(source)
+    base = safe_name(name or source.name)
+    root = user_models_dir()
+    builtin = {p.stem for p in BUILTIN_DIR.glob("*.json")}
+    for n in range(1, 1000):
+        name = base if n == 1 else f"{base}-{n}"
+        folder = root / name
+        card = folder / f"{name}.json"
+        if name in builtin:
+            continue
+        if not folder.exists():
+            break
+        if card.is_file():
+            try:
+                existing = load_card(card, verify=False)
+            except IncompatibleArtifactError:
+                continue
+            if model_digest(existing) == digest:
+                return existing
+    else:
+        raise InputError(f"too many user models named {base}-*", hint=f"remove some from {root}")
+    provenance = {**source.provenance, "kept_from": str(source.card_path)}
+    lineage = _lineage(source.card_path)
+    if lineage:
+        provenance["lineage"] = lineage
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.keeping-", dir=root))
+    try:
+        files = {}
+        for fmt, path in source.files.items():
+            shutil.copy2(path, work / path.name)
+            files[fmt] = work / path.name
+        write_card(_replace(source.spec, name=name), files, work / f"{name}.json", provenance=provenance)
+        _move_into_place(work, folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return load_card(folder / f"{name}.json")
+
+
+def _lineage(card: Path) -> list[dict]:
+    """The steps of the optimize run a card comes from (``report.json`` in its folder or the one above)."""
+    import json
+
+    for folder in (card.parent, card.parent.parent):
+        report = folder / "report.json"
+        if not report.is_file():
+            continue
+        try:
+            payload = json.loads(report.read_text())
+        except (OSError, ValueError):
+            return []
+        rows = payload.get("steps") if isinstance(payload, dict) else None
+        if not isinstance(rows, list):
+            return []
+        return [{k: row.get(k) for k in ("index", "name", "status", "reason", "ap50", "speedup_vs_baseline")
+                 if k in row} for row in rows if isinstance(row, dict)]
+    return []

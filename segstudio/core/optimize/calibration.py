@@ -147,3 +147,57 @@ class CalibrationSource:
             "digest": self.digest, "files": [e.name for e in self.entries][:50],
             "intensity_range": [float(min(t.mean() for t in self._tiles)), float(max(t.mean() for t in self._tiles))],
         }
+
+    def chosen_tiles(self) -> list[tuple[str, int, int, np.ndarray]]:
+        """The tiles :meth:`tiles` chose, with where they come from: ``(entry name, y, x, tile (1, C, t, t))``."""
+        tiles = self.tiles()
+        return [(self.entries[i].name, y, x, tile) for (i, y, x), tile in zip(self._positions, tiles)]
+
+
+# thresholds of calibration_warnings
+MIN_TILES, MIN_IMAGES = 16, 3
+SATURATED_FRACTION = 0.01  # of an image's pixels at its maximum value
+EMPTY_SPAN = 0.05  # a tile whose values span less than this (1 = the image's low..high percentile) is empty
+EMPTY_FRACTION = 0.25  # of the chosen tiles
+
+
+def _file_of(entry_name: str) -> str:
+    """The file (or layer) an entry comes from: ``"cells[3]"`` (plane 3 of a stack) -> ``"cells"``."""
+    return entry_name.split("[", 1)[0] if entry_name.endswith("]") else entry_name
+
+
+def calibration_warnings(source: CalibrationSource) -> list[str]:
+    """Plain-language warnings about a calibration set (empty when it looks fit for INT8 calibration).
+
+    * too small: fewer than ``MIN_TILES`` tiles or ``MIN_IMAGES`` images;
+    * one file only: every image (plane) comes from one file or layer;
+    * saturated: more than ``SATURATED_FRACTION`` of an image's pixels are at its maximum;
+    * empty: an image is constant, or more than ``EMPTY_FRACTION`` of the chosen tiles
+      span less than ``EMPTY_SPAN`` of their image's normalized range.
+    """
+    chosen = source.chosen_tiles()
+    n_tiles, n_images = len(chosen), len(source.entries)
+    out = []
+    if n_tiles < MIN_TILES or n_images < MIN_IMAGES:
+        out.append(f"Small set: {n_tiles} tile{'s' * (n_tiles != 1)} from {n_images} image"
+                   f"{'s' * (n_images != 1)}. INT8 ranges measured on so little may miss what your other images "
+                   f"hold; give at least {MIN_IMAGES} images and {MIN_TILES} tiles.")
+    files = sorted({_file_of(e.name) for e in source.entries})
+    if len(files) == 1:
+        out.append(f"Every tile comes from one file ({files[0]}): if your other images differ (stain, exposure, "
+                   "density), add some of them.")
+    for e in source.entries:
+        plane = e.plane
+        span = float(np.ptp(plane)) if plane.size else 0.0
+        if span < 1e-6:
+            out.append(f"{e.name} is constant (an empty image): it teaches the quantizer nothing.")
+            continue
+        at_max = max(float(np.mean(ch == ch.max())) for ch in plane)
+        if at_max > SATURATED_FRACTION:
+            out.append(f"{e.name} is saturated: {at_max:.1%} of its pixels are at the maximum value, so the "
+                       "brightest nuclei have lost their detail and calibration learns a clipped range.")
+    empty = sum(1 for _, _, _, tile in chosen if float(np.ptp(tile)) < EMPTY_SPAN)
+    if n_tiles and empty / n_tiles > EMPTY_FRACTION:
+        out.append(f"{empty} of the {n_tiles} chosen tiles are nearly empty (almost constant): calibration needs "
+                   "tiles with nuclei in them.")
+    return out
