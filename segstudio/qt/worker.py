@@ -8,7 +8,8 @@ delivered on the GUI thread:
 
 * ``progress(Progress)`` while the job runs (throttled, so a job that yields
   thousands of events cannot flood the event loop; events that carry a
-  ``file`` in their ``info``, a batch's per-file status, always go through);
+  ``file`` in their ``info``, a batch's per-file status, and typed events
+  (``Progress.event``) not marked ``frequent`` always go through);
 * exactly one of ``finished(result)``, ``failed(exception)`` or
   ``cancelled()`` at the end, emitted only *after* the thread has been joined,
   so when a slot sees the outcome no thread of the job is left running.
@@ -130,9 +131,13 @@ class _JobThread(QThread):
                     break
                 if isinstance(event, Progress):
                     now = time.monotonic()
-                    # the last event of a stage, every notice and every per-file event of a batch go through
+                    # the last event of a stage, every notice, every per-file event of a batch and every
+                    # typed event (an optimization step's row) go through; typed events that say they come
+                    # in floods (``frequent``: a training loss per step) are throttled like the rest
+                    typed = getattr(event, "event", None)
                     final = ((bool(event.total) and event.done >= event.total) or event.stage == "notice"
-                             or "file" in event.info)
+                             or "file" in event.info
+                             or (typed is not None and not getattr(typed, "frequent", False)))
                     if final or now - last_emit.get(event.stage, 0.0) >= PROGRESS_INTERVAL_S:
                         last_emit[event.stage] = now
                         self.progress.emit(event)
