@@ -15,15 +15,18 @@
   loads nothing) with :func:`~segstudio.core.compare.compare_job`; the counts
   (only in the original, only in the optimized model, matched with IoU <
   0.8) and both latencies are shown and ``comparison_ready`` carries the
-  :class:`~segstudio.core.compare.Comparison`, which the napari shell adds
-  as a three-colour labels layer (:data:`OVERLAY_COLOURS`);
-* **Use this model** emits ``model_added(Model)`` (the shell adds it to the
-  Segment and Batch lists and keeps it as a user model);
+  :class:`~segstudio.core.compare.Comparison`; the overlay goes to the
+  shell's ``state.add_labels`` hook as a three-colour labels layer
+  (:data:`OVERLAY_COLOURS`);
+* **Use this model** calls the wizard's ``state.use_model`` hook (keep it
+  as a user model, add it to the Segment and Batch lists) and emits
+  ``model_added(Model)``;
 * **Open report** opens ``report.html``; **Export** copies the chosen
   model's folder or its ONNX file where the user says.
 
-The page does not know napari: the shell gives ``get_image() -> ImageData``
-(called on the GUI thread when Compare is pressed; it may raise a
+The page does not know napari: the image comes from ``get_image()`` or
+the state's ``current_image()`` hook (called on the GUI thread when
+Compare is pressed; it may raise a
 :class:`~segstudio.core.errors.SegStudioError`, shown on the page).
 """
 
@@ -122,7 +125,7 @@ class ResultPage(QWidget):
                  parent: QWidget | None = None):
         super().__init__(parent)
         self.state = state
-        self._get_image = get_image
+        self._get_image = get_image or getattr(state, "current_image", None)
         self._backends = backends or BackendCache.shared()
         self.report: OptimizeReport | None = None
         self.chosen: StepReport | None = None
@@ -346,6 +349,13 @@ class ResultPage(QWidget):
         except Exception as exc:  # noqa: BLE001 - shown to the user: verbatim if expected, as a bug otherwise
             self._show_error(exc)
             return
+        use = getattr(self.state, "use_model", None)
+        try:
+            if use is not None:
+                use(model)  # the wizard's hook: keep it as a user model and announce it
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            self._show_error(exc)
+            return
         self.export_status.setText(f"{model.name} added to the model lists ({model.card_path.parent.name})")
         self.model_added.emit(model)
 
@@ -360,6 +370,8 @@ class ResultPage(QWidget):
             if self._get_image is None:
                 raise InputError("this window has no image to compare on")
             image = self._get_image()
+            if image is None:
+                raise InputError("there is no image to compare on", hint="open an image, or choose an image layer")
             key_a, key_b = str(self.original_model().card_path), str(self.chosen_model().card_path)
         except Exception as exc:  # noqa: BLE001 - shown to the user
             self._show_error(exc)
@@ -384,7 +396,15 @@ class ResultPage(QWidget):
             f"IoU < {d.iou:g}: {d.low_iou}; agreeing: {d.matched}. Original {comparison.seconds_a:.2f} s "
             f"({comparison.backend_a}), optimized {comparison.seconds_b:.2f} s ({comparison.backend_b}).")
         self.legend.setVisible(True)
+        add_labels = getattr(self.state, "add_labels", None)
+        if add_labels is not None:
+            add_labels(d.overlay, self.overlay_name(), dict(OVERLAY_COLOURS))
         self.comparison_ready.emit(self.comparison)
+
+    def overlay_name(self) -> str:
+        """The disagreement layer's name."""
+        c = self.comparison
+        return f"disagreement: {c.original} vs {c.optimized}" if c is not None else "disagreement"
 
     # ------------------------------------------------------------------ report and export
 

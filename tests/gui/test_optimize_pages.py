@@ -201,7 +201,12 @@ def test_result_page_table_rollback_use_export_and_compare(qtbot, tmp_path, no_t
     out.mkdir()
     (out / "report.html").write_text("<html></html>")
     image = read_image(sample_pairs()[0][0])
-    page = ResultPage(_state(tmp_path), get_image=lambda: image)
+    state = _state(tmp_path)
+    shown, kept = [], []
+    state.current_image = lambda: image
+    state.add_labels = lambda data, name, colors: shown.append((data, name, colors))
+    state.use_model = kept.append
+    page = ResultPage(state)
     qtbot.addWidget(page)
     page.show_report(report)
     cells = page.rows()
@@ -225,7 +230,7 @@ def test_result_page_table_rollback_use_export_and_compare(qtbot, tmp_path, no_t
     assert page.chosen_model().name == "nuclei-light"
     with qtbot.waitSignal(page.model_added) as added:
         page.use_button.click()
-    assert added.args[0].card_path == light.card_path
+    assert added.args[0].card_path == light.card_path and kept == [added.args[0]]
     # export the folder and the ONNX file
     with qtbot.waitSignal(page.export_runner.finished, timeout=10_000):
         page.export_folder(tmp_path / "exported")
@@ -239,6 +244,8 @@ def test_result_page_table_rollback_use_export_and_compare(qtbot, tmp_path, no_t
     d = same.args[0].comparison.disagreement
     assert (d.only_reference, d.only_other, d.low_iou) == (0, 0, 0) and d.matched > 0
     assert "Only in the original: 0" in page.compare_status.text()
+    assert shown[-1][1] == "disagreement: nuclei-light vs nuclei-light" and not shown[-1][0].any()
+    assert set(shown[-1][2]) == {1, 2, 3}
     qtbot.waitUntil(lambda: page.compare_button.isEnabled())
     page.roll_back_to(1)
     with qtbot.waitSignal(page.comparison_ready, timeout=60_000) as other:
@@ -247,26 +254,7 @@ def test_result_page_table_rollback_use_export_and_compare(qtbot, tmp_path, no_t
     expect = disagreement(c.labels_a, c.labels_b)
     assert c.disagreement.only_reference == expect.only_reference
     np.testing.assert_array_equal(c.disagreement.overlay, expect.overlay)
+    assert shown[-1][1] == "disagreement: nuclei-light vs nuclei" and shown[-1][0] is c.disagreement.overlay
     assert f"only in the optimized model: {expect.only_other}" in page.compare_status.text()
     qtbot.waitUntil(lambda: page.compare_button.isEnabled())
     page.close()
-
-
-def test_disagreement_layer_in_napari(make_napari_viewer, qtbot):
-    from segstudio.core.compare import Comparison, disagreement
-    from segstudio.napari_plugin._compare import show_disagreement
-    from segstudio.qt.optimize_result import CompareResult
-
-    viewer = make_napari_viewer()
-    img = viewer.add_image(np.zeros((32, 32), np.float32), scale=(0.5, 0.5), name="img")
-    a = np.zeros((32, 32), np.uint16)
-    a[2:8, 2:8] = 1
-    a[20:30, 20:30] = 2
-    b = np.zeros_like(a)
-    b[20:28, 20:28] = 5
-    d = disagreement(a, b)
-    res = CompareResult(Comparison(a, b, 0.1, 0.05, "x", "y", d), "orig", "opt")
-    layer = show_disagreement(viewer, res, img)
-    assert layer.name == "disagreement: orig vs opt" and tuple(layer.scale) == (0.5, 0.5)
-    assert set(np.unique(layer.data)) == {0, 1, 3}
-    assert show_disagreement(viewer, res, img) is not layer and len(viewer.layers) == 2
