@@ -32,6 +32,7 @@ from ..core.io import IMAGE_SUFFIXES, read_image
 from ..napari_plugin._layers import image_layer_data
 from ..napari_plugin._sample_data import load_sample, sample_id
 from ..napari_plugin._batch import BatchWidget
+from ..napari_plugin._optimize import OptimizeWidget
 from ..napari_plugin._widget import SegmentWidget
 from ..qt.batch_panel import dropped_folder
 from ..qt.binding import check_qt_binding
@@ -175,7 +176,9 @@ def build_window(
     viewer.window.add_dock_widget(widget, name="Segment", area="right")
     batch = BatchWidget(viewer)
     viewer.window.add_dock_widget(batch, name="Batch", area="right", tabify=True)
-    widget.parentWidget().raise_()  # Segment in front; Batch one tab away
+    optimize = OptimizeWidget(viewer)
+    viewer.window.add_dock_widget(optimize, name="Optimize", area="right", tabify=True)
+    widget.parentWidget().raise_()  # Segment in front; Batch and Optimize a tab away
 
     drop_filter = FileDropFilter(viewer, window, batch)
     window.setAcceptDrops(True)
@@ -205,6 +208,11 @@ def segment_widget(viewer: napari.Viewer) -> SegmentWidget:
 def batch_widget(viewer: napari.Viewer) -> BatchWidget:
     """The :class:`BatchWidget` docked in a window made by :func:`build_window`."""
     return _docked(viewer, BatchWidget)
+
+
+def optimize_widget(viewer: napari.Viewer) -> OptimizeWidget:
+    """The :class:`OptimizeWidget` docked in a window made by :func:`build_window`."""
+    return _docked(viewer, OptimizeWidget)
 
 
 def run_app(paths: list[Path], show_sample: bool) -> int:

@@ -163,6 +163,13 @@ class BatchPanel(QWidget):
         self.out_edit.setText(str(Path(out_dir) if out_dir is not None else default_output(folder)))
         self._update_start_label()
 
+    def add_model(self, model) -> None:
+        """Offer ``model`` (a :class:`~segstudio.core.models.catalog.Model` found by its name, e.g. one the
+        optimization wizard kept as a user model) in the model list."""
+        if model.name not in self._models:
+            self._models[model.name] = model
+            self.model_combo.addItem(model.name, model.name)
+
     @property
     def out_dir(self) -> Path | None:
         text = self.out_edit.text().strip()
