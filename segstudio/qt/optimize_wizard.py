@@ -475,7 +475,9 @@ def _build_calibration(what: str, value: Any, model: Model, n_tiles: int) -> Job
     files = len({name for name, *_ in chosen})
     n_images = len(source.entries)
     description = (f"{len(chosen)} tile{'s' * (len(chosen) != 1)} of {source.tile} px, from {files} of "
-                   f"{n_images} image{'s' * (n_images != 1)}")
+                   f"{n_images} image{'s' * (n_images != 1)}"
+                   + (f" (fewer than the {n_tiles} asked: the images hold no more tile positions)"
+                      if len(chosen) < n_tiles else ""))
     yield Progress("calibration", 2, 2)
     return CalibrationBuild(source, description, thumbs, warnings)
 
@@ -490,6 +492,8 @@ class ThumbnailGrid(QWidget):
         self._grid = QGridLayout(self)
         self._grid.setContentsMargins(0, 0, 0, 0)
         self._grid.setSpacing(3)
+        self._grid.setSizeConstraint(QGridLayout.SizeConstraint.SetNoConstraint)
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Minimum)
 
     def set_pictures(self, pictures: list[tuple[np.ndarray, str]]) -> None:
         for label in self._labels:
@@ -524,21 +528,12 @@ class ThumbnailGrid(QWidget):
             self._grid.removeWidget(label)
         for i, label in enumerate(self._labels):
             self._grid.addWidget(label, i // columns, i % columns)
+        for c in range(self._grid.columnCount()):
+            self._grid.setColumnStretch(c, 0)
         self._grid.setColumnStretch(columns, 1)
-        self.updateGeometry()
-
-    def hasHeightForWidth(self) -> bool:  # noqa: N802 - Qt override
-        return True
-
-    def heightForWidth(self, width: int) -> int:  # noqa: N802 - Qt override
-        columns = max(1, (width + 3) // (THUMB_PX + 3))
+        # the grid asks for the height of its rows, never for a width (the dock may be narrow)
         rows = math.ceil(len(self._labels) / columns)
-        return max(0, rows * (THUMB_PX + 3) - 3)
-
-    def sizeHint(self):  # noqa: N802 - Qt override
-        size = super().sizeHint()
-        size.setHeight(self.heightForWidth(max(self.width(), THUMB_PX)))
-        return size
+        self.setMinimumHeight(max(0, rows * (THUMB_PX + 3) - 3))
 
 
 SOURCES_CALIB = (("folder", "A folder of images"), ("files", "Image files"), ("layers", "The open image layers"))
