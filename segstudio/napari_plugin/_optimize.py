@@ -38,7 +38,6 @@ class OptimizeWidget(QWidget):
                             current_image=self.current_image, add_labels=self.add_labels)
         self.wizard = OptimizeWizard(state)
         self.wizard.model_added.connect(self._offer)
-        self.wizard.comparison_ready.connect(self._show_comparison)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.wizard)
@@ -95,12 +94,6 @@ class OptimizeWidget(QWidget):
             widget.panel.add_model(str(model.card_path))
         for widget in window.findChildren(BatchWidget):
             widget.panel.add_model(model)
-
-    def _show_comparison(self, result) -> None:
-        from ..qt.optimize_result import OVERLAY_COLOURS
-
-        overlay = result.comparison.disagreement.overlay
-        self.add_labels(overlay, f"{result.optimized} vs {result.original}", OVERLAY_COLOURS)
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
         self.wizard.shutdown()

@@ -1669,7 +1669,8 @@ class OptimizeWizard(QWidget):
         user model already; the shell offers it in the Segment and Batch lists.
     comparison_ready(object)
         The result page compared two models on the current image
-        (:class:`segstudio.qt.optimize_result.CompareResult`): the shell shows its overlay.
+        (:class:`segstudio.qt.optimize_result.CompareResult`); its overlay is
+        already shown through the state's ``add_labels`` hook.
     page_changed(int)
         The page shown (0 to 5).
     """
@@ -1696,7 +1697,7 @@ class OptimizeWizard(QWidget):
         self.result_page = None
         if ResultPage is not None:
             self.result_page = ResultPage(self.state, self._current_image)
-            self.result_page.model_added.connect(self.use_model)
+            # the page calls state.use_model and state.add_labels itself; its signals are passed on
             self.result_page.comparison_ready.connect(self.comparison_ready)
         if self.run_page is not None:
             self.run_page.finished.connect(self._on_run_finished)
