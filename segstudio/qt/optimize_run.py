@@ -305,8 +305,13 @@ def _run(state, resume: bool, cancel: CancelToken) -> Job[OptimizeReport]:
 
     ctx = Context(original=state.model, calib=state.calib, out_dir=Path(state.out_dir), target=state.target,
                   cancel=cancel)
+    extra = {}
+    if getattr(state, "estimate", None) is not None:
+        extra["estimate"] = state.estimate  # measured on page 4: not measured again
+    if getattr(state, "speed_tile", None):
+        extra["speed_tile"] = int(state.speed_tile)  # the tile size latencies are measured on (default 512)
     report = yield from optimize_job(state.model, list(state.steps), ctx, state.vset, max_drop=state.max_drop,
-                                     min_speedup=state.min_speedup, resume=resume)
+                                     min_speedup=state.min_speedup, resume=resume, **extra)
     return report
 
 
