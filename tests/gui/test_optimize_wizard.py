@@ -93,28 +93,69 @@ def _degraded_copy(card: Path, dest: Path) -> Path:
     return path
 
 
-def test_int8_run_result_compare_and_use(make_napari_viewer, qtbot, tmp_path, no_thread_left_running):
-    from segstudio.qt.optimize_result import ResultPage
-    from segstudio.qt.optimize_run import RunPage
+def _two_samples(folder: Path) -> Path:
+    """A folder with two of the bundled image / labels pairs (the 256 x 256 and 360 x 360 ones)."""
+    folder.mkdir()
+    for image, labels in (sample_pairs()[0], sample_pairs()[2]):
+        shutil.copy(image, folder / image.name)
+        shutil.copy(labels, folder / labels.name)
+    return folder
+
+
+def idle(page) -> bool:
+    return not page.runner.is_running() and not getattr(page, "_queue", None)
+
+
+def test_the_wizard_runs_int8_then_compares_and_uses_the_result(make_napari_viewer, qtbot, tmp_path,
+                                                                 no_thread_left_running):
+    from segstudio.app.main_window import optimize_widget
 
     viewer = build_window(viewer=make_napari_viewer(), show=False, show_sample=True)
-    state = _state(viewer, tmp_path, preset("int8").steps + ":tiles=8")
-    run = RunPage(state)
-    viewer.window.add_dock_widget(run, name="Optimize run", area="right")
+    wizard = optimize_widget(viewer).wizard
+    samples = _two_samples(tmp_path / "samples")
+    # 1. model, 2. calibration (8 tiles), 3. validation pairs with a 0.05 budget
+    wizard.model_page.select("nuclei-light")
+    qtbot.waitUntil(lambda: wizard.model_page.info is not None, timeout=60_000)
+    assert wizard.next()
+    calib = wizard.calibration_page
+    calib.tiles_spin.setValue(8)
+    calib.set_folder(samples)
+    qtbot.waitUntil(lambda: idle(calib) and calib.build is not None, timeout=60_000)
+    assert wizard.next()
+    val = wizard.validation_page
+    val.set_source("pairs", samples)
+    val.drop_spin.setValue(0.05)
+    qtbot.waitUntil(lambda: idle(val) and val.vset is not None, timeout=60_000)
+    assert wizard.next() and wizard.state.max_drop == 0.05
+    # 4. the INT8 preset; a bad Advanced value is refused with the allowed values, then a good one
+    recipe = wizard.recipe_page
+    recipe.advanced_button.setChecked(True)
+    recipe.choose("prune-recover-int8")
+    ratio = recipe.editor.box(0).field("ratio")
+    ratio.set_raw(1.0)  # a pruning ratio is below 1
+    assert ratio.spec.allowed() in recipe.editor.problems()[0]
+    assert not wizard.next_button.isEnabled() and not wizard.next()
+    recipe.choose("int8")
+    assert recipe.editor.problems() == []
+    recipe.editor.box(0).field("tiles").set_raw(8)
+    qtbot.waitUntil(lambda: idle(recipe) and recipe.check_for(recipe.recipe_text()) is not None, timeout=120_000)
+    wizard.state.speed_tile = SPEED_TILE
+    assert wizard.next() and wizard.index == 4
+    # 5. run
+    run = wizard.run_page
     kinds = []
     run.runner.progress.connect(lambda p: kinds.append(p.event.kind) if isinstance(p.event, OptimizeEvent) else 0)
     with qtbot.waitSignal(run.finished, timeout=120_000) as done:
-        run.start()
+        run.start_button.click()
     report = done.args[0]
     qtbot.waitUntil(lambda: not run.is_running())
     assert isinstance(report, OptimizeReport) and run.error_view.report is None
-    assert kinds[0] is EventKind.ESTIMATE or EventKind.BASELINE in kinds
-    assert EventKind.STEP_POINT in kinds and EventKind.STEP_FINISHED in kinds
+    assert EventKind.BASELINE in kinds and EventKind.STEP_POINT in kinds and EventKind.STEP_FINISHED in kinds
     # the step list: one INT8 step, with its verdict and reason as the report has them
     row = report.steps[0]
     assert run.step_statuses() == [row.status] and row.status in (StepStatus.KEPT, StepStatus.ROLLED_BACK)
     cells = run.step_rows()[0]
-    assert cells[1].startswith("quantize:int8") and cells[2] == row.status.value.replace("_", " ")
+    assert cells[1] == "quantize:int8:tiles=8" and cells[2] == row.status.value.replace("_", " ")
     assert cells[3] == f"{row.ap50:.4f}" and cells[6] == row.reason
     # the chart: the original and the step where the report puts them; guardrail; kept path and front from core
     data = run.chart_data
@@ -126,22 +167,20 @@ def test_int8_run_result_compare_and_use(make_napari_viewer, qtbot, tmp_path, no
     assert list(data.kept_path) == [(r.speedup_vs_baseline, r.ap50) for r in report.kept_path()]
     assert len(run.points.getData()[0]) == len([p for p in data.points if p.index >= 0])
 
-    result = ResultPage(state)
-    viewer.window.add_dock_widget(result, name="Optimize result", area="right")
-    result.show_report(report)
+    # 6. the result (the wizard moves on by itself)
+    assert wizard.index == 5
+    result = wizard.result_page
     assert result.rows()[0][0] == "original" and result.rows()[1][0] == "1. " + row.name
     assert result.rows()[1][10] == row.reason and result.chosen is report.final
-    # compare: the final model against the original; then the original against itself
-    final_is_original = report.final_from is None
+    # compare the original with itself: no disagreement
     result.roll_back_to(-1)
     with qtbot.waitSignal(result.comparison_ready, timeout=60_000) as same:
         result.compare()
     d = same.args[0].comparison.disagreement
     assert (d.only_reference, d.only_other, d.low_iou) == (0, 0, 0) and d.matched > 0
-    layer = viewer.layers[result.overlay_name()]
-    assert not np.asarray(layer.data).any()
+    assert not np.asarray(viewer.layers[result.overlay_name()].data).any()
     qtbot.waitUntil(lambda: result.compare_button.isEnabled())
-    # against a degraded copy: the counts of an independent computation, in the overlay layer
+    # against a degraded copy of the result: the counts of an independent computation, in the overlay layer
     degraded = _degraded_copy(Path(report.final.artifact), tmp_path / "degraded")
     result.show_report(replace(report, final=replace(report.final, artifact=degraded)))
     with qtbot.waitSignal(result.comparison_ready, timeout=60_000) as other:
@@ -150,7 +189,7 @@ def test_int8_run_result_compare_and_use(make_napari_viewer, qtbot, tmp_path, no
     from segstudio.core.backends import auto_variant, create_backend
     from segstudio.core.segment import segment_job
 
-    image = state.current_image()
+    image = wizard.state.current_image()
     labels = []
     for card in (report.baseline.artifact, degraded):
         model = load_card(card)
@@ -162,23 +201,20 @@ def test_int8_run_result_compare_and_use(make_napari_viewer, qtbot, tmp_path, no
     np.testing.assert_array_equal(np.asarray(viewer.layers[result.overlay_name()].data), overlay)
     assert f"Only in the original: {counts[0]}" in result.compare_status.text()
     qtbot.waitUntil(lambda: result.compare_button.isEnabled())
-    # use the run's model: in the Segment panel's list, and it segments
+    # use the run's model: it reaches the Segment panel's list, and it segments
     result.show_report(report)
-    if final_is_original:
+    if report.final_from is None:
         pytest.skip("the run kept the original (INT8 rolled back on this machine): nothing new to use")
-    result.use_button.click()
+    with qtbot.waitSignal(wizard.model_added, timeout=30_000) as added:
+        result.use_button.click()
+    kept = added.args[0]
     panel = segment_widget(viewer).panel
-    names = [panel.model_combo.itemText(i) for i in range(panel.model_combo.count())]
-    assert panel.model_combo.currentIndex() >= 0 and any("nuclei-light" in n and "(" in n for n in names)
-    with qtbot.waitSignal(segment_widget(viewer).panel.result_ready, timeout=60_000) as seg:
+    assert panel.model_combo.currentData() == str(kept.card_path)
+    with qtbot.waitSignal(panel.result_ready, timeout=60_000) as seg:
         panel.run()
     assert seg.args[0].n_cells > 0 and "int8" in seg.args[0].backend
     qtbot.waitUntil(lambda: not panel.is_running())
-    # a bad Advanced value is refused with the allowed values (the frame's Advanced page shows this text)
-    with pytest.raises(InputError, match="from 90 to 100"):
-        STEP_SPECS["quantize"].make("int8", percentile="120")
-    run.close()
-    result.close()
+    wizard.shutdown()
 
 
 def test_cancel_in_recovery_then_resume_keeps_the_pruning(make_napari_viewer, qtbot, tmp_path,
