@@ -101,40 +101,59 @@ def target_variants(model: Model, target: str = "cpu") -> list[str]:
     return out
 
 
-def latency_ms(backend, batch: np.ndarray, *, repeats: int = 7, warmup: int = 2) -> float:
-    """Median milliseconds of one ``predict`` of ``batch`` (after warm-up)."""
+def _check(cancel: CancelToken | None) -> None:
+    if cancel is not None:
+        cancel.raise_if_cancelled()
+
+
+def latency_ms(backend, batch: np.ndarray, *, repeats: int = 7, warmup: int = 2,
+               cancel: CancelToken | None = None) -> float:
+    """Median milliseconds of one ``predict`` of ``batch`` (after warm-up).
+
+    ``cancel`` is checked before every call (a call of a big batch on a busy CPU takes a second).
+    """
     for _ in range(warmup):
+        _check(cancel)
         backend.predict(batch)
     times = []
     for _ in range(repeats):
+        _check(cancel)
         t0 = time.perf_counter()
         backend.predict(batch)
         times.append(time.perf_counter() - t0)
     return 1e3 * float(np.median(times))
 
 
-def interleaved_latencies(runners: list, batch: np.ndarray, *, repeats: int = 9, warmup: int = 2) -> list[float]:
-    """Median ms of one ``predict(batch)`` for each runner, timed round-robin (one call each per round)."""
+def interleaved_latencies(runners: list, batch: np.ndarray, *, repeats: int = 9, warmup: int = 2,
+                          cancel: CancelToken | None = None) -> list[float]:
+    """Median ms of one ``predict(batch)`` for each runner, timed round-robin (one call each per round).
+
+    ``cancel`` is checked before every call.
+    """
     for r in runners:
         for _ in range(warmup):
+            _check(cancel)
             r.predict(batch)
     times: list[list[float]] = [[] for _ in runners]
     for _ in range(repeats):
         for i, r in enumerate(runners):
+            _check(cancel)
             t0 = time.perf_counter()
             r.predict(batch)
             times[i].append(time.perf_counter() - t0)
     return [1e3 * float(np.median(t)) for t in times]
 
 
-def variant_latencies(model: Model, batch: np.ndarray, target: str = "cpu") -> dict[str, float]:
+def variant_latencies(model: Model, batch: np.ndarray, target: str = "cpu",
+                      cancel: CancelToken | None = None) -> dict[str, float]:
     """Latency in ms of every installed variant that runs the artifact (fastest first)."""
     timed = {}
     errors = []
     for v in target_variants(model, target):
+        _check(cancel)
         try:
             with create_backend(v, model) as b:
-                timed[v] = latency_ms(b, batch)
+                timed[v] = latency_ms(b, batch, cancel=cancel)
         except SegStudioError as e:
             errors.append(f"{v}: {e}")
     if not timed:
@@ -176,7 +195,7 @@ def measure_artifact(model: Model, vset: ValidationSet, batch: np.ndarray, *, ta
     ``parent`` is this function's result for the parent (its ``_pred`` and
     ``_out`` are used for agreement and output difference).
     """
-    latencies = variant_latencies(model, batch, target)
+    latencies = variant_latencies(model, batch, target, cancel=cancel)
     variant, ms = next(iter(latencies.items()))
     yield Progress("validate", 0, len(vset.images), f"validating on {variant}")
     with create_backend(variant, model) as backend:
@@ -205,13 +224,13 @@ def measure_artifact(model: Model, vset: ValidationSet, batch: np.ndarray, *, ta
     return result
 
 
-def eager_baseline_ms(model: Model, batch: np.ndarray) -> float:
+def eager_baseline_ms(model: Model, batch: np.ndarray, cancel: CancelToken | None = None) -> float:
     """PyTorch eager FP32 latency of the original model on ``batch`` (the speed reference)."""
     from ..benchmark import EagerTorch
 
     net = EagerTorch(model, "cpu")
-    try:
-        return latency_ms(net, batch, repeats=3, warmup=1)  # a first figure; the report's comes from the end
+    try:  # a first figure; the report's comes from the end
+        return latency_ms(net, batch, repeats=3, warmup=1, cancel=cancel)
     finally:
         net.close()
 
