@@ -479,14 +479,31 @@ def cmd_bench(args) -> int:
     return 0
 
 
+_OPTIMIZE_INPUTS = ("model", "steps", "calib", "calib_kind", "calib_labels", "calib_tiles", "calib_max", "val_images",
+                    "val_labels", "val_limit", "kind", "max_drop", "min_speedup", "target", "threads", "speed_tile")
+
+
 def cmd_optimize(args) -> int:
     from .core.jobs import CancelToken, run_sync
     from .core.models.catalog import get_model
     from .core.optimize.calibration import CalibrationSource
-    from .core.optimize.runner import optimize_job
+    from .core.optimize.estimate import format_seconds
+    from .core.optimize.report import EventKind, OptimizeEvent, StepStatus
+    from .core.optimize.runner import optimize_job, read_state
     from .core.optimize.steps import Context, parse_steps
     from .core.optimize.validate import ValidationSet
 
+    if args.resume:
+        recorded = read_state(args.resume).get("inputs") or {}
+        missing = [k for k in _OPTIMIZE_INPUTS if k not in recorded]
+        if missing:
+            raise InputError(f"{args.resume}: the run's state does not record {', '.join(missing)}",
+                             hint="it was not started by segstudio optimize; run it again with --out")
+        for k in _OPTIMIZE_INPUTS:
+            setattr(args, k, recorded[k])
+        args.out = args.resume
+    elif not args.out:
+        raise InputError("give an output folder (--out), or --resume a run's folder")
     model = get_model(args.model, trust_code=args.trust_code)
     steps = parse_steps(args.steps)
     calib = None
@@ -500,36 +517,48 @@ def cmd_optimize(args) -> int:
     vset = ValidationSet.from_folders(val_dir, args.val_labels, kind=args.kind, limit=args.val_limit)
     ctx = Context(original=model, calib=calib, out_dir=Path(args.out), target=args.target, cancel=CancelToken(),
                   threads=args.threads)
-    print(f"optimizing {model.name}: {', '.join(s.label for s in steps)}; {len(vset.images)} validation image(s)"
+    print(f"{'resuming' if args.resume else 'optimizing'} {model.name}: {', '.join(s.label for s in steps)}; "
+          f"{len(vset.images)} validation image(s)"
           f"{' with labels' if vset.has_labels else ' (no labels: agreement with the original)'}"
           + (f"; calibration {len(calib.entries)} image(s)" if calib else ""))
+    inputs = {k: getattr(args, k) for k in _OPTIMIZE_INPUTS}
+    for k in ("calib", "val_images", "val_labels"):
+        if inputs[k]:
+            inputs[k] = str(Path(inputs[k]).resolve())
+    if Path(str(inputs["model"])).exists():  # a file or folder, not a built-in or imported model's name
+        inputs["model"] = str(Path(inputs["model"]).resolve())
 
-    def on_progress(event):
-        if args.quiet:
+    def on_progress(p):
+        ev = p.event
+        if args.quiet or not isinstance(ev, OptimizeEvent):
             return
-        if event.stage == "optimize" and event.message:
-            print(f"[{time.strftime('%H:%M:%S')}] {event.message}", flush=True)
-        elif event.stage in ("distill", "quantize") and event.message and (event.done % 100 == 0 or event.done == 0):
-            print(f"    {event.stage}: {event.done}/{event.total} {event.message}", flush=True)
+        stamp = time.strftime("%H:%M:%S")
+        left = f" (about {format_seconds(ev.run_eta_s)} left)" if ev.run_eta_s else ""
+        if ev.kind in (EventKind.ESTIMATE, EventKind.BASELINE, EventKind.STEP_STARTED, EventKind.STEP_FINISHED,
+                       EventKind.FINISHED):
+            print(f"[{stamp}] {ev.message}{left if ev.kind is not EventKind.FINISHED else ''}", flush=True)
+        elif ev.kind is EventKind.STEP_PROGRESS and ev.loss is not None and ev.train_step and ev.train_step % 100 == 0:
+            print(f"    training step {ev.train_step}: loss {ev.loss:.4f}{left}", flush=True)
 
-    report = run_sync(optimize_job(model, steps, ctx, vset, max_drop=args.max_drop, speed_tile=args.speed_tile),
+    report = run_sync(optimize_job(model, steps, ctx, vset, max_drop=args.max_drop, min_speedup=args.min_speedup,
+                                   speed_tile=args.speed_tile, resume=bool(args.resume), inputs=inputs),
                       on_progress)
-    b = report["baseline"]
+    b = report.baseline
     print(f"{'step':<34} {'status':<12} {'AP50':>7} {'change':>8} {'speed-up':>9} {'ms':>8}  backend")
-    print(f"{'original':<34} {'':<12} {b['ap50']:7.4f} {'':>8} {b['speedup_vs_baseline']:8.2f}x "
-          f"{b['latency_ms']:8.1f}  {b['variant']}")
-    for r in report["steps"]:
-        if r.get("ap50") is not None:
-            print(f"{r['name']:<34} {r['status']:<12} {r['ap50']:7.4f} {r['ap50_delta']:+8.4f} "
-                  f"{r['speedup_vs_baseline']:8.2f}x {r['latency_ms']:8.1f}  {r['variant']}")
+    print(f"{'original':<34} {'':<12} {b.ap50:7.4f} {'':>8} {b.speedup_vs_baseline:8.2f}x "
+          f"{b.latency_ms:8.1f}  {b.backend}")
+    for r in report.steps:
+        if r.measured:
+            print(f"{r.name:<34} {r.status.words:<12} {r.ap50:7.4f} {r.ap50_delta:+8.4f} "
+                  f"{r.speedup_vs_baseline:8.2f}x {r.latency_ms:8.1f}  {r.backend}")
         else:
-            print(f"{r['name']:<34} {r['status']:<12} {r.get('reason', '')}")
-        if r["status"] == "rolled_back":
-            print(f"{'':<34} why: {r['reason']}")
-    f = report["final"]
-    print(f"final: AP50 {f['ap50']:.4f} ({f['ap50_delta']:+.4f}), {f['speedup_vs_baseline']:.2f}x PyTorch eager FP32, "
-          f"{f['artifact']}")
-    print(f"wrote {Path(args.out) / 'report.json'} and report.html in {report['seconds'] / 60:.1f} min")
+            print(f"{r.name:<34} {r.status.words:<12} {r.reason}")
+        if r.status is StepStatus.ROLLED_BACK:
+            print(f"{'':<34} why: {r.reason}")
+    f = report.final
+    print(f"final: AP50 {f.ap50:.4f} ({f.ap50_delta:+.4f}), {f.speedup_vs_baseline:.2f}x PyTorch eager FP32, "
+          f"{f.artifact}")
+    print(f"wrote {Path(args.out) / 'report.json'} and report.html in {report.seconds / 60:.1f} min")
     return 0
 
 
@@ -754,10 +783,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: prune[:ratio], recover, distill[:width], sparsify[:ratio], export, "
                         "quantize[:int8|fp16], engine[:fp32|fp16|int8]; options as :key=value")
     p.add_argument("--max-drop", type=_float_opt(0.0, 1.0), default=0.01, help="largest AP50 loss allowed (default 0.01)")
+    p.add_argument("--min-speedup", type=_float_opt(0.0, 1000.0), default=1.05,
+                   help="a step must make the model at least this many times faster than its parent on this "
+                        "machine, or it is rolled back (default 1.05; 0: no speed guardrail)")
     p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--threads", type=_int_opt(0, 1024), default=0)
     p.add_argument("--speed-tile", type=_int_opt(32, 8192), default=512, help="tile size of the latency measurement (default 512)")
-    p.add_argument("--out", required=True, help="output folder (artifacts, report.json, report.html)")
+    p.add_argument("--out", default=None, help="output folder (artifacts, report.json, report.html)")
+    p.add_argument("--resume", default=None, metavar="OUT",
+                   help="continue the cancelled or interrupted run in OUT (its steps and images as recorded); "
+                        "finished steps are not redone")
     p.add_argument("--quiet", "-q", action="store_true")
     _add_trust_opt(p)
     p.set_defaults(func=cmd_optimize)
@@ -820,7 +855,11 @@ def main(argv: list[str] | None = None) -> int:
         _err(str(e))
         return EXIT_USAGE
     except (Cancelled, KeyboardInterrupt):
-        _err("cancelled")
+        out = getattr(args, "resume", None) or getattr(args, "out", None)
+        if args.func is cmd_optimize and out and (Path(out) / "state.json").is_file():
+            _err(f"cancelled; the finished steps are kept: segstudio optimize --resume {out} goes on from there")
+        else:
+            _err("cancelled")
         return 130
     except Exception as e:  # noqa: BLE001 - the one place that reports bugs
         try:

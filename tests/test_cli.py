@@ -116,10 +116,25 @@ def test_optimize_cli_writes_reports_and_refuses_bad_steps(tmp_path, sample_dir)
     report = json.loads((out / "report.json").read_text())
     assert [r["status"] for r in report["steps"]] in (["kept", "skipped"], ["rolled_back", "skipped"])
     assert "quantize:int8" in proc.stdout and "final: AP50" in proc.stdout and (out / "report.html").is_file()
-    for bad, msg in ((["--steps", "prune:2"], "between 0 and 1"), (["--steps", "quantize:int4"], "int8 or fp16"),
-                     (["--max-drop", "-1"], "from 0 to 1")):
+    for bad, msg in ((["--steps", "prune:2"], "above 0 and below 1"), (["--steps", "quantize:int4"],
+                     "one of int8, fp16"), (["--max-drop", "-1"], "from 0 to 1"), (["--min-speedup", "x"], "a number")):
         proc = run("optimize", "--calib", sample_dir, "--out", tmp_path / "bad", *bad)
         assert proc.returncode == 2 and msg in proc.stderr and not (tmp_path / "bad").exists()
+    # --resume: a finished run has nothing to resume; an interrupted one goes on from its state, with its inputs
+    proc = run("optimize", "--resume", out)
+    assert proc.returncode == 2 and "is finished: nothing to resume" in proc.stderr
+    state = json.loads((out / "state.json").read_text())
+    state.update(finished=False, done=1, rows=state["rows"][:1])  # as if stopped after the first step
+    (out / "state.json").write_text(json.dumps(state))
+    first = next(out.glob("01-*"))
+    before = first.stat().st_mtime_ns
+    proc = run("optimize", "--resume", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming nuclei" in proc.stdout and "(finished before)" in proc.stdout
+    assert "quantize:fp16: skipped" in proc.stdout and "step 1/2" not in proc.stdout
+    assert first.stat().st_mtime_ns == before
+    proc = run("optimize", "--resume", tmp_path / "nothing")
+    assert proc.returncode == 2 and "holds no optimization run to resume" in proc.stderr
 
 
 def test_eval_two_folders_same_stem(tmp_path, samples):

@@ -220,16 +220,59 @@ def test_step_syntax_is_checked():
     steps = parse_steps("prune:0.4:importance=l1,recover:steps=20,quantize:int8:method=entropy,export")
     assert [s.label for s in steps] == ["prune:0.4:importance=l1", "recover:steps=20",
                                         "quantize:int8:method=entropy", "export"]
-    for bad, msg in [("prune:1.5", "between 0 and 1"), ("prune:0.5:speed=max", "no option speed"),
-                     ("squash", "unknown step"), ("quantize:int4", "int8 or fp16"), ("", "no optimization"),
-                     ("distill:wide", "whole numbers"), ("prune:0.5:of=weird", "one of channels, flops"),
+    from segstudio.core.optimize.steps import format_steps
+
+    assert format_steps(parse_steps(format_steps(steps))) == format_steps(steps)
+    for bad, msg in [("prune:1.5", "above 0 and below 1"), ("prune:0.5:speed=max", "no option speed"),
+                     ("squash", "unknown step"), ("quantize:int4", "one of int8, fp16"), ("", "no optimization"),
+                     ("distill:wide", "whole number from 2"), ("prune:0.5:of=weird", "one of channels, flops"),
                      ("recover:steps=0", "from 1 to 1,000,000"), ("recover:lr=nan", "a number from"),
-                     ("quantize:int8:method=kl", "one of percentile"), ("distill:separable=maybe", "true or false")]:
+                     ("quantize:int8:method=kl", "one of percentile"), ("distill:separable=maybe", "true or false"),
+                     ("export:3", "takes no argument"), ("quantize:int8:percentile=101", "from 90 to 100")]:
         with pytest.raises(InputError, match=msg):
             parse_steps(bad)
 
 
-def _small_run(tmp_path, sample_dir, steps, max_drop=0.01, target="cpu"):
+def test_step_specifications_describe_every_option():
+    """The typed specs the CLI parses with and the GUI draws from: every option typed, defaulted, explained."""
+    from segstudio.core.optimize.options import OptionSpec
+    from segstudio.core.optimize.steps import STEP_SPECS
+
+    assert set(STEP_SPECS) == {"prune", "recover", "distill", "sparsify", "export", "quantize", "engine"}
+    for spec in STEP_SPECS.values():
+        assert spec.title and spec.doc
+        for o in ((spec.argument,) if spec.argument else ()) + spec.options:
+            assert isinstance(o, OptionSpec) and o.kind in (bool, int, float, str) and o.help
+            assert o.parse(o.text(o.default)) == o.default  # the default round-trips through its text
+            if o.choices:
+                assert o.default in o.choices
+    engine = {o.name for o in STEP_SPECS["engine"].options}
+    assert {"workspace_gb", "level", "min_tile", "tile", "batch", "timing_cache"} <= engine
+    assert {"method", "percentile", "tiles", "max_fallback"} <= {o.name for o in STEP_SPECS["quantize"].options}
+    step = STEP_SPECS["recover"].make(steps="40", alpha=0.25)
+    assert step.opts["steps"] == 40 and step.opts["alpha"] == 0.25 and step.label == "recover:steps=40:alpha=0.25"
+    with pytest.raises(InputError, match=r"recover:alpha must be a number from 0 to 1, not '2'"):
+        STEP_SPECS["recover"].make(alpha="2")
+
+
+def test_presets_parse_and_say_why_they_cannot_run():
+    from segstudio.core.optimize.presets import PRESETS, preset
+
+    assert [p.key for p in PRESETS] == ["int8", "prune-recover-int8", "light", "gpu-fp16-engine"]
+    for p in PRESETS:
+        assert parse_steps(p.steps) and p.sentence
+    gpu = preset("gpu-fp16-engine").unavailable()
+    import torch
+
+    if not torch.cuda.is_available():
+        assert gpu == "no NVIDIA GPU is visible on this machine"
+    assert preset("int8").unavailable() is None
+    with pytest.raises(InputError, match="no preset"):
+        preset("turbo")
+
+
+def _small_run(tmp_path, sample_dir, steps, max_drop=0.01, target="cpu", min_speedup=0.0, **kw):
+    """A run on two sample images; the speed guardrail is off unless asked (a 128 px tile is noisy to time)."""
     from segstudio.core.optimize.runner import optimize_job
     from segstudio.core.optimize.steps import Context
     from segstudio.core.optimize.validate import ValidationSet
@@ -237,44 +280,78 @@ def _small_run(tmp_path, sample_dir, steps, max_drop=0.01, target="cpu"):
     nuclei = get_model("nuclei")
     calib = CalibrationSource.from_folder(sample_dir, nuclei.spec, n_tiles=8, tile=128)
     vset = ValidationSet.from_folders(sample_dir, sample_dir, limit=2)
-    ctx = Context(original=nuclei, calib=calib, out_dir=tmp_path / "opt", target=target)
-    return run_sync(optimize_job(nuclei, parse_steps(steps), ctx, vset, max_drop=max_drop, speed_tile=128))
+    from segstudio.core.jobs import CancelToken
+
+    ctx = Context(original=nuclei, calib=calib, out_dir=tmp_path / "opt", target=target,
+                  cancel=kw.pop("cancel", None) or CancelToken())
+    events = kw.pop("events", None)
+    on_progress = kw.pop("on_progress", None) or (events.append if events is not None else None)
+    return run_sync(optimize_job(nuclei, parse_steps(steps), ctx, vset, max_drop=max_drop, speed_tile=128,
+                                 min_speedup=min_speedup, **kw), on_progress)
 
 
 def test_optimize_reports_every_step_and_artifacts_load_back(tmp_path, sample_dir):
+    from segstudio.core.optimize.report import EventKind, OptimizeEvent, OptimizeReport, StepStatus
+
+    events = []
     report = _small_run(tmp_path, sample_dir, "prune:0.5,recover:steps=5,quantize:int8:fallback=off,"
-                        "quantize:fp16,engine", max_drop=1.0)
-    names = [r["name"] for r in report["steps"]]
+                        "quantize:fp16,engine", max_drop=1.0, events=events)
+    assert isinstance(report, OptimizeReport)
+    names = [r.name for r in report.steps]
     assert names == ["prune:0.5", "recover:steps=5", "quantize:int8:fallback=off", "quantize:fp16", "engine"]
-    status = {r["name"]: r["status"] for r in report["steps"]}
-    assert status["prune:0.5"] == status["recover:steps=5"] == status["quantize:int8:fallback=off"] == "kept"
-    assert status["quantize:fp16"] == "skipped" and "not faster on a CPU" in report["steps"][3]["reason"]
-    assert status["engine"] == "skipped"  # no TensorRT or GPU here
-    for r in report["steps"][:3]:
-        assert {"ap50", "ap50_delta", "speedup_vs_baseline", "latency_ms", "size_mb", "artifact"} <= set(r)
-        model = load_card(r["artifact"])
+    status = {r.name: r.status for r in report.steps}
+    assert status["prune:0.5"] is status["recover:steps=5"] is status["quantize:int8:fallback=off"] is StepStatus.KEPT
+    assert status["quantize:fp16"] is StepStatus.SKIPPED and "not faster on a CPU" in report.steps[3].reason
+    assert status["engine"] is StepStatus.SKIPPED  # no TensorRT or GPU here
+    for r in report.steps[:3]:
+        assert r.measured and r.ap50_delta is not None and r.size_mb > 0 and r.artifact is not None
+        model = load_card(r.artifact)
         prov = model.provenance
         assert prov["step"] in ("prune", "recover", "quantize") and prov["parent"] and prov["versions"]
         assert prov["hardware"]
-    int8 = load_card(report["steps"][2]["artifact"])
+    int8 = load_card(report.steps[2].artifact)
     assert "onnx_int8" in int8.files and int8.provenance["calibration"]
-    assert report["steps"][1]["details"]["steps"] == 5
-    retune = report["steps"][1]["details"]["postprocess"]  # thresholds re-chosen for the recovered network
+    assert report.steps[1].details["steps"] == 5
+    assert [s for s, _ in report.steps[1].loss_curve] == [5]  # the loss as it trained (every 10 steps and the last)
+    retune = report.steps[1].details["postprocess"]  # thresholds re-chosen for the recovered network
     assert retune["against"] == "the teacher's instances" and retune["ap50_after"] >= retune["ap50_before"]
-    recovered = load_card(report["steps"][1]["artifact"]).spec.postprocess
+    recovered = load_card(report.steps[1].artifact).spec.postprocess
     assert (recovered.fg_threshold, recovered.seed_threshold) == (retune["fg_threshold"], retune["seed_threshold"])
-    final = report["final"]
-    assert final["artifact"].endswith(".json") and load_card(final["artifact"]).files
-    assert set(report["baseline"]) >= {"ap50", "latency_ms", "speedup_vs_baseline", "eager_fp32_ms"}
-    for r in report["steps"][:3]:  # timed again at the end, round-robin with the original
-        assert r["latency_ms_at_step"] > 0 and r["speedup_vs_parent"] > 0
-        assert r["speedup_vs_baseline"] == pytest.approx(report["baseline"]["eager_fp32_ms"] / r["latency_ms"])
-    assert report["steps"][4]["ap50"] is None and report["steps"][4]["reason"]
+    final = report.final
+    assert final.artifact.suffix == ".json" and load_card(final.artifact).files and report.final_from == 2
+    assert report.baseline.ap50 is not None and report.eager_fp32_ms > 0
+    for r in report.steps[:3]:  # timed again at the end, round-robin with the original
+        assert r.latency_ms_at_step > 0 and r.speedup_vs_parent > 0
+        assert r.speedup_vs_baseline == pytest.approx(report.eager_fp32_ms / r.latency_ms)
+    assert report.steps[4].ap50 is None and report.steps[4].reason
+    assert [r.name for r in report.kept_path()] == ["original", "prune:0.5", "recover:steps=5",
+                                                    "quantize:int8:fallback=off"]
+    front = report.pareto()
+    assert front and all(not any(o.ap50 >= r.ap50 and o.speedup_vs_baseline > r.speedup_vs_baseline
+                                 for o in [report.baseline, *report.steps[:3]]) for r in front)
     out = tmp_path / "opt"
-    assert json.loads((out / "report.json").read_text())["final"] == final
+    loaded = OptimizeReport.load(out)
+    assert loaded.to_dict()["final"] == report.to_dict()["final"] and loaded.steps[2].backend == final.backend
     page = (out / "report.html").read_text()
     assert "<svg" in page and "prune:0.5" in page and "guardrail" in page
-    assert load_card(final["artifact"]).files
+    # the events: typed, one finish per step (the pruning told again when its recovery settled it), in order
+    typed = [p.event for p in events if isinstance(p.event, OptimizeEvent)]
+    assert len(typed) == len(events)  # every event carries its typed payload
+    kinds = [e.kind for e in typed]
+    milestones = [k for k in kinds if k is not EventKind.STEP_PROGRESS]
+    assert milestones[:2] == [EventKind.ESTIMATE, EventKind.BASELINE] and milestones[-2:] == [EventKind.REMEASURED,
+                                                                                              EventKind.FINISHED]
+    finished = [(e.step, e.row.status) for e in typed if e.kind is EventKind.STEP_FINISHED]
+    assert {s for s, _ in finished} == {0, 1, 2, 3, 4}
+    assert finished[-1] == (4, StepStatus.SKIPPED)
+    points = [e for e in typed if e.kind is EventKind.STEP_POINT]
+    assert {e.step for e in points} == {0, 1, 2} and all(e.row.ap50 is not None for e in points)
+    losses = [e for e in typed if e.kind is EventKind.STEP_PROGRESS and e.loss is not None]
+    assert losses and all(e.step == 1 and e.train_step for e in losses)
+    after = typed[kinds.index(EventKind.ESTIMATE):]  # from the estimate on, every event has an ETA
+    assert all(e.run_eta_s is not None and e.run_eta_s >= 0 for e in after)
+    assert typed[-1].run_fraction > 0.9
+    assert (out / "state.json").is_file()
 
 
 def test_int8_artifact_keeps_accuracy_and_segments_through_the_cli(tmp_path, sample_dir):
@@ -282,10 +359,10 @@ def test_int8_artifact_keeps_accuracy_and_segments_through_the_cli(tmp_path, sam
     from segstudio.cli import main
 
     report = _small_run(tmp_path, sample_dir, "quantize:int8:method=percentile", max_drop=0.05)
-    (step,) = report["steps"]
-    assert step["status"] == "kept" and step["variant"].endswith(":int8")
-    assert abs(step["ap50_delta"]) <= 0.05 and step["validation"]["agreement_ap50"] > 0.8
-    assert step["details"]["calibration"]["tiles"] == 8
+    (step,) = report.steps
+    assert step.status.value == "kept" and step.backend.endswith(":int8")
+    assert abs(step.ap50_delta) <= 0.05 and step.validation["agreement_ap50"] > 0.8
+    assert step.details["calibration"]["tiles"] == 8
     final_dir = tmp_path / "opt" / "final"
     out = tmp_path / "seg"
     image = sorted(sample_dir.glob("*_img.tif"))[0]
@@ -299,26 +376,69 @@ def test_int8_artifact_keeps_accuracy_and_segments_through_the_cli(tmp_path, sam
 def test_int8_fallback_keeps_sensitive_layers_in_float_then_gives_up(tmp_path, sample_dir):
     # an impossible budget (AP50 must rise by 0.5): two fallbacks are tried, then the step is rolled back
     report = _small_run(tmp_path, sample_dir, "quantize:int8:max_fallback=2", max_drop=-0.5)
-    (step,) = report["steps"]
-    assert step["status"] == "rolled_back" and len(step["attempts"]) == 3
-    floats = step["details"]["float_layers"]
+    (step,) = report.steps
+    assert step.status.value == "rolled_back" and len(step.attempts) == 3
+    floats = step.details["float_layers"]
     assert len(floats) == 2 and len(set(floats)) == 2
-    ranking = step["details"]["sensitivity"]
-    assert [n for n, _ in ranking[:2]] == floats  # the most sensitive ones, in order
-    assert report["final"]["from_step"] is None
+    assert [s.layer for s in step.sensitivity[:2]] == floats == list(step.float_layers)  # the most sensitive, in order
+    assert all(s.in_float is (s.layer in floats) for s in step.sensitivity)
+    assert [s.gain for s in step.sensitivity] == sorted((s.gain for s in step.sensitivity), reverse=True)
+    assert report.final_from is None
 
 
 def test_guardrail_rolls_back_and_says_why(tmp_path, sample_dir):
     report = _small_run(tmp_path, sample_dir, "prune:0.9,recover:steps=2:retune=off,"
                         "distill:4:steps=3:separable=true:retune=off", max_drop=0.0001)
-    prune, recover, distill = report["steps"]
-    assert recover["status"] == "rolled_back" and "more than the allowed" in recover["reason"]
-    assert prune["status"] == "rolled_back"
+    prune, recover, distill = report.steps
+    assert recover.status.value == "rolled_back" and "more than the allowed" in recover.reason
+    assert prune.status.value == "rolled_back"
     # a three-step student is far from its teacher: rolled back too, and it was the student asked for
-    assert distill["status"] == "rolled_back" and distill["details"]["steps"] == 3
-    student = load_card(distill["artifact"]).spec.config
-    assert student.width == 4 and student.separable and distill["params"] < report["baseline"]["params"] / 10
-    assert report["final"]["ap50_delta"] == 0.0 and report["final"]["from_step"] is None
+    assert distill.status.value == "rolled_back" and distill.details["steps"] == 3
+    student = load_card(distill.artifact).spec.config
+    assert student.width == 4 and student.separable and distill.params < report.baseline.params / 10
+    assert report.final.ap50_delta == 0.0 and report.final_from is None
+
+
+def test_speed_guardrail_rolls_back_a_step_that_is_not_faster(tmp_path, sample_dir):
+    """Accuracy within budget but not min_speedup times faster than its parent here: rolled back, and why."""
+    report = _small_run(tmp_path, sample_dir, "quantize:int8:fallback=off", max_drop=1.0, min_speedup=50.0)
+    (step,) = report.steps
+    assert step.status.value == "rolled_back" and "not faster on this machine" in step.reason
+    assert "less than the 50.00x asked for" in step.reason
+    assert 0 < step.details["speedup_vs_parent_at_verdict"] < 50
+    assert report.final_from is None
+
+
+def test_cancelled_run_resumes_without_redoing_finished_steps(tmp_path, sample_dir):
+    """Cancel during the second step: the first stays done; resume runs only the second, and says so."""
+    from segstudio.core.errors import Cancelled
+    from segstudio.core.jobs import CancelToken
+    from segstudio.core.optimize.report import EventKind
+    from segstudio.core.optimize.runner import can_resume
+
+    token = CancelToken()
+    seen = []
+
+    def on(p):
+        seen.append(p.event)
+        if p.event.kind is EventKind.STEP_PROGRESS and p.event.step == 1 and p.event.loss is not None:
+            token.cancel()
+
+    steps = "quantize:int8:fallback=off,distill:4:steps=60:retune=off"
+    with pytest.raises(Cancelled):
+        _small_run(tmp_path, sample_dir, steps, max_drop=1.0, cancel=token, on_progress=on)
+    first = tmp_path / "opt" / "01-quantize"
+    assert first.is_dir() and "1 of 2 step(s) finished" in can_resume(tmp_path / "opt")
+    stamp = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
+    events = []
+    report = _small_run(tmp_path, sample_dir, steps, max_drop=1.0, resume=True, events=events)
+    assert report.steps[0].status.value == "kept" and report.steps[1].details["steps"] == 60
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == stamp  # not redone
+    started = [p.event.step for p in events if p.event.kind is EventKind.STEP_STARTED]
+    assert started == [1]
+    assert can_resume(tmp_path / "opt") is None  # finished
+    with pytest.raises(InputError, match="holds a run of other steps"):
+        _small_run(tmp_path, sample_dir, "quantize:int8", resume=True)
 
 
 def test_find_images_leaves_out_labels_and_filters_by_kind(tmp_path):

@@ -35,6 +35,10 @@ class Progress:
         Human-readable detail.
     info : dict
         Extra machine-readable data (timings, sizes).
+    event : object, optional
+        A typed event for shells that need more than a progress bar (the
+        optimization run yields :class:`~segstudio.core.optimize.report.OptimizeEvent`
+        here); shells test its type, never ``stage``.
     """
 
     stage: str
@@ -42,6 +46,7 @@ class Progress:
     total: int = 0
     message: str = ""
     info: dict = field(default_factory=dict)
+    event: Any = None
 
     @property
     def fraction(self) -> float | None:

@@ -35,11 +35,15 @@ class Profile:
         return all(lo <= s <= hi for lo, s, hi in zip(self.min, shape, self.max))
 
 
-def default_profile(channels: int, multiple: int, tile_shape: tuple[int, int], batch_size: int) -> Profile:
-    """Profile for a tiling plan: any tile from one stride up to ``tile_shape``, batches up to ``batch_size``."""
+def default_profile(channels: int, multiple: int, tile_shape: tuple[int, int], batch_size: int, *,
+                    min_side: int = 0) -> Profile:
+    """Profile for a tiling plan: any tile from ``min_side`` (default: one stride) up to ``tile_shape``,
+    batches up to ``batch_size``."""
     h, w = tile_shape
+    low = max(multiple, -(-min_side // multiple) * multiple) if min_side else multiple
+    low_h, low_w = min(low, h), min(low, w)
     return Profile(
-        min=(1, channels, multiple, multiple),
+        min=(1, channels, low_h, low_w),
         opt=(batch_size, channels, h, w),
         max=(batch_size, channels, h, w),
     )

@@ -73,7 +73,7 @@ def _method(method: str):
 
 
 def calibrate(onnx_in: str | Path, tiles: list[np.ndarray], cache: str | Path, *, method: str = "percentile",
-              percentile: float = 99.999) -> Path:
+              percentile: float = 99.999, cancel: CancelToken | None = None) -> Path:
     """Activation ranges of ``onnx_in`` on ``tiles``, written to ``cache`` (JSON) for :func:`quantize_int8`.
 
     Computed once and reused by every quantization of the same model (the
@@ -99,6 +99,8 @@ def calibrate(onnx_in: str | Path, tiles: list[np.ndarray], cache: str | Path, *
         # a few tiles at a time: ONNX Runtime keeps every intermediate tensor of what it is given
         # (64 tiles of 256 px: about 8 GB for the built-in model); ranges and histograms merge
         for i in range(0, len(tiles), CHUNK):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
             calibrator.collect_data(_reader(tiles[i : i + CHUNK], input_name))
         ranges = calibrator.compute_data()
         del calibrator
@@ -108,7 +110,8 @@ def calibrate(onnx_in: str | Path, tiles: list[np.ndarray], cache: str | Path, *
 
 def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, tiles: list[np.ndarray] | None = None, *,
                   method: str = "percentile", per_channel: bool = True, exclude: list[str] | tuple[str, ...] = (),
-                  cache: str | Path | None = None, percentile: float = 99.999) -> Path:
+                  cache: str | Path | None = None, percentile: float = 99.999,
+                  cancel: CancelToken | None = None) -> Path:
     """Write a Q/DQ INT8 model of ``onnx_in``; ``exclude`` (node names) stays float.
 
     The activation ranges come from ``cache`` when it exists (see
@@ -123,7 +126,9 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, tiles: list[np.ndar
         if not cache.is_file():
             if not tiles:
                 raise StepFailedError("INT8 quantization needs calibration tiles")
-            calibrate(onnx_in, tiles, cache, method=method, percentile=percentile)
+            calibrate(onnx_in, tiles, cache, method=method, percentile=percentile, cancel=cancel)
+        if cancel is not None:
+            cancel.raise_if_cancelled()
         pre = _preprocess(onnx_in, Path(tmp) / "pre.onnx")
         quantize_static(
             str(pre), str(onnx_out), None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
@@ -144,7 +149,7 @@ def _outputs(onnx_path: Path, tiles: list[np.ndarray]) -> np.ndarray:
 
 
 def layer_sensitivity(onnx_in: str | Path, tiles: list[np.ndarray], *, method: str = "percentile",
-                      cache: str | Path | None = None, cancel: CancelToken | None = None
+                      cache: str | Path | None = None, cancel: CancelToken | None = None, percentile: float = 99.999
                       ) -> Job[list[tuple[str, float]]]:
     """``(conv node, error saved by keeping it in float)`` for every convolution, most sensitive first.
 
@@ -157,7 +162,8 @@ def layer_sensitivity(onnx_in: str | Path, tiles: list[np.ndarray], *, method: s
     ref = _outputs(Path(onnx_in), tiles)
     with tempfile.TemporaryDirectory(prefix="segstudio-sens-") as tmp:
         if cache is None or not Path(cache).is_file():
-            cache = calibrate(onnx_in, tiles, cache or Path(tmp) / "ranges.json", method=method)
+            cache = calibrate(onnx_in, tiles, cache or Path(tmp) / "ranges.json", method=method,
+                              percentile=percentile, cancel=cancel)
         full = quantize_int8(onnx_in, Path(tmp) / "all.onnx", method=method, cache=cache)
         base_err = float(np.mean((_outputs(full, tiles) - ref) ** 2))
         out = []

@@ -19,8 +19,23 @@ again round-robin in one loop: the report's speed-ups come from that
 interleaved measurement, so they compare like with like on a shared,
 noisy machine.
 
-The report (``report.json``, and ``report.html``, self-contained, with a
-speed-versus-accuracy chart) has one row per step.
+A second guardrail is about **speed**: a step that does not make the model
+at least ``min_speedup`` times faster than its parent on this machine's best
+backend (the two timed round-robin when the step is judged) is rolled back
+too, like an accuracy loss; export and sparsify are not judged on speed, and
+a recovery is judged against the model before the pruning it recovers.
+
+The report is typed (:class:`~.report.OptimizeReport`, one
+:class:`~.report.StepReport` per step); ``report.json`` is its dictionary
+and ``report.html`` a self-contained page with a speed-versus-accuracy chart.
+Every event the job yields carries an :class:`~.report.OptimizeEvent`
+(``Progress.event``): step started, progress and loss, measured points,
+step finished, with step and run ETAs from :mod:`.estimate`.
+
+After the original is measured and after every step, ``state.json`` records
+where the run is; ``optimize_job(..., resume=True)`` on the same folder (the
+CLI: ``segstudio optimize --resume OUT``) continues a cancelled or crashed
+run without redoing finished steps.
 """
 
 from __future__ import annotations
@@ -29,212 +44,434 @@ import html
 import json
 import shutil
 import time
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import SegStudioError
+from ..errors import InputError, SegStudioError
+from ..io import atomic_path
 from ..jobs import Job, Progress
-from ..models.catalog import Model
-from .steps import Context, Step
-from .validate import ValidationSet, agreement, eager_baseline_ms, measure_artifact, public
-
+from ..models.catalog import Model, load_card
+from .estimate import EtaTracker, RunEstimate, estimate_job, format_seconds
+from .report import EventKind, OptimizeEvent, OptimizeReport, StepReport, StepStatus
+from .steps import Context, Step, format_steps
+from .validate import ValidationSet, agreement, eager_baseline_ms, interleaved_latencies, measure_artifact, public
 
 PENDING = "judged after the recovery step that follows"
+STATE = "state.json"
+STATE_VERSION = 1
+
+_PHASES = {"distill": "training", "validate": "validating", "quantize": "quantizing", "prune": "pruning",
+           "export": "exporting", "engine": "building the engine", "sparsify": "sparsifying",
+           "estimate": "estimating"}
 
 
 def _metric(meas: dict, labelled: bool) -> float:
     return meas["ap50"] if labelled else meas["agreement_original"]
 
 
+class _Run:
+    """The bookkeeping of one run: events with ETAs, the rows, the state file."""
+
+    def __init__(self, steps: list[Step], out: Path, estimate: RunEstimate | None):
+        self.steps, self.out = steps, out
+        self.n = len(steps)
+        self.eta = EtaTracker(estimate, len(steps))
+        self.losses: list[tuple[int, float]] = []
+
+    def event(self, kind: EventKind, step: int | None = None, message: str = "", *, done: int | None = None,
+              phase: str = "", inner: float | None = None, training: bool = False, **kw) -> Progress:
+        frac, step_eta, run_frac, run_eta = self.eta.etas(inner, training)
+        ev = OptimizeEvent(kind, step, self.n, message, phase, fraction=inner if training and inner else frac,
+                           run_fraction=run_frac, step_eta_s=step_eta, run_eta_s=run_eta, **kw)
+        finished = done if done is not None else (step if step is not None else 0)
+        return Progress("optimize", finished, self.n, message, event=ev)
+
+    def relay(self, job, i: int | None):
+        """Run an inner job, turning its events into step-progress events (returns its result)."""
+        while True:
+            try:
+                p = next(job)
+            except StopIteration as stop:
+                return stop.value
+            loss = p.info.get("loss") if p.info else None
+            training = p.stage == "distill" and p.total > 0
+            if loss is not None and i is not None:
+                self.losses.append((p.done, float(loss)))
+            phase = _PHASES.get(p.stage, p.stage)
+            yield self.event(EventKind.STEP_PROGRESS, i, p.message or phase, phase=phase,
+                             inner=p.fraction, training=training, train_step=p.done if training else None,
+                             loss=float(loss) if loss is not None else None)
+
+
 def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: ValidationSet, *,
-                 max_drop: float = 0.01, speed_tile: int = 512) -> Job[dict]:
+                 max_drop: float = 0.01, min_speedup: float = 1.05, speed_tile: int = 512, resume: bool = False,
+                 estimate: RunEstimate | None = None, inputs: dict | None = None) -> Job[OptimizeReport]:
+    """Run ``steps`` from ``model`` with both guardrails; a job returning the :class:`OptimizeReport`.
+
+    ``resume``: continue the run recorded in ``ctx.out_dir`` (same steps);
+    ``estimate``: a :class:`RunEstimate` made before (else one is measured);
+    ``inputs``: how the calibration and validation sets were given (folders,
+    kinds), recorded in ``state.json`` so the CLI can resume from it alone.
+    """
     t_start = time.perf_counter()
     out = Path(ctx.out_dir)
+    state = _read_state(out, steps) if resume else None
     out.mkdir(parents=True, exist_ok=True)
     labelled = vset.has_labels
+    if estimate is None:
+        run0 = _Run(steps, out, None)
+        estimate = yield from run0.relay(estimate_job(model, steps, ctx.calib, vset, target=ctx.target,
+                                                      speed_tile=speed_tile), None)
+    run = _Run(steps, out, estimate)
+    yield run.event(EventKind.ESTIMATE, None, f"estimated run time: {estimate.describe()}")
     batch = vset.speed_batch(model, tile=speed_tile)
-    yield Progress("optimize", 0, len(steps), "measuring the original model")
+    yield run.event(EventKind.STEP_PROGRESS, None, "measuring the original model", phase="measuring the original")
     eager_ms = eager_baseline_ms(model, batch)
-    base = yield from measure_artifact(model, vset, batch, target=ctx.target, cancel=ctx.cancel)
+    base = yield from run.relay(measure_artifact(model, vset, batch, target=ctx.target, cancel=ctx.cancel), None)
     base["agreement_original"] = 1.0
     original_pred = base["_pred"]
     base_metric = _metric(base, labelled)
+    baseline = StepReport(index=-1, name="original", doc=f"{model.name} as it is", status=StepStatus.KEPT,
+                          reason="the starting point", artifact=Path(model.card_path) if model.card_path else None,
+                          validation={k: v for k, v in public(base).items()
+                                      if k in ("dice", "count_error", "ap75", "f1", "batch")},
+                          **_measured(base, labelled, eager_ms))
+    report = OptimizeReport(
+        model=model.name, out_dir=out, labelled=labelled,
+        metric="AP50 against the labels" if labelled else "AP50 agreement with the original model's instances",
+        images=len(vset.images), max_drop=max_drop, min_speedup=min_speedup, target=ctx.target,
+        eager_fp32_ms=eager_ms, baseline=baseline,
+        steps=[StepReport(index=i, name=s.label, doc=s.doc) for i, s in enumerate(steps)],
+        calibration=ctx.calib.describe() if ctx.calib is not None else None)
+    yield run.event(EventKind.BASELINE, None, f"original: AP50 {base_metric:.4f}, "
+                    f"{base['latency_ms']:.1f} ms on {base['variant']}", row=replace(baseline))
 
-    def row_for(meas: dict) -> dict:
-        return {
-            "ap50": _metric(meas, labelled),
-            "latency_ms": meas["latency_ms"],
-            "speedup_vs_baseline": eager_ms / meas["latency_ms"],
-            "size_mb": meas["size_mb"],
-            "params": meas["params"],
-            "gflops_per_tile": meas["gflops_per_tile"],
-            "variant": meas["variant"],
-            "latency_by_backend_ms": meas["latency_by_backend_ms"],
-        }
-
-    report = {
-        "model": model.name,
-        "baseline": {**row_for(base), "eager_fp32_ms": eager_ms,
-                     "dice": base.get("dice"), "count_error": base.get("count_error"),
-                     "note": "speedup_vs_baseline = PyTorch eager FP32 latency of the original model / latency, "
-                             "both measured in this run on the same batch of real tiles"},
-        "validation": {"images": len(vset.images), "labels": labelled,
-                       "metric": "AP50 against the labels" if labelled else
-                       "AP50 agreement with the original model's instances"},
-        "calibration": ctx.calib.describe() if ctx.calib is not None else None,
-        "target": ctx.target,
-        "max_drop": max_drop,
-        "steps": [],
-    }
     current, cur_meas = model, base
     before_prune: tuple[Model, dict] | None = None
-    pending: list[dict] = []  # rows of pruning steps waiting for their recovery's verdict
-    for i, step in enumerate(steps):
+    pending: list[StepReport] = []  # pruning steps waiting for their recovery's verdict
+    first = 0
+    if state is not None:
+        first = state["done"]
+        for i in range(first):
+            report.steps[i] = StepReport.from_dict(state["rows"][i])
+            run.eta.finish(i, report.steps[i].seconds or 0.0)
+        msg = f"resuming after step {first}/{len(steps)}"
+        yield run.event(EventKind.STEP_PROGRESS, None, msg, phase="resuming")
+        for r in report.steps[:first]:
+            yield run.event(EventKind.STEP_FINISHED, r.index, f"{r.name}: {r.status.words} (finished before)",
+                            done=r.index + 1, row=replace(r))
+        if state.get("current"):
+            current = load_card(state["current"])
+            cur_meas = yield from _remeasure(run, current, vset, batch, ctx, base, original_pred)
+        if state.get("before_prune"):
+            bp = load_card(state["before_prune"]) if state["before_prune"] != "original" else model
+            bp_meas = base if bp is model else (yield from _remeasure(run, bp, vset, batch, ctx, base, original_pred))
+            before_prune = (bp, bp_meas)
+        pending = [report.steps[i] for i in state.get("pending", [])]
+    _write_state(out, steps, report, first, current, model, before_prune, pending, inputs, max_drop, min_speedup,
+                 speed_tile)
+
+    for i in range(first, len(steps)):
+        step = steps[i]
         ctx.cancel.raise_if_cancelled()
-        # every row has the same keys; what a skipped or failed step did not measure is None
-        row = {"name": step.label, "doc": step.doc, "status": None, "ap50": None, "ap50_delta": None,
-               "speedup_vs_baseline": None, "latency_ms": None, "size_mb": None, "reason": ""}
+        row = report.steps[i]
         problems = step.check(current, ctx)
         if problems:
-            row.update(status="skipped", reason="; ".join(problems))
-            report["steps"].append(row)
-            yield Progress("optimize", i + 1, len(steps), f"{step.label}: skipped ({row['reason']})")
+            row.status, row.reason = StepStatus.SKIPPED, "; ".join(problems)
+            run.eta.finish(i, 0.0)
+            yield run.event(EventKind.STEP_FINISHED, i, f"{step.label}: skipped ({row.reason})", done=i + 1,
+                            row=replace(row))
+            _write_state(out, steps, report, i + 1, current, model, before_prune, pending, inputs, max_drop,
+                         min_speedup, speed_tile)
             continue
-        yield Progress("optimize", i, len(steps), f"step {i + 1}/{len(steps)}: {step.label}")
+        run.eta.start(i)
+        run.losses = []
+        row.status = StepStatus.RUNNING
+        yield run.event(EventKind.STEP_STARTED, i, f"step {i + 1}/{len(steps)}: {step.label}", row=replace(row))
         folder = out / f"{i + 1:02d}-{step.name}"
+        if folder.exists():  # a step that was interrupted: it starts again
+            shutil.rmtree(folder)
         t0 = time.perf_counter()
         try:
-            child, details = yield from step.run(current, ctx, folder)
+            child, details = yield from run.relay(step.run(current, ctx, folder), i)
         except SegStudioError as e:
-            row.update(status="failed", reason=str(e))
-            report["steps"].append(row)
+            row.status, row.reason = StepStatus.FAILED, str(e)
             shutil.rmtree(folder, ignore_errors=True)
             if before_prune is not None:  # the pruning this step was to recover goes too
                 current, cur_meas = before_prune
                 before_prune = None
-                _settle_pending(pending, "rolled_back", "its recovery step failed")
+                _settle_pending(pending, StepStatus.ROLLED_BACK, "its recovery step failed")
+            run.eta.finish(i)
+            yield run.event(EventKind.STEP_FINISHED, i, f"{step.label}: failed ({e})", done=i + 1, row=replace(row))
+            yield from _announce_settled(run, report)
+            _write_state(out, steps, report, i + 1, current, model, before_prune, pending, inputs, max_drop,
+                         min_speedup, speed_tile)
             continue
-        meas = yield from measure_artifact(child, vset, batch, target=ctx.target, parent=cur_meas, cancel=ctx.cancel)
-        meas["agreement_original"] = agreement(meas["_pred"], original_pred)
+        meas = yield from _measure_child(run, i, child, vset, batch, ctx, cur_meas, original_pred)
         metric = _metric(meas, labelled)
+        yield _point(run, i, row, step, meas, labelled, eager_ms, cur_meas, base_metric)
         attempts = []
         # accuracy-aware retries (INT8: keep the most sensitive layers in float, one more each time)
         next_is_recovery = i + 1 < len(steps) and steps[i + 1].name == "recover"
         while base_metric - metric > max_drop and not (step.needs_recovery and next_is_recovery):
             attempts.append({"ap50": metric, "details": details})
-            retry = yield from step.retry(current, ctx, folder)
+            retry = yield from run.relay(step.retry(current, ctx, folder), i)
             if not retry:
                 break
             shutil.rmtree(folder, ignore_errors=True)
-            child, details = yield from step.run(current, ctx, folder)
-            meas = yield from measure_artifact(child, vset, batch, target=ctx.target, parent=cur_meas,
-                                               cancel=ctx.cancel)
-            meas["agreement_original"] = agreement(meas["_pred"], original_pred)
+            child, details = yield from run.relay(step.run(current, ctx, folder), i)
+            meas = yield from _measure_child(run, i, child, vset, batch, ctx, cur_meas, original_pred)
             metric = _metric(meas, labelled)
-        step_s = time.perf_counter() - t0
-        row.update(row_for(meas))
-        row.update(
-            ap50_delta=metric - _metric(cur_meas, labelled),
-            speedup_vs_parent=cur_meas["latency_ms"] / meas["latency_ms"],
-            drop_vs_original=base_metric - metric,
-            seconds=step_s,
-            artifact=str(child.card_path),
-            parent=str(current.card_path),
-            details=details,
-            validation={k: v for k, v in public(meas).items() if k not in row},
-        )
-        if attempts:
-            row["attempts"] = attempts
+            yield _point(run, i, row, step, meas, labelled, eager_ms, cur_meas, base_metric)
+        _fill(row, meas, labelled, eager_ms, cur_meas, base_metric)
+        row.seconds = time.perf_counter() - t0
+        row.artifact, row.parent = Path(child.card_path), Path(current.card_path) if current.card_path else None
+        row.details, row.attempts = details, attempts
+        row.sensitivity = step.sensitivity()
+        row.loss_curve = tuple(run.losses)
+        row.validation = {k: v for k, v in public(meas).items()
+                          if k not in ("variant", "latency_ms", "size_mb", "params", "gflops_per_tile",
+                                       "latency_by_backend_ms")}
         if step.needs_recovery and next_is_recovery:
-            row.update(status="kept", reason=PENDING)
+            row.status, row.reason = StepStatus.KEPT, PENDING
             pending.append(row)
             before_prune = before_prune or (current, cur_meas)
             current, cur_meas = child, meas
         elif base_metric - metric > max_drop:
-            row.update(status="rolled_back",
-                       reason=f"AP50 {metric:.4f} is {base_metric - metric:.4f} below the original's "
-                              f"{base_metric:.4f}, more than the allowed {max_drop}")
+            row.status = StepStatus.ROLLED_BACK
+            row.reason = (f"AP50 {metric:.4f} is {base_metric - metric:.4f} below the original's "
+                          f"{base_metric:.4f}, more than the allowed {max_drop}")
             if before_prune is not None:
-                row["reason"] += "; the pruning it was recovering is rolled back too"
+                row.reason += "; the pruning it was recovering is rolled back too"
                 current, cur_meas = before_prune
-                _settle_pending(pending, "rolled_back",
+                _settle_pending(pending, StepStatus.ROLLED_BACK,
                                 "its recovery did not bring the accuracy back within the budget")
                 before_prune = None
         else:
-            drop = base_metric - metric
-            row.update(status="kept", reason=(
-                f"AP50 {metric:.4f}, {drop:.4f} below the original's, within the allowed {max_drop}" if drop > 0
-                else f"AP50 {metric:.4f}, not below the original's {base_metric:.4f}"))
-            current, cur_meas = child, meas
-            before_prune = None
-            _settle_pending(pending, "kept", "kept together with the recovery that followed")
-        report["steps"].append(row)
-        yield Progress("optimize", i + 1, len(steps), f"{step.label}: {row['status']} (AP50 {metric:.4f}, "
-                                                     f"{row['speedup_vs_baseline']:.2f}x)")
-    if before_prune is not None:  # the recovery never ran (cancelled steps, skipped): the pruning goes
+            speed_parent = before_prune[0] if before_prune is not None else current
+            speed_meas = before_prune[1] if before_prune is not None else cur_meas
+            faster = None
+            if step.judged_on_speed and min_speedup > 0:
+                yield run.event(EventKind.STEP_PROGRESS, i, "timing it against its parent, round-robin",
+                                phase="timing against the parent")
+                faster = _speedup(speed_parent, speed_meas["variant"], child, meas["variant"], batch)
+                row.details = {**details, "speedup_vs_parent_at_verdict": faster}
+            if faster is not None and faster < min_speedup:
+                row.status = StepStatus.ROLLED_BACK
+                row.reason = (f"not faster on this machine: {faster:.2f}x its parent "
+                              f"({meas['variant']} against {speed_meas['variant']}, timed round-robin), "
+                              f"less than the {min_speedup:.2f}x asked for")
+                if before_prune is not None:
+                    row.reason += "; the pruning it was recovering is rolled back too"
+                    current, cur_meas = before_prune
+                    _settle_pending(pending, StepStatus.ROLLED_BACK, "the pruned and recovered model was not faster")
+                    before_prune = None
+            else:
+                drop = base_metric - metric
+                row.status = StepStatus.KEPT
+                row.reason = (f"AP50 {metric:.4f}, {drop:.4f} below the original's, within the allowed {max_drop}"
+                              if drop > 0 else f"AP50 {metric:.4f}, not below the original's {base_metric:.4f}")
+                if faster is not None:
+                    row.reason += f"; {faster:.2f}x faster than its parent"
+                current, cur_meas = child, meas
+                before_prune = None
+                _settle_pending(pending, StepStatus.KEPT, "kept together with the recovery that followed")
+        run.eta.finish(i)
+        yield run.event(EventKind.STEP_FINISHED, i, f"{step.label}: {row.status.words} (AP50 {metric:.4f})",
+                        done=i + 1, row=replace(row))
+        yield from _announce_settled(run, report)
+        _write_state(out, steps, report, i + 1, current, model, before_prune, pending, inputs, max_drop,
+                     min_speedup, speed_tile)
+    if before_prune is not None:  # the recovery never ran (skipped or failed): the pruning goes
         current, cur_meas = before_prune
-        _settle_pending(pending, "rolled_back", "no recovery step ran after it")
-    yield Progress("optimize", len(steps), len(steps), "measuring every model's speed again, interleaved")
-    _remeasure_interleaved(report, model, batch, eager_ms)
-    cur_row = next((r for r in report["steps"] if r.get("artifact") == str(current.card_path)), None)
+        _settle_pending(pending, StepStatus.ROLLED_BACK, "no recovery step ran after it")
+    yield from _announce_settled(run, report)
+    yield run.event(EventKind.STEP_PROGRESS, None, "measuring every model's speed again, interleaved",
+                    phase="timing every model, round-robin", done=len(steps))
+    _remeasure_interleaved(report, model, batch)
+    yield run.event(EventKind.REMEASURED, None, "speed-ups measured round-robin", done=len(steps),
+                    report=report.copy())
     final = out / "final"
     if final.exists():
         shutil.rmtree(final)
-    shutil.copytree(current.card_path.parent, final)
-    report["final"] = {
-        "artifact": str(final / current.card_path.name),
-        "from_step": None if current is model else next(
-            (r["name"] for r in reversed(report["steps"]) if r.get("artifact") == str(current.card_path)), None),
-        **row_for(cur_meas),
-        "ap50_delta": _metric(cur_meas, labelled) - base_metric,
-    }
-    for key in ("latency_ms", "speedup_vs_baseline"):  # the interleaved measurement
-        report["final"][key] = (cur_row or report["baseline"])[key]
-    report["seconds"] = time.perf_counter() - t_start
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=_json_default))
-    (out / "report.html").write_text(render_html(report))
+    shutil.copytree(Path(current.card_path).parent, final)
+    from_index = next((r.index for r in reversed(report.steps)
+                       if r.artifact is not None and current.card_path is not None
+                       and Path(r.artifact) == Path(current.card_path)), None) if current is not model else None
+    source = report.steps[from_index] if from_index is not None else report.baseline
+    report.final = replace(source, artifact=final / Path(current.card_path).name,
+                           ap50_delta=_metric(cur_meas, labelled) - base_metric)
+    report.final_from = from_index
+    report.seconds = time.perf_counter() - t_start + (state.get("seconds", 0.0) if state else 0.0)
+    with atomic_path(out / "report.json") as tmp:
+        tmp.write_text(json.dumps(report.to_dict(), indent=1, default=_json_default))
+    with atomic_path(out / "report.html") as tmp:
+        tmp.write_text(render_html(report))
+    _write_state(out, steps, report, len(steps), current, model, None, [], inputs, max_drop, min_speedup,
+                 speed_tile, finished=True)
+    yield run.event(EventKind.FINISHED, None, f"done in {format_seconds(report.seconds)}", done=len(steps),
+                    report=report.copy())
     return report
 
 
-def _settle_pending(pending: list[dict], status: str, reason: str) -> None:
+def _measured(meas: dict, labelled: bool, eager_ms: float) -> dict:
+    """The StepReport fields a measurement fills."""
+    return dict(ap50=_metric(meas, labelled), latency_ms=meas["latency_ms"],
+                speedup_vs_baseline=eager_ms / meas["latency_ms"], backend=meas["variant"], size_mb=meas["size_mb"],
+                params=int(meas["params"]), gflops_per_tile=meas["gflops_per_tile"],
+                latency_by_backend_ms=dict(meas["latency_by_backend_ms"]))
+
+
+def _fill(row: StepReport, meas: dict, labelled: bool, eager_ms: float, parent_meas: dict, base_metric: float):
+    for k, v in _measured(meas, labelled, eager_ms).items():
+        setattr(row, k, v)
+    metric = _metric(meas, labelled)
+    row.ap50_delta = metric - _metric(parent_meas, labelled)
+    row.speedup_vs_parent = parent_meas["latency_ms"] / meas["latency_ms"]
+    row.drop_vs_original = base_metric - metric
+
+
+def _point(run: _Run, i: int, row: StepReport, step: Step, meas: dict, labelled: bool, eager_ms: float,
+           parent_meas: dict, base_metric: float) -> Progress:
+    point = replace(row, status=StepStatus.RUNNING)
+    _fill(point, meas, labelled, eager_ms, parent_meas, base_metric)
+    point.sensitivity = step.sensitivity()
+    return run.event(EventKind.STEP_POINT, i, f"{step.label}: AP50 {point.ap50:.4f}, "
+                     f"{point.speedup_vs_baseline:.2f}x", row=point)
+
+
+def _measure_child(run: _Run, i: int, child: Model, vset, batch, ctx, parent_meas: dict, original_pred) -> Job[dict]:
+    meas = yield from run.relay(measure_artifact(child, vset, batch, target=ctx.target, parent=parent_meas,
+                                                 cancel=ctx.cancel), i)
+    meas["agreement_original"] = agreement(meas["_pred"], original_pred)
+    return meas
+
+
+def _remeasure(run: _Run, model: Model, vset, batch, ctx, base: dict, original_pred) -> Job[dict]:
+    """Measure a model a resumed run starts from again (its predictions are not kept on disk)."""
+    return (yield from _measure_child(run, None, model, vset, batch, ctx, base, original_pred))
+
+
+def _speedup(parent: Model, parent_variant: str, child: Model, child_variant: str, batch: np.ndarray) -> float:
+    """How many times faster ``child`` is than ``parent``, each on its best backend, timed round-robin."""
+    from ..backends import create_backend
+
+    with ExitStack() as stack:
+        runners = [stack.enter_context(create_backend(parent_variant, parent)),
+                   stack.enter_context(create_backend(child_variant, child))]
+        p_ms, c_ms = interleaved_latencies(runners, batch, repeats=5, warmup=1)
+    return p_ms / c_ms
+
+
+def _announce_settled(run: _Run, report: OptimizeReport):
+    """Pruning rows decided after their own event (by their recovery's verdict): tell the shells again."""
+    for r in report.steps:
+        if r.details.pop("_settled", False):
+            yield run.event(EventKind.STEP_FINISHED, r.index, f"{r.name}: {r.status.words} ({r.reason})",
+                            done=r.index + 1, row=replace(r))
+
+
+def _settle_pending(pending: list[StepReport], status: StepStatus, reason: str) -> None:
     """Decide the pruning steps that waited for their recovery."""
     for r in pending:
-        r.update(status=status, reason=reason)
+        r.status, r.reason = status, reason
+        r.details = {**r.details, "_settled": True}
     pending.clear()
 
 
-def _remeasure_interleaved(report: dict, model: Model, batch: np.ndarray, eager_ms: float) -> None:
+# ----------------------------------------------------------------------------- state (resume)
+
+
+def _write_state(out: Path, steps: list[Step], report: OptimizeReport, done: int, current: Model, original: Model,
+                 before_prune, pending: list[StepReport], inputs: dict | None, max_drop: float, min_speedup: float,
+                 speed_tile: int, finished: bool = False) -> None:
+    def card(m: Model | None):
+        if m is None:
+            return None
+        return "original" if m is original else str(m.card_path)
+
+    state = {
+        "version": STATE_VERSION, "model": str(original.card_path) if original.card_path else original.name,
+        "model_name": original.name, "steps": format_steps(steps), "done": done, "finished": finished,
+        "rows": [r.to_dict() for r in report.steps[:done]],
+        "current": None if current is original else card(current),
+        "before_prune": card(before_prune[0]) if before_prune is not None else None,
+        "pending": [r.index for r in pending], "inputs": inputs or {}, "max_drop": max_drop,
+        "min_speedup": min_speedup, "speed_tile": speed_tile, "target": report.target,
+        "seconds": sum(r.seconds or 0.0 for r in report.steps[:done]),
+    }
+    with atomic_path(out / STATE) as tmp:
+        tmp.write_text(json.dumps(state, indent=1, default=_json_default))
+
+
+def read_state(out: str | Path) -> dict:
+    """The ``state.json`` of a run folder (:class:`InputError` when there is none or it is damaged)."""
+    path = Path(out) / STATE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{out} holds no optimization run to resume (no {STATE})") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read it ({e})") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or not isinstance(state.get("rows"), list):
+        raise InputError(f"{path} is not a segstudio run state (of this version)")
+    return state
+
+
+def can_resume(out: str | Path) -> str | None:
+    """Where a run in ``out`` stopped, in words, when it can be resumed; else ``None``."""
+    try:
+        state = read_state(out)
+    except InputError:
+        return None
+    if state.get("finished"):
+        return None
+    n = len([s for s in state["steps"].split(",") if s])
+    return f"{state['done']} of {n} step(s) finished ({state['steps']})"
+
+
+def _read_state(out: Path, steps: list[Step]) -> dict:
+    state = read_state(out)
+    if state["steps"] != format_steps(steps):
+        raise InputError(f"{out} holds a run of other steps ({state['steps']}), not {format_steps(steps)}",
+                         hint="resume with the same steps, or choose another output folder")
+    if state.get("finished"):
+        raise InputError(f"the run in {out} is finished: nothing to resume")
+    state["done"] = min(int(state["done"]), len(state["rows"]), len(steps))
+    return state
+
+
+def _remeasure_interleaved(report: OptimizeReport, model: Model, batch: np.ndarray) -> None:
     """Measure the original (eager and on its backend) and every step's model again, round-robin.
 
     Each step was timed when it ran, minutes apart on a shared machine;
     the speed-ups in the report come from this one interleaved run, so
     they compare like with like.
     """
-    from contextlib import ExitStack
-
     from ..backends import create_backend
     from ..benchmark import EagerTorch
-    from ..models.catalog import load_card
-    from .validate import interleaved_latencies
 
-    rows = [r for r in report["steps"] if r.get("artifact") and Path(r["artifact"]).is_file()]
+    rows = [r for r in report.steps if r.artifact is not None and Path(r.artifact).is_file() and r.backend]
     with ExitStack() as stack:
-        runners = [EagerTorch(model, "cpu"), stack.enter_context(create_backend(report["baseline"]["variant"], model))]
+        runners = [EagerTorch(model, "cpu"), stack.enter_context(create_backend(report.baseline.backend, model))]
         for r in rows:
-            runners.append(stack.enter_context(create_backend(r["variant"], load_card(r["artifact"]))))
+            runners.append(stack.enter_context(create_backend(r.backend, load_card(r.artifact))))
         stack.callback(runners[0].close)
         times = interleaved_latencies(runners, batch)
     eager = times[0]
     latency = {str(model.card_path): times[1]}
-    report["baseline"].update(eager_fp32_ms=eager, latency_ms=times[1], speedup_vs_baseline=eager / times[1],
-                              eager_fp32_ms_alone=eager_ms)
+    report.baseline.details = {**report.baseline.details, "eager_fp32_ms_alone": report.eager_fp32_ms}
+    report.eager_fp32_ms = eager
+    report.baseline.latency_ms, report.baseline.speedup_vs_baseline = times[1], eager / times[1]
     for r, ms in zip(rows, times[2:]):
-        latency[r["artifact"]] = ms
-        r.update(latency_ms_at_step=r["latency_ms"], latency_ms=ms, speedup_vs_baseline=eager / ms)
+        latency[str(r.artifact)] = ms
+        r.latency_ms_at_step, r.latency_ms, r.speedup_vs_baseline = r.latency_ms, ms, eager / ms
     for r in rows:
-        if r.get("parent") in latency:
-            r["speedup_vs_parent"] = latency[r["parent"]] / r["latency_ms"]
+        if r.parent is not None and str(r.parent) in latency:
+            r.speedup_vs_parent = latency[str(r.parent)] / r.latency_ms
 
 
 def _json_default(o):
@@ -244,6 +481,8 @@ def _json_default(o):
         return o.tolist()
     if isinstance(o, Path):
         return str(o)
+    if isinstance(o, StepStatus):
+        return o.value
     raise TypeError(f"cannot serialize {type(o).__name__}")
 
 
@@ -296,7 +535,9 @@ def _chart(report: dict) -> str:
     return "".join(parts)
 
 
-def render_html(report: dict) -> str:
+def render_html(report: OptimizeReport | dict) -> str:
+    if isinstance(report, OptimizeReport):
+        report = json.loads(json.dumps(report.to_dict(), default=_json_default))
     b, f = report["baseline"], report["final"]
     rows = []
     for r in report["steps"]:
@@ -307,7 +548,7 @@ def render_html(report: dict) -> str:
             "<tr>" + "".join(f"<td>{c}</td>" for c in (
                 html.escape(r["name"]), html.escape(r["status"]), cell("ap50", "{:.4f}"), cell("ap50_delta", "{:+.4f}"),
                 cell("speedup_vs_baseline", "{:.2f}x"), cell("latency_ms", "{:.1f}"), cell("size_mb", "{:.2f}"),
-                html.escape(r.get("variant", "-")), html.escape(r.get("reason", "")))) + "</tr>")
+                html.escape(r.get("variant") or "-"), html.escape(r.get("reason") or ""))) + "</tr>")
     metric = report["validation"]["metric"]
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>segstudio optimization report: {html.escape(report['model'])}</title>

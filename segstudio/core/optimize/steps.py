@@ -15,7 +15,6 @@ The plain functions behind them live in :mod:`.prune`, :mod:`.distill`,
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from ..jobs import CancelToken, Job, Progress
 from ..models.catalog import Model
 from .artifact import load_torch, new_artifact, provenance, renamed
 from .calibration import CalibrationSource
+from .options import OptionSpec, StepSpec
 
 
 @dataclass
@@ -48,51 +48,52 @@ class Context:
 
 
 class Step(ABC):
-    name: ClassVar[str] = ""
-    options: ClassVar[dict] = {}  # name -> default; the default's type is the option's type
-    choices: ClassVar[dict[str, tuple[str, ...]]] = {}  # the values a text option may take
-    limits: ClassVar[dict[str, tuple[float, float | None]]] = {}  # (lowest, highest) of a number (default >= 0)
-    needs_recovery: ClassVar[bool] = False
-    doc: ClassVar[str] = ""
+    """One optimization step.  Subclasses declare their argument and options as :class:`OptionSpec`."""
 
-    def __init__(self, arg: str | None = None, **opts):
-        unknown = set(opts) - set(self.options)
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    doc: ClassVar[str] = ""
+    argument: ClassVar[OptionSpec | None] = None  # the positional value (prune:0.5)
+    option_specs: ClassVar[tuple[OptionSpec, ...]] = ()
+    needs_recovery: ClassVar[bool] = False
+    judged_on_speed: ClassVar[bool] = True  # the speed guardrail applies (not to export / sparsify)
+
+    def __init__(self, arg=None, **opts):
+        specs = {o.name: o for o in self.option_specs}
+        unknown = set(opts) - set(specs)
         if unknown:
             raise InputError(f"step {self.name} has no option {', '.join(sorted(unknown))}"
-                             f" (options: {', '.join(self.options) or 'none'})")
-        self.arg = arg
-        self.opts = {**self.options, **{k: self._parse(k, v) for k, v in opts.items()}}
+                             f" (options: {', '.join(specs) or 'none'})")
+        if arg is not None and str(arg).strip() == "":
+            arg = None
+        if arg is not None and self.argument is None:
+            raise InputError(f"step {self.name} takes no argument, not {arg!r}")
+        self.arg = None if arg is None else self.argument.parse(arg, f"{self.name}'s {self.argument.name}")
+        self.opts = {o.name: o.default for o in self.option_specs}
+        self.opts.update({k: specs[k].parse(v, f"{self.name}:{k}") for k, v in opts.items()})
 
-    def _parse(self, key: str, value):
-        """``value`` (text from the command line, or a value) as the option's type, checked against its range."""
-        default, where = self.options[key], f"{self.name}:{key}"
-        if isinstance(default, bool):
-            text = str(value).strip().lower()
-            if text not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-                raise InputError(f"{where} must be true or false, not {value!r}")
-            return text in ("true", "yes", "1", "on")
-        if isinstance(default, (int, float)):
-            kind = int if isinstance(default, int) else float
-            try:
-                number = kind(value)
-            except (TypeError, ValueError):
-                number = None
-            lo, hi = self.limits.get(key, (0, None))
-            if number is None or not math.isfinite(number) or number < lo or (hi is not None and number > hi):
-                what = "a whole number" if kind is int else "a number"
-                show = (lambda x: f"{int(x):,}") if kind is int else (lambda x: f"{x:g}")
-                span = f"from {show(lo)} to {show(hi)}" if hi is not None else f"at least {show(lo)}"
-                raise InputError(f"{where} must be {what} {span}, not {value!r}")
-            return number
-        allowed = self.choices.get(key)
-        if allowed is not None and str(value) not in allowed:
-            raise InputError(f"{where} must be one of {', '.join(allowed)}, not {value!r}")
-        return str(value)
+    @property
+    def value(self):
+        """The argument, or its default when none was given."""
+        return self.arg if self.arg is not None else (self.argument.default if self.argument else None)
+
+    @classmethod
+    def step_spec(cls) -> StepSpec:
+        return StepSpec(cls.name, cls.title, cls.doc, cls.argument, cls.option_specs, cls)
+
+    @property
+    def spec(self) -> StepSpec:
+        return self.step_spec()
 
     @property
     def label(self) -> str:
-        return self.name + (f":{self.arg}" if self.arg else "") + "".join(
-            f":{k}={v}" for k, v in self.opts.items() if self.options.get(k) != v)
+        specs = {o.name: o for o in self.option_specs}
+        return self.name + (f":{self.argument.text(self.arg)}" if self.arg is not None else "") + "".join(
+            f":{k}={specs[k].text(v)}" for k, v in self.opts.items() if specs[k].default != v)
+
+    def sensitivity(self) -> tuple:
+        """Per-layer INT8 sensitivity measured by this step (:class:`LayerSensitivity`), if any."""
+        return ()
 
     def check(self, parent: Model, ctx: Context) -> list[str]:
         return []
@@ -119,21 +120,26 @@ def _need_torch(parent: Model) -> list[str]:
     return problems
 
 
-def _ratio(arg: str | None, default: float, what: str) -> float:
-    try:
-        r = float(arg) if arg else default
-    except ValueError:
-        raise InputError(f"{what} must be a number between 0 and 1, not {arg!r}") from None
-    if not 0 < r < 1:
-        raise InputError(f"{what} must be between 0 and 1, not {r}")
-    return r
+def _ratio_spec(name: str, default: float, help: str) -> OptionSpec:
+    return OptionSpec(name, float, default, help, low=0.0, high=1.0, open_low=True, open_high=True)
 
 
 class PruneStep(Step):
     name = "prune"
-    options = {"importance": "bn", "mode": "uniform", "round": 8, "of": "channels", "keep": "full-res"}
-    choices = {"importance": ("bn", "l1", "l2"), "mode": ("uniform", "global"), "of": ("channels", "flops")}
-    limits = {"round": (1, 256)}
+    title = "Structured pruning"
+    argument = _ratio_spec("ratio", 0.5, "the share of channels (or with of=flops, of FLOPs) removed")
+    option_specs = (
+        OptionSpec("of", str, "channels", "what the ratio is of: channels per layer group, or the network's FLOPs",
+                   choices=("channels", "flops")),
+        OptionSpec("importance", str, "bn", "how channels are ranked: BatchNorm scale, or L1 / L2 norm of the "
+                   "filters", choices=("bn", "l1", "l2")),
+        OptionSpec("mode", str, "uniform", "uniform: the same ratio in every group; global: ranked across the "
+                   "network", choices=("uniform", "global")),
+        OptionSpec("round", int, 8, "channel counts are rounded to a multiple of this (fast kernels)", low=1,
+                   high=256),
+        OptionSpec("keep", str, "full-res", "groups left whole: full-res (the full-resolution blocks), none, or "
+                   "names joined by + (enc0.out+dec0.mid)"),
+    )
     needs_recovery = True
     doc = ("structured channel pruning: the ratio is of channels removed per layer group, or with of=flops "
            "of the FLOPs removed; keep=full-res (default) leaves the full-resolution blocks whole, keep=none "
@@ -141,7 +147,7 @@ class PruneStep(Step):
 
     def __init__(self, arg=None, **opts):
         super().__init__(arg, **opts)
-        self.ratio = _ratio(arg, 0.5, "the pruning ratio")
+        self.ratio = self.value
 
     def check(self, parent, ctx):
         problems = _need_torch(parent)
@@ -195,11 +201,20 @@ def _retune(step: Step, student, parent: Model, ctx: Context, with_labels: bool,
 
 class RecoverStep(Step):
     name = "recover"
-    options = {"steps": 2500, "lr": 1e-3, "temperature": 3.0, "alpha": 0.5, "labels": "auto", "crop": 192,
-               "retune": "auto"}
-    choices = {"labels": ("auto", "yes", "no"), "retune": ("auto", "off")}
-    limits = {"steps": (1, 10**6), "lr": (1e-8, 1.0), "temperature": (0.01, 100.0), "alpha": (0.0, 1.0),
-              "crop": (32, 4096)}
+    title = "Recovery by distillation"
+    option_specs = (
+        OptionSpec("steps", int, 2500, "training steps (batches of 8 crops)", low=1, high=10**6),
+        OptionSpec("lr", float, 1e-3, "peak learning rate (one-cycle schedule)", low=1e-8, high=1.0),
+        OptionSpec("temperature", float, 3.0, "distillation temperature T: softens the teacher's outputs",
+                   low=0.01, high=100.0),
+        OptionSpec("alpha", float, 0.5, "weight of the distillation term against the hard targets (0 to 1)",
+                   low=0.0, high=1.0),
+        OptionSpec("labels", str, "auto", "also fine-tune on labelled calibration images: auto (when there are), "
+                   "yes or no", choices=("auto", "yes", "no")),
+        OptionSpec("crop", int, 192, "training crop size in pixels", low=32, high=4096),
+        OptionSpec("retune", str, "auto", "re-choose the post-processing thresholds afterwards (off keeps them)",
+                   choices=("auto", "off")),
+    )
     doc = ("distill from the unpruned model on the calibration images (and fine-tune on labels when given), "
            "then re-tune the post-processing thresholds (retune=off keeps them)")
 
@@ -232,22 +247,27 @@ class RecoverStep(Step):
 
 class DistillStep(Step):
     name = "distill"
-    options = {"width": 8, "separable": False, "depth": 0, "steps": 3000, "lr": 2e-3, "temperature": 3.0,
-               "alpha": 0.5, "feature_kd": 0.0, "retune": "auto"}
-    choices = {"retune": ("auto", "off")}
-    limits = {"width": (2, 1024), "depth": (0, 8), "steps": (1, 10**6), "lr": (1e-8, 1.0),
-              "temperature": (0.01, 100.0), "alpha": (0.0, 1.0), "feature_kd": (0.0, 100.0)}
+    title = "Light model (distillation)"
+    argument = OptionSpec("width", int, 8, "channels of the student's first layer (the original has 32)", low=2,
+                          high=1024)
+    option_specs = (
+        OptionSpec("separable", bool, False, "depthwise-separable convolutions (fewer FLOPs per channel)"),
+        OptionSpec("depth", int, 0, "levels of the student U-Net (0: as many as the original)", low=0, high=8),
+        OptionSpec("steps", int, 3000, "training steps (batches of 8 crops)", low=1, high=10**6),
+        OptionSpec("lr", float, 2e-3, "peak learning rate (one-cycle schedule)", low=1e-8, high=1.0),
+        OptionSpec("temperature", float, 3.0, "distillation temperature T", low=0.01, high=100.0),
+        OptionSpec("alpha", float, 0.5, "weight of the distillation term against the hard targets", low=0.0,
+                   high=1.0),
+        OptionSpec("feature_kd", float, 0.0, "weight of matching the last decoder features (0: off)", low=0.0,
+                   high=100.0),
+        OptionSpec("retune", str, "auto", "re-choose the post-processing thresholds afterwards (off keeps them)",
+                   choices=("auto", "off")),
+    )
     doc = "train a smaller student U-Net (narrower and/or depthwise-separable) from the model"
 
     def __init__(self, arg=None, **opts):
         super().__init__(arg, **opts)
-        try:
-            self.width = int(arg or self.opts["width"])
-            self.depth = int(self.opts["depth"])
-        except ValueError:
-            raise InputError(f"distill: the student's width and depth are whole numbers, not {arg!r}") from None
-        if self.width < 2 or self.depth < 0:
-            raise InputError("distill: the student needs a width of at least 2")
+        self.width, self.depth = int(self.value), int(self.opts["depth"])
 
     def check(self, parent, ctx):
         problems = _need_torch(ctx.original)
@@ -262,7 +282,7 @@ class DistillStep(Step):
         from .distill import KDConfig, distill_job
 
         base = ctx.original.spec.config
-        sep = str(self.opts["separable"]).lower() in ("1", "true", "yes")
+        sep = bool(self.opts["separable"])
         cfg = base.__class__(in_channels=base.in_channels, out_channels=base.out_channels,
                              depth=self.depth or base.depth, width=self.width,
                              max_width=base.max_width, separable=sep)
@@ -282,12 +302,14 @@ class DistillStep(Step):
 
 class SparsifyStep(Step):
     name = "sparsify"
-    options = {}
+    title = "Unstructured sparsity (smaller file only)"
+    argument = _ratio_spec("sparsity", 0.5, "the share of weights set to zero")
+    judged_on_speed = False
     doc = "unstructured magnitude pruning: smaller file, NOT faster (dense kernels compute the zeros)"
 
     def __init__(self, arg=None, **opts):
         super().__init__(arg, **opts)
-        self.sparsity = _ratio(arg, 0.5, "the sparsity")
+        self.sparsity = self.value
 
     def check(self, parent, ctx):
         return _need_torch(parent)
@@ -310,8 +332,9 @@ class SparsifyStep(Step):
 
 class ExportStep(Step):
     name = "export"
-    options = {"opset": 18}
-    limits = {"opset": (13, 23)}
+    title = "ONNX export"
+    option_specs = (OptionSpec("opset", int, 18, "ONNX operator set version", low=13, high=23),)
+    judged_on_speed = False
     doc = "ONNX export (dynamic batch, height, width; BatchNorm folded) verified against PyTorch"
 
     def check(self, parent, ctx):
@@ -348,16 +371,25 @@ class ExportStep(Step):
 
 class QuantizeStep(Step):
     name = "quantize"
-    options = {"method": "percentile", "tiles": 0, "fallback": "auto", "max_fallback": 6}
-    choices = {"method": ("percentile", "minmax", "entropy"), "fallback": ("auto", "off")}
-    limits = {"tiles": (0, 100_000), "max_fallback": (0, 100)}
+    title = "Quantization (INT8 or FP16)"
+    argument = OptionSpec("precision", str, "int8", "int8 (calibrated on your images) or fp16 (GPU only)",
+                          choices=("int8", "fp16"))
+    option_specs = (
+        OptionSpec("method", str, "percentile", "how activation ranges are calibrated", choices=("percentile",
+                   "minmax", "entropy")),
+        OptionSpec("percentile", float, 99.999, "with method=percentile: the percentile of activations that sets "
+                   "each range", low=90.0, high=100.0),
+        OptionSpec("tiles", int, 0, "calibration tiles used (0: every tile of the calibration set)", low=0,
+                   high=100_000),
+        OptionSpec("fallback", str, "auto", "when INT8 costs too much accuracy, keep the most sensitive layers in "
+                   "float (off: never)", choices=("auto", "off")),
+        OptionSpec("max_fallback", int, 6, "at most this many layers kept in float", low=0, high=100),
+    )
     doc = "INT8 (Q/DQ, calibrated on your images, sensitive layers kept in float if needed) or FP16"
 
     def __init__(self, arg=None, **opts):
         super().__init__(arg, **opts)
-        self.precision = (arg or "int8").lower()
-        if self.precision not in ("int8", "fp16"):
-            raise InputError(f"quantize takes int8 or fp16, not {arg!r}")
+        self.precision = self.value
         self.exclude: list[str] = []
         self.ranking: list[tuple[str, float]] | None = None
 
@@ -365,7 +397,8 @@ class QuantizeStep(Step):
         """Where the activation ranges of ``parent`` on the calibration set are kept (measured once)."""
         from ..models.catalog import model_digest
 
-        return ctx.out_dir / "calibration" / f"{model_digest(parent)[:12]}-{ctx.calib.digest}-{self.opts['method']}.json"
+        method = self.opts["method"] + (f"{self.opts['percentile']:g}" if self.opts["method"] == "percentile" else "")
+        return ctx.out_dir / "calibration" / f"{model_digest(parent)[:12]}-{ctx.calib.digest}-{method}.json"
 
     def retry(self, parent, ctx, out):
         """Keep the next most sensitive layer in float (measured once per layer, then reused)."""
@@ -379,13 +412,19 @@ class QuantizeStep(Step):
             tiles = ctx.calib.tiles()[: max(8, len(ctx.calib.tiles()) // 4)]
             yield Progress("quantize", 0, 1, "measuring each layer's sensitivity to INT8")
             self.ranking = yield from layer_sensitivity(parent.files["onnx"], tiles, method=self.opts["method"],
-                                                        cache=self._ranges(parent, ctx), cancel=ctx.cancel)
+                                                        cache=self._ranges(parent, ctx), cancel=ctx.cancel,
+                                                        percentile=float(self.opts["percentile"]))
         remaining = [node for node, gain in self.ranking if node not in self.exclude and gain > 0]
         if not remaining:
             return False
         self.exclude.append(remaining[0])
         yield Progress("quantize", 0, 1, f"keeping {remaining[0]} in float")
         return True
+
+    def sensitivity(self):
+        from .report import LayerSensitivity
+
+        return tuple(LayerSensitivity(node, float(gain), node in self.exclude) for node, gain in self.ranking or ())
 
     def check(self, parent, ctx):
         problems = []
@@ -417,7 +456,8 @@ class QuantizeStep(Step):
         yield Progress("quantize", 0, 1, f"calibrating INT8 on {len(tiles)} tiles ({self.opts['method']})")
         ranges = self._ranges(parent, ctx) if not int(self.opts["tiles"]) else None
         path = quantize_int8(parent.files["onnx"], out / f"{parent.spec.name}_int8.onnx", tiles,
-                             method=self.opts["method"], exclude=self.exclude, cache=ranges)
+                             method=self.opts["method"], exclude=self.exclude, cache=ranges,
+                             percentile=float(self.opts["percentile"]), cancel=ctx.cancel)
         child = new_artifact(out, parent.spec, copy=copy, new_files={"onnx_int8": path}, prov=provenance(
             parent, self.name, {**self.params(), "float_layers": list(self.exclude)},
             calibration=ctx.calib.digest, calibration_set=ctx.calib.describe()))
@@ -429,15 +469,25 @@ class QuantizeStep(Step):
 
 class EngineStep(Step):
     name = "engine"
-    options = {"workspace_gb": 4, "level": 3, "batch": 16, "tile": 512}
-    limits = {"workspace_gb": (1, 1024), "level": (0, 5), "batch": (1, 256), "tile": (32, 8192)}
+    title = "TensorRT engine (GPU)"
+    argument = OptionSpec("precision", str, "fp16", "the engine's precision", choices=("fp32", "fp16", "int8"))
+    option_specs = (
+        OptionSpec("workspace_gb", float, 4.0, "GPU memory the builder may use for tactics, in GiB", low=0.25,
+                   high=1024),
+        OptionSpec("level", int, 3, "builder optimization level (higher: longer build, maybe faster engine)",
+                   low=0, high=5),
+        OptionSpec("min_tile", int, 0, "shape profile: smallest tile side (0: one network stride)", low=0,
+                   high=8192),
+        OptionSpec("tile", int, 512, "shape profile: the tile side it is optimized for (opt and max)", low=32,
+                   high=8192),
+        OptionSpec("batch", int, 16, "shape profile: largest batch (opt and max)", low=1, high=256),
+        OptionSpec("timing_cache", bool, True, "reuse and update this machine's TensorRT timing cache"),
+    )
     doc = "TensorRT engine (GPU) from the FP32, FP16 or Q/DQ INT8 ONNX"
 
     def __init__(self, arg=None, **opts):
         super().__init__(arg, **opts)
-        self.precision = (arg or "fp16").lower()
-        if self.precision not in ("fp32", "fp16", "int8"):
-            raise InputError(f"engine takes fp32, fp16 or int8, not {arg!r}")
+        self.precision = self.value
 
     def _source(self, parent: Model) -> str:
         """The ONNX file the engine is built from: Q/DQ for INT8, the FP16 graph when there is one for FP16."""
@@ -477,7 +527,8 @@ class EngineStep(Step):
         onnx = parent.files[fmt]
         plan = plan_tiles((int(self.opts["tile"]),) * 2, tile=int(self.opts["tile"]), halo=spec.halo,
                           multiple=spec.multiple)
-        profile = default_profile(spec.input_channels, spec.multiple, plan.tile_shape, int(self.opts["batch"]))
+        profile = default_profile(spec.input_channels, spec.multiple, plan.tile_shape, int(self.opts["batch"]),
+                                  min_side=int(self.opts["min_tile"]))
         key = machine_key(file_sha256(onnx), self.precision, profile)
         cache = EngineCache(log_dir().parent / "engines")
         events: queue.Queue = queue.Queue()
@@ -487,7 +538,8 @@ class EngineStep(Step):
             try:
                 result["blob"] = build_engine(
                     onnx, profile, self.precision, workspace_bytes=int(float(self.opts["workspace_gb"]) * 2**30),
-                    optimization_level=int(self.opts["level"]), timing_cache=cache.root / "timing.cache",
+                    optimization_level=int(self.opts["level"]),
+                    timing_cache=cache.root / "timing.cache" if self.opts["timing_cache"] else None,
                     on_progress=lambda phase, step, steps: events.put((phase, step, steps)), cancel=ctx.cancel)
             except BaseException as e:  # noqa: BLE001 - handed to the job's thread below
                 result["error"] = e
@@ -511,6 +563,7 @@ class EngineStep(Step):
 
 STEPS: dict[str, type[Step]] = {cls.name: cls for cls in (PruneStep, RecoverStep, DistillStep, SparsifyStep,
                                                              ExportStep, QuantizeStep, EngineStep)}
+STEP_SPECS: dict[str, StepSpec] = {name: cls.step_spec() for name, cls in STEPS.items()}
 
 
 def parse_steps(text: str) -> list[Step]:
@@ -534,3 +587,8 @@ def parse_steps(text: str) -> list[Step]:
     if not steps:
         raise InputError("no optimization steps given")
     return steps
+
+
+def format_steps(steps: list[Step]) -> str:
+    """The text :func:`parse_steps` reads back into the same steps."""
+    return ",".join(s.label for s in steps)
