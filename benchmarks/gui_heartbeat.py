@@ -126,6 +126,7 @@ def set_up_wizard(wizard, recipe: str, max_drop: float, tiles: int) -> None:
     recipe_page = wizard.recipe_page
     recipe_page.advanced_button.setChecked(True)
     recipe_page.editor.set_steps(parse_steps(recipe))
+    recipe_page.editor.changed.emit()  # as after an edit: the page checks and estimates the recipe
     wait(lambda: idle(recipe_page) and recipe_page.check_for(recipe_page.recipe_text()) is not None,
          "the recipe's check and estimate")
     assert wizard.next(), wizard.reason.text()

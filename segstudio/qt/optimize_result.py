@@ -256,8 +256,9 @@ class ResultPage(QWidget):
             f"{report.model}: {report.metric or 'AP50'} on {getattr(report, 'images', 0) or 'the'} validation "
             f"image(s), at most {report.max_drop:g} below the original, steps at least {report.min_speedup:g}x "
             f"faster than their parent. Finished in {fmt_duration(report.seconds)}."
-            + (f" Result: AP50 {fmt(f.ap50, '.4f')} ({fmt(f.drop_vs_original and -f.drop_vs_original, '+.4f', '')}"
-               f") at {fmt(f.speedup_vs_baseline, '.2f')}x." if f is not None else ""))
+            + (f" Result: AP50 {fmt(f.ap50, '.4f')}"
+               + (f" ({-f.drop_vs_original:+.4f})" if f.drop_vs_original is not None else "")
+               + f" at {fmt(f.speedup_vs_baseline, '.2f')}x." if f is not None else ""))
         self.error_view.clear()
         self.compare_status.setText("")
         self.legend.setVisible(False)

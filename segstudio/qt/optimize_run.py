@@ -444,6 +444,8 @@ class RunPage(QWidget):
         plot.setLabel("bottom", "speed-up vs PyTorch eager FP32 (x)")
         plot.setLabel("left", "AP50")
         plot.showGrid(x=True, y=True, alpha=0.25)
+        for axis in ("left", "bottom"):
+            plot.getAxis(axis).enableAutoSIPrefix(False)  # AP50 0.800, not 800 (x0.001)
         plot.addLegend(offset=(-5, -5), labelTextSize="8pt", brush=pg.mkBrush(255, 255, 255, 200))
         self.guardrail = pg.InfiniteLine(angle=0, movable=False, pen=pg.mkPen("#e8543f", width=1.5,
                                                                               style=Qt.PenStyle.DashLine),
@@ -469,6 +471,8 @@ class RunPage(QWidget):
         lp.setLabel("bottom", "training step")
         lp.setLabel("left", "loss")
         lp.showGrid(x=True, y=True, alpha=0.25)
+        for axis in ("left", "bottom"):
+            lp.getAxis(axis).enableAutoSIPrefix(False)
         self.loss_curve = lp.plot([], [], pen=pg.mkPen("#2f7cf6", width=1.5))
         self.loss_title = "no training step yet"
         lp.setTitle(self.loss_title, size="9pt")
