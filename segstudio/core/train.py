@@ -373,12 +373,14 @@ def predict_outputs(net, samples: list[Sample], diameter: float | None, tile: in
 def tune_postprocess(
     outputs: list[np.ndarray], labels: list[np.ndarray], base: PostprocessParams,
     fg_grid=(0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65),
-    seed_grid=(0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85),
+    seed_grid=(0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85), cancel=None,
 ) -> tuple[PostprocessParams, float]:
     """Pick the thresholds with the best mean AP50 on held-out training images."""
     best, best_ap = base, -1.0
     for fg_t in fg_grid:
         for seed_t in seed_grid:
+            if cancel is not None:
+                cancel.raise_if_cancelled()
             params = PostprocessParams(fg_threshold=fg_t, seed_threshold=seed_t, min_size=base.min_size)
             ap = float(np.mean([
                 score(lab, fg_dist_to_labels(o[0], o[1], params), thresholds=(0.5,)).ap[0.5]

@@ -99,7 +99,7 @@ def distill_job(student, teacher, images: list[np.ndarray], cfg: KDConfig, *,
     n_teacher = 0
     if cfg.precompute_teacher:
         yield Progress("distill", 0, cfg.steps, "running the teacher on every image")
-        logits = _outputs(teacher, images)
+        logits = _outputs(teacher, images, cancel)
         n_teacher = logits[0].shape[0]
         stacks = [np.concatenate([st, lg]) for st, lg in zip(stacks, logits)]
     T, a = cfg.temperature, cfg.alpha
@@ -150,7 +150,7 @@ def distill_job(student, teacher, images: list[np.ndarray], cfg: KDConfig, *,
             "lr": cfg.lr, "crop": cfg.crop, "batch_size": cfg.batch_size}
 
 
-def _outputs(net, images: list[np.ndarray]) -> list[np.ndarray]:
+def _outputs(net, images: list[np.ndarray], cancel: CancelToken | None = None) -> list[np.ndarray]:
     import torch
 
     from ..jobs import run_sync
@@ -160,12 +160,17 @@ def _outputs(net, images: list[np.ndarray]) -> list[np.ndarray]:
         with torch.no_grad():
             return net(torch.from_numpy(batch)).numpy()
 
-    return [run_sync(predict_tiled(im, run, tile=512, halo=net.config.halo, multiple=net.config.multiple))
-            for im in images]
+    out = []
+    for im in images:
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        out.append(run_sync(predict_tiled(im, run, tile=512, halo=net.config.halo, multiple=net.config.multiple)))
+    return out
 
 
 def retune_postprocess(student, images: list[np.ndarray], params, *, instances: list[np.ndarray] | None = None,
-                       teacher=None, teacher_params=None, max_images: int = 40) -> tuple[object, dict]:
+                       teacher=None, teacher_params=None, max_images: int = 40,
+                       cancel: CancelToken | None = None) -> tuple[object, dict]:
     """Post-processing thresholds that suit the retrained network.
 
     A pruned or distilled network's outputs are calibrated a little
@@ -185,15 +190,15 @@ def retune_postprocess(student, images: list[np.ndarray], params, *, instances: 
     if instances is not None:
         refs, against = [instances[i] for i in pick], "labels"
     else:
-        refs = [fg_dist_to_labels(o[0], o[1], teacher_params) for o in _outputs(teacher, imgs)]
+        refs = [fg_dist_to_labels(o[0], o[1], teacher_params) for o in _outputs(teacher, imgs, cancel)]
         against = "the teacher's instances"
-    outs = _outputs(student, imgs)
+    outs = _outputs(student, imgs, cancel)
     before = float(np.mean([score(r, fg_dist_to_labels(o[0], o[1], params), thresholds=(0.5,)).ap[0.5]
                             for o, r in zip(outs, refs)]))
     steps = [round(0.05 * k, 2) for k in range(-3, 4)]  # +-0.15 around the current thresholds
     fg_grid = sorted({min(0.95, max(0.05, round(params.fg_threshold + d, 2))) for d in steps})
     seed_grid = sorted({min(0.95, max(0.05, round(params.seed_threshold + d, 2))) for d in steps})
-    best, after = tune_postprocess(outs, refs, params, fg_grid=fg_grid, seed_grid=seed_grid)
+    best, after = tune_postprocess(outs, refs, params, fg_grid=fg_grid, seed_grid=seed_grid, cancel=cancel)
     if after <= before:
         best, after = params, before
     return best, {"images": len(imgs), "against": against, "ap50_before": before, "ap50_after": after,

@@ -235,3 +235,8 @@ class OptimizeEvent:
     loss: float | None = None
     row: StepReport | None = None
     report: OptimizeReport | None = None
+
+    @property
+    def frequent(self) -> bool:
+        """Progress within a step (many per second while training): a shell may drop some of them."""
+        return self.kind is EventKind.STEP_PROGRESS

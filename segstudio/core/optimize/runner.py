@@ -129,7 +129,7 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
     yield run.event(EventKind.ESTIMATE, None, f"estimated run time: {estimate.describe()}")
     batch = vset.speed_batch(model, tile=speed_tile)
     yield run.event(EventKind.STEP_PROGRESS, None, "measuring the original model", phase="measuring the original")
-    eager_ms = eager_baseline_ms(model, batch)
+    eager_ms = eager_baseline_ms(model, batch, cancel=ctx.cancel)
     base = yield from run.relay(measure_artifact(model, vset, batch, target=ctx.target, cancel=ctx.cancel), None)
     base["agreement_original"] = 1.0
     original_pred = base["_pred"]
@@ -147,7 +147,8 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
         steps=[StepReport(index=i, name=s.label, doc=s.doc) for i, s in enumerate(steps)],
         calibration=ctx.calib.describe() if ctx.calib is not None else None)
     yield run.event(EventKind.BASELINE, None, f"original: AP50 {base_metric:.4f}, "
-                    f"{base['latency_ms']:.1f} ms on {base['variant']}", row=replace(baseline))
+                    f"{base['latency_ms']:.1f} ms on {base['variant']}", row=replace(baseline),
+                    report=report.copy())
 
     current, cur_meas = model, base
     before_prune: tuple[Model, dict] | None = None
@@ -162,7 +163,7 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
         yield run.event(EventKind.STEP_PROGRESS, None, msg, phase="resuming")
         for r in report.steps[:first]:
             yield run.event(EventKind.STEP_FINISHED, r.index, f"{r.name}: {r.status.words} (finished before)",
-                            done=r.index + 1, row=replace(r))
+                            done=r.index + 1, row=replace(r), report=report.copy())
         if state.get("current"):
             current = load_card(state["current"])
             cur_meas = yield from _remeasure(run, current, vset, batch, ctx, base, original_pred)
@@ -183,7 +184,7 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
             row.status, row.reason = StepStatus.SKIPPED, "; ".join(problems)
             run.eta.finish(i, 0.0)
             yield run.event(EventKind.STEP_FINISHED, i, f"{step.label}: skipped ({row.reason})", done=i + 1,
-                            row=replace(row))
+                            row=replace(row), report=report.copy())
             _write_state(out, steps, report, i + 1, current, model, before_prune, pending, inputs, max_drop,
                          min_speedup, speed_tile)
             continue
@@ -205,7 +206,8 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
                 before_prune = None
                 _settle_pending(pending, StepStatus.ROLLED_BACK, "its recovery step failed")
             run.eta.finish(i)
-            yield run.event(EventKind.STEP_FINISHED, i, f"{step.label}: failed ({e})", done=i + 1, row=replace(row))
+            yield run.event(EventKind.STEP_FINISHED, i, f"{step.label}: failed ({e})", done=i + 1, row=replace(row),
+                            report=report.copy())
             yield from _announce_settled(run, report)
             _write_state(out, steps, report, i + 1, current, model, before_prune, pending, inputs, max_drop,
                          min_speedup, speed_tile)
@@ -257,7 +259,7 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
             if step.judged_on_speed and min_speedup > 0:
                 yield run.event(EventKind.STEP_PROGRESS, i, "timing it against its parent, round-robin",
                                 phase="timing against the parent")
-                faster = _speedup(speed_parent, speed_meas["variant"], child, meas["variant"], batch)
+                faster = _speedup(speed_parent, speed_meas["variant"], child, meas["variant"], batch, ctx.cancel)
                 row.details = {**details, "speedup_vs_parent_at_verdict": faster}
             if faster is not None and faster < min_speedup:
                 row.status = StepStatus.ROLLED_BACK
@@ -280,8 +282,9 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
                 before_prune = None
                 _settle_pending(pending, StepStatus.KEPT, "kept together with the recovery that followed")
         run.eta.finish(i)
-        yield run.event(EventKind.STEP_FINISHED, i, f"{step.label}: {row.status.words} (AP50 {metric:.4f})",
-                        done=i + 1, row=replace(row))
+        verdict = "measured, judged after its recovery" if row.reason == PENDING else row.status.words
+        yield run.event(EventKind.STEP_FINISHED, i, f"{step.label}: {verdict} (AP50 {metric:.4f})",
+                        done=i + 1, row=replace(row), report=report.copy())
         yield from _announce_settled(run, report)
         _write_state(out, steps, report, i + 1, current, model, before_prune, pending, inputs, max_drop,
                      min_speedup, speed_tile)
@@ -291,7 +294,7 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
     yield from _announce_settled(run, report)
     yield run.event(EventKind.STEP_PROGRESS, None, "measuring every model's speed again, interleaved",
                     phase="timing every model, round-robin", done=len(steps))
-    _remeasure_interleaved(report, model, batch)
+    _remeasure_interleaved(report, model, batch, ctx.cancel)
     yield run.event(EventKind.REMEASURED, None, "speed-ups measured round-robin", done=len(steps),
                     report=report.copy())
     final = out / "final"
@@ -355,14 +358,15 @@ def _remeasure(run: _Run, model: Model, vset, batch, ctx, base: dict, original_p
     return (yield from _measure_child(run, None, model, vset, batch, ctx, base, original_pred))
 
 
-def _speedup(parent: Model, parent_variant: str, child: Model, child_variant: str, batch: np.ndarray) -> float:
+def _speedup(parent: Model, parent_variant: str, child: Model, child_variant: str, batch: np.ndarray,
+             cancel=None) -> float:
     """How many times faster ``child`` is than ``parent``, each on its best backend, timed round-robin."""
     from ..backends import create_backend
 
     with ExitStack() as stack:
         runners = [stack.enter_context(create_backend(parent_variant, parent)),
                    stack.enter_context(create_backend(child_variant, child))]
-        p_ms, c_ms = interleaved_latencies(runners, batch, repeats=5, warmup=1)
+        p_ms, c_ms = interleaved_latencies(runners, batch, repeats=5, warmup=1, cancel=cancel)
     return p_ms / c_ms
 
 
@@ -371,7 +375,7 @@ def _announce_settled(run: _Run, report: OptimizeReport):
     for r in report.steps:
         if r.details.pop("_settled", False):
             yield run.event(EventKind.STEP_FINISHED, r.index, f"{r.name}: {r.status.words} ({r.reason})",
-                            done=r.index + 1, row=replace(r))
+                            done=r.index + 1, row=replace(r), report=report.copy())
 
 
 def _settle_pending(pending: list[StepReport], status: StepStatus, reason: str) -> None:
@@ -444,7 +448,7 @@ def _read_state(out: Path, steps: list[Step]) -> dict:
     return state
 
 
-def _remeasure_interleaved(report: OptimizeReport, model: Model, batch: np.ndarray) -> None:
+def _remeasure_interleaved(report: OptimizeReport, model: Model, batch: np.ndarray, cancel=None) -> None:
     """Measure the original (eager and on its backend) and every step's model again, round-robin.
 
     Each step was timed when it ran, minutes apart on a shared machine;
@@ -460,7 +464,7 @@ def _remeasure_interleaved(report: OptimizeReport, model: Model, batch: np.ndarr
         for r in rows:
             runners.append(stack.enter_context(create_backend(r.backend, load_card(r.artifact))))
         stack.callback(runners[0].close)
-        times = interleaved_latencies(runners, batch)
+        times = interleaved_latencies(runners, batch, cancel=cancel)
     eager = times[0]
     latency = {str(model.card_path): times[1]}
     report.baseline.details = {**report.baseline.details, "eager_fp32_ms_alone": report.eager_fp32_ms}

@@ -177,8 +177,10 @@ class PruneStep(Step):
         ratio = ratio_for_flops(net, self.ratio, **kw) if self.opts["of"] == "flops" else self.ratio
         yield Progress("prune", 0, 1, f"pruning {ratio:.0%} of the channels ({self.opts['importance']})")
         pruned = prune_structured(net, plan_pruning(net, ratio, **kw))
+        ctx.cancel.raise_if_cancelled()  # the ONNX export below cannot be stopped half-way
         spec = renamed(ctx.original.spec, "-pruned", config=pruned.config)
         child = new_artifact(out, spec, net=pruned, prov=provenance(parent, self.name, self.params()))
+        ctx.cancel.raise_if_cancelled()
         yield Progress("prune", 1, 1)
         cfg = pruned.config
         return child, {"layers": cfg.layer_widths().as_dict(), "channel_ratio": ratio,
@@ -195,7 +197,7 @@ def _retune(step: Step, student, parent: Model, ctx: Context, with_labels: bool,
     yield Progress(step.name, 0, 1, "re-tuning the post-processing thresholds")
     post, info["postprocess"] = retune_postprocess(
         student, ctx.calib.images(), parent.spec.postprocess, instances=ctx.calib.instances if with_labels else None,
-        teacher=ctx.teacher(), teacher_params=ctx.original.spec.postprocess)
+        teacher=ctx.teacher(), teacher_params=ctx.original.spec.postprocess, cancel=ctx.cancel)
     return post
 
 
@@ -319,8 +321,10 @@ class SparsifyStep(Step):
 
         net = load_torch(parent)
         info = prune_unstructured(net, self.sparsity)
+        ctx.cancel.raise_if_cancelled()  # the export cannot be stopped half-way
         spec = renamed(ctx.original.spec, "-sparse", config=net.config)
         child = new_artifact(out, spec, net=net, prov=provenance(parent, self.name, self.params()))
+        ctx.cancel.raise_if_cancelled()
         yield Progress("sparsify", 1, 1)
         info.update(
             compressed_mb=compressed_size(child.files["onnx"]) / 2**20,
@@ -351,6 +355,7 @@ class ExportStep(Step):
         from ..models.unet import fold_batchnorm
 
         net = load_torch(parent)
+        ctx.cancel.raise_if_cancelled()  # the export cannot be stopped half-way
         child = new_artifact(out, replace(parent.spec), net=net, export_net=fold_batchnorm(load_torch(parent)),
                              prov=provenance(parent, self.name, self.params()), opset=int(self.opts["opset"]))
         x = np.random.default_rng(0).standard_normal((2, parent.spec.input_channels, 96, 128)).astype(np.float32)
