@@ -32,6 +32,7 @@ Compare is pressed; it may raise a
 
 from __future__ import annotations
 
+import html
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ from ..core.errors import InputError
 from ..core.jobs import CancelToken, Job, Progress
 from ..core.models.catalog import Model, load_card
 from ..core.optimize.report import OptimizeReport, StepReport, StepStatus
-from .optimize_run import STATUS_COLOURS, fmt, fmt_duration, set_cell, status_words, table
+from .optimize_run import STATUS_COLOURS, fit_rows, fmt, fmt_duration, set_cell, status_words, table
 from .segment_panel import AUTO, BackendCache, ErrorView
 from .worker import JobRunner, describe_error, with_crash_log
 
@@ -188,7 +189,8 @@ class ResultPage(QWidget):
         self.compare_status.setWordWrap(True)
         self.compare_status.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.legend = QLabel(" ".join(
-            f'<span style="color:{OVERLAY_COLOURS[k]}">&#9632;</span>&nbsp;{OVERLAY_NAMES[k]}' for k in (1, 2, 3)))
+            f'<span style="color:{OVERLAY_COLOURS[k]}">&#9632;</span>&nbsp;{html.escape(OVERLAY_NAMES[k])}'
+            for k in (1, 2, 3)))
         self.legend.setWordWrap(True)
         self.legend.setVisible(False)
         self.export_status = QLabel("")
@@ -251,6 +253,7 @@ class ResultPage(QWidget):
                 set_cell(t, r, c, text, tip=row.doc if c == 0 and row.doc else "", colour=colour if c == 1 else None)
         for c in range(t.columnCount() - 1):
             t.resizeColumnToContents(c)
+        fit_rows(t, 8)
         f = report.final
         self.summary.setText(
             f"{report.model}: {report.metric or 'AP50'} on {getattr(report, 'images', 0) or 'the'} validation "

@@ -109,7 +109,15 @@ def table(columns: list[str], tooltips: dict[str, str] | None = None) -> QTableW
     t.verticalHeader().setVisible(False)
     t.setWordWrap(False)
     t.setHorizontalScrollMode(QAbstractItemView.ScrollMode.ScrollPerPixel)
+    t.verticalHeader().setDefaultSectionSize(t.fontMetrics().height() + 8)  # compact rows: more of them in a dock
     return t
+
+
+def fit_rows(t: QTableWidget, most: int = 8) -> None:
+    """Make ``t`` at least as tall as its first ``most`` rows (so a short list is never scrolled)."""
+    rows = min(t.rowCount(), most)
+    height = t.horizontalHeader().height() + rows * t.verticalHeader().defaultSectionSize()
+    t.setMinimumHeight(height + 2 * t.frameWidth() + t.horizontalScrollBar().sizeHint().height())
 
 
 def set_cell(t: QTableWidget, row: int, col: int, text: str, *, tip: str = "", colour: str | None = None) -> None:
@@ -277,13 +285,11 @@ def chart_data(model: RunModel, state) -> ChartData:
     points = [ChartPoint(-1, "original", report.baseline.speedup_vs_baseline, report.baseline.ap50,
                          StepStatus.KEPT)] if report.baseline.measured else []
     finished = {r.index for r in report.steps if r.measured and r.status is not StepStatus.RUNNING}
-    for i, r in model.attempts:  # attempts of steps not finished yet, and earlier attempts of finished ones
-        if not r.measured:
-            continue
-        final = report.steps[i] if i < len(report.steps) else None
-        same = final is not None and final.measured and (final.speedup_vs_baseline, final.ap50) == (
-            r.speedup_vs_baseline, r.ap50)
-        if i in finished and same:
+    last = {i: k for k, (i, _) in enumerate(model.attempts)}
+    for k, (i, r) in enumerate(model.attempts):
+        # a finished step's last attempt is its row (re-timed at the end): drawn once, as the row; earlier
+        # attempts (INT8 before more layers stayed in float) stay as faint triangles
+        if not r.measured or (i in finished and last[i] == k):
             continue
         points.append(ChartPoint(i, r.name, r.speedup_vs_baseline, r.ap50, StepStatus.RUNNING, attempt=i in finished))
     for r in report.steps:
@@ -449,8 +455,8 @@ class RunPage(QWidget):
         plot.addLegend(offset=(-5, -5), labelTextSize="8pt", brush=pg.mkBrush(255, 255, 255, 200))
         self.guardrail = pg.InfiniteLine(angle=0, movable=False, pen=pg.mkPen("#e8543f", width=1.5,
                                                                               style=Qt.PenStyle.DashLine),
-                                         label="guardrail", labelOpts={"position": 0.1, "color": "#e8543f",
-                                                                       "anchors": [(0, 1), (0, 1)]})
+                                         label="guardrail", labelOpts={"position": 0.02, "color": "#e8543f",
+                                                                       "anchors": [(0, 0), (0, 0)]})
         self.guardrail.setVisible(False)
         plot.addItem(self.guardrail, ignoreBounds=True)
         self.kept_line = plot.plot([], [], pen=pg.mkPen("#2f7cf6", width=2), name="kept path")
@@ -676,6 +682,7 @@ class RunPage(QWidget):
             set_cell(t, i, 6, row.reason if finished else "")
         for c in range(t.columnCount() - 1):
             t.resizeColumnToContents(c)
+        fit_rows(t, 6)
         self._show_reason()
 
     def _show_reason(self) -> None:
