@@ -14,11 +14,53 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable, Generator, TypeVar
 
 from .errors import Cancelled
 
 R = TypeVar("R")
+
+
+class Stage(str, Enum):
+    """What a progress event is about: a typed kind for shells (they test ``event.stage is Stage.NETWORK``).
+
+    A ``str`` enum, so it also compares equal to its name's text; a stage
+    that is not listed here stays a plain string.
+    """
+
+    LOAD = "load"
+    READ = "read"
+    PLANE = "plane"
+    NETWORK = "network"
+    NOTICE = "notice"
+    BATCH = "batch"
+    EVAL = "eval"
+    BENCH = "bench"
+    TRAIN = "train"
+    FINETUNE = "finetune"
+    OPTIMIZE = "optimize"
+    ESTIMATE = "estimate"
+    PRUNE = "prune"
+    RECOVER = "recover"
+    DISTILL = "distill"
+    SPARSIFY = "sparsify"
+    EXPORT = "export"
+    QUANTIZE = "quantize"
+    ENGINE = "engine"
+    VALIDATE = "validate"
+    VALIDATION = "validation"
+    CALIBRATION = "calibration"
+    COMPARE = "compare"
+    PROBE = "probe"
+    CHECK = "check"
+    KEEP = "keep"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 @dataclass(frozen=True)
@@ -27,8 +69,9 @@ class Progress:
 
     Attributes
     ----------
-    stage : str
-        Short name of what is happening ("read", "network", "post", ...).
+    stage : Stage or str
+        What is happening (:class:`Stage`; a text given here becomes its
+        :class:`Stage` member when there is one).
     done, total : int
         Units finished and units in all for this stage (``total`` 0 if unknown).
     message : str
@@ -47,6 +90,13 @@ class Progress:
     message: str = ""
     info: dict = field(default_factory=dict)
     event: Any = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stage, Stage):
+            try:
+                object.__setattr__(self, "stage", Stage(self.stage))
+            except ValueError:
+                pass
 
     @property
     def fraction(self) -> float | None:

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.batch import MANIFEST, BatchReport, batch_job
-from ..core.jobs import Progress
+from ..core.jobs import Progress, Stage
 from .segment_panel import AUTO, BackendCache, ErrorView, available_models, fill_backends
 from .worker import JobRunner, describe_error, with_crash_log
 
@@ -246,11 +246,11 @@ class BatchPanel(QWidget):
     # ------------------------------------------------------------------ slots (GUI thread)
 
     def _on_progress(self, event: Progress) -> None:
-        if event.stage == "notice" and event.info.get("warning"):
+        if event.stage is Stage.NOTICE and event.info.get("warning"):
             text = self.notice.text()
             self.notice.setText(f"{text}\n{event.message}" if text else event.message)
             self.notice.setVisible(True)
-        if event.stage != "batch":
+        if event.stage is not Stage.BATCH:
             return
         info = event.info
         if "files" in info:

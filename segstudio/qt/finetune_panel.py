@@ -20,7 +20,7 @@ from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QPixmap
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget
 
-from ..core.jobs import Progress
+from ..core.jobs import Progress, Stage
 from .worker import JobRunner, describe_error, with_crash_log
 
 GetData = Callable[[], tuple[str, list[tuple[np.ndarray, np.ndarray]], str]]
@@ -100,7 +100,7 @@ class FinetunePanel(QWidget):
         return self.runner.shutdown(timeout_ms)
 
     def _on_progress(self, event: Progress) -> None:
-        if event.stage != "finetune":
+        if event.stage is not Stage.FINETUNE:
             return
         self.progress_bar.setValue(min(event.done, self.progress_bar.maximum()))
         if event.message:

@@ -47,7 +47,7 @@ from qtpy.QtWidgets import (
 
 from ..core.backends import Backend, auto_variant, create_backend, runnable_variants
 from ..core.io import ImageData
-from ..core.jobs import CancelToken, Job, Progress
+from ..core.jobs import CancelToken, Job, Progress, Stage
 from ..core.models.catalog import Model, builtin_models, get_model
 from ..core.models.user import user_models
 from ..core.segment import SegmentationResult, segment_job, warm_up
@@ -447,15 +447,15 @@ class SegmentPanel(QWidget):
 
     def _on_progress(self, event: Progress) -> None:
         plane = min(self._planes_done + 1, self._n_planes)
-        if event.stage == "network" and event.total:
+        if event.stage is Stage.NETWORK and event.total:
             fraction = (self._planes_done + event.done / event.total) / self._n_planes
             where = f"plane {plane}/{self._n_planes}, " if self._n_planes > 1 else ""
             self.status.setText(f"Segmenting: {where}tiles {event.done}/{event.total}")
-        elif event.stage == "plane" and event.total:
+        elif event.stage is Stage.PLANE and event.total:
             self._planes_done = event.done
             fraction = event.done / event.total
             self.status.setText(f"Segmenting: {event.message}")
-        elif event.stage == "notice":
+        elif event.stage is Stage.NOTICE:
             text = self.notice.text()
             self.notice.setText(f"{text}\n{event.message}" if text else event.message)
             self.notice.setVisible(True)

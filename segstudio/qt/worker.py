@@ -36,7 +36,7 @@ from typing import Any, Callable
 from qtpy.QtCore import QCoreApplication, QObject, QThread, Signal
 
 from ..core.errors import Cancelled, SegStudioError, write_crash_log
-from ..core.jobs import CancelToken, Job, Progress
+from ..core.jobs import CancelToken, Job, Progress, Stage
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class _JobThread(QThread):
                     # typed event (an optimization step's row) go through; typed events that say they come
                     # in floods (``frequent``: a training loss per step) are throttled like the rest
                     typed = getattr(event, "event", None)
-                    final = ((bool(event.total) and event.done >= event.total) or event.stage == "notice"
+                    final = ((bool(event.total) and event.done >= event.total) or event.stage is Stage.NOTICE
                              or "file" in event.info
                              or (typed is not None and not getattr(typed, "frequent", False)))
                     if final or now - last_emit.get(event.stage, 0.0) >= PROGRESS_INTERVAL_S:
