@@ -985,7 +985,7 @@ class ValidationPage(WizardPage):
     def _show_metric(self) -> None:
         labelled = self.source_kind in ("pairs", "layers")
         self.metric_label.setText(
-            "AP50 against your labels (the share of your cells found, at IoU 0.5)" if labelled else
+            "AP50 against your labels (cells matched at IoU 0.5 over all cells of either)" if labelled else
             "agreement with the original model: AP50 of the faster model's cells against the original's")
 
     def _on_source_changed(self, *_) -> None:
