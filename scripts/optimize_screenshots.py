@@ -87,12 +87,69 @@ def page_recipe(s: Shot) -> None:
     s.wait(lambda: idle(page) and page.check_for(page.recipe_text()) is not None, "the recipe's checks and estimates")
 
 
+# the run shot on page 5: three kinds of step (a short recovery, so it takes a minute), small speed tiles
+RUN_RECIPE = "prune:0.5,recover:steps=60:crop=64,quantize:int8"
+
+
+def page_run(s: Shot) -> None:
+    """Page 5 after a short prune + recover + INT8 run: the step list, the chart with its guardrail and front."""
+    from segstudio.core.optimize.steps import format_steps, parse_steps
+
+    page = s.wizard.recipe_page
+    if s.wizard.index < 3:  # shot alone (--pages 5,6): the set-up pages first
+        for make in (page_model, page_calibration, page_validation, page_recipe):
+            make(s)
+    page.advanced_button.setChecked(True)
+    page.choose("prune-recover-int8")  # then shortened in the Advanced view, as a user would
+    recover = page.editor.box(1)
+    recover.field("steps").set_raw(60)
+    recover.field("crop").set_raw(64)
+    assert page.recipe_text() == format_steps(parse_steps(RUN_RECIPE)), page.recipe_text()
+    s.wait(lambda: idle(page) and page.check_for(page.recipe_text()) is not None, "the recipe's checks")
+    s.wizard.state.speed_tile = 128
+    s.go(4)
+    run = s.wizard.run_page
+    reports = []
+    run.finished.connect(reports.append)
+    run.start_button.click()
+    s.wait(lambda: bool(reports) or (not run.is_running() and run.error_view.report is not None), "the run")
+    if not reports:
+        raise RuntimeError(f"the run failed: {run.error_view.text()}")
+    # the wizard moves on to the result by itself; page 5 is shown again as the run left it (showing it through
+    # the wizard's navigation would reset it for a new run)
+    w = s.wizard
+    w._index = 4
+    w.stack.setCurrentIndex(4)
+    w.header.setText("Step 5 of 6: Run")
+    w._update_buttons()
+    run.tabs.setCurrentIndex(0)
+    run.steps_table.selectRow(len(run.model.labels) - 1)
+
+
+def page_result(s: Shot) -> None:
+    """Page 6 with the comparison on the open image, its overlay in the viewer."""
+    if s.wizard.run_page.report is None:
+        page_run(s)
+    s.wizard._show(5)
+    result = s.wizard.result_page
+    done = []
+    result.comparison_ready.connect(done.append)
+    result.compare_button.click()
+    s.wait(lambda: bool(done) or result.error_view.report is not None, "the comparison")
+    if not done:
+        raise RuntimeError(f"the comparison failed: {result.error_view.text()}")
+    s.wait(lambda: result.compare_button.isEnabled(), "the compare runner to stop")
+    result.table.selectRow(len(result.rows()) - 1)
+
+
 # number -> (file name, maker); pages 5 and 6 (Run, Result) are added here by their makers
 PAGES: dict[int, tuple[str, Callable[[Shot], None]]] = {
     1: ("optimize-1-model.png", page_model),
     2: ("optimize-2-calibration.png", page_calibration),
     3: ("optimize-3-validation.png", page_validation),
     4: ("optimize-4-recipe.png", page_recipe),
+    5: ("optimize-5-run.png", page_run),
+    6: ("optimize-6-result.png", page_result),
 }
 
 
