@@ -130,6 +130,7 @@ def test_accuracy_on_sample_data(nuclei, sample_dir):
         assert crowded["ap50"] >= 0.75 and abs(crowded["n_pred"] - crowded["n_true"]) <= 0.2 * crowded["n_true"]
 
 
+@pytest.mark.slow
 def test_accuracy_on_dsb2018_fluorescence_val(nuclei, dsb2018):
     """The model card's headline number, measured again (issue 2: mean AP50 >= 0.80)."""
     pairs = find_pairs(dsb2018 / "val", dsb2018 / "val", kind="fluorescence")

@@ -386,6 +386,7 @@ def test_int8_fallback_keeps_sensitive_layers_in_float_then_gives_up(tmp_path, s
     assert report.final_from is None
 
 
+@pytest.mark.slow
 def test_guardrail_rolls_back_and_says_why(tmp_path, sample_dir):
     report = _small_run(tmp_path, sample_dir, "prune:0.9,recover:steps=2:retune=off,"
                         "distill:4:steps=3:separable=true:retune=off", max_drop=0.0001)

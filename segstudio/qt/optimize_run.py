@@ -314,8 +314,7 @@ def _run(state, resume: bool, cancel: CancelToken) -> Job[OptimizeReport]:
     extra = {}
     if getattr(state, "estimate", None) is not None:
         extra["estimate"] = state.estimate  # measured on page 4: not measured again
-    if getattr(state, "speed_tile", None):
-        extra["speed_tile"] = int(state.speed_tile)  # the tile size latencies are measured on (default 512)
+    extra["speed_tile"] = int(state.speed_tile)  # the tile size latencies are measured on (default 512)
     report = yield from optimize_job(state.model, list(state.steps), ctx, state.vset, max_drop=state.max_drop,
                                      min_speedup=state.min_speedup, resume=resume, **extra)
     return report

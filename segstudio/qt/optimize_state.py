@@ -73,6 +73,7 @@ class WizardState:
     labelled: bool = False
     max_drop: float = 0.01
     min_speedup: float = 1.05
+    speed_tile: int = 512  # the tile side latencies (and the estimates) are measured on
     preset_key: str | None = "int8"  # None: a recipe edited in the Advanced view
     steps: list[Step] = field(default_factory=list)
     estimate: RunEstimate | None = None

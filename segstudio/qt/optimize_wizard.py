@@ -1348,7 +1348,8 @@ def _estimate(recipes: list[tuple[str, list[Step]]], state: WizardState, cancel)
     out: dict[str, Any] = {}
     for key, steps in recipes:
         try:
-            job = estimate_job(state.model, steps, state.calib, state.vset, target=state.target)
+            job = estimate_job(state.model, steps, state.calib, state.vset, target=state.target,
+                               speed_tile=state.speed_tile)
             out[key] = yield from cancellable(job, cancel)
         except SegStudioError as e:
             out[key] = e

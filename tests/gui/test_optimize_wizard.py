@@ -112,6 +112,7 @@ def test_the_wizard_runs_int8_then_compares_and_uses_the_result(make_napari_view
 
     viewer = build_window(viewer=make_napari_viewer(), show=False, show_sample=True)
     wizard = optimize_widget(viewer).wizard
+    wizard.state.speed_tile = SPEED_TILE  # page 4's estimates and the run time small tiles: the same code, sooner
     samples = _two_samples(tmp_path / "samples")
     # 1. model, 2. calibration (8 tiles), 3. validation pairs with a 0.05 budget
     wizard.model_page.select("nuclei-light")
@@ -139,7 +140,6 @@ def test_the_wizard_runs_int8_then_compares_and_uses_the_result(make_napari_view
     assert recipe.editor.problems() == []
     recipe.editor.box(0).field("tiles").set_raw(8)
     qtbot.waitUntil(lambda: idle(recipe) and recipe.check_for(recipe.recipe_text()) is not None, timeout=120_000)
-    wizard.state.speed_tile = SPEED_TILE
     assert wizard.next() and wizard.index == 4
     # 5. run
     run = wizard.run_page
@@ -217,6 +217,7 @@ def test_the_wizard_runs_int8_then_compares_and_uses_the_result(make_napari_view
     wizard.shutdown()
 
 
+@pytest.mark.slow
 def test_cancel_in_recovery_then_resume_keeps_the_pruning(make_napari_viewer, qtbot, tmp_path,
                                                           no_thread_left_running):
     from segstudio.qt.optimize_run import RunPage

@@ -327,8 +327,9 @@ class SparsifyStep(Step):
         ctx.cancel.raise_if_cancelled()
         yield Progress("sparsify", 1, 1)
         info.update(
-            compressed_mb=compressed_size(child.files["onnx"]) / 2**20,
-            parent_compressed_mb=compressed_size(parent.files["onnx"]) / 2**20 if "onnx" in parent.files else None,
+            compressed_mb=compressed_size(child.files["onnx"], ctx.cancel) / 2**20,
+            parent_compressed_mb=(compressed_size(parent.files["onnx"], ctx.cancel) / 2**20
+                                  if "onnx" in parent.files else None),
             note="zeros are still multiplied by dense convolution kernels: no speed-up is claimed or expected",
         )
         return child, info
