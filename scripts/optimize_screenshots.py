@@ -5,7 +5,7 @@ wizard on the bundled samples (calibration: the sample folder; validation:
 its image / labels pairs), saving one PNG of the whole window per page.
 Needs a display:
 
-    xvfb-run -a -s "-screen 0 1920x1200x24" python scripts/optimize_screenshots.py [--pages 1,2,3,4]
+    xvfb-run -a -s "-screen 0 1920x1200x24" python scripts/optimize_screenshots.py [--pages 1,2,3,4,4a,5,6]
 
 Each page is made by a function in :data:`PAGES` (number -> (file name,
 maker)); a maker gets the :class:`Shot` context, brings the wizard to its
@@ -87,6 +87,15 @@ def page_recipe(s: Shot) -> None:
     s.wait(lambda: idle(page) and page.check_for(page.recipe_text()) is not None, "the recipe's checks and estimates")
 
 
+def page_advanced(s: Shot) -> None:
+    """Page 4 with the Advanced view open on the Prune + recover + INT8 preset: every option of every step."""
+    s.go(3)
+    page = s.wizard.recipe_page
+    page.choose("prune-recover-int8")
+    page.advanced_button.setChecked(True)
+    s.wait(lambda: idle(page) and page.check_for(page.recipe_text()) is not None, "the recipe's checks and estimates")
+
+
 # the run shot on page 5: three kinds of step (a short recovery, so it takes a minute), small speed tiles
 RUN_RECIPE = "prune:0.5,recover:steps=60:crop=64,quantize:int8"
 
@@ -143,13 +152,14 @@ def page_result(s: Shot) -> None:
 
 
 # number -> (file name, maker); pages 5 and 6 (Run, Result) are added here by their makers
-PAGES: dict[int, tuple[str, Callable[[Shot], None]]] = {
-    1: ("optimize-1-model.png", page_model),
-    2: ("optimize-2-calibration.png", page_calibration),
-    3: ("optimize-3-validation.png", page_validation),
-    4: ("optimize-4-recipe.png", page_recipe),
-    5: ("optimize-5-run.png", page_run),
-    6: ("optimize-6-result.png", page_result),
+PAGES: dict[str, tuple[str, Callable[[Shot], None]]] = {  # shot in this order
+    "1": ("optimize-1-model.png", page_model),
+    "2": ("optimize-2-calibration.png", page_calibration),
+    "3": ("optimize-3-validation.png", page_validation),
+    "4": ("optimize-4-recipe.png", page_recipe),
+    "4a": ("optimize-4-advanced.png", page_advanced),
+    "5": ("optimize-5-run.png", page_run),
+    "6": ("optimize-6-result.png", page_result),
 }
 
 
@@ -160,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", default="6fe2df6de1d9", help="bundled sample shown in the viewer")
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for a page")
     args = parser.parse_args(argv)
-    pages = [int(p) for p in args.pages.split(",") if p.strip()]
+    wanted = {p.strip() for p in args.pages.split(",") if p.strip()}
+    unknown = wanted - set(PAGES)
+    if unknown:
+        parser.error(f"no page {', '.join(sorted(unknown))} (pages: {', '.join(PAGES)})")
+    pages = [p for p in PAGES if p in wanted]
 
     from segstudio.app.main_window import application, build_window, optimize_widget
     from segstudio.napari_plugin._sample_data import sample_paths
@@ -176,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     widget.parentWidget().raise_()  # the Optimize tab in front
     shot = Shot(viewer, widget, args.out, args.timeout)
     try:
-        for number in sorted(pages):
+        for number in pages:
             name, make = PAGES[number]
             make(shot)
             _settle(600)
