@@ -455,3 +455,28 @@ def test_find_images_leaves_out_labels_and_filters_by_kind(tmp_path):
     assert [p.name for p in find_images(tmp_path, kind="fluorescence")] == ["a_img.tif"]
     with pytest.raises(InputError, match="of kind 'histology'"):
         find_images(tmp_path, kind="histology")
+
+
+def test_cancel_does_not_wait_for_a_call_without_cancellation_points():
+    """An ONNX export cannot stop half-way: Cancel returns while it still runs, and its result is dropped."""
+    import threading
+
+    from segstudio.core.errors import Cancelled
+    from segstudio.core.jobs import CancelToken, run_interruptible
+
+    gate, finished = threading.Event(), []
+
+    def export():
+        gate.wait(30)
+        finished.append(True)
+        return "file"
+
+    token = CancelToken()
+    threading.Timer(0.2, token.cancel).start()
+    with pytest.raises(Cancelled):
+        run_interruptible(export, token)
+    assert not finished  # Cancel came back while the call was still running
+    gate.set()
+    assert run_interruptible(lambda: 41 + 1, CancelToken()) == 42
+    with pytest.raises(ZeroDivisionError):
+        run_interruptible(lambda: 1 / 0, CancelToken())

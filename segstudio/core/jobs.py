@@ -136,3 +136,33 @@ def run_sync(job: Job[R], on_progress: Callable[[Progress], Any] | None = None) 
             return stop.value
         if on_progress is not None:
             on_progress(event)
+
+
+def run_interruptible(fn: Callable[[], R], cancel: CancelToken | None, *, poll_s: float = 0.1) -> R:
+    """``fn()`` for a call that has no cancellation point of its own (an ONNX export): Cancel returns at once.
+
+    ``fn`` runs on a daemon thread while this one polls ``cancel``; on
+    Cancel, :class:`Cancelled` is raised here within ``poll_s`` and the
+    call's result, when it comes, is dropped (it must only write files that
+    nothing else reads before it returns).  Its exception is raised here.
+    """
+    if cancel is None:
+        return fn()
+    cancel.raise_if_cancelled()
+    box: dict = {}
+    done = threading.Event()
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="segstudio-uninterruptible", daemon=True).start()
+    while not done.wait(poll_s):
+        cancel.raise_if_cancelled()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

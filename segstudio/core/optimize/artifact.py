@@ -67,13 +67,16 @@ def new_artifact(
     prov: dict,
     export: bool = True,
     opset: int = 18,
+    cancel=None,
 ) -> Model:
     """Write an artifact folder and return it as a model.
 
     ``net``: a PyTorch module to save (state dict) and, with ``export``, to
     export to ONNX (``export_net`` when the exported graph differs, e.g.
     with BatchNorm folded); ``copy``: files of the parent kept as they are;
-    ``new_files``: files a step already wrote (moved in).
+    ``new_files``: files a step already wrote (moved in); ``cancel``: a
+    :class:`~segstudio.core.jobs.CancelToken` that stops the wait for the
+    export (which has no cancellation point of its own) at once.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -87,9 +90,12 @@ def new_artifact(
         if export:
             from ..models.onnx_export import export_onnx
 
-            files["onnx"] = export_onnx(export_net if export_net is not None else net, out_dir / f"{spec.name}.onnx",
-                                        in_channels=spec.config.in_channels,
-                                        multiple=spec.multiple, opset=opset)
+            from ..jobs import run_interruptible
+
+            target = export_net if export_net is not None else net
+            files["onnx"] = run_interruptible(
+                lambda: export_onnx(target, out_dir / f"{spec.name}.onnx", in_channels=spec.config.in_channels,
+                                    multiple=spec.multiple, opset=opset), cancel)
     for fmt, src in (copy or {}).items():
         dst = out_dir / Path(src).name
         if Path(src).resolve() != dst.resolve():

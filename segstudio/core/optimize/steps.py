@@ -179,7 +179,7 @@ class PruneStep(Step):
         pruned = prune_structured(net, plan_pruning(net, ratio, **kw))
         ctx.cancel.raise_if_cancelled()  # the ONNX export below cannot be stopped half-way
         spec = renamed(ctx.original.spec, "-pruned", config=pruned.config)
-        child = new_artifact(out, spec, net=pruned, prov=provenance(parent, self.name, self.params()))
+        child = new_artifact(out, spec, net=pruned, prov=provenance(parent, self.name, self.params()), cancel=ctx.cancel)
         ctx.cancel.raise_if_cancelled()
         yield Progress("prune", 1, 1)
         cfg = pruned.config
@@ -243,7 +243,8 @@ class RecoverStep(Step):
         post = yield from _retune(self, student, parent, ctx, use_labels is not None, info)
         spec = renamed(ctx.original.spec, "-recovered", config=student.config, postprocess=post)
         child = new_artifact(out, spec, net=student, prov=provenance(
-            parent, self.name, self.params(), calibration=ctx.calib.digest, teacher=ctx.original.name))
+            parent, self.name, self.params(), calibration=ctx.calib.digest, teacher=ctx.original.name),
+            cancel=ctx.cancel)
         return child, info
 
 
@@ -298,7 +299,8 @@ class DistillStep(Step):
         post = yield from _retune(self, student, parent, ctx, ctx.calib.labels is not None, info)
         spec = renamed(ctx.original.spec, "-student", config=cfg, postprocess=post)
         child = new_artifact(out, spec, net=student, prov=provenance(
-            parent, self.name, self.params(), calibration=ctx.calib.digest, teacher=ctx.original.name))
+            parent, self.name, self.params(), calibration=ctx.calib.digest, teacher=ctx.original.name),
+            cancel=ctx.cancel)
         return child, info
 
 
@@ -323,7 +325,7 @@ class SparsifyStep(Step):
         info = prune_unstructured(net, self.sparsity)
         ctx.cancel.raise_if_cancelled()  # the export cannot be stopped half-way
         spec = renamed(ctx.original.spec, "-sparse", config=net.config)
-        child = new_artifact(out, spec, net=net, prov=provenance(parent, self.name, self.params()))
+        child = new_artifact(out, spec, net=net, prov=provenance(parent, self.name, self.params()), cancel=ctx.cancel)
         ctx.cancel.raise_if_cancelled()
         yield Progress("sparsify", 1, 1)
         info.update(
@@ -358,7 +360,8 @@ class ExportStep(Step):
         net = load_torch(parent)
         ctx.cancel.raise_if_cancelled()  # the export cannot be stopped half-way
         child = new_artifact(out, replace(parent.spec), net=net, export_net=fold_batchnorm(load_torch(parent)),
-                             prov=provenance(parent, self.name, self.params()), opset=int(self.opts["opset"]))
+                             prov=provenance(parent, self.name, self.params()), opset=int(self.opts["opset"]),
+                             cancel=ctx.cancel)
         x = np.random.default_rng(0).standard_normal((2, parent.spec.input_channels, 96, 128)).astype(np.float32)
         with torch.no_grad():
             ref = net(torch.from_numpy(x)).numpy()
