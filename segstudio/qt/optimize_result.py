@@ -43,7 +43,6 @@ from qtpy.QtGui import QDesktopServices
 from qtpy.QtWidgets import (
     QFileDialog,
     QGridLayout,
-    QHBoxLayout,
     QLabel,
     QProgressBar,
     QPushButton,

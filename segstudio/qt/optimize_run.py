@@ -320,6 +320,21 @@ def _run(state, resume: bool, cancel: CancelToken) -> Job[OptimizeReport]:
     return report
 
 
+def _plot_widget(bottom: str, left: str):
+    """A white pyqtgraph plot with its axis labels and a light grid, without SI prefixes (AP50 0.800, not 800 x0.001)."""
+    import pyqtgraph as pg
+
+    widget = pg.PlotWidget(background="w")
+    widget.setMinimumHeight(180)
+    plot = widget.getPlotItem()
+    plot.setLabel("bottom", bottom)
+    plot.setLabel("left", left)
+    plot.showGrid(x=True, y=True, alpha=0.25)
+    for axis in ("left", "bottom"):
+        plot.getAxis(axis).enableAutoSIPrefix(False)
+    return widget, plot
+
+
 class RunPage(QWidget):
     """Runs the optimization and shows it live (see the module docstring).
 
@@ -443,14 +458,7 @@ class RunPage(QWidget):
     def _build_plots(self) -> None:
         import pyqtgraph as pg
 
-        self.chart = pg.PlotWidget(background="w")
-        self.chart.setMinimumHeight(180)
-        plot = self.chart.getPlotItem()
-        plot.setLabel("bottom", "speed-up vs PyTorch eager FP32 (x)")
-        plot.setLabel("left", "AP50")
-        plot.showGrid(x=True, y=True, alpha=0.25)
-        for axis in ("left", "bottom"):
-            plot.getAxis(axis).enableAutoSIPrefix(False)  # AP50 0.800, not 800 (x0.001)
+        self.chart, plot = _plot_widget("speed-up vs PyTorch eager FP32 (x)", "AP50")
         plot.addLegend(offset=(-5, -5), labelTextSize="8pt", brush=pg.mkBrush(255, 255, 255, 200))
         self.guardrail = pg.InfiniteLine(angle=0, movable=False, pen=pg.mkPen("#e8543f", width=1.5,
                                                                               style=Qt.PenStyle.DashLine),
@@ -470,14 +478,7 @@ class RunPage(QWidget):
         self._point_labels: list = []
         self.chart_data = ChartData((), (), (), None)
 
-        self.loss_plot = pg.PlotWidget(background="w")
-        self.loss_plot.setMinimumHeight(180)
-        lp = self.loss_plot.getPlotItem()
-        lp.setLabel("bottom", "training step")
-        lp.setLabel("left", "loss")
-        lp.showGrid(x=True, y=True, alpha=0.25)
-        for axis in ("left", "bottom"):
-            lp.getAxis(axis).enableAutoSIPrefix(False)
+        self.loss_plot, lp = _plot_widget("training step", "loss")
         self.loss_curve = lp.plot([], [], pen=pg.mkPen("#2f7cf6", width=1.5))
         self.loss_title = "no training step yet"
         lp.setTitle(self.loss_title, size="9pt")

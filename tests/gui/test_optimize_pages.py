@@ -9,7 +9,6 @@ real engine is ``test_optimize_wizard.py``.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

@@ -22,15 +22,13 @@ import numpy as np
 import pytest
 
 from segstudio.app.main_window import build_window, segment_widget
-from segstudio.core.errors import InputError
 from segstudio.core.io import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import get_model, load_card
 from segstudio.core.optimize.calibration import CalibrationSource
 from segstudio.core.optimize.estimate import RunEstimate
-from segstudio.core.optimize.presets import preset
 from segstudio.core.optimize.report import EventKind, OptimizeEvent, OptimizeReport, StepStatus
-from segstudio.core.optimize.steps import STEP_SPECS, parse_steps
+from segstudio.core.optimize.steps import parse_steps
 from segstudio.core.optimize.validate import ValidationSet
 from segstudio.sample_data import sample_pairs
 
