@@ -286,6 +286,11 @@ def _small_run(tmp_path, sample_dir, steps, max_drop=0.01, target="cpu", min_spe
                   cancel=kw.pop("cancel", None) or CancelToken())
     events = kw.pop("events", None)
     on_progress = kw.pop("on_progress", None) or (events.append if events is not None else None)
+    if "estimate" not in kw:  # the estimate's own timing is tested once (test_run_time_estimate...); here it is given
+        from segstudio.core.optimize.estimate import RunEstimate
+
+        n = len(parse_steps(steps))
+        kw["estimate"] = RunEstimate(total_s=60.0, per_step_s=(20.0,) * n, measure_s=20.0, basis="given by the test")
     return run_sync(optimize_job(nuclei, parse_steps(steps), ctx, vset, max_drop=max_drop, speed_tile=128,
                                  min_speedup=min_speedup, **kw), on_progress)
 
@@ -480,3 +485,20 @@ def test_cancel_does_not_wait_for_a_call_without_cancellation_points():
     assert run_interruptible(lambda: 41 + 1, CancelToken()) == 42
     with pytest.raises(ZeroDivisionError):
         run_interruptible(lambda: 1 / 0, CancelToken())
+
+
+def test_run_time_estimate_is_measured_here_and_scales_with_the_work(sample_dir):
+    """More training steps cost more; the basis names what was timed on this machine."""
+    from segstudio.core.optimize.estimate import estimate_run
+    from segstudio.core.optimize.validate import ValidationSet
+
+    nuclei = get_model("nuclei-light")
+    calib = CalibrationSource.from_folder(sample_dir, nuclei.spec, n_tiles=8, tile=128)
+    vset = ValidationSet.from_folders(sample_dir, sample_dir, limit=1)
+    est = estimate_run(nuclei, parse_steps("quantize:int8,distill:4:steps=10,distill:4:steps=1000"), calib, vset,
+                       speed_tile=128)
+    assert len(est.per_step_s) == 3 and all(s > 0 for s in est.per_step_s)
+    assert est.per_step_s[2] > est.per_step_s[1]  # 100 times the training steps of the same student
+    assert est.total_s == pytest.approx(sum(est.per_step_s) + est.measure_s)
+    assert "per batch of 4 tiles" in est.basis and "per training step of distill:4:steps=10" in est.basis
+    assert "about" in est.describe()
