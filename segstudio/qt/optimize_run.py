@@ -227,16 +227,14 @@ class RunModel:
             if r.loss_curve:
                 self.loss[r.index] = list(r.loss_curve)
 
-    def working_report(self, state) -> OptimizeReport | None:
-        """The latest report with the newest rows in it (for the kept path and the Pareto front)."""
-        if self.baseline is None:
+    def working_report(self) -> OptimizeReport | None:
+        """The latest report the run sent, with the newest rows in it (for the kept path and the Pareto front)."""
+        if self.report is None or self.baseline is None:
             return None
-        steps = [self.rows.get(i) or StepReport(index=i, name=label) for i, label in enumerate(self.labels)]
-        if self.report is not None:
-            from dataclasses import replace
+        from dataclasses import replace
 
-            return replace(self.report, baseline=self.baseline, steps=steps)
-        return _provisional_report(state, self.baseline, steps)
+        steps = [self.rows.get(i) or StepReport(index=i, name=label) for i, label in enumerate(self.labels)]
+        return replace(self.report, baseline=self.baseline, steps=steps)
 
     def sensitivity_row(self) -> StepReport | None:
         """The last row (finished, else attempted) that has a per-layer sensitivity."""
@@ -244,17 +242,6 @@ class RunModel:
         finished = [r for r in rows if r.sensitivity and r.status is not StepStatus.RUNNING]
         rows = finished or [r for r in rows if r.sensitivity]
         return rows[-1] if rows else None
-
-
-def _provisional_report(state, baseline: StepReport, steps: list[StepReport]) -> OptimizeReport:
-    """An :class:`OptimizeReport` of the rows seen so far, before the run sends one."""
-    from dataclasses import fields
-
-    values = dict(model=getattr(state.model, "name", ""), out_dir=Path(state.out_dir), labelled=state.labelled,
-                  metric="", images=0, max_drop=state.max_drop, min_speedup=state.min_speedup,
-                  target=state.target, eager_fp32_ms=0.0, baseline=baseline, steps=steps)
-    known = {f.name for f in fields(OptimizeReport)}
-    return OptimizeReport(**{k: v for k, v in values.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -277,9 +264,9 @@ class ChartData:
     guardrail: float | None
 
 
-def chart_data(model: RunModel, state) -> ChartData:
+def chart_data(model: RunModel) -> ChartData:
     """The chart's points, kept path, Pareto front and guardrail from what the run said (no Qt)."""
-    report = model.working_report(state)
+    report = model.working_report()
     if report is None:
         return ChartData((), (), (), None)
     points = [ChartPoint(-1, "original", report.baseline.speedup_vs_baseline, report.baseline.ap50,
@@ -701,7 +688,7 @@ class RunPage(QWidget):
     def _draw_chart(self) -> None:
         import pyqtgraph as pg
 
-        data = chart_data(self.model, self.state)
+        data = chart_data(self.model)
         self.chart_data = data
         steps = [p for p in data.points if p.index >= 0]
         spots = [{"pos": (p.speedup, p.ap50), "brush": pg.mkBrush(STATUS_COLOURS[p.status] + ("80" if p.attempt else "")),

@@ -38,10 +38,11 @@ def _row(i, status, ap50, speed, reason="", **kw):
                       backend="openvino:fp32", **kw)
 
 
-def _report(tmp_path, rows, baseline):
+def _report(tmp_path, rows, baseline, final=True):
     return OptimizeReport(model="nuclei-light", out_dir=tmp_path / "out", labelled=True, metric="AP50 against the labels",
                           images=4, max_drop=0.01, min_speedup=1.05, target="cpu", eager_fp32_ms=100.0,
-                          baseline=baseline, steps=rows, final=rows[2], final_from=2, seconds=12.0)
+                          baseline=baseline, steps=list(rows), final=rows[2] if final else None,
+                          final_from=2 if final else None, seconds=12.0)
 
 
 SENS = (LayerSensitivity("enc0.conv1", 0.31, True), LayerSensitivity("dec0.conv2", 0.02, False),
@@ -58,12 +59,16 @@ def fake_run(tmp_path, log):
             return Progress("optimize", step or 0, n, kw.get("message", ""), event=OptimizeEvent(kind, step, n, **kw))
 
         base = _row(-1, StepStatus.KEPT, 0.80, 3.0)
-        yield ev(EventKind.BASELINE, row=base, run_fraction=0.05, run_eta_s=90)
         rows = [StepReport(index=i, name=s) for i, s in enumerate(LABELS)]
+
+        def snap():  # the report so far, as the core sends it with the baseline and every finished step
+            return _report(tmp_path, rows, base, final=False).copy()
+
+        yield ev(EventKind.BASELINE, row=base, run_fraction=0.05, run_eta_s=90, report=snap())
         yield ev(EventKind.STEP_STARTED, 0, phase="pruning")
         rows[0] = _row(0, StepStatus.KEPT, 0.70, 4.0, "judged after the recovery step that follows")
         yield ev(EventKind.STEP_POINT, 0, row=rows[0])
-        yield ev(EventKind.STEP_FINISHED, 0, row=rows[0], run_fraction=0.2)
+        yield ev(EventKind.STEP_FINISHED, 0, row=rows[0], run_fraction=0.2, report=snap())
         yield ev(EventKind.STEP_STARTED, 1, phase="training")
         for k in range(1, 41):
             cancel.raise_if_cancelled()
@@ -73,14 +78,14 @@ def fake_run(tmp_path, log):
         rows[1] = _row(1, StepStatus.KEPT, 0.795, 4.1, "AP50 0.7950, 0.0050 below the original's",
                        loss_curve=tuple((k, 1.0 / k) for k in range(1, 41)))
         yield ev(EventKind.STEP_POINT, 1, row=rows[1])
-        yield ev(EventKind.STEP_FINISHED, 1, row=rows[1])
+        yield ev(EventKind.STEP_FINISHED, 1, row=rows[1], report=snap())
         yield ev(EventKind.STEP_STARTED, 2, phase="quantizing")
         yield ev(EventKind.STEP_POINT, 2, row=_row(2, StepStatus.RUNNING, 0.77, 9.0))  # over budget: retried
         rows[2] = _row(2, StepStatus.KEPT, 0.792, 8.0, "within the allowed 0.01", sensitivity=SENS)
         yield ev(EventKind.STEP_POINT, 2, row=rows[2])
-        yield ev(EventKind.STEP_FINISHED, 2, row=rows[2])
+        yield ev(EventKind.STEP_FINISHED, 2, row=rows[2], report=snap())
         rows[3] = _row(3, StepStatus.SKIPPED, None, None, "no GPU here")
-        yield ev(EventKind.STEP_FINISHED, 3, row=rows[3])
+        yield ev(EventKind.STEP_FINISHED, 3, row=rows[3], report=snap())
         report = _report(tmp_path, rows, base)
         yield ev(EventKind.REMEASURED, report=report.copy())
         yield ev(EventKind.FINISHED, report=report, run_fraction=1.0)

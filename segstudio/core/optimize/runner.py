@@ -52,7 +52,7 @@ import numpy as np
 
 from ..errors import InputError, SegStudioError
 from ..io import atomic_path
-from ..jobs import Job, Progress
+from ..jobs import Job, Progress, Stage
 from ..models.catalog import Model, load_card
 from .estimate import EtaTracker, RunEstimate, estimate_job, format_seconds
 from .report import EventKind, OptimizeEvent, OptimizeReport, StepReport, StepStatus
@@ -73,13 +73,27 @@ def _metric(meas: dict, labelled: bool) -> float:
 
 
 class _Run:
-    """The bookkeeping of one run: events with ETAs, the rows, the state file."""
+    """The bookkeeping of one run: events with ETAs, the training losses, pruning rows settled late."""
 
-    def __init__(self, steps: list[Step], out: Path, estimate: RunEstimate | None):
-        self.steps, self.out = steps, out
-        self.n = len(steps)
-        self.eta = EtaTracker(estimate, len(steps))
+    def __init__(self, n: int, estimate: RunEstimate | None):
+        self.n = n
+        self.eta = EtaTracker(estimate, n)
         self.losses: list[tuple[int, float]] = []
+        self.settled: list[StepReport] = []  # decided by their recovery's verdict, not yet announced
+
+    def settle(self, pending: list[StepReport], status: StepStatus, reason: str) -> None:
+        """Decide the pruning steps that waited for their recovery."""
+        for r in pending:
+            r.status, r.reason = status, reason
+        self.settled.extend(pending)
+        pending.clear()
+
+    def announce_settled(self, report: OptimizeReport):
+        """Tell the shells about the rows :meth:`settle` decided after their own event."""
+        rows, self.settled = self.settled, []
+        for r in rows:
+            yield self.event(EventKind.STEP_FINISHED, r.index, f"{r.name}: {r.status.words} ({r.reason})",
+                             done=r.index + 1, row=replace(r), report=report.copy())
 
     def event(self, kind: EventKind, step: int | None = None, message: str = "", *, done: int | None = None,
               phase: str = "", inner: float | None = None, training: bool = False, **kw) -> Progress:
@@ -97,7 +111,7 @@ class _Run:
             except StopIteration as stop:
                 return stop.value
             loss = p.info.get("loss") if p.info else None
-            training = p.stage == "distill" and p.total > 0
+            training = p.stage is Stage.DISTILL and p.total > 0
             if loss is not None and i is not None:
                 self.losses.append((p.done, float(loss)))
             phase = _PHASES.get(p.stage, p.stage)
@@ -122,10 +136,10 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
     out.mkdir(parents=True, exist_ok=True)
     labelled = vset.has_labels
     if estimate is None:
-        run0 = _Run(steps, out, None)
+        run0 = _Run(len(steps), None)
         estimate = yield from run0.relay(estimate_job(model, steps, ctx.calib, vset, target=ctx.target,
                                                       speed_tile=speed_tile), None)
-    run = _Run(steps, out, estimate)
+    run = _Run(len(steps), estimate)
     yield run.event(EventKind.ESTIMATE, None, f"estimated run time: {estimate.describe()}")
     batch = vset.speed_batch(model, tile=speed_tile)
     yield run.event(EventKind.STEP_PROGRESS, None, "measuring the original model", phase="measuring the original")
@@ -152,6 +166,11 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
 
     current, cur_meas = model, base
     before_prune: tuple[Model, dict] | None = None
+
+    def save(done: int, finished: bool = False) -> None:  # state.json: where the run is now
+        _write_state(out, steps, report, done, current, model, before_prune, pending, inputs, max_drop,
+                     min_speedup, speed_tile, finished)
+
     pending: list[StepReport] = []  # pruning steps waiting for their recovery's verdict
     first = 0
     if state is not None:
@@ -166,14 +185,13 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
                             done=r.index + 1, row=replace(r), report=report.copy())
         if state.get("current"):
             current = load_card(state["current"])
-            cur_meas = yield from _remeasure(run, current, vset, batch, ctx, base, original_pred)
+            cur_meas = yield from _measure_child(run, None, current, vset, batch, ctx, base, original_pred)
         if state.get("before_prune"):
             bp = load_card(state["before_prune"]) if state["before_prune"] != "original" else model
-            bp_meas = base if bp is model else (yield from _remeasure(run, bp, vset, batch, ctx, base, original_pred))
+            bp_meas = base if bp is model else (yield from _measure_child(run, None, bp, vset, batch, ctx, base, original_pred))
             before_prune = (bp, bp_meas)
         pending = [report.steps[i] for i in state.get("pending", [])]
-    _write_state(out, steps, report, first, current, model, before_prune, pending, inputs, max_drop, min_speedup,
-                 speed_tile)
+    save(first)
 
     for i in range(first, len(steps)):
         step = steps[i]
@@ -185,8 +203,7 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
             run.eta.finish(i, 0.0)
             yield run.event(EventKind.STEP_FINISHED, i, f"{step.label}: skipped ({row.reason})", done=i + 1,
                             row=replace(row), report=report.copy())
-            _write_state(out, steps, report, i + 1, current, model, before_prune, pending, inputs, max_drop,
-                         min_speedup, speed_tile)
+            save(i + 1)
             continue
         run.eta.start(i)
         run.losses = []
@@ -204,13 +221,12 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
             if before_prune is not None:  # the pruning this step was to recover goes too
                 current, cur_meas = before_prune
                 before_prune = None
-                _settle_pending(pending, StepStatus.ROLLED_BACK, "its recovery step failed")
+                run.settle(pending, StepStatus.ROLLED_BACK, "its recovery step failed")
             run.eta.finish(i)
             yield run.event(EventKind.STEP_FINISHED, i, f"{step.label}: failed ({e})", done=i + 1, row=replace(row),
                             report=report.copy())
-            yield from _announce_settled(run, report)
-            _write_state(out, steps, report, i + 1, current, model, before_prune, pending, inputs, max_drop,
-                         min_speedup, speed_tile)
+            yield from run.announce_settled(report)
+            save(i + 1)
             continue
         meas = yield from _measure_child(run, i, child, vset, batch, ctx, cur_meas, original_pred)
         metric = _metric(meas, labelled)
@@ -249,7 +265,7 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
             if before_prune is not None:
                 row.reason += "; the pruning it was recovering is rolled back too"
                 current, cur_meas = before_prune
-                _settle_pending(pending, StepStatus.ROLLED_BACK,
+                run.settle(pending, StepStatus.ROLLED_BACK,
                                 "its recovery did not bring the accuracy back within the budget")
                 before_prune = None
         else:
@@ -269,7 +285,7 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
                 if before_prune is not None:
                     row.reason += "; the pruning it was recovering is rolled back too"
                     current, cur_meas = before_prune
-                    _settle_pending(pending, StepStatus.ROLLED_BACK, "the pruned and recovered model was not faster")
+                    run.settle(pending, StepStatus.ROLLED_BACK, "the pruned and recovered model was not faster")
                     before_prune = None
             else:
                 drop = base_metric - metric
@@ -280,18 +296,17 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
                     row.reason += f"; {faster:.2f}x faster than its parent"
                 current, cur_meas = child, meas
                 before_prune = None
-                _settle_pending(pending, StepStatus.KEPT, "kept together with the recovery that followed")
+                run.settle(pending, StepStatus.KEPT, "kept together with the recovery that followed")
         run.eta.finish(i)
         verdict = "measured, judged after its recovery" if row.reason == PENDING else row.status.words
         yield run.event(EventKind.STEP_FINISHED, i, f"{step.label}: {verdict} (AP50 {metric:.4f})",
                         done=i + 1, row=replace(row), report=report.copy())
-        yield from _announce_settled(run, report)
-        _write_state(out, steps, report, i + 1, current, model, before_prune, pending, inputs, max_drop,
-                     min_speedup, speed_tile)
+        yield from run.announce_settled(report)
+        save(i + 1)
     if before_prune is not None:  # the recovery never ran (skipped or failed): the pruning goes
         current, cur_meas = before_prune
-        _settle_pending(pending, StepStatus.ROLLED_BACK, "no recovery step ran after it")
-    yield from _announce_settled(run, report)
+        run.settle(pending, StepStatus.ROLLED_BACK, "no recovery step ran after it")
+    yield from run.announce_settled(report)
     yield run.event(EventKind.STEP_PROGRESS, None, "measuring every model's speed again, interleaved",
                     phase="timing every model, round-robin", done=len(steps))
     _remeasure_interleaved(report, model, batch, ctx.cancel)
@@ -313,8 +328,8 @@ def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: Validation
         tmp.write_text(json.dumps(report.to_dict(), indent=1, default=_json_default))
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text(render_html(report))
-    _write_state(out, steps, report, len(steps), current, model, None, [], inputs, max_drop, min_speedup,
-                 speed_tile, finished=True)
+    before_prune = None
+    save(len(steps), finished=True)
     yield run.event(EventKind.FINISHED, None, f"done in {format_seconds(report.seconds)}", done=len(steps),
                     report=report.copy())
     return report
@@ -353,11 +368,6 @@ def _measure_child(run: _Run, i: int, child: Model, vset, batch, ctx, parent_mea
     return meas
 
 
-def _remeasure(run: _Run, model: Model, vset, batch, ctx, base: dict, original_pred) -> Job[dict]:
-    """Measure a model a resumed run starts from again (its predictions are not kept on disk)."""
-    return (yield from _measure_child(run, None, model, vset, batch, ctx, base, original_pred))
-
-
 def _speedup(parent: Model, parent_variant: str, child: Model, child_variant: str, batch: np.ndarray,
              cancel=None) -> float:
     """How many times faster ``child`` is than ``parent``, each on its best backend, timed round-robin."""
@@ -368,22 +378,6 @@ def _speedup(parent: Model, parent_variant: str, child: Model, child_variant: st
                    stack.enter_context(create_backend(child_variant, child))]
         p_ms, c_ms = interleaved_latencies(runners, batch, repeats=5, warmup=1, cancel=cancel)
     return p_ms / c_ms
-
-
-def _announce_settled(run: _Run, report: OptimizeReport):
-    """Pruning rows decided after their own event (by their recovery's verdict): tell the shells again."""
-    for r in report.steps:
-        if r.details.pop("_settled", False):
-            yield run.event(EventKind.STEP_FINISHED, r.index, f"{r.name}: {r.status.words} ({r.reason})",
-                            done=r.index + 1, row=replace(r), report=report.copy())
-
-
-def _settle_pending(pending: list[StepReport], status: StepStatus, reason: str) -> None:
-    """Decide the pruning steps that waited for their recovery."""
-    for r in pending:
-        r.status, r.reason = status, reason
-        r.details = {**r.details, "_settled": True}
-    pending.clear()
 
 
 # ----------------------------------------------------------------------------- state (resume)
