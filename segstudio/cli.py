@@ -419,35 +419,92 @@ def cmd_eval(args) -> int:
     return 0
 
 
+class _BenchProgress:
+    """``segstudio bench``'s progress: a tqdm bar when stdout is a terminal, else plain lines.
+
+    Plain lines (logs, pipes, CI): each setup step, the estimate before the
+    rounds, then one line per variant per round, throttled to one every
+    ``throttle_s`` seconds after the first round (the first round's and the
+    last line always show).
+    """
+
+    def __init__(self, quiet: bool, *, tty: bool | None = None, throttle_s: float = 10.0):
+        self.quiet = quiet
+        self.tty = (sys.stdout.isatty() and sys.stderr.isatty()) if tty is None else tty
+        self.throttle_s = throttle_s
+        self.bar = None
+        self._last = -math.inf
+
+    def _line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def __call__(self, event) -> None:
+        from .core.optimize.estimate import format_seconds
+
+        if self.quiet:
+            return
+        if str(event.stage) == "estimate":
+            self._line(f"bench: {event.message}")
+            if self.tty:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=event.info.get("steps", 0), desc="bench", unit="step", file=sys.stderr,
+                                # our ETA (from the estimate), not tqdm's rate: rounds differ by variant
+                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+            return
+        if str(event.stage) != "bench":
+            return
+        info = event.info
+        if not event.total:  # setup
+            self._line(f"bench: {event.message}")
+            return
+        left = info.get("eta_s")
+        eta = f", about {format_seconds(left)} left" if left else ""
+        if self.bar is not None:
+            self.bar.update(event.done - self.bar.n)
+            self.bar.set_postfix_str(f"{event.message}: {info.get('seconds', 0):.1f} s{eta}", refresh=True)
+            return
+        now = time.monotonic()
+        if info.get("round") == 1 or event.done == event.total or now - self._last >= self.throttle_s:
+            self._last = now
+            self._line(f"bench {event.done}/{event.total}: {event.message} took {info.get('seconds', 0):.1f} s{eta}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def cmd_bench(args) -> int:
     from .core.backends import runnable_variants
-    from .core.benchmark import bench_job, write_chart
+    from .core.benchmark import QUICK_NOTE, bench_job, write_chart
     from .core.io import atomic_path, check_output_file
     from .core.jobs import run_sync
     from .core.models.catalog import get_model
+    from .core.optimize.estimate import format_seconds
 
     for target in (args.json, args.png):
         if target:
             check_output_file(target)  # before the work, not after it
     model = get_model(args.model, trust_code=args.trust_code)
     variants = [v for v in args.backends.split(",") if v] if args.backends else runnable_variants(model)
-    bar = _Bar("bench", 0, args.quiet)
-
-    def on_progress(event):
-        if event.total:
-            bar.bar.total = event.total
-            bar.bar.n = event.done
-            bar.bar.set_postfix_str(event.message, refresh=True)
-
+    progress = _BenchProgress(args.quiet)
+    t0 = time.perf_counter()
     try:
         report = run_sync(
             bench_job(model, args.image, variants, repeats=args.repeats, warmup=args.warmup, tile=args.tile,
-                      batch_size=args.batch_size, e2e=not args.no_e2e),
-            on_progress,
+                      batch_size=args.batch_size, e2e=not args.no_e2e, quick=args.quick),
+            progress,
         )
     finally:
-        bar.close()
+        progress.close()
     report["command"] = "segstudio " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("segstudio") else None
+    if not args.quiet:
+        print(f"bench: done in {format_seconds(time.perf_counter() - t0)} "
+              f"(the rounds were estimated at {format_seconds(report['estimate']['seconds'])})")
     print(f"{'variant':<34} {'net Mpx/s':>9} {'e2e Mpx/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'RSS MB':>7} "
           f"{'GPU MB':>7} {'roofline':>8} {'post %':>6}")
     for r in report["variants"]:
@@ -466,6 +523,8 @@ def cmd_bench(args) -> int:
         if e2e_rows:
             best = max(e2e_rows, key=lambda r: r["e2e_mpix_s"])
             print(f"fastest end to end: {best['name']} at {best['e2e_vs_baseline']:.2f}x the baseline")
+    if report.get("quick"):
+        print(QUICK_NOTE)
     if args.json:
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(report, indent=1))
@@ -713,6 +772,12 @@ def _add_model_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or per-image lines")
 
 
+def _add_metrics_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics", default=None, metavar="FILE.jsonl",
+                   help="write the run's metrics (per network batch, per image's stages, memory and CPU 10 times a "
+                        "second) here as JSON lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="segstudio", description="Fast microscopy segmentation.")
     parser.add_argument("--version", action="version", version=f"segstudio {__version__}")
@@ -725,6 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_int_opt(1, 256), default=None,
                    help="tiles per network call (default: 4 on a CPU, 16 on a GPU)")
     _add_model_opts(p)
+    _add_metrics_opt(p)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("batch", help="segment every image of a folder (resumable; one machine or a Dask cluster)")
@@ -737,6 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (tcp://host:port)")
     p.add_argument("--no-retry", action="store_true", help="do not try again the files that failed before")
     _add_model_opts(p)
+    _add_metrics_opt(p)
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("eval", help="accuracy against ground-truth labels (AP50, AP75, F1, Dice)")
@@ -756,8 +823,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default=None,
                    help="comma-separated variants, e.g. torch:fp32,ort:fp32,openvino,torch@cuda:fp16+graph "
                         "(default: every FP32 variant that runs here)")
-    p.add_argument("--repeats", type=_int_opt(1, 1000), default=10, help="measured runs per variant (default 10)")
-    p.add_argument("--warmup", type=_int_opt(0, 100), default=2)
+    p.add_argument("--repeats", type=_int_opt(1, 1000), default=None,
+                   help="measured runs per variant (default 10; 1 with --quick)")
+    p.add_argument("--warmup", type=_int_opt(0, 100), default=None,
+                   help="warm-up rounds before them (default 2; 0 with --quick), after one warm-up call per variant")
+    p.add_argument("--quick", action="store_true",
+                   help="a rough ranking in a couple of minutes: one run, one batch of tiles for the network, "
+                        "end to end on the central 1024x1024 (noisier numbers)")
     p.add_argument("--tile", type=_int_opt(32, 8192), default=512)
     p.add_argument("--batch-size", type=_int_opt(1, 256), default=4)
     p.add_argument("--no-e2e", action="store_true", help="network only (no end-to-end runs)")
@@ -765,6 +837,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", default=None, help="write the chart here (default: next to --json)")
     p.add_argument("--quiet", "-q", action="store_true")
     _add_trust_opt(p)
+    _add_metrics_opt(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("optimize", help="make a model faster step by step, measuring what each step costs")
@@ -795,6 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "finished steps are not redone")
     p.add_argument("--quiet", "-q", action="store_true")
     _add_trust_opt(p)
+    _add_metrics_opt(p)
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("train", help="fine-tune a model on your own labelled images")
@@ -847,10 +921,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_command(args) -> int:
+    """The command, its metrics events written to ``--metrics`` as JSON lines when asked (one run per command)."""
+    path = getattr(args, "metrics", None)
+    if path is None:
+        return args.func(args)
+    from .core import metrics
+
+    name = (", ".join(str(p) for p in getattr(args, "paths", [])) or getattr(args, "in_dir", None)
+            or getattr(args, "image", None) or args.model)
+    with metrics.recording(path), metrics.run_scope(args.command, str(name)):
+        return args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return _run_command(args)
     except SegStudioError as e:
         _err(str(e))
         return EXIT_USAGE

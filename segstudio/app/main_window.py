@@ -33,6 +33,7 @@ from ..napari_plugin._layers import image_layer_data
 from ..napari_plugin._sample_data import load_sample, sample_id
 from ..napari_plugin._batch import BatchWidget
 from ..napari_plugin._optimize import OptimizeWidget
+from ..napari_plugin._performance import PerformanceWidget
 from ..napari_plugin._widget import SegmentWidget
 from ..qt.batch_panel import dropped_folder
 from ..qt.binding import check_qt_binding
@@ -42,6 +43,7 @@ from ..sample_data import sample_pairs
 
 TITLE = "segstudio"
 WINDOW_SIZE = (1400, 900)
+PERFORMANCE_HEIGHT = 300  # the Performance dock's charts, under the canvas
 
 
 def open_paths(viewer: napari.Viewer, paths: Iterable[str | Path]) -> list[str]:
@@ -179,6 +181,9 @@ def build_window(
     optimize = OptimizeWidget(viewer)
     viewer.window.add_dock_widget(optimize, name="Optimize", area="right", tabify=True)
     widget.parentWidget().raise_()  # Segment in front; Batch and Optimize a tab away
+    performance = PerformanceWidget(viewer)
+    dock = viewer.window.add_dock_widget(performance, name="Performance", area="bottom")
+    window.resizeDocks([dock], [PERFORMANCE_HEIGHT], Qt.Orientation.Vertical)
 
     drop_filter = FileDropFilter(viewer, window, batch)
     window.setAcceptDrops(True)
@@ -213,6 +218,11 @@ def batch_widget(viewer: napari.Viewer) -> BatchWidget:
 def optimize_widget(viewer: napari.Viewer) -> OptimizeWidget:
     """The :class:`OptimizeWidget` docked in a window made by :func:`build_window`."""
     return _docked(viewer, OptimizeWidget)
+
+
+def performance_widget(viewer: napari.Viewer) -> PerformanceWidget:
+    """The :class:`PerformanceWidget` docked in a window made by :func:`build_window`."""
+    return _docked(viewer, PerformanceWidget)
 
 
 def run_app(paths: list[Path], show_sample: bool) -> int:

@@ -15,6 +15,12 @@ of ``repeats`` runs.  Per variant:
 * roofline: network FLOP/s (from the model's exact FLOP count) against the
   GEMM FLOP/s of the same device and precision, measured in the same run.
 
+Each variant first makes its warm-up calls (one tile, one timed batch; the
+first variant also one end-to-end run); the run's duration is estimated
+from them before the timed rounds, and the ETA refined as rounds finish
+(:class:`~segstudio.core.optimize.estimate.EtaTracker`).  ``quick``
+(:data:`QUICK`) is a rough ranking in a couple of minutes on a 2-core CPU.
+
 The **baseline** is what a plain script does: PyTorch eager FP32 (no
 folding, no fusion) over the same tiles, then scikit-image on the whole
 image (watershed, ``regionprops_table``) and ``tifffile.imwrite``, one stage
@@ -269,26 +275,110 @@ def machine_info() -> dict:
     return info
 
 
+# Settings of a full run and of ``--quick`` (a rough ranking in a couple of minutes on a 2-core CPU).
+FULL = {"repeats": 10, "warmup": 2, "max_net_tiles": 64, "e2e_side": None, "gemm_n": 2048, "gemm_repeats": 5}
+QUICK = {"repeats": 1, "warmup": 0, "max_net_tiles": 4, "e2e_side": 1024, "gemm_n": 1024, "gemm_repeats": 3}
+QUICK_NOTE = "quick run: numbers are noisier than a full run's (drop --quick for figures to compare or publish)"
+
+
+def bench_settings(*, quick: bool = False, **given) -> dict:
+    """The run's settings: a full run's (or ``--quick``'s), with the ones given (not None) instead."""
+    settings = dict(QUICK if quick else FULL)
+    settings.update({k: v for k, v in given.items() if v is not None})
+    settings["quick"] = quick
+    return settings
+
+
+def describe_settings(s: dict, n_variants: int, shape: tuple[int, int], n_tiles: int,
+                      e2e_shape: tuple[int, int] | None) -> str:
+    """One line: what the run will do (variants, rounds, tiles, the end-to-end region)."""
+    warm = f"{s['warmup']} warm-up + " if s["warmup"] else ""
+    e2e = ("no end-to-end runs" if e2e_shape is None else
+           f"end to end on the whole {shape[0]}x{shape[1]}" if tuple(e2e_shape) == tuple(shape) else
+           f"end to end on the central {e2e_shape[0]}x{e2e_shape[1]} of {shape[0]}x{shape[1]}")
+    return (f"{n_variants} variant(s) x ({warm}{s['repeats']} run{'s' if s['repeats'] != 1 else ''}), "
+            f"network over {n_tiles} tile(s), {e2e}")
+
+
+def _central(shape: tuple[int, int], side: int | None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Rows and columns of the central ``side`` x ``side`` region of ``shape`` (the whole plane if None or larger)."""
+    out = []
+    for n in shape:
+        m = n if side is None else min(n, side)
+        y0 = (n - m) // 2
+        out.append((y0, y0 + m))
+    return out[0], out[1]
+
+
+def _post_seconds_per_pixel(logits: np.ndarray, plane: np.ndarray, spec, baseline: bool) -> float:
+    """Seconds per pixel of post-processing and measurement on one tile's output (a warm call, then a timed one)."""
+    h, w = logits.shape[-2:]
+
+    def run():
+        if baseline:
+            from skimage.measure import regionprops_table
+
+            labels = skimage_labels(logits[0], logits[1], spec.postprocess)
+            regionprops_table(labels, intensity_image=plane[0], properties=("label", "area", "intensity_mean"))
+        else:
+            from .measure import measure
+            from .postprocess import network_instances, relabel_sequential
+
+            labels = relabel_sequential(network_instances(logits, spec)[0])
+            measure(labels, plane)
+
+    try:
+        run()  # compiled kernels load from their cache on the first call
+        t0 = time.perf_counter()
+        run()
+        return (time.perf_counter() - t0) / (h * w)
+    except Exception:  # noqa: BLE001 - an estimate only: a model whose outputs this does not read costs 0 here
+        return 0.0
+
+
 def bench_job(
     model: Model,
     image: str | Path,
     variants: list[str],
     *,
-    repeats: int = 10,
-    warmup: int = 2,
+    repeats: int | None = None,
+    warmup: int | None = None,
     tile: int = 512,
     batch_size: int = 4,
     e2e: bool = True,
-    max_net_tiles: int = 64,
+    max_net_tiles: int | None = None,
+    e2e_side: int | None = None,
+    quick: bool = False,
     cancel: CancelToken | None = None,
 ) -> Job[dict]:
-    """Benchmark ``variants`` (plus the baseline) on ``image``; returns the report dict."""
+    """Benchmark ``variants`` (plus the baseline) on ``image``; returns the report dict.
+
+    ``repeats`` measured rounds after ``warmup`` rounds (each round runs every
+    variant once: one tile, the network over ``max_net_tiles`` tiles, and end
+    to end over the image, or over its central ``e2e_side`` x ``e2e_side``).
+    Before the rounds each variant makes its warm-up calls (one tile, one
+    batch: the batch is timed) and the run's duration is estimated from them.
+    ``quick``: the :data:`QUICK` settings instead of :data:`FULL` for what is
+    not given (one round, one batch of tiles, end to end on the central
+    1024 x 1024); the report says so.
+
+    Yields, in this order: ``bench`` events without a total (setup), one
+    ``estimate`` event (``event`` is a
+    :class:`~segstudio.core.optimize.estimate.RunEstimate`, ``info`` has
+    ``estimate_s``, ``basis``, ``steps`` and ``per_variant_s``), then one
+    ``bench`` event per variant per round (``done`` / ``total`` steps;
+    ``info``: ``variant``, ``round``, ``rounds``, ``warmup``, ``seconds``,
+    ``elapsed_s``, ``eta_s``).
+    """
     from .backends import create_backend
     from .jobs import run_sync
+    from .optimize.estimate import EtaTracker, RunEstimate, format_seconds
     from .preprocess import normalize, sample_percentiles, select_channels
     from .segment import segment_job
     from .sources import open_source
 
+    cfg = bench_settings(quick=quick, repeats=repeats, warmup=warmup, max_net_tiles=max_net_tiles, e2e_side=e2e_side)
+    repeats, warmup = int(cfg["repeats"]), int(cfg["warmup"])
     cancel = cancel or CancelToken()
     image = Path(image)
     spec = model.spec
@@ -302,30 +392,40 @@ def bench_job(
         pct = sample_percentiles(lambda y0, y1: src.read(index, (y0, y1), (0, w)), (h, w), spec.normalization, select)
         plan = plan_tiles((h, w), tile=tile, halo=spec.halo, multiple=spec.multiple,
                           tile_shape=spec.tile_shape(tile, (h, w)))
-        view_tiles = plan.tiles[:max_net_tiles]
+        view_tiles = plan.tiles[: int(cfg["max_net_tiles"])]
         from .pipeline import _PlaneView
 
         view = _PlaneView(src, index)
         tiles = [normalize(select(read_region(view, t.read)), spec.normalization, pct) for t in view_tiles]
+        e2e_rows, e2e_cols = _central((h, w), cfg["e2e_side"])
+        e2e_shape = (e2e_rows[1] - e2e_rows[0], e2e_cols[1] - e2e_cols[0])
+        region = None if e2e_shape == (h, w) or not e2e else src.read(index, e2e_rows, e2e_cols)
     net_pixels = sum((t.out[0].stop - t.out[0].start) * (t.out[1].stop - t.out[1].start) for t in view_tiles)
     batches = [np.stack(tiles[i : i + batch_size]) for i in range(0, len(tiles), batch_size)]
     halo = spec.halo
     core_crop = (slice(halo, plan.tile_shape[0] - halo), slice(halo, plan.tile_shape[1] - halo))
     one = tiles[0][np.newaxis]
     tile_flops = spec.config.flops(*plan.tile_shape)
+    e2e_tiles = len(plan_tiles(e2e_shape, tile=tile, halo=spec.halo, multiple=spec.multiple,
+                               tile_shape=spec.tile_shape(tile, e2e_shape)).tiles)
+    if cfg["quick"]:
+        yield Progress("bench", 0, 0, QUICK_NOTE, info={"quick": True})
 
     yield Progress("bench", 0, 0, "measuring GEMM FLOP/s")
-    peaks = {("cpu", "fp32"): gemm_flops("cpu", "fp32")}
+    peaks = {("cpu", "fp32"): gemm_flops("cpu", "fp32", n=cfg["gemm_n"], repeats=cfg["gemm_repeats"])}
 
     runners: list[_Runner] = []
     skipped: dict[str, str] = {}
     use_gpu_baseline = any("cuda" in v or v.startswith(("trt", "tensorrt")) for v in variants)
+    yield Progress("bench", 0, 0, f"loading {BASELINE}")
     try:
         eager = EagerTorch(model, "cuda" if use_gpu_baseline else "cpu")
         runners.append(_Runner(BASELINE, eager, eager.describe(), gpu=use_gpu_baseline))
     except (ImportError, RuntimeError) as e:
         skipped[BASELINE] = f"PyTorch unavailable: {e}"
     for v in variants:
+        cancel.raise_if_cancelled()
+        yield Progress("bench", 0, 0, f"loading {v}")
         extra = {"tile_shape": plan.tile_shape, "batch_size": batch_size} if v.startswith(("trt", "tensorrt")) else {}
         try:
             b = create_backend(v, model, **extra)
@@ -337,52 +437,130 @@ def bench_job(
         if on_gpu:
             for p in ("fp32", "tf32", b.precision):
                 if ("cuda", p) not in peaks:
-                    peaks[("cuda", p)] = gemm_flops("cuda", p)
+                    peaks[("cuda", p)] = gemm_flops("cuda", p, n=cfg["gemm_n"], repeats=cfg["gemm_repeats"])
 
-    total = len(runners) * (warmup + repeats)
-    step = 0
-    with tempfile.TemporaryDirectory(prefix="segstudio-bench-") as tmp:
-        tmp = Path(tmp)
-        for r in range(warmup + repeats):
-            measured = r >= warmup
+    try:
+        with tempfile.TemporaryDirectory(prefix="segstudio-bench-") as tmp:
+            tmp = Path(tmp)
+            e2e_image = image
+            if region is not None:
+                import tifffile
+
+                e2e_image = tmp / "region.tif"
+                if region.shape[0] == 1:
+                    tifffile.imwrite(e2e_image, region[0])
+                else:
+                    tifffile.imwrite(e2e_image, region, photometric="minisblack", metadata={"axes": "CYX"})
+
+            def end_to_end(run: _Runner) -> dict:
+                """Stage seconds of one end-to-end run of ``run`` on the e2e image (and its object count)."""
+                if run.name == BASELINE:
+                    stages = baseline_segment(e2e_image, model, run.backend, tmp, tile=tile, batch_size=batch_size)
+                    run.n_objects = stages.pop("n_objects")
+                    return stages
+                with open_source(e2e_image) as src:
+                    res = run_sync(segment_job(src, model, run.backend, tile=tile, batch_size=batch_size,
+                                               labels_path=tmp / "labels.tif", cancel=cancel))
+                run.n_objects = res.n_objects
+                return {k: v for k, v in res.timings.items() if k != "wall"}
+
+            # warm-up calls per variant (one tile, then one batch: timed), post-processing of one tile's output
+            # and one end-to-end run of the first variant: what the estimate extrapolates
+            yield Progress("bench", 0, 0, f"warm-up calls: one tile and one batch of {len(batches[0])} per variant")
+            batch_s: dict[str, float] = {}
+            post_px_s: dict[bool, float] = {}
             for run in runners:
                 cancel.raise_if_cancelled()
-                gc.collect()
-                _gpu_reset()
-                with PeakSampler() as rss:
-                    t0 = time.perf_counter()
-                    run.backend.predict(one)
-                    t1 = time.perf_counter()
-                    for b in batches:
-                        run.backend.predict(b, core_crop)
-                    t2 = time.perf_counter()
-                    stages = None
-                    if e2e:
-                        t3 = time.perf_counter()
-                        if run.name == BASELINE:
-                            stages = baseline_segment(image, model, run.backend, tmp, tile=tile, batch_size=batch_size)
-                            run.n_objects = stages.pop("n_objects")
-                        else:
-                            with open_source(image) as src:
-                                res = run_sync(segment_job(src, model, run.backend, tile=tile, batch_size=batch_size,
-                                                           labels_path=tmp / "labels.tif", cancel=cancel))
-                            stages = {k: v for k, v in res.timings.items() if k != "wall"}
-                            run.n_objects = res.n_objects
-                        t4 = time.perf_counter()
-                if measured:
-                    run.lat.append(t1 - t0)
-                    run.net.append(t2 - t1)
-                    if stages is not None:
-                        run.e2e.append(t4 - t3)
-                        run.stages.append(stages)
-                    run.peak_rss = max(run.peak_rss, rss.peak)
-                    run.peak_gpu = max(run.peak_gpu, _gpu_peak() if run.gpu else 0)
-                step += 1
-                yield Progress("bench", step, total, f"{run.name} run {r + 1 - warmup if measured else 'warm-up'}")
-    for run in runners:
-        run.backend.close()
+                run.backend.predict(one)
+                t0 = time.perf_counter()
+                out = run.backend.predict(batches[0], core_crop)
+                batch_s[run.name] = time.perf_counter() - t0
+                kind = run.name == BASELINE
+                if e2e and kind not in post_px_s:
+                    plane = batches[0][0][(Ellipsis, *core_crop)]
+                    post_px_s[kind] = _post_seconds_per_pixel(np.asarray(out[0], np.float32), plane, spec, kind)
+            per_tile = {name: t / len(batches[0]) for name, t in batch_s.items()}
+            e2e_px = e2e_shape[0] * e2e_shape[1]
+
+            def e2e_model_s(run: _Runner) -> float:
+                return per_tile[run.name] * e2e_tiles + post_px_s.get(run.name == BASELINE, 0.0) * e2e_px
+
+            # segment_job does more per image than the tiles (a first look at the image, threads): one run says how much
+            e2e_factor, e2e_probe = 1.0, None
+            first = next((run for run in runners if run.name != BASELINE), None)
+            if e2e and first is not None:
+                cancel.raise_if_cancelled()
+                yield Progress("bench", 0, 0, f"warm-up: one end-to-end run of {first.name}")
+                t0 = time.perf_counter()
+                end_to_end(first)
+                e2e_probe = (first.name, time.perf_counter() - t0)
+                e2e_factor = min(20.0, max(0.5, e2e_probe[1] / max(e2e_model_s(first), 1e-6)))
+            round_s = {}
+            for run in runners:
+                t = per_tile[run.name] * (1 + len(tiles))
+                if e2e:
+                    t += e2e_model_s(run) * (1.0 if run.name == BASELINE else e2e_factor)
+                round_s[run.name] = t
+            rounds = warmup + repeats
+            per_step = [round_s[run.name] for _ in range(rounds) for run in runners]
+            basis = (f"measured here: one batch of {len(batches[0])} tile(s) per variant ("
+                     + ", ".join(f"{name} {t:.2f} s" for name, t in batch_s.items()) + ")"
+                     + (f", one end-to-end run of {e2e_probe[0]} ({e2e_probe[1]:.1f} s)" if e2e_probe else "")
+                     + (", post-processing of one tile" if e2e else "")
+                     + f"; {rounds} round(s) of {len(tiles) + 1} tile(s)" + (" and one end-to-end run" if e2e else "")
+                     + " per variant")
+            estimate = RunEstimate(total_s=float(sum(per_step)), per_step_s=tuple(float(x) for x in per_step),
+                                   measure_s=0.0, basis=basis)
+            settings = describe_settings(cfg, len(runners), (h, w), len(tiles), e2e_shape if e2e else None)
+            yield Progress("estimate", 0, 0, f"{settings}; {estimate.describe()}", event=estimate,
+                           info={"estimate_s": estimate.total_s, "basis": basis, "steps": len(per_step),
+                                 "per_variant_s": round_s, "settings": settings,
+                                 "text": format_seconds(estimate.total_s)})
+
+            total = len(per_step)
+            eta = EtaTracker(estimate, total)
+            step = 0
+            for r in range(rounds):
+                measured = r >= warmup
+                for run in runners:
+                    cancel.raise_if_cancelled()
+                    eta.start(step)
+                    gc.collect()
+                    _gpu_reset()
+                    with PeakSampler() as rss:
+                        t0 = time.perf_counter()
+                        run.backend.predict(one)
+                        t1 = time.perf_counter()
+                        for b in batches:
+                            run.backend.predict(b, core_crop)
+                        t2 = time.perf_counter()
+                        stages = None
+                        if e2e:
+                            t3 = time.perf_counter()
+                            stages = end_to_end(run)
+                            t4 = time.perf_counter()
+                    if measured:
+                        run.lat.append(t1 - t0)
+                        run.net.append(t2 - t1)
+                        if stages is not None:
+                            run.e2e.append(t4 - t3)
+                            run.stages.append(stages)
+                        run.peak_rss = max(run.peak_rss, rss.peak)
+                        run.peak_gpu = max(run.peak_gpu, _gpu_peak() if run.gpu else 0)
+                    eta.finish(step)
+                    step += 1
+                    _, _, fraction, left = eta.etas()
+                    label = f"run {r + 1 - warmup}/{repeats}" if measured else f"warm-up {r + 1}/{warmup}"
+                    yield Progress("bench", step, total, f"{run.name} {label}",
+                                   info={"variant": run.name, "round": r + 1, "rounds": rounds, "warmup": not measured,
+                                         "seconds": eta.actual[step - 1], "elapsed_s": time.perf_counter() - eta.t0,
+                                         "eta_s": left if step < total else 0.0, "fraction": fraction})
+    finally:
+        for run in runners:
+            run.backend.close()
 
     megapixels = h * w / 1e6
+    e2e_megapixels = e2e_shape[0] * e2e_shape[1] / 1e6
     rows = []
     for run in runners:
         net_s = float(np.median(run.net))
@@ -397,7 +575,7 @@ def bench_job(
             "name": run.name,
             "describe": run.describe,
             "net_mpix_s": net_pixels / 1e6 / net_s,
-            "e2e_mpix_s": megapixels / float(np.median(run.e2e)) if run.e2e else None,
+            "e2e_mpix_s": e2e_megapixels / float(np.median(run.e2e)) if run.e2e else None,
             "p50_ms": 1e3 * float(np.percentile(run.lat, 50)),
             "p95_ms": 1e3 * float(np.percentile(run.lat, 95)),
             "peak_rss_mb": run.peak_rss / 2**20,
@@ -428,11 +606,15 @@ def bench_job(
         "baseline_is": BASELINE_TITLE,
         "skipped": skipped,
         "image": {"path": str(image), "shape": [h, w], "megapixels": megapixels, "network_tiles": len(tiles),
-                  "tile_shape": list(plan.tile_shape), "tile": tile, "batch_size": batch_size},
+                  "tile_shape": list(plan.tile_shape), "tile": tile, "batch_size": batch_size,
+                  "e2e_shape": list(e2e_shape) if e2e else None, "e2e_megapixels": e2e_megapixels if e2e else None},
         "model": {"name": model.name, "version": spec.version, "gflop_per_tile": tile_flops / 1e9},
         "gemm": {f"{d}:{p}": v["flops"] / 1e9 for (d, p), v in peaks.items()},
         "repeats": repeats,
         "warmup": warmup,
+        "quick": bool(cfg["quick"]),
+        "note": QUICK_NOTE if cfg["quick"] else None,
+        "estimate": {"seconds": estimate.total_s, "basis": basis, "actual_s": float(sum(eta.actual.values()))},
         "date": time.strftime("%Y-%m-%d"),
         "host": machine_info(),
         "cpu_count": os.cpu_count(),

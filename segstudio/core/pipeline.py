@@ -33,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import metrics
 from ._kernels import first_pixels
 from .errors import Cancelled
 from .jobs import CancelToken, Job, Progress
@@ -207,6 +208,7 @@ def segment_plane_job(
     n = len(plan)
     done = 0
     core_crop = (slice(halo, plan.tile_shape[0] - halo), slice(halo, plan.tile_shape[1] - halo))
+    tile_pixels = plan.tile_shape[0] * plan.tile_shape[1]  # image pixels of one tile, halo included
     notices = notices if notices is not None else []
     told = len(notices)
     try:
@@ -227,7 +229,10 @@ def segment_plane_job(
             if batch:
                 t0 = time.perf_counter()
                 out = predict(np.stack([a for _, a in batch]), core_crop)
-                clock.add("network", time.perf_counter() - t0)
+                dt = time.perf_counter() - t0
+                clock.add("network", dt)
+                if metrics.listening():
+                    metrics.publish(metrics.BatchTimed(len(batch), len(batch) * tile_pixels, dt, source.name))
                 for (t, _), o in zip(batch, out):
                     kept = o[:, : t.out[0].stop - t.out[0].start, : t.out[1].stop - t.out[1].start]
                     if not _put(q_out, (t, kept), stop):

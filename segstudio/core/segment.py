@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import metrics
 from .backends import Backend
 from .errors import IncompatibleArtifactError, InputError
 from .io import ImageData
@@ -270,6 +271,8 @@ def segment_job(
         raise
     timings = {k: clock.seconds[k] for k in STAGES}
     timings["wall"] = time.perf_counter() - t_start
+    if metrics.listening():
+        metrics.publish(metrics.StagesTimed(source.name, {k: timings[k] for k in STAGES}, timings["wall"]))
     return SegmentationResult(
         labels=out if isinstance(out, np.ndarray) else None,
         labels_path=out if isinstance(out, Path) else None,

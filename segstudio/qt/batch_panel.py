@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.batch import MANIFEST, BatchReport, batch_job
+from ..core.metrics import monitored
 from ..core.jobs import Progress, Stage
 from .segment_panel import AUTO, BackendCache, ErrorView, available_models, fill_backends
 from .worker import JobRunner, describe_error, with_crash_log
@@ -200,8 +201,8 @@ class BatchPanel(QWidget):
 
         def job(cancel):
             model, backend = backends.get(model_name, backend_name)
-            return (yield from batch_job(in_dir, out_dir, model, backend=backend, recursive=recursive, tta=tta,
-                                         cancel=cancel))
+            return (yield from monitored(batch_job(in_dir, out_dir, model, backend=backend, recursive=recursive,
+                                                   tta=tta, cancel=cancel), "batch", str(in_dir)))
 
         self.runner.start(job)
 

@@ -53,7 +53,9 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.jobs import CancelToken, Job, Progress
+from ..core.metrics import monitored
 from ..core.optimize.report import EventKind, OptimizeEvent, OptimizeReport, StepReport, StepStatus
+from .charts import plot_widget
 from .segment_panel import ErrorView
 from .worker import JobRunner, describe_error, with_crash_log
 
@@ -302,24 +304,10 @@ def _run(state, resume: bool, cancel: CancelToken) -> Job[OptimizeReport]:
     if getattr(state, "estimate", None) is not None:
         extra["estimate"] = state.estimate  # measured on page 4: not measured again
     extra["speed_tile"] = int(state.speed_tile)  # the tile size latencies are measured on (default 512)
-    report = yield from optimize_job(state.model, list(state.steps), ctx, state.vset, max_drop=state.max_drop,
-                                     min_speedup=state.min_speedup, resume=resume, **extra)
+    report = yield from monitored(optimize_job(state.model, list(state.steps), ctx, state.vset,
+                                               max_drop=state.max_drop, min_speedup=state.min_speedup,
+                                               resume=resume, **extra), "optimize", state.model.name)
     return report
-
-
-def _plot_widget(bottom: str, left: str):
-    """A white pyqtgraph plot with its axis labels and a light grid, without SI prefixes (AP50 0.800, not 800 x0.001)."""
-    import pyqtgraph as pg
-
-    widget = pg.PlotWidget(background="w")
-    widget.setMinimumHeight(180)
-    plot = widget.getPlotItem()
-    plot.setLabel("bottom", bottom)
-    plot.setLabel("left", left)
-    plot.showGrid(x=True, y=True, alpha=0.25)
-    for axis in ("left", "bottom"):
-        plot.getAxis(axis).enableAutoSIPrefix(False)
-    return widget, plot
 
 
 class RunPage(QWidget):
@@ -445,7 +433,7 @@ class RunPage(QWidget):
     def _build_plots(self) -> None:
         import pyqtgraph as pg
 
-        self.chart, plot = _plot_widget("speed-up vs PyTorch eager FP32 (x)", "AP50")
+        self.chart, plot = plot_widget("speed-up vs PyTorch eager FP32 (x)", "AP50")
         plot.addLegend(offset=(-5, -5), labelTextSize="8pt", brush=pg.mkBrush(255, 255, 255, 200))
         self.guardrail = pg.InfiniteLine(angle=0, movable=False, pen=pg.mkPen("#e8543f", width=1.5,
                                                                               style=Qt.PenStyle.DashLine),
@@ -465,7 +453,7 @@ class RunPage(QWidget):
         self._point_labels: list = []
         self.chart_data = ChartData((), (), (), None)
 
-        self.loss_plot, lp = _plot_widget("training step", "loss")
+        self.loss_plot, lp = plot_widget("training step", "loss")
         self.loss_curve = lp.plot([], [], pen=pg.mkPen("#2f7cf6", width=1.5))
         self.loss_title = "no training step yet"
         lp.setTitle(self.loss_title, size="9pt")

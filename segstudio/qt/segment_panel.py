@@ -50,6 +50,7 @@ from ..core.io import ImageData
 from ..core.jobs import CancelToken, Job, Progress, Stage
 from ..core.models.catalog import Model, builtin_models, get_model
 from ..core.models.user import user_models
+from ..core.metrics import monitored
 from ..core.segment import SegmentationResult, segment_job, warm_up
 from .worker import ErrorReport, JobRunner, describe_error, with_crash_log
 
@@ -577,6 +578,6 @@ def _segment(
     model, backend = backends.get(model_name, backend_name)
     cancel.raise_if_cancelled()
     yield Progress("load", 1, 1, f"running on {backend.describe()}")
-    result = yield from segment_job(image, model, backend, channel=channel, tile=tile, cancel=cancel,
-                                    diameter=diameter, tta=tta)
+    result = yield from monitored(segment_job(image, model, backend, channel=channel, tile=tile, cancel=cancel,
+                                              diameter=diameter, tta=tta), "segment", image.name)
     return result
