@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
 
 from ..core.batch import MANIFEST, BatchReport, batch_job
 from ..core.metrics import monitored
+from ..core.service import INFERENCE
 from ..core.jobs import Progress, Stage
 from .segment_panel import AUTO, BackendCache, ErrorView, available_models, fill_backends
 from .worker import JobRunner, describe_error, with_crash_log
@@ -201,8 +202,9 @@ class BatchPanel(QWidget):
 
         def job(cancel):
             model, backend = backends.get(model_name, backend_name)
-            return (yield from monitored(batch_job(in_dir, out_dir, model, backend=backend, recursive=recursive,
-                                                   tta=tta, cancel=cancel), "batch", str(in_dir)))
+            run = monitored(batch_job(in_dir, out_dir, model, backend=backend, recursive=recursive, tta=tta,
+                                      cancel=cancel), "batch", str(in_dir))
+            return (yield from INFERENCE.turn(run, f"the batch of {Path(in_dir).name}", cancel))
 
         self.runner.start(job)
 

@@ -54,6 +54,7 @@ from qtpy.QtWidgets import (
 
 from ..core.jobs import CancelToken, Job, Progress
 from ..core.metrics import monitored
+from ..core.service import INFERENCE
 from ..core.optimize.report import EventKind, OptimizeEvent, OptimizeReport, StepReport, StepStatus
 from .charts import plot_widget
 from .segment_panel import ErrorView
@@ -304,9 +305,9 @@ def _run(state, resume: bool, cancel: CancelToken) -> Job[OptimizeReport]:
     if getattr(state, "estimate", None) is not None:
         extra["estimate"] = state.estimate  # measured on page 4: not measured again
     extra["speed_tile"] = int(state.speed_tile)  # the tile size latencies are measured on (default 512)
-    report = yield from monitored(optimize_job(state.model, list(state.steps), ctx, state.vset,
-                                               max_drop=state.max_drop, min_speedup=state.min_speedup,
-                                               resume=resume, **extra), "optimize", state.model.name)
+    run = monitored(optimize_job(state.model, list(state.steps), ctx, state.vset, max_drop=state.max_drop,
+                                 min_speedup=state.min_speedup, resume=resume, **extra), "optimize", state.model.name)
+    report = yield from INFERENCE.turn(run, f"the optimization of {state.model.name}", cancel)
     return report
 
 

@@ -4,8 +4,9 @@ The engine publishes metrics events on :data:`segstudio.core.metrics.HUB`
 from its own threads; this panel subscribes a
 :class:`~segstudio.core.metrics.MetricsBuffer` (an append, nothing more, on
 the publishing thread) and drains it on the GUI thread from a timer at
-:data:`REFRESH_MS` (20 Hz at most), so plot items are only ever touched on
-the GUI thread and a flood of events costs one redraw per tick.
+:data:`REFRESH_MS` (10 Hz), so plot items are only ever touched on the GUI
+thread and a flood of events costs one redraw per tick; only the charts
+whose data changed are redrawn (a redraw repaints the chart's axes).
 
 Charts, over the run shown: latency per network batch with its p50 and p95
 lines, network throughput (Mpx/s) per batch, memory (RSS, and GPU memory on
@@ -18,6 +19,7 @@ under the pointer; *Save PNG* and *Save CSV* write the run shown.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QSizePolicy,
     QVBoxLayout,
     QWidget,
 )
@@ -38,7 +41,8 @@ from ..core import metrics
 from ..core.metrics import STAGE_ORDER, RunRecord, RunRecords
 from .charts import plot_widget
 
-REFRESH_MS = 50  # at most 20 redraws a second
+REFRESH_MS = 100  # at most 10 redraws a second (the GUI's budget is 20)
+RESOURCES_EVERY_S = 0.5  # the memory and CPU charts are redrawn at most twice a second
 KEEP_RUNS = 5
 STAGE_COLOURS = {"read": "#8c564b", "normalize": "#bcbd22", "network": "#2f7cf6", "post": "#ff7f0e",
                  "measure": "#3aa55d", "write": "#9467bd"}
@@ -63,6 +67,10 @@ class PerformancePanel(QWidget):
         self._hub = hub or metrics.HUB
         self._unsubscribe = self._hub.subscribe(self.buffer)
         self._shown: RunRecord | None = None
+        self._drawn_key: tuple | None = None  # (run shown, run compared) when the charts were last drawn
+        self._drawn: dict = {}  # how many batches, samples, images they showed then
+        self._resources_drawn_at = 0.0
+        self._ranges: dict[int, tuple] = {}  # the ranges each chart was given (see _set_range)
         self._follow = True  # show the newest run as it comes
 
         self.run_box = QComboBox()
@@ -70,7 +78,7 @@ class PerformancePanel(QWidget):
         self.run_box.currentIndexChanged.connect(self._picked)
         self.compare = QCheckBox("compare with the run before")
         self.compare.setChecked(True)
-        self.compare.toggled.connect(lambda _: self._redraw())
+        self.compare.toggled.connect(lambda _: self._redraw(force=True))
         self.save_png = QPushButton("Save PNG…")
         self.save_png.clicked.connect(self._ask_png)
         self.save_csv = QPushButton("Save CSV…")
@@ -83,8 +91,10 @@ class PerformancePanel(QWidget):
         top.addWidget(self.save_csv)
 
         self.summary = QLabel("No run yet: segment an image, run a batch or an optimization and it shows here.")
-        self.summary.setWordWrap(True)
         self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        # a new text must not change the label's size hint: that lays the whole window (and canvas) out again
+        self.summary.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        self.summary.setFixedHeight(self.summary.sizeHint().height())
         self.key = QLabel(colour_key())
         self.key.setTextFormat(Qt.TextFormat.RichText)
 
@@ -200,7 +210,7 @@ class PerformancePanel(QWidget):
 
     def _show(self, record: RunRecord | None) -> None:
         self._shown = record
-        self._redraw()
+        self._redraw(force=True)
 
     @property
     def shown(self) -> RunRecord | None:
@@ -216,44 +226,96 @@ class PerformancePanel(QWidget):
 
     # ------------------------------------------------------------------ drawing (GUI thread only)
 
-    def _redraw(self) -> None:
+    def _redraw(self, force: bool = False) -> None:
+        """Redraw the charts whose data changed since they were last drawn (all with ``force``).
+
+        A chart redrawn repaints its axes, and a label whose text changes can
+        lay the whole window out again: each costs the GUI thread
+        milliseconds, so nothing is redrawn that did not change.
+        """
         record = self._shown
         if record is None:
             return
-        self.summary.setText(record.summary())
-        self._draw_series(record, self.latency, self.throughput, self.rss, self.cpu)
         prev = self._previous()
-        if prev is not None:
-            self._draw_series(prev, self.prev_latency, self.prev_throughput, self.prev_rss, self.prev_cpu)
-        else:
-            for item in (self.prev_latency, self.prev_throughput, self.prev_rss, self.prev_cpu):
-                item.setData([], [])
-        _integer_ticks(self.latency_plot, len(record.batches))
-        _integer_ticks(self.throughput_plot, len(record.batches))
-        p50, p95 = record.percentile_ms(50), record.percentile_ms(95)
-        for item, value in ((self.p50, p50), (self.p95, p95)):
-            item.setVisible(value is not None)
-            if value is not None:
-                item.setValue(value)
-                item.label.setFormat(f"{'p50' if item is self.p50 else 'p95'} {value:.0f} ms")
-        t = np.array([record.since_start(r.t) for r in record.resources])
-        alloc = [r.gpu_allocated for r in record.resources]
-        if any(a is not None for a in alloc):
-            self.gpu_allocated.setData(t, np.array([a or 0 for a in alloc], float) / 2**30)
-            self.gpu_reserved.setData(t, np.array([r.gpu_reserved or 0 for r in record.resources], float) / 2**30)
-        else:
-            self.gpu_allocated.setData([], [])
-            self.gpu_reserved.setData([], [])
-        self._draw_stages(record)
+        key = (record.run, prev.run if prev is not None else None)
+        if key != self._drawn_key:
+            force = True
+            self._drawn_key = key
+            self._drawn = {}
+        counts = {"batches": len(record.batches), "resources": len(record.resources), "stages": len(record.stages),
+                  "finished": record.finished is not None}
+        dirty = {k for k, v in counts.items() if force or self._drawn.get(k) != v}
+        now = time.monotonic()
+        if ("resources" in dirty and not force and not counts["finished"]
+                and now - self._resources_drawn_at < RESOURCES_EVERY_S):
+            dirty.discard("resources")  # memory and CPU: a few redraws a second are enough
+            counts["resources"] = self._drawn.get("resources")
+        if not dirty:
+            return
+        if "resources" in dirty:
+            self._resources_drawn_at = now
+        self._drawn = counts
+        if dirty - {"resources"}:  # its memory figure may wait for the next batch
+            text = record.summary()
+            if text != self.summary.text():
+                self.summary.setText(text)
+        if force:
+            for items, rec in (((self.prev_latency, self.prev_throughput), prev),):
+                self._draw_batches(rec, *items)
+            self._draw_resources(prev, self.prev_rss, self.prev_cpu)
+        if "batches" in dirty:
+            self._draw_batches(record, self.latency, self.throughput)
+            n = max(len(record.batches), len(prev.batches) if prev is not None else 0)
+            for plot, curves in ((self.latency_plot, (self.latency, self.prev_latency)),
+                                 (self.throughput_plot, (self.throughput, self.prev_throughput))):
+                _integer_ticks(plot, n)
+                self._set_range(plot, (0.5, _nice_ceiling(max(n, 1)) + 0.5), (0, _curves_max(curves)))
+            p50, p95 = record.percentile_ms(50), record.percentile_ms(95)
+            for item, value in ((self.p50, p50), (self.p95, p95)):
+                item.setVisible(value is not None)
+                if value is not None:
+                    item.setValue(value)
+                    item.label.setFormat(f"{'p50' if item is self.p50 else 'p95'} {value:.0f} ms")
+        if "resources" in dirty:
+            self._draw_resources(record, self.rss, self.cpu)
+            span = max(record.since_start(record.resources[-1].t) if record.resources else 1.0,
+                       prev.since_start(prev.resources[-1].t) if prev is not None and prev.resources else 0.0)
+            x = (0, _nice_ceiling(span))
+            self._set_range(self.memory_plot, x, (0, _curves_max((self.rss, self.prev_rss, self.gpu_reserved))))
+            self._set_range(self.cpu_plot, x, (0, _curves_max((self.cpu, self.prev_cpu), floor=100.0)))
+            t = np.array([record.since_start(r.t) for r in record.resources])
+            alloc = [r.gpu_allocated for r in record.resources]
+            if any(a is not None for a in alloc):
+                self.gpu_allocated.setData(t, np.array([a or 0 for a in alloc], float) / 2**30)
+                self.gpu_reserved.setData(t, np.array([r.gpu_reserved or 0 for r in record.resources], float) / 2**30)
+            elif force:
+                self.gpu_allocated.setData([], [])
+                self.gpu_reserved.setData([], [])
+        if "stages" in dirty:
+            self._draw_stages(record)
+
+    def _set_range(self, plot, x: tuple, y: tuple) -> None:
+        """Set a chart's ranges, only when they change: they move in steps, so the axes are not redrawn each time."""
+        key = (x, y)
+        if self._ranges.get(id(plot)) == key:
+            return
+        self._ranges[id(plot)] = key
+        plot.setXRange(*x, padding=0)
+        plot.setYRange(*y, padding=0)
 
     @staticmethod
-    def _draw_series(record: RunRecord, latency, throughput, rss, cpu) -> None:
-        n = np.arange(1, len(record.batches) + 1)
-        latency.setData(n, record.latencies_ms())
-        throughput.setData(n, np.array([b.mpx_per_s for b in record.batches]))
-        t = np.array([record.since_start(r.t) for r in record.resources])
-        rss.setData(t, np.array([r.rss for r in record.resources], float) / 2**30)
-        cpu.setData(t, np.array([r.cpu_percent for r in record.resources]))
+    def _draw_batches(record: RunRecord | None, latency, throughput) -> None:
+        batches = record.batches if record is not None else []
+        n = np.arange(1, len(batches) + 1)
+        latency.setData(n, np.array([b.seconds * 1000 for b in batches], float))
+        throughput.setData(n, np.array([b.mpx_per_s for b in batches], float))
+
+    @staticmethod
+    def _draw_resources(record: RunRecord | None, rss, cpu) -> None:
+        samples = record.resources if record is not None else []
+        t = np.array([record.since_start(r.t) for r in samples]) if samples else np.array([])
+        rss.setData(t, np.array([r.rss for r in samples], float) / 2**30)
+        cpu.setData(t, np.array([r.cpu_percent for r in samples], float))
 
     def _draw_stages(self, record: RunRecord) -> None:
         import pyqtgraph as pg
@@ -278,7 +340,7 @@ class PerformancePanel(QWidget):
             bottom += height
         self.stage_plot.setXRange(0.3, len(images) + 0.7, padding=0)
         _integer_ticks(self.stage_plot, len(images))
-        self.stage_plot.setYRange(0, max(float(bottom.max()), 1e-3) * 1.1, padding=0)
+        self.stage_plot.setYRange(0, _nice_ceiling(max(float(bottom.max()), 1e-3) * 1.05), padding=0)
 
     def _hovered(self, name: str, pos) -> None:
         text = self.hover[name]
@@ -345,6 +407,27 @@ class PerformancePanel(QWidget):
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
         self.shutdown()
         super().closeEvent(event)
+
+
+def _nice_ceiling(value: float) -> float:
+    """The smallest of 1, 2, 5 x 10^k at or above ``value`` (a range that grows in a few steps)."""
+    if value <= 0:
+        return 1.0
+    k = 10 ** np.floor(np.log10(value))
+    for m in (1, 2, 5, 10):
+        if m * k >= value * 0.999999:
+            return float(m * k)
+    return float(10 * k)
+
+
+def _curves_max(curves, floor: float = 0.0) -> float:
+    """A stepped upper bound of what the curves hold (so a y range changes seldom)."""
+    top = floor
+    for curve in curves:
+        y = curve.getData()[1]
+        if y is not None and len(y):
+            top = max(top, float(np.nanmax(y)))
+    return _nice_ceiling(top * 1.05) if top > 0 else 1.0
 
 
 def _integer_ticks(plot, n: int) -> None:

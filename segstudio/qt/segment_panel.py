@@ -52,6 +52,7 @@ from ..core.models.catalog import Model, builtin_models, get_model
 from ..core.models.user import user_models
 from ..core.metrics import monitored
 from ..core.segment import SegmentationResult, segment_job, warm_up
+from ..core.service import INFERENCE
 from .worker import ErrorReport, JobRunner, describe_error, with_crash_log
 
 AUTO = "auto"
@@ -578,6 +579,7 @@ def _segment(
     model, backend = backends.get(model_name, backend_name)
     cancel.raise_if_cancelled()
     yield Progress("load", 1, 1, f"running on {backend.describe()}")
-    result = yield from monitored(segment_job(image, model, backend, channel=channel, tile=tile, cancel=cancel,
-                                              diameter=diameter, tta=tta), "segment", image.name)
+    job = monitored(segment_job(image, model, backend, channel=channel, tile=tile, cancel=cancel,
+                                diameter=diameter, tta=tta), "segment", image.name)
+    result = yield from INFERENCE.turn(job, f"the segmentation of {image.name}", cancel)
     return result
