@@ -226,6 +226,15 @@ def cancel_case(wizard, beat: Heartbeat, kind: str, recipe: str, index, delay_s:
             "heartbeat_p99_ms": beat.summary().get("p99_ms")}
 
 
+def write_result(result: dict, out: Path | None, name: str) -> Path:
+    """``result`` as JSON at ``out`` (default ``benchmarks/results/<name>-<date>.json``)."""
+    out = out or ROOT / "benchmarks" / "results" / f"{name}-{time.strftime('%Y-%m-%d')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {out}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="quantize:int8", help="the run whose heartbeat is measured")
@@ -281,10 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         wizard.shutdown()
         viewer.close()
         shutil.rmtree(root, ignore_errors=True)
-        out = args.out or ROOT / "benchmarks" / "results" / f"gui-heartbeat-{time.strftime('%Y-%m-%d')}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1, default=str))
-        print(f"wrote {out}")
+        write_result(result, args.out, "gui-heartbeat")
     return 0
 
 

@@ -28,41 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import tifffile
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def mosaic_rows(height: int, width: int, y0: int, y1: int) -> np.ndarray:
-    """Rows y0..y1 of an endless mirrored mosaic of the crowded sample, as 12-bit uint16."""
-    from segstudio.sample_data import SAMPLE_DIR
-
-    from segstudio.core.io import read_image
-
-    tile = read_image(SAMPLE_DIR / "6fe2df6de1d9_img.tif").data.astype(np.float32)
-    unit = np.block([[tile, tile[:, ::-1]], [tile[::-1], tile[::-1, ::-1]]])
-    uh, uw = unit.shape
-    ys = np.arange(y0, y1) % uh
-    xs = np.arange(width) % uw
-    return (unit[ys][:, xs] * 16 + 100).astype(np.uint16)
-
-
-def make_image(path: Path, size: int, layout: str) -> None:
-    if layout == "contiguous":
-        out = tifffile.memmap(path, shape=(size, size), dtype=np.uint16)
-        for y in range(0, size, 1024):
-            out[y : y + 1024] = mosaic_rows(size, size, y, min(y + 1024, size))
-        out.flush()
-        del out
-    else:
-        def tiles():
-            for y in range(0, size, 512):
-                band = mosaic_rows(size, size, y, y + 512)
-                for x in range(0, size, 512):
-                    yield band[:, x : x + 512]
-
-        tifffile.imwrite(path, data=tiles(), shape=(size, size), dtype=np.uint16, tile=(512, 512),
-                         compression="zlib")
+# the test image: a mirrored mosaic of the crowded sample (also the Benchmark page's bundled image)
+from segstudio.core.benchmark import make_mosaic as make_image, mosaic_rows  # noqa: E402,F401
 
 
 def run_segment(path: Path, out: Path, backend: str, tree: Path = ROOT) -> dict:

@@ -32,6 +32,18 @@ def dsb2018() -> Path:
     return DSB2018
 
 
+@pytest.fixture(scope="module")
+def light():
+    """The small built-in model on ONNX Runtime: (model, backend)."""
+    pytest.importorskip("onnxruntime")
+    from segstudio.core.backends import create_backend
+    from segstudio.core.models.catalog import get_model
+
+    model = get_model("nuclei-light")
+    with create_backend("onnxruntime", model) as backend:
+        yield model, backend
+
+
 @pytest.fixture(scope="session")
 def nuclei():
     from segstudio.core.models.catalog import get_model

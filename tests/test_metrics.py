@@ -13,17 +13,6 @@ from segstudio.core.io import read_image
 from segstudio.core.jobs import CancelToken, Progress, run_sync
 
 
-@pytest.fixture(scope="module")
-def light():
-    pytest.importorskip("onnxruntime")
-    from segstudio.core.backends import create_backend
-    from segstudio.core.models.catalog import get_model
-
-    model = get_model("nuclei-light")
-    with create_backend("onnxruntime", model) as backend:
-        yield model, backend
-
-
 class Counting:
     """A backend that counts its network calls and the tiles they carried."""
 

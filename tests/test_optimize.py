@@ -415,6 +415,7 @@ def test_speed_guardrail_rolls_back_a_step_that_is_not_faster(tmp_path, sample_d
     assert report.final_from is None
 
 
+@pytest.mark.slow  # about 2.5 min on 2 cores; resume is also covered in the everyday run by the CLI's --resume checks
 def test_cancelled_run_resumes_without_redoing_finished_steps(tmp_path, sample_dir):
     """Cancel during the second step: the first stays done; resume runs only the second, and says so."""
     from segstudio.core.errors import Cancelled

@@ -257,17 +257,6 @@ def test_read_image_reads_zarr_whole(tmp_path):
 # ------------------------------------------------------------------ non-finite pixels
 
 
-@pytest.fixture(scope="module")
-def light():
-    pytest.importorskip("onnxruntime")
-    from segstudio.core.backends import create_backend
-    from segstudio.core.models.catalog import get_model
-
-    model = get_model("nuclei-light")
-    with create_backend("onnxruntime", model) as backend:
-        yield model, backend
-
-
 @pytest.mark.parametrize("tile", [64, 512])
 def test_nonfinite_pixels_are_background_counted_once_and_change_nothing_else(light, samples, tile):
     from segstudio.core.segment import segment_job

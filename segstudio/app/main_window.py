@@ -32,6 +32,7 @@ from ..core.io import IMAGE_SUFFIXES, read_image
 from ..napari_plugin._layers import image_layer_data
 from ..napari_plugin._sample_data import load_sample, sample_id
 from ..napari_plugin._batch import BatchWidget
+from ..napari_plugin._benchmark import BenchmarkWidget
 from ..napari_plugin._optimize import OptimizeWidget
 from ..napari_plugin._performance import PerformanceWidget
 from ..napari_plugin._widget import SegmentWidget
@@ -180,7 +181,9 @@ def build_window(
     viewer.window.add_dock_widget(batch, name="Batch", area="right", tabify=True)
     optimize = OptimizeWidget(viewer)
     viewer.window.add_dock_widget(optimize, name="Optimize", area="right", tabify=True)
-    widget.parentWidget().raise_()  # Segment in front; Batch and Optimize a tab away
+    benchmark = BenchmarkWidget(viewer)
+    viewer.window.add_dock_widget(benchmark, name="Benchmark", area="right", tabify=True)
+    widget.parentWidget().raise_()  # Segment in front; Batch, Optimize and Benchmark a tab away
     performance = PerformanceWidget(viewer)
     dock = viewer.window.add_dock_widget(performance, name="Performance", area="bottom")
     window.resizeDocks([dock], [PERFORMANCE_HEIGHT], Qt.Orientation.Vertical)
@@ -218,6 +221,11 @@ def batch_widget(viewer: napari.Viewer) -> BatchWidget:
 def optimize_widget(viewer: napari.Viewer) -> OptimizeWidget:
     """The :class:`OptimizeWidget` docked in a window made by :func:`build_window`."""
     return _docked(viewer, OptimizeWidget)
+
+
+def benchmark_widget(viewer: napari.Viewer) -> BenchmarkWidget:
+    """The :class:`BenchmarkWidget` docked in a window made by :func:`build_window`."""
+    return _docked(viewer, BenchmarkWidget)
 
 
 def performance_widget(viewer: napari.Viewer) -> PerformanceWidget:

@@ -29,6 +29,7 @@ after the other.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import platform
@@ -223,6 +224,61 @@ def baseline_segment(path: Path, model: Model, net: EagerTorch, out: Path, *, ti
     return t
 
 
+# ----------------------------------------------------------------------------- the bundled test image
+
+MOSAIC_SAMPLE = "6fe2df6de1d9"  # the crowded sample: nuclei over the whole field
+MOSAIC_SIZE = 2048
+
+
+def _mosaic_unit() -> np.ndarray:
+    """The crowded sample and its three mirror images, 2 x 2 (float32): the mosaic's repeating unit."""
+    from ..sample_data import SAMPLE_DIR
+    from .io import read_image
+
+    tile = read_image(SAMPLE_DIR / f"{MOSAIC_SAMPLE}_img.tif").data.astype(np.float32)
+    return np.block([[tile, tile[:, ::-1]], [tile[::-1], tile[::-1, ::-1]]])
+
+
+def mosaic_rows(height: int, width: int, y0: int, y1: int, unit: np.ndarray | None = None) -> np.ndarray:
+    """Rows y0..y1 of an endless mirrored mosaic of the crowded sample, as 12-bit uint16 (``height``: unused)."""
+    unit = _mosaic_unit() if unit is None else unit
+    uh, uw = unit.shape
+    ys = np.arange(y0, y1) % uh
+    xs = np.arange(width) % uw
+    return (unit[ys][:, xs] * 16 + 100).astype(np.uint16)
+
+
+def make_mosaic(path: str | Path, size: int = MOSAIC_SIZE, layout: str = "contiguous") -> Path:
+    """Write a ``size`` x ``size`` uint16 TIFF of the mirrored mosaic of the crowded sample at ``path``.
+
+    ``layout``: ``"contiguous"`` (one strip, memory-mapped) or ``"tiled"``
+    (512 x 512 zlib tiles).  The test image of ``benchmarks/scaling.py``
+    and of the Benchmark page.
+    """
+    import tifffile
+
+    path = Path(path)
+    unit = _mosaic_unit()
+    if layout == "contiguous":
+        out = tifffile.memmap(path, shape=(size, size), dtype=np.uint16)
+        for y in range(0, size, 1024):
+            out[y : y + 1024] = mosaic_rows(size, size, y, min(y + 1024, size), unit)
+        out.flush()
+        del out
+    elif layout == "tiled":
+        def tiles():
+            for y in range(0, size, 512):
+                band = mosaic_rows(size, size, y, min(y + 512, size), unit)
+                for x in range(0, size, 512):
+                    yield band[:, x : x + 512]
+
+        tifffile.imwrite(path, data=tiles(), shape=(size, size), dtype=np.uint16, tile=(512, 512),
+                         compression="zlib")
+    else:
+        raise ValueError(f"unknown layout {layout!r} (contiguous or tiled)")
+    return path
+
+
 # ----------------------------------------------------------------------------- the benchmark
 
 
@@ -273,6 +329,25 @@ def machine_info() -> dict:
     except ImportError:
         pass
     return info
+
+
+@contextlib.contextmanager
+def _frozen_heap():
+    """The objects that exist now are left out of the garbage collections until the end (``gc.freeze``).
+
+    Each timed round starts with a full collection, so that the garbage of the
+    round before is not collected during it.  In a large process (the napari
+    app: millions of objects) a full collection holds the GIL for about half a
+    second, and every other thread, the GUI's included, waits; with the heap
+    of before the run frozen it scans only what the run made.
+    """
+    import gc as collector  # not the module's ``gc`` (tests replace that one with a stand-in)
+
+    collector.freeze()
+    try:
+        yield
+    finally:
+        collector.unfreeze()
 
 
 # Settings of a full run and of ``--quick`` (a rough ranking in a couple of minutes on a 2-core CPU).
@@ -440,7 +515,7 @@ def bench_job(
                     peaks[("cuda", p)] = gemm_flops("cuda", p, n=cfg["gemm_n"], repeats=cfg["gemm_repeats"])
 
     try:
-        with tempfile.TemporaryDirectory(prefix="segstudio-bench-") as tmp:
+        with _frozen_heap(), tempfile.TemporaryDirectory(prefix="segstudio-bench-") as tmp:
             tmp = Path(tmp)
             e2e_image = image
             if region is not None:

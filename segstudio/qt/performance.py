@@ -93,8 +93,8 @@ class PerformancePanel(QWidget):
         self.summary = QLabel("No run yet: segment an image, run a batch or an optimization and it shows here.")
         self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         # a new text must not change the label's size hint: that lays the whole window (and canvas) out again
+        # (one line: its height hint is the font's, whatever the text; its width is the dock's)
         self.summary.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
-        self.summary.setFixedHeight(self.summary.sizeHint().height())
         self.key = QLabel(colour_key())
         self.key.setTextFormat(Qt.TextFormat.RichText)
 
@@ -269,7 +269,9 @@ class PerformancePanel(QWidget):
             for plot, curves in ((self.latency_plot, (self.latency, self.prev_latency)),
                                  (self.throughput_plot, (self.throughput, self.prev_throughput))):
                 _integer_ticks(plot, n)
-                self._set_range(plot, (0.5, _nice_ceiling(max(n, 1)) + 0.5), (0, _curves_max(curves)))
+                # the latency chart keeps room above the data for the p95 label, drawn above its line
+                headroom = 1.3 if plot is self.latency_plot else 1.0
+                self._set_range(plot, (0.5, _nice_ceiling(max(n, 1)) + 0.5), (0, _curves_max(curves, scale=headroom)))
             p50, p95 = record.percentile_ms(50), record.percentile_ms(95)
             for item, value in ((self.p50, p50), (self.p95, p95)):
                 item.setVisible(value is not None)
@@ -420,14 +422,14 @@ def _nice_ceiling(value: float) -> float:
     return float(10 * k)
 
 
-def _curves_max(curves, floor: float = 0.0) -> float:
+def _curves_max(curves, floor: float = 0.0, scale: float = 1.0) -> float:
     """A stepped upper bound of what the curves hold (so a y range changes seldom)."""
     top = floor
     for curve in curves:
         y = curve.getData()[1]
         if y is not None and len(y):
             top = max(top, float(np.nanmax(y)))
-    return _nice_ceiling(top * 1.05) if top > 0 else 1.0
+    return _nice_ceiling(top * 1.05 * scale) if top > 0 else 1.0
 
 
 def _integer_ticks(plot, n: int) -> None:

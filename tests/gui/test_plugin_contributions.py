@@ -24,7 +24,8 @@ def manifest():
 def test_manifest_offers_every_sample_the_widget_and_the_writer(manifest):
     keys = {sample.key for sample in manifest.contributions.sample_data}
     assert keys == {sample_id(image) for image, _ in sample_pairs()}
-    assert [w.display_name for w in manifest.contributions.widgets] == ["Segment", "Batch", "Optimize", "Performance"]
+    names = [w.display_name for w in manifest.contributions.widgets]
+    assert names == ["Segment", "Batch", "Optimize", "Benchmark", "Performance"]
     writer = manifest.contributions.writers[0]
     assert writer.layer_types == ["labels"] and ".tif" in writer.filename_extensions
 
