@@ -60,6 +60,22 @@ def _outcome(beat: Heartbeat, seconds: float, perf, **extra) -> dict:
     return out
 
 
+def _beat_while(beat, perf, start, running, what: str, settle_ms: int = 0) -> float:
+    """Heartbeat from ``start()`` until ``running()`` is false and the dock has the run's end; the seconds."""
+    t0 = time.perf_counter()
+    beat.start()
+    start()
+    try:
+        wait(lambda: not running(), what, timeout_s=1800)
+        if perf.timer.isActive():
+            wait(lambda: perf.shown is not None and perf.shown.finished is not None, "the dock")
+        if settle_ms:
+            _settle(settle_ms)  # what the run's end adds (a labels layer, a table) drawn
+    finally:
+        beat.stop()
+    return time.perf_counter() - t0
+
+
 def segment_scenario(viewer, beat, perf, size: int, root: Path) -> dict:
     from scaling import make_image
 
@@ -71,17 +87,8 @@ def segment_scenario(viewer, beat, perf, size: int, root: Path) -> dict:
     widget = segment_widget(viewer)
     widget.set_current_layer(viewer.layers[-1])
     panel = widget.panel
-    t0 = time.perf_counter()
-    beat.start()
-    panel.run_button.click()
-    try:
-        wait(lambda: not panel.is_running(), "the segmentation", timeout_s=1800)
-        if perf.timer.isActive():
-            wait(lambda: perf.shown is not None and perf.shown.finished is not None, "the dock")
-        _settle(500)  # the labels layer drawn
-    finally:
-        beat.stop()
-    return _outcome(beat, time.perf_counter() - t0, perf, image=f"{size}x{size}", status=panel.status.text())
+    seconds = _beat_while(beat, perf, panel.run_button.click, panel.is_running, "the segmentation", settle_ms=500)
+    return _outcome(beat, seconds, perf, image=f"{size}x{size}", status=panel.status.text())
 
 
 def batch_scenario(viewer, beat, perf, root: Path, n: int = 50) -> dict:
@@ -100,14 +107,8 @@ def batch_scenario(viewer, beat, perf, root: Path, n: int = 50) -> dict:
         tifffile.imwrite(src / f"im{i:02d}.tif", image[y:y + 192, x:x + 192])
     panel = batch_widget(viewer).panel
     panel.set_folder(src, root / "plate_out")
-    t0 = time.perf_counter()
-    beat.start()
-    panel.start()
-    try:
-        wait(lambda: not panel.is_running(), "the batch", timeout_s=1800)
-    finally:
-        beat.stop()
-    return _outcome(beat, time.perf_counter() - t0, perf, files=n, counts=panel.report.counts if panel.report else {})
+    seconds = _beat_while(beat, perf, panel.start, panel.is_running, "the batch")
+    return _outcome(beat, seconds, perf, files=n, counts=panel.report.counts if panel.report else {})
 
 
 def optimize_scenario(viewer, beat, perf, root: Path) -> dict:
@@ -133,18 +134,9 @@ def benchmark_scenario(viewer, beat, perf) -> dict:
     panel.set_image_source("mosaic")
     panel.quick_check.setChecked(True)
     _settle(300)
-    t0 = time.perf_counter()
-    beat.start()
-    panel.run_button.click()
-    try:
-        wait(lambda: not panel.is_running(), "the benchmark", timeout_s=1800)
-        if perf.timer.isActive():
-            wait(lambda: perf.shown is not None and perf.shown.finished is not None, "the dock")
-        _settle(500)  # the table and the chart drawn
-    finally:
-        beat.stop()
+    seconds = _beat_while(beat, perf, panel.run_button.click, panel.is_running, "the benchmark", settle_ms=500)
     report = panel.report or {}
-    return _outcome(beat, time.perf_counter() - t0, perf, image="bundled 2048x2048 mosaic", quick=True,
+    return _outcome(beat, seconds, perf, image="bundled 2048x2048 mosaic", quick=True,
                     model=panel.model_name, variants=[v["name"] for v in report.get("variants", [])],
                     status=panel.status.text(), error=panel.error_text())
 

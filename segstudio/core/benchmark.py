@@ -734,3 +734,43 @@ def write_chart(report: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def write_plane(image, path: Path) -> tuple[int, int]:
+    """Write the first plane of ``image`` (an :class:`~segstudio.core.io.ImageData`, all its channels) as a TIFF; its (Y, X)."""
+    import tifffile
+
+    _, plane = next(image.planes())
+    if plane.shape[0] == 1:
+        tifffile.imwrite(path, plane[0])
+    else:
+        tifffile.imwrite(path, plane, photometric="minisblack", metadata={"axes": "CYX"})
+    return plane.shape[-2], plane.shape[-1]
+
+
+def bench_image_job(model: Model, variants: list[str], image=None, *, cancel: CancelToken | None = None,
+                    **options) -> Job[dict]:
+    """:func:`bench_job` on an image in memory (an :class:`~segstudio.core.io.ImageData`; its first plane), written
+    to a temporary TIFF because the benchmark reads a file; ``options`` are :func:`bench_job`'s.
+
+    ``image`` None: the bundled mosaic.  The report's ``image`` says where
+    the pixels came from (``source``): the temporary file is gone afterwards.
+    """
+    with tempfile.TemporaryDirectory(prefix="segstudio-bench-image-") as tmp:
+        if image is None:
+            path = Path(tmp) / f"mosaic{MOSAIC_SIZE}.tif"
+            yield Progress("bench", 0, 0, f"making the {MOSAIC_SIZE}x{MOSAIC_SIZE} mosaic of the crowded sample")
+            make_mosaic(path, MOSAIC_SIZE)
+            source = f"the bundled {MOSAIC_SIZE}x{MOSAIC_SIZE} mosaic of the crowded sample"
+        else:
+            path = Path(tmp) / "image.tif"
+            yield Progress("bench", 0, 0, f"writing {image.name} to a temporary TIFF")
+            write_plane(image, path)
+            first = " (its first plane)" if image.stack_shape else ""
+            source = f"the image layer {image.name!r}{first}"
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        report = yield from bench_job(model, path, variants, cancel=cancel, **options)
+    report["image"].update(path=path.name, source=source)
+    report["command"] = None
+    return report

@@ -7,7 +7,7 @@ batch size, *Quick* (on by default: a full run takes tens of minutes on a
 ``get_image``, written to a temporary TIFF because the benchmark reads a
 file) or the bundled 2048 x 2048 mosaic of the crowded sample
 (:func:`~segstudio.core.benchmark.make_mosaic`).  Run starts
-:func:`~segstudio.core.benchmark.bench_job` on a
+:func:`~segstudio.core.benchmark.bench_image_job` on a
 :class:`~segstudio.qt.worker.JobRunner` thread, as one run of the inference
 queue (:data:`~segstudio.core.service.INFERENCE`) and as a ``bench`` run of
 the metrics hub; the progress bar and the status line show the job's
@@ -24,7 +24,6 @@ changed on the GUI thread, in the slots.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -39,7 +38,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.backends import runnable_variants
-from ..core.benchmark import BASELINE, MOSAIC_SIZE, bench_job, make_mosaic
+from ..core.benchmark import BASELINE, MOSAIC_SIZE, bench_image_job
 from ..core.io import ImageData, atomic_path
 from ..core.jobs import CancelToken, Job, Progress, Stage
 from ..core.metrics import monitored
@@ -79,44 +78,13 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:#.{digits}g}".rstrip(".")
 
 
-def write_plane(image: ImageData, path: Path) -> tuple[int, int]:
-    """Write the first plane of ``image`` (all its channels) as a TIFF the benchmark reads; its (Y, X)."""
-    import tifffile
-
-    _, plane = next(image.planes())
-    if plane.shape[0] == 1:
-        tifffile.imwrite(path, plane[0])
-    else:
-        tifffile.imwrite(path, plane, photometric="minisblack", metadata={"axes": "CYX"})
-    return plane.shape[-2], plane.shape[-1]
-
-
 def benchmark_page_job(model: Model, variants: list[str], image: ImageData | None, *, tile: int, batch_size: int,
                        quick: bool, cancel: CancelToken) -> Job[dict]:
-    """The page's job (worker thread): the image to a temporary TIFF, then :func:`bench_job` on it.
-
-    ``image`` None: the bundled mosaic.  The report's ``image`` says where
-    the pixels came from (``source``): the temporary file is gone afterwards.
-    """
-    with tempfile.TemporaryDirectory(prefix="segstudio-benchmark-page-") as tmp:
-        if image is None:
-            path = Path(tmp) / f"mosaic{MOSAIC_SIZE}.tif"
-            yield Progress("bench", 0, 0, f"making the {MOSAIC_SIZE}x{MOSAIC_SIZE} mosaic of the crowded sample")
-            make_mosaic(path, MOSAIC_SIZE)
-            source = f"the bundled {MOSAIC_SIZE}x{MOSAIC_SIZE} mosaic of the crowded sample"
-        else:
-            path = Path(tmp) / "image.tif"
-            yield Progress("bench", 0, 0, f"writing {image.name} to a temporary TIFF")
-            write_plane(image, path)
-            first = " (its first plane)" if image.stack_shape else ""
-            source = f"the image layer {image.name!r}{first}"
-        cancel.raise_if_cancelled()
-        name = f"{model.name} on {image.name if image is not None else path.stem}"
-        run = monitored(bench_job(model, path, variants, tile=tile, batch_size=batch_size, quick=quick,
-                                  cancel=cancel), "bench", name)
-        report = yield from INFERENCE.turn(run, f"the benchmark of {model.name}", cancel)
-    report["image"].update(path=path.name, source=source)
-    report["command"] = None
+    """The page's job (worker thread): :func:`bench_image_job`, as one ``bench`` run of the inference queue."""
+    name = f"{model.name} on {image.name if image is not None else f'mosaic{MOSAIC_SIZE}'}"
+    run = monitored(bench_image_job(model, variants, image, tile=tile, batch_size=batch_size, quick=quick,
+                                    cancel=cancel), "bench", name)
+    report = yield from INFERENCE.turn(run, f"the benchmark of {model.name}", cancel)
     report["from"] = "the Benchmark page"
     return report
 

@@ -259,9 +259,8 @@ class PerformancePanel(QWidget):
             text = record.summary()
             if text != self.summary.text():
                 self.summary.setText(text)
-        if force:
-            for items, rec in (((self.prev_latency, self.prev_throughput), prev),):
-                self._draw_batches(rec, *items)
+        if force:  # the run compared with changes only when the run shown or the checkbox does
+            self._draw_batches(prev, self.prev_latency, self.prev_throughput)
             self._draw_resources(prev, self.prev_rss, self.prev_cpu)
         if "batches" in dirty:
             self._draw_batches(record, self.latency, self.throughput)
