@@ -28,6 +28,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -69,9 +70,15 @@ def wait(condition, what: str, timeout_s: float = 600) -> None:
 
 
 class Heartbeat:
-    """A 10 ms QTimer; ``lateness_ms`` holds how late each tick came (interval - 10 ms)."""
+    """A 10 ms QTimer; ``lateness_ms`` holds how late each tick came (interval - 10 ms).
 
-    def __init__(self) -> None:
+    With ``trace_ms`` a watcher thread samples the GUI thread's Python stack
+    every 5 ms while a tick is more than ``trace_ms`` late, so that each long
+    stall is named by where the GUI thread was (:meth:`stalls`), not guessed.
+    """
+
+    def __init__(self, trace_ms: float | None = None) -> None:
+
         from qtpy.QtCore import Qt, QTimer
 
         self.timer = QTimer()
@@ -80,19 +87,83 @@ class Heartbeat:
         self.timer.timeout.connect(self._tick)
         self.lateness_ms: list[float] = []
         self._last = 0.0
+        self._trace_s = None if trace_ms is None else trace_ms / 1000
+        self._gui_thread = threading.get_ident()
+        self._gui_native = threading.get_native_id()
+        self._samples: list[tuple[str, str]] = []  # (GUI stack, other threads' stacks) sampled in this stall
+        self._cpu_at_stall: float | None = None  # the GUI thread's CPU seconds when this stall was first seen
+        self._stalls: list[tuple[float, list, float | None]] = []
+        self._watching = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
+
         self.lateness_ms.clear()
+        self._stalls.clear()
+        self._samples = []
         self._last = time.perf_counter()
         self.timer.start()
+        if self._trace_s is not None and self._watcher is None:
+            self._watching.set()
+            self._watcher = threading.Thread(target=self._watch, name="stall-tracer", daemon=True)
+            self._watcher.start()
 
     def stop(self) -> None:
         self.timer.stop()
+        self._watching.clear()
+        if self._watcher is not None:
+            self._watcher.join()
+            self._watcher = None
 
     def _tick(self) -> None:
         now = time.perf_counter()
-        self.lateness_ms.append(max(0.0, (now - self._last) * 1000 - INTERVAL_MS))
+        late = max(0.0, (now - self._last) * 1000 - INTERVAL_MS)
+        self.lateness_ms.append(late)
         self._last = now
+        samples, self._samples = self._samples, []
+        if samples:
+            cpu0, self._cpu_at_stall = self._cpu_at_stall, None
+            cpu = None if cpu0 is None else (_thread_cpu_s(self._gui_native) - cpu0) * 1000
+            self._stalls.append((late, samples, cpu))
+
+    def _watch(self) -> None:
+        while self._watching.is_set():
+            time.sleep(0.005)
+            if time.perf_counter() - self._last > self._trace_s:
+                frames = sys._current_frames()  # noqa: SLF001 - a profiler's own tool
+                frame = frames.get(self._gui_thread)
+                if frame is None:
+                    continue
+                if not self._samples:
+                    self._cpu_at_stall = _thread_cpu_s(self._gui_native)
+                others = " | ".join(sorted(_where(f, depth=2, keep=None) for t, f in frames.items()
+                                           if t not in (self._gui_thread, threading.get_ident())))
+                del frames, frame
+                self._samples.append((_where(frame), others, _thread_state(self._gui_native)))
+
+    @property
+    def tracing(self) -> bool:
+        return self._trace_s is not None
+
+    def stalls(self, n: int = 8) -> list[dict]:
+        """The ``n`` longest stalls: lateness and the GUI thread's most sampled stack in each."""
+        from collections import Counter
+
+        out = []
+        for late, samples, cpu in sorted(self._stalls, key=lambda s: -s[0])[:n]:
+            stack, count = Counter(s[0] for s in samples).most_common(1)[0]
+            others, _ = Counter(s[1] for s in samples).most_common(1)[0]
+            states = Counter(s[2] for s in samples).most_common(3)
+            out.append({"late_ms": round(late, 1), "samples": len(samples), "share": round(count / len(samples), 2),
+                        # CPU the GUI thread used in the stall: near its length, it worked; near 0, it waited (the
+                        # GIL held by another thread, a lock)
+                        "gui_cpu_ms": None if cpu is None else round(cpu), "where": stack,
+                        # the GUI thread's scheduler state and kernel wait channel when sampled: "R" runnable
+                        # (working or waiting for a core), "S futex_wait_queue" (a lock: the GIL), "S do_poll" (a
+                        # socket: the X server)
+                        "gui_states": [f"{k} x{n}" for k, n in states], "other_threads": others})
+        return out
+
 
     def summary(self) -> dict:
         a = np.asarray(self.lateness_ms)
@@ -101,6 +172,42 @@ class Heartbeat:
         return {"ticks": int(len(a)), "p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
                 "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max()),
                 "over_50ms": int((a > 50).sum()), "over_100ms": int((a > 100).sum())}
+
+
+_KEEP = ("segstudio", "napari", "pyqtgraph", "vispy", "superqt", "magicgui", "benchmarks")
+
+
+def _thread_cpu_s(native_id: int) -> float:
+    """CPU seconds (user + system) a thread of this process has used, from /proc (Linux; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _thread_state(native_id: int) -> str:
+    """A thread's scheduler state and kernel wait channel (Linux; "" elsewhere)."""
+    try:
+        task = Path(f"/proc/self/task/{native_id}")
+        state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        wchan = (task / "wchan").read_text().strip()
+    except OSError:
+        return ""
+    return f"{state} {wchan}" if wchan and wchan != "0" else state
+
+
+def _where(frame, depth: int = 6, keep=_KEEP) -> str:
+    """The innermost frames of a stack (those in the app's own code or its GUI libraries), innermost first."""
+    parts = []
+    while frame is not None and len(parts) < depth:
+        code = frame.f_code
+        path = code.co_filename
+        if keep is None or any(f"/{k}/" in path for k in keep):
+            short = path.split("/site-packages/")[-1].split("/work/main/")[-1]
+            parts.append(f"{short}:{frame.f_lineno} {code.co_name}")
+        frame = frame.f_back
+    return " <- ".join(parts) or "(outside Python: Qt's event loop or a C extension)"
 
 
 def set_up_wizard(wizard, recipe: str, max_drop: float, tiles: int) -> None:

@@ -23,8 +23,9 @@ The Performance dock charts every run meanwhile (``--no-dock``: it is
 stopped, to measure what the dock itself costs).  p50 / p95 / p99 /
 max lateness per scenario go to
 ``benchmarks/results/gui-stall-<date>.json``; targets: p99 <= 50 ms and
-max <= 250 ms.  The slowest GUI-thread moments are named from the longest
-gaps between ticks and what the app did then (``--scenarios`` picks some).
+max <= 250 ms.  ``--trace`` names the longest stalls by the GUI thread's
+stack, scheduler state and CPU time sampled during each (``--scenarios``
+picks some).
 
     xvfb-run -a -s "-screen 0 1920x1200x24" .venv/bin/python benchmarks/gui_stall.py
 """
@@ -47,11 +48,14 @@ from gui_heartbeat import Heartbeat, _settle, set_up_wizard, wait, write_result 
 
 SCENARIOS = ("segment", "batch", "optimize", "benchmark")
 TARGET_P99_MS, TARGET_MAX_MS = 50.0, 250.0
+TRACE_MS = 40  # a tick this late has its stall's GUI-thread stack sampled (the causes in the JSON)
 
 
 def _outcome(beat: Heartbeat, seconds: float, perf, **extra) -> dict:
     record = perf.shown
     out = {"seconds": round(seconds, 2), **beat.summary(), **extra}
+    if beat.tracing:
+        out["longest_stalls"] = beat.stalls()
     if record is not None and perf.timer.isActive():
         out["charted_batches"] = len(record.batches)
         out["charted_images"] = len(record.stages)
@@ -147,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=2048, help="side of the mosaic segmented (default 2048)")
     parser.add_argument("--no-dock", action="store_true",
                         help="the Performance dock stopped (not listening): what the dock itself costs")
+    parser.add_argument("--trace", action="store_true",
+                        help="name each long stall by the GUI thread's stack, sampled from another thread (CPython "
+                             "3.11's sys._current_frames can crash the process while it samples: off for the "
+                             "recorded figures)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_dock:
         perf.shutdown()
     root = Path(tempfile.mkdtemp(prefix="segstudio-stall-"))
-    beat = Heartbeat()
+    beat = Heartbeat(trace_ms=TRACE_MS if args.trace else None)
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.node(), "cpus": os.cpu_count(),
               "load_average_start": os.getloadavg(), "targets": {"p99_ms": TARGET_P99_MS, "max_ms": TARGET_MAX_MS},
               "performance_dock": "stopped" if args.no_dock else "open (refreshing at 10 Hz)", "scenarios": {}}
@@ -183,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"p99 {r['p99_ms']:6.1f}  max {r['max_ms']:7.1f} ms  "
                   f"({'targets met' if r['targets_met'] else 'targets NOT met'}; "
                   f"{r.get('charted_batches', 0)} batches charted)", flush=True)
+            for stall in r.get("longest_stalls", [])[:4]:
+                print(f"    {stall['late_ms']:7.1f} ms (GUI CPU {stall['gui_cpu_ms']} ms, {', '.join(stall['gui_states'])})  {stall['where']}\n{'':18s}others: {stall['other_threads'][:300]}", flush=True)
     finally:
         result["load_average_end"] = os.getloadavg()
         from segstudio.qt.worker import shutdown_all

@@ -16,7 +16,7 @@ from ..core.errors import SegStudioError
 from ..core.io import read_image
 from ..core.measure import read_csv
 from ..qt.batch_panel import BatchPanel
-from ._layers import image_layer_data, labels_features
+from ._layers import image_layer_data, import_labels_support_in_background, labels_features
 
 if TYPE_CHECKING:
     import napari
@@ -27,6 +27,7 @@ class BatchWidget(QWidget):
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer", parent: QWidget | None = None):
         super().__init__(parent)
+        import_labels_support_in_background()
         self.viewer = napari_viewer
         self.panel = BatchPanel()
         self.panel.layout().setContentsMargins(0, 0, 0, 0)

@@ -138,6 +138,35 @@ def labels_geometry(layer) -> dict[str, list[float]]:
     return {"scale": [float(scale[i]) for i in keep], "translate": [float(translate[i]) for i in keep]}
 
 
+_WARMED: list[bool] = []
+
+
+def import_labels_support_in_background() -> None:
+    """Import, on a background thread and once per process, what napari imports lazily for a first labels layer.
+
+    napari imports pandas (for ``features``) and scikit-image's colour module
+    (for the label colours) on the GUI thread when the first labels layer is
+    added: 1.1 s and 0.6 s with the window frozen at the end of the first
+    segmentation (``benchmarks/gui_stall.py`` named them). Imported early off
+    the GUI thread, that first layer finds them ready; an import still
+    running makes it wait for the rest, never longer.
+    """
+    if _WARMED:
+        return
+    _WARMED.append(True)
+    import importlib
+    import threading
+
+    def _import() -> None:
+        for name in ("pandas", "skimage.color"):
+            try:
+                importlib.import_module(name)
+            except ImportError:  # napari then fails in its own words when it needs it
+                pass
+
+    threading.Thread(target=_import, name="segstudio-import-for-labels", daemon=True).start()
+
+
 def labels_features(table: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``layer.features`` for a measurement table: one row per label.
 

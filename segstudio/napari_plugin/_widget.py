@@ -21,7 +21,8 @@ from ..core.io import ImageData
 from ..core.segment import SegmentationResult
 from ..qt.finetune_panel import FinetunePanel
 from ..qt.segment_panel import SegmentPanel
-from ._layers import META_KEY, labels_features, labels_geometry, layer_axes, layer_to_image
+from ._layers import (META_KEY, import_labels_support_in_background, labels_features, labels_geometry, layer_axes,
+                      layer_to_image)
 
 if TYPE_CHECKING:
     import napari
@@ -32,6 +33,7 @@ class SegmentWidget(QWidget):
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer", parent: QWidget | None = None):
         super().__init__(parent)
+        import_labels_support_in_background()
         self.viewer = napari_viewer
         self._source: Image | None = None
         self._choices: list[Image] = []

@@ -16,6 +16,13 @@ def plot_widget(bottom: str, left: str, *, min_height: int = 180):
     plot.setLabel("bottom", bottom)
     plot.setLabel("left", left)
     plot.showGrid(x=True, y=True, alpha=0.25)
+    from qtpy.QtWidgets import QGraphicsItem
+
     for axis in ("left", "bottom"):
         plot.getAxis(axis).enableAutoSIPrefix(False)
+    for axis in plot.axes.values():
+        # An axis draws its grid over the whole chart, so every new point repainted it (ticks, labels and grid
+        # replayed from a QPicture: most of a chart's repaint, 10-25 ms in software). Cached as a pixmap it is
+        # only redrawn when its range or size changes (benchmarks/gui_stall.py).
+        axis["item"].setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)
     return widget, plot
