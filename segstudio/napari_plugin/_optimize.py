@@ -83,8 +83,9 @@ class OptimizeWidget(QWidget):
     # ------------------------------------------------------------------ results
 
     def _offer(self, model: Model) -> None:
-        """Offer a kept model in the window's Segment and Batch docks (it is kept on disk already)."""
+        """Offer a kept model in the window's Segment, Batch and Benchmark docks (it is kept on disk already)."""
         from ._batch import BatchWidget
+        from ._benchmark import BenchmarkWidget
         from ._widget import SegmentWidget
 
         window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
@@ -93,6 +94,8 @@ class OptimizeWidget(QWidget):
         for widget in window.findChildren(SegmentWidget):
             widget.panel.add_model(str(model.card_path))
         for widget in window.findChildren(BatchWidget):
+            widget.panel.add_model(model)
+        for widget in window.findChildren(BenchmarkWidget):  # to time it beside the original on the user's image
             widget.panel.add_model(model)
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt override

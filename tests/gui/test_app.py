@@ -8,7 +8,7 @@ from qtpy.QtCore import QMimeData, QPointF, Qt, QUrl
 from qtpy.QtGui import QDragEnterEvent, QDropEvent, QIcon
 from qtpy.QtWidgets import QApplication, QDockWidget
 
-from segstudio.app.main_window import TITLE, build_window, segment_widget
+from segstudio.app.main_window import TITLE, batch_widget, benchmark_widget, build_window, optimize_widget, segment_widget
 from segstudio.core.io import read_image
 from segstudio.napari_plugin._sample_data import sample_id, sample_paths
 from segstudio.resources import ICON
@@ -118,3 +118,19 @@ def test_run_app_shows_the_window_then_returns_0(qtbot, monkeypatch):
     assert seen == {"title": TITLE, "visible": True, "layers": [first, f"{first} ground truth"]}
     qtbot.wait(50)  # let Qt delete the closed window
     gc.collect()
+
+
+def test_a_model_the_optimize_wizard_keeps_is_offered_in_segment_batch_and_benchmark(make_napari_viewer):
+    """What the wizard keeps can be used at once: segmented with, run on a folder, timed beside the original."""
+    import dataclasses
+
+    from segstudio.core.models.catalog import get_model
+
+    viewer = build_window(viewer=make_napari_viewer(), show=False)
+    base = get_model("nuclei-light")
+    kept = dataclasses.replace(base, spec=dataclasses.replace(base.spec, name="nuclei-light-int8-kept"))
+    optimize_widget(viewer)._offer(kept)
+    assert segment_widget(viewer).panel.model_combo.currentData() == str(kept.card_path)
+    for panel in (batch_widget(viewer).panel, benchmark_widget(viewer).panel):
+        names = [panel.model_combo.itemData(i) for i in range(panel.model_combo.count())]
+        assert names.count("nuclei-light-int8-kept") == 1, names
