@@ -78,7 +78,6 @@ class Heartbeat:
     """
 
     def __init__(self, trace_ms: float | None = None) -> None:
-
         from qtpy.QtCore import Qt, QTimer
 
         self.timer = QTimer()
@@ -97,7 +96,6 @@ class Heartbeat:
         self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
-
         self.lateness_ms.clear()
         self._stalls.clear()
         self._samples = []
@@ -138,8 +136,8 @@ class Heartbeat:
                     self._cpu_at_stall = _thread_cpu_s(self._gui_native)
                 others = " | ".join(sorted(_where(f, depth=2, keep=None) for t, f in frames.items()
                                            if t not in (self._gui_thread, threading.get_ident())))
-                del frames, frame
                 self._samples.append((_where(frame), others, _thread_state(self._gui_native)))
+                del frames, frame  # no frame outlives its sample
 
     @property
     def tracing(self) -> bool:
@@ -164,7 +162,6 @@ class Heartbeat:
                         "gui_states": [f"{k} x{n}" for k, n in states], "other_threads": others})
         return out
 
-
     def summary(self) -> dict:
         a = np.asarray(self.lateness_ms)
         if not len(a):
@@ -177,24 +174,30 @@ class Heartbeat:
 _KEEP = ("segstudio", "napari", "pyqtgraph", "vispy", "superqt", "magicgui", "benchmarks")
 
 
-def _thread_cpu_s(native_id: int) -> float:
-    """CPU seconds (user + system) a thread of this process has used, from /proc (Linux; 0 elsewhere)."""
+def _task_stat(native_id: int) -> list[str] | None:
+    """The fields of /proc/self/task/<id>/stat after the command name (field 3 on), None off Linux."""
     try:
-        fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None
+
+
+def _thread_cpu_s(native_id: int) -> float:
+    """CPU seconds (user + system) a thread of this process has used (Linux; 0 elsewhere)."""
+    fields = _task_stat(native_id)
+    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _thread_state(native_id: int) -> str:
     """A thread's scheduler state and kernel wait channel (Linux; "" elsewhere)."""
-    try:
-        task = Path(f"/proc/self/task/{native_id}")
-        state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        wchan = (task / "wchan").read_text().strip()
-    except OSError:
+    fields = _task_stat(native_id)
+    if fields is None:
         return ""
-    return f"{state} {wchan}" if wchan and wchan != "0" else state
+    try:
+        wchan = Path(f"/proc/self/task/{native_id}/wchan").read_text().strip()
+    except OSError:
+        wchan = ""
+    return f"{fields[0]} {wchan}" if wchan and wchan != "0" else fields[0]
 
 
 def _where(frame, depth: int = 6, keep=_KEEP) -> str:

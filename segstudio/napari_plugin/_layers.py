@@ -15,6 +15,9 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+import threading
 from typing import Any
 
 import numpy as np
@@ -138,10 +141,8 @@ def labels_geometry(layer) -> dict[str, list[float]]:
     return {"scale": [float(scale[i]) for i in keep], "translate": [float(translate[i]) for i in keep]}
 
 
-_WARMED: list[bool] = []
-
-
-def import_labels_support_in_background() -> None:
+@functools.cache
+def import_labels_support_in_background() -> threading.Thread:
     """Import, on a background thread and once per process, what napari imports lazily for a first labels layer.
 
     napari imports pandas (for ``features``) and scikit-image's colour module
@@ -149,14 +150,9 @@ def import_labels_support_in_background() -> None:
     added: 1.1 s and 0.6 s with the window frozen at the end of the first
     segmentation (``benchmarks/gui_stall.py`` named them). Imported early off
     the GUI thread, that first layer finds them ready; an import still
-    running makes it wait for the rest, never longer.
+    running makes it wait for the rest, never longer. Returns the thread
+    (the same one on every call).
     """
-    if _WARMED:
-        return
-    _WARMED.append(True)
-    import importlib
-    import threading
-
     def _import() -> None:
         for name in ("pandas", "skimage.color"):
             try:
@@ -164,7 +160,9 @@ def import_labels_support_in_background() -> None:
             except ImportError:  # napari then fails in its own words when it needs it
                 pass
 
-    threading.Thread(target=_import, name="segstudio-import-for-labels", daemon=True).start()
+    thread = threading.Thread(target=_import, name="segstudio-import-for-labels", daemon=True)
+    thread.start()
+    return thread
 
 
 def labels_features(table: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

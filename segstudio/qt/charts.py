@@ -9,6 +9,7 @@ def plot_widget(bottom: str, left: str, *, min_height: int = 180):
     Returns ``(widget, plot_item)``.
     """
     import pyqtgraph as pg
+    from qtpy.QtWidgets import QGraphicsItem
 
     widget = pg.PlotWidget(background="w")
     widget.setMinimumHeight(min_height)
@@ -16,8 +17,6 @@ def plot_widget(bottom: str, left: str, *, min_height: int = 180):
     plot.setLabel("bottom", bottom)
     plot.setLabel("left", left)
     plot.showGrid(x=True, y=True, alpha=0.25)
-    from qtpy.QtWidgets import QGraphicsItem
-
     for axis in ("left", "bottom"):
         plot.getAxis(axis).enableAutoSIPrefix(False)
     for axis in plot.axes.values():
