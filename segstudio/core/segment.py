@@ -70,6 +70,9 @@ def on_gpu(backend: Backend) -> bool:
     return str(getattr(backend, "device", "cpu")).startswith("cuda")
 
 
+CPU_WARM_TILE = 128  # px: the tile a CPU backend warms up on (one, not a batch)
+
+
 def default_batch_size(backend: Backend) -> int:
     """Tiles per network call: a GPU needs big batches to amortise the copies; a CPU does not."""
     return GPU_BATCH if on_gpu(backend) else CPU_BATCH
@@ -79,10 +82,14 @@ def warm_up(model: Model, backend: Backend, *, tile: int = 512, batch_size: int 
     """Run the one-time work before the first image: returns the seconds it took.
 
     The first call of a backend on a new input shape compiles or autotunes
-    (OpenVINO compiles per shape, cuDNN benchmarks, CUDA graphs capture) and
+    (cuDNN benchmarks, CUDA graphs capture, TensorRT builds its profile) and
     the compiled post-processing kernels load from their cache.  Doing it
-    here, with the default tile shape, keeps it out of the first image's
-    time and out of the GUI thread's way (call it from a worker).
+    here keeps it out of the first image's time and out of the GUI thread's
+    way (call it from a worker).  On a GPU the network runs one full batch of
+    the tile shape; on a CPU one small tile: ONNX Runtime and OpenVINO (its
+    dynamic model) have nothing shape-specific worth a full batch, which took
+    4-5 s on a 2-core CPU while the first image after either warm-up took the
+    same time (``benchmarks/README.md``, *Warm-up*).
     """
     from ._kernels import first_pixels, region_stats
     from .postprocess import network_instances
@@ -90,7 +97,10 @@ def warm_up(model: Model, backend: Backend, *, tile: int = 512, batch_size: int 
 
     t0 = time.perf_counter()
     spec = model.spec
-    batch_size = batch_size or default_batch_size(backend)
+    if on_gpu(backend):
+        batch_size = batch_size or default_batch_size(backend)
+    else:
+        tile, batch_size = min(tile, CPU_WARM_TILE), 1
     if spec.max_batch:
         batch_size = min(batch_size, spec.max_batch)
     plan = plan_tiles((tile, tile), tile=tile, halo=spec.halo, multiple=spec.multiple,

@@ -20,10 +20,14 @@ from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QPixmap
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget
 
+from ..core.backends import installed
 from ..core.jobs import Progress, Stage
 from .worker import JobRunner, describe_error, with_crash_log
 
 GetData = Callable[[], tuple[str, list[tuple[np.ndarray, np.ndarray]], str]]
+
+NO_TORCH = ("Fine-tuning trains the network, which needs PyTorch; this installation has none "
+            "(the segstudio-full package has it, or pip install segstudio[torch]).")
 
 
 class FinetunePanel(QWidget):
@@ -134,5 +138,10 @@ class FinetunePanel(QWidget):
         self.status.setText(f"Fine-tuning failed: {report.message}" + (f"\n{report.hint}" if report.hint else ""))
 
     def _set_idle(self) -> None:
-        self.run_button.setEnabled(True)
+        can_train = installed("torch")
+        self.run_button.setEnabled(can_train)
+        self.steps.setEnabled(can_train)
         self.cancel_button.setEnabled(False)
+        if not can_train:
+            self.run_button.setToolTip(NO_TORCH)
+            self.status.setText(NO_TORCH)

@@ -183,8 +183,7 @@ class TargetInfo:
 
 def _probe(model: Model) -> Job[TargetInfo]:
     """The backends that run ``model`` here, on the CPU and the GPU (importing PyTorch to look for a GPU)."""
-    from ..core.backends import REGISTRY, backend_class, installed
-    from ..core.optimize.presets import gpu_available
+    from ..core.backends import REGISTRY, backend_class, gpu_available, installed
     from ..core.optimize.validate import target_variants
 
     yield Progress("probe", 0, 1, "looking for backends")

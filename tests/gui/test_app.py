@@ -134,3 +134,27 @@ def test_a_model_the_optimize_wizard_keeps_is_offered_in_segment_batch_and_bench
     for panel in (batch_widget(viewer).panel, benchmark_widget(viewer).panel):
         names = [panel.model_combo.itemData(i) for i in range(panel.model_combo.count())]
         assert names.count("nuclei-light-int8-kept") == 1, names
+
+
+@pytest.mark.slow
+def test_gui_self_test_opens_the_window_segments_the_sample_and_saves_a_screenshot(tmp_path):
+    """`segstudio self-test --gui`, what the installers' smoke test runs inside each package, in a fresh process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from qtpy.QtGui import QImage
+
+    shot, report = tmp_path / "window.png", tmp_path / "gui.json"
+    code = ("import sys; from segstudio.cli import main; "
+            f"sys.exit(main(['self-test', '--gui', '--screenshot', {str(shot)!r}, '--json', {str(report)!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SEGSTUDIO_HOME": str(tmp_path / "home")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("PASS window")
+    result = json.loads(report.read_text())
+    assert 0 < result["window_shown_s"] < 600 and 0 < result["first_segmentation_s"] < 600
+    assert result["objects"] > 20 and result["ap50"] >= 0.65  # the first sample: 55 objects, AP50 0.746
+    image = QImage(str(shot))
+    assert not image.isNull() and image.width() >= 800  # the whole window (1400x900 where the screen is as large)

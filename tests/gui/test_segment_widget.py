@@ -255,3 +255,16 @@ def test_finetune_without_labels_layer_says_so(make_napari_viewer, qtbot):
     widget.finetune.run_button.click()
     assert "no Labels layer to train on" in widget.finetune.status.text()
     assert not widget.finetune.is_running()
+
+
+def test_finetune_without_pytorch_is_greyed_out_with_the_reason(make_napari_viewer, monkeypatch):
+    """The standard app bundle has no PyTorch: the button says why it cannot train instead of failing."""
+    from segstudio.qt import finetune_panel
+
+    assert finetune_panel.installed("torch")  # this environment has it: the button works
+    viewer = make_napari_viewer()
+    assert add_widget(viewer).finetune.run_button.isEnabled()
+    monkeypatch.setattr(finetune_panel, "installed", lambda package: package != "torch")
+    panel = add_widget(viewer).finetune
+    assert not panel.run_button.isEnabled() and not panel.steps.isEnabled()
+    assert "needs PyTorch" in panel.status.text() and "needs PyTorch" in panel.run_button.toolTip()

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import sys
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ..errors import BackendUnavailableError, InputError
 from ..models.catalog import Model
@@ -106,6 +109,33 @@ def installed(package: str) -> bool:
         return importlib.util.find_spec(package) is not None
     except (ImportError, ValueError):
         return False
+
+
+def nvidia_driver_present() -> bool:
+    """Whether this machine has an NVIDIA driver loaded, without importing any CUDA library.
+
+    Linux: the driver's ``/proc`` entry or its control device; Windows: the
+    CUDA driver DLL; macOS has no CUDA.
+    """
+    if sys.platform.startswith("linux"):
+        return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+    if sys.platform == "win32":
+        return os.path.exists(os.path.join(os.environ.get("SystemRoot", r"C:\Windows"), "System32", "nvcuda.dll"))
+    return False
+
+
+@lru_cache(maxsize=1)
+def gpu_available() -> bool:
+    """An NVIDIA GPU that PyTorch can use (the check every GPU variant's availability starts from).
+
+    Importing PyTorch takes seconds; on a machine without an NVIDIA driver
+    (most lab PCs) it is not imported at all.
+    """
+    if not nvidia_driver_present() or not installed("torch"):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def available_backends(model: Model | None = None) -> list[str]:

@@ -36,16 +36,6 @@ def cache_path():
     return log_dir().parent / "autotune.json"
 
 
-def _gpu_present() -> bool:
-    from . import installed
-
-    if installed("torch"):
-        import torch
-
-        return torch.cuda.is_available()
-    return False
-
-
 def model_precision(model: Model) -> str:
     """The precision ``model`` is meant to run in: int8 when it carries an INT8 file, else fp32."""
     return "int8" if "onnx_int8" in model.files else "fp32"
@@ -68,7 +58,7 @@ def cpu_candidates(model: Model) -> list[str]:
 
 
 def _runnable(model: Model, names) -> list[str]:
-    from . import backend_class, installed, parse_variant
+    from . import backend_class, gpu_available, installed, parse_variant
 
     out = []
     gpu = None
@@ -78,7 +68,7 @@ def _runnable(model: Model, names) -> list[str]:
         if not installed(cls.package) or cls.model_file(v.device, v.precision) not in model.files:
             continue
         if v.on_gpu:
-            gpu = _gpu_present() if gpu is None else gpu
+            gpu = gpu_available() if gpu is None else gpu
             if not gpu:
                 continue
         out.append(text)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..backends import installed
+from ..backends import gpu_available, installed
 from ..errors import InputError
 
 
@@ -34,15 +34,6 @@ class Preset:
             if "engine" in self.steps and not installed("tensorrt"):
                 return "TensorRT is not installed (the NVIDIA TensorRT Python package)"
         return None
-
-
-def gpu_available() -> bool:
-    """An NVIDIA GPU PyTorch can use."""
-    if not installed("torch"):
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 PRESETS: tuple[Preset, ...] = (
