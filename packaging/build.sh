@@ -17,7 +17,7 @@ case "$flavour" in
   *) echo "unknown flavour '$flavour' (standard or full)" >&2; exit 2 ;;
 esac
 [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] || { echo "this script builds the Linux x86_64 app; see packaging/README.md for Windows and macOS" >&2; exit 2; }
-for tool in dpkg-deb tar gzip; do
+for tool in dpkg-deb tar gzip flock; do
   command -v "$tool" >/dev/null || { echo "packaging/build.sh needs $tool (apt-get install dpkg tar gzip)" >&2; exit 2; }
 done
 
@@ -37,6 +37,8 @@ version="$("$py" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "
 build="$ROOT/build/packaging/$flavour"
 venv="$build/venv"
 mkdir -p "$build" dist
+exec 9>"$build/.lock"
+flock -n 9 || { echo "another build of the $flavour bundle is running (lock: $build/.lock)" >&2; exit 1; }
 t0=$(date +%s)
 
 # 1. the build environment: segstudio (not editable) and PyInstaller, every version pinned
@@ -87,7 +89,7 @@ conflicts=$([ "$flavour" = full ] && echo segstudio || echo segstudio-full)
 sed "s/@PACKAGE@/$package/; s/@VERSION@/$version/; s/@SIZE@/$installed_kb/; s/@CONFLICTS@/$conflicts/" \
   packaging/debian/control > "$deb/DEBIAN/control"
 for script in postinst postrm; do install -m 0755 "packaging/debian/$script" "$deb/DEBIAN/$script"; done
-dpkg-deb --root-owner-group -Zgzip --build "$deb" "dist/${package}_${version}_amd64.deb" >/dev/null
+dpkg-deb --root-owner-group -Zgzip -z6 --build "$deb" "dist/${package}_${version}_amd64.deb" >/dev/null
 t3=$(date +%s)
 
 bundle_mb=$(du -sm "$app" | cut -f1)

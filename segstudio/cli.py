@@ -755,7 +755,8 @@ def _gui_self_test(args) -> int:
     from .app.self_test import run_gui_self_test
 
     result = run_gui_self_test(Path(args.screenshot) if args.screenshot else None, min_ap50=args.min_ap50)
-    print(f"PASS window: shown {result.window_shown_s:.1f} s after start; the Segment panel found {result.objects} "
+    print(f"PASS window: shown {result.window_shown_s:.1f} s after start, the sample in it at {result.sample_shown_s:.1f} s; "
+          f"the Segment panel found {result.objects} "
           f"objects in {result.first_segmentation_s:.1f} s, AP50 {result.ap50:.3f} on the sample"
           + (f"; screenshot {result.screenshot}" if result.screenshot else ""))
     if args.json:

@@ -65,3 +65,18 @@ def test_looking_for_a_gpu_does_not_import_pytorch_without_an_nvidia_driver():
         assert out[1] == "True"
     else:
         assert out == ["False", "False"]
+
+
+def test_without_pytorch_the_app_names_its_full_package_and_a_venv_the_pip_extra(monkeypatch):
+    import sys
+
+    from segstudio.core.backends import torch_hint
+    from segstudio.core.optimize.presets import PRESETS
+    from segstudio.core.optimize import presets
+
+    assert "segstudio[torch]" in torch_hint()
+    monkeypatch.setattr(sys, "frozen", True, raising=False)  # what PyInstaller sets in the bundle
+    assert "segstudio-full" in torch_hint()
+    monkeypatch.setattr(presets, "installed", lambda package: package != "torch")
+    prune = next(p for p in PRESETS if "prune" in p.steps)
+    assert "segstudio-full" in prune.unavailable()

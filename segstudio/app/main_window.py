@@ -193,11 +193,13 @@ def build_window(
     window.installEventFilter(drop_filter)
     viewer.window._qt_viewer.installEventFilter(drop_filter)
 
+    if show:
+        # on screen, panels drawn, before the images load (reading and adding them is seconds of a cold start)
+        window.show()
+        QApplication.processEvents()
     if show_sample:
         show_first_sample(viewer)
     open_paths(viewer, paths)
-    if show:
-        window.show()
     return viewer
 
 

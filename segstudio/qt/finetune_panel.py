@@ -20,14 +20,13 @@ from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QPixmap
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget
 
-from ..core.backends import installed
+from ..core.backends import installed, torch_hint
 from ..core.jobs import Progress, Stage
 from .worker import JobRunner, describe_error, with_crash_log
 
 GetData = Callable[[], tuple[str, list[tuple[np.ndarray, np.ndarray]], str]]
 
-NO_TORCH = ("Fine-tuning trains the network, which needs PyTorch; this installation has none "
-            "(the segstudio-full package has it, or pip install segstudio[torch]).")
+NO_TORCH = f"Fine-tuning trains the network, which needs PyTorch; this installation has none ({torch_hint()})."
 
 
 class FinetunePanel(QWidget):

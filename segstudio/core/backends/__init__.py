@@ -111,6 +111,13 @@ def installed(package: str) -> bool:
         return False
 
 
+def torch_hint() -> str:
+    """How to get PyTorch: the full app package when this is the standalone app, else the pip extra."""
+    if getattr(sys, "frozen", False):
+        return "install the segstudio-full package: the app with PyTorch"
+    return 'pip install "segstudio[torch]"'
+
+
 def nvidia_driver_present() -> bool:
     """Whether this machine has an NVIDIA driver loaded, without importing any CUDA library.
 
@@ -165,7 +172,7 @@ def create_backend(variant: str, model: Model, **options) -> Backend:
     cls = backend_class(v.name)
     if not installed(cls.package):
         raise BackendUnavailableError(f"{cls.package} is not installed (the {v.name} backend needs it)",
-                                      hint=cls.install_hint)
+                                      hint=torch_hint() if cls.package == "torch" else cls.install_hint)
     fmt = cls.model_file(v.device, v.precision)
     if fmt not in model.files:
         raise BackendUnavailableError(

@@ -27,9 +27,9 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise BackendUnavailableError(
-            "PyTorch is not installed", hint="install segstudio[torch], or use another backend"
-        ) from None
+        from . import torch_hint
+
+        raise BackendUnavailableError("PyTorch is not installed", hint=f"{torch_hint()}, or use another backend") from None
     return torch
 
 
@@ -40,7 +40,7 @@ class TorchBackend(BackendBase):
     precisions = {"cpu": ("fp32",), "cuda": ("fp32", "fp16", "bf16")}
     options = frozenset({"cl", "graph", "compile"})
     gpu_devices = frozenset({"cuda"})
-    install_hint = 'pip install "segstudio[torch]"'
+    install_hint = 'pip install "segstudio[torch]"'  # create_backend says torch_hint() instead (the app's package)
 
     @classmethod
     def model_file(cls, device: str, precision: str) -> str:

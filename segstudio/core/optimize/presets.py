@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..backends import gpu_available, installed
+from ..backends import gpu_available, installed, torch_hint
 from ..errors import InputError
 
 
@@ -25,7 +25,7 @@ class Preset:
         """Why this preset cannot run on this machine, or ``None``."""
         needs_torch = any(s.split(":")[0] in ("prune", "recover", "distill", "export") for s in self.steps.split(","))
         if needs_torch and not installed("torch"):
-            return "needs PyTorch (pip install segstudio[torch])"
+            return f"needs PyTorch ({torch_hint()})"
         if "quantize" in self.steps and not installed("onnxruntime"):
             return "needs ONNX Runtime (pip install segstudio[onnx])"
         if self.target == "gpu":

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
-from ..backends import installed
+from ..backends import installed, torch_hint
 from ..errors import InputError
 from ..jobs import CancelToken, Job, Progress
 from ..models.catalog import Model
@@ -114,7 +114,7 @@ class Step(ABC):
 def _need_torch(parent: Model) -> list[str]:
     problems = []
     if not installed("torch"):
-        problems.append("PyTorch is not installed (pip install segstudio[torch])")
+        problems.append(f"PyTorch is not installed ({torch_hint()})")
     if "torch" not in parent.files:
         problems.append(f"{parent.name} has no PyTorch weights (an INT8 or FP16 file cannot be retrained)")
     return problems
@@ -347,7 +347,7 @@ class ExportStep(Step):
     def check(self, parent, ctx):
         problems = _need_torch(parent)
         if not installed("onnxscript"):
-            problems.append("the ONNX exporter needs onnxscript (pip install segstudio[torch])")
+            problems.append(f"the ONNX exporter needs onnxscript ({torch_hint()})")
         return problems
 
     def run(self, parent, ctx, out):
