@@ -200,6 +200,9 @@ def build_window(
     if show_sample:
         show_first_sample(viewer)
     open_paths(viewer, paths)
+    if show and len(viewer.layers):
+        QApplication.processEvents()  # the canvas at its final size
+        viewer.reset_view()  # napari fitted the first layer to the canvas as it was when the layer came
     return viewer
 
 
