@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from segstudio.app.self_test import wait_until as wait
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_data"
 INTERVAL_MS = 10
@@ -51,22 +53,6 @@ CANCEL_CASES = {
     "quantize": ("quantize:int8:fallback=off", 0, 1.5),
     "remeasure": ("quantize:int8:fallback=off", "end", 0.5),
 }
-
-
-def _settle(ms: int) -> None:
-    from qtpy.QtCore import QEventLoop, QTimer
-
-    loop = QEventLoop()
-    QTimer.singleShot(ms, loop.quit)
-    loop.exec()
-
-
-def wait(condition, what: str, timeout_s: float = 600) -> None:
-    t0 = time.monotonic()
-    while not condition():
-        if time.monotonic() - t0 > timeout_s:
-            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
-        _settle(50)
 
 
 class Heartbeat:

@@ -44,7 +44,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gui_heartbeat import Heartbeat, _settle, set_up_wizard, wait, write_result  # noqa: E402
+from gui_heartbeat import Heartbeat, set_up_wizard, wait, write_result  # noqa: E402
+
+from segstudio.app.self_test import spin  # noqa: E402
 
 SCENARIOS = ("segment", "batch", "optimize", "benchmark")
 TARGET_P99_MS, TARGET_MAX_MS = 50.0, 250.0
@@ -74,7 +76,7 @@ def _beat_while(beat, perf, start, running, what: str, settle_ms: int = 0) -> fl
         if perf.timer.isActive():
             wait(lambda: perf.shown is not None and perf.shown.finished is not None, "the dock")
         if settle_ms:
-            _settle(settle_ms)  # what the run's end adds (a labels layer, a table) drawn
+            spin(settle_ms)  # what the run's end adds (a labels layer, a table) drawn
     finally:
         beat.stop()
     return time.perf_counter() - t0
@@ -137,7 +139,7 @@ def benchmark_scenario(viewer, beat, perf) -> dict:
     panel = widget.panel
     panel.set_image_source("mosaic")
     panel.quick_check.setChecked(True)
-    _settle(300)
+    spin(300)
     seconds = _beat_while(beat, perf, panel.run_button.click, panel.is_running, "the benchmark", settle_ms=500)
     report = panel.report or {}
     return _outcome(beat, seconds, perf, image="bundled 2048x2048 mosaic", quick=True,

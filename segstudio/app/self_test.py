@@ -55,18 +55,20 @@ class _FirstExposure(QObject):
         return False
 
 
-def _spin(ms: int) -> None:
+def spin(ms: int) -> None:
+    """Run the Qt event loop for ``ms`` milliseconds (what a script driving the window waits with)."""
     loop = QEventLoop()
     QTimer.singleShot(ms, loop.quit)
     loop.exec()
 
 
-def _wait(condition, what: str, timeout_s: float = TIMEOUT_S) -> None:
+def wait_until(condition, what: str, timeout_s: float = TIMEOUT_S, poll_ms: int = 20) -> None:
+    """Run the event loop until ``condition()`` is true; :class:`SegStudioError` after ``timeout_s``."""
     t0 = time.monotonic()
     while not condition():
         if time.monotonic() - t0 > timeout_s:
-            raise SegStudioError(f"self-test: waited {timeout_s:.0f} s for {what}")
-        _spin(20)
+            raise SegStudioError(f"waited {timeout_s:.0f} s for {what}")
+        spin(poll_ms)
 
 
 def run_gui_self_test(screenshot: Path | None = None, *, min_ap50: float = 0.65) -> GuiSelfTest:
@@ -91,10 +93,8 @@ def run_gui_self_test(screenshot: Path | None = None, *, min_ap50: float = 0.65)
     sample_s = _process_age_s()
     try:
         window = viewer.window._qt_window
-        _wait(lambda: window.isVisible() and window.windowHandle() is not None and window.windowHandle().isExposed(),
-              "the window to be shown")
+        wait_until(lambda: first_shown.age_s is not None, "the window to be shown")
         app.removeEventFilter(first_shown)
-        shown_s = first_shown.age_s if first_shown.age_s is not None else _process_age_s()
         truth = next((layer for layer in viewer.layers if layer.name.endswith(" ground truth")), None)
         if truth is None:
             raise SegStudioError("self-test: the bundled sample did not open (no ground truth layer)")
@@ -104,15 +104,16 @@ def run_gui_self_test(screenshot: Path | None = None, *, min_ap50: float = 0.65)
         panel = widget.panel
         t0 = time.perf_counter()
         panel.run_button.click()
-        name = f"{image.name} labels"
-        _wait(lambda: not panel.is_running() and (name in viewer.layers or panel.status.text() in ("Failed", "Cancelled")),
-              "the segmentation")
+        # the labels layer is added in the same GUI-thread call that ends the run
+        wait_until(lambda: not panel.is_running(), "the segmentation")
         seconds = time.perf_counter() - t0
+        name = f"{image.name} labels"
         if name not in viewer.layers:
-            raise SegStudioError(f"self-test: the Segment panel did not segment the sample: {panel.status.text()}")
+            raise SegStudioError("self-test: the Segment panel did not segment the sample: "
+                                 f"{panel.error_text() or panel.status.text()}")
         labels = viewer.layers[name]
         scores = score(truth.data, labels.data)
-        _spin(300)  # the labels layer drawn
+        spin(300)  # the labels layer drawn
         path = None
         if screenshot is not None:
             screenshot = Path(screenshot)
@@ -120,7 +121,7 @@ def run_gui_self_test(screenshot: Path | None = None, *, min_ap50: float = 0.65)
             if not window.grab().save(str(screenshot)):
                 raise SegStudioError(f"self-test: could not save the screenshot to {screenshot}")
             path = str(screenshot)
-        result = GuiSelfTest(round(shown_s, 2), round(sample_s, 2), round(seconds, 2), int(scores.n_pred), round(scores.ap[0.5], 3),
+        result = GuiSelfTest(round(first_shown.age_s, 2), round(sample_s, 2), round(seconds, 2), int(scores.n_pred), round(scores.ap[0.5], 3),
                              panel.status.text(), path)
     finally:
         viewer.close()

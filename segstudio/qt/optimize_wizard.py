@@ -182,7 +182,7 @@ class TargetInfo:
 
 
 def _probe(model: Model) -> Job[TargetInfo]:
-    """The backends that run ``model`` here, on the CPU and the GPU (importing PyTorch to look for a GPU)."""
+    """The backends that run ``model`` here, on the CPU and the GPU (PyTorch is imported only where a driver is)."""
     from ..core.backends import REGISTRY, backend_class, gpu_available, installed
     from ..core.optimize.validate import target_variants
 

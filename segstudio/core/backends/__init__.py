@@ -172,7 +172,7 @@ def create_backend(variant: str, model: Model, **options) -> Backend:
     cls = backend_class(v.name)
     if not installed(cls.package):
         raise BackendUnavailableError(f"{cls.package} is not installed (the {v.name} backend needs it)",
-                                      hint=torch_hint() if cls.package == "torch" else cls.install_hint)
+                                      hint=cls.install_hint)
     fmt = cls.model_file(v.device, v.precision)
     if fmt not in model.files:
         raise BackendUnavailableError(

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, DeviceOutOfMemoryError
 from ..models.catalog import Model
+from . import torch_hint
 from .base import BackendBase
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -27,9 +28,8 @@ def _torch():
     try:
         import torch
     except ImportError:
-        from . import torch_hint
-
-        raise BackendUnavailableError("PyTorch is not installed", hint=f"{torch_hint()}, or use another backend") from None
+        raise BackendUnavailableError("PyTorch is not installed",
+                                      hint=f"{TorchBackend.install_hint}, or use another backend") from None
     return torch
 
 
@@ -40,7 +40,7 @@ class TorchBackend(BackendBase):
     precisions = {"cpu": ("fp32",), "cuda": ("fp32", "fp16", "bf16")}
     options = frozenset({"cl", "graph", "compile"})
     gpu_devices = frozenset({"cuda"})
-    install_hint = 'pip install "segstudio[torch]"'  # create_backend says torch_hint() instead (the app's package)
+    install_hint = torch_hint()  # the pip extra, or in the standalone app its full package
 
     @classmethod
     def model_file(cls, device: str, precision: str) -> str:
