@@ -75,6 +75,12 @@ def main() -> int:
     ap.add_argument("--diameter", type=float, default=None,
                     help="resample every image so its nuclei are this many pixels across (default: native pixels)")
     ap.add_argument("--zoom", type=float, nargs=2, default=(0.7, 1.4))
+    ap.add_argument("--augment", choices=("basic", "hard"), default="basic",
+                    help="hard: also dim nuclei beside bright ones, texture, background ramps, defocus, "
+                    "Poisson noise, few grey levels (segstudio.core.train.hard_photometric)")
+    ap.add_argument("--synthetic", type=int, default=0, metavar="N",
+                    help="mix N synthetic hard-nuclei images (seeds 0..N-1) into training and 20 (seeds "
+                    "100000..) into threshold tuning; the held-out set (tests/data/hard_nuclei) is seeds 900000..")
     ap.add_argument("--init-from", default=None, help="start from these weights (state dict or checkpoint)")
     ap.add_argument("--stop-after", type=int, default=None,
                     help="stop after this epoch (the checkpoint stays; the schedule spans --epochs)")
@@ -118,6 +124,7 @@ def main() -> int:
         epochs=args.epochs, crop=args.crop, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         diameter=args.diameter, zoom=tuple(args.zoom), init_from=args.init_from, stop_after=args.stop_after,
         threads=args.threads, device=args.device, loader_threads=args.loader_threads, time_limit_s=args.time_limit,
+        augment=args.augment,
     )
     pairs = find_pairs(args.data / "train", args.data / "train", kind="fluorescence")
     tune_pairs = pairs[::10]
@@ -125,6 +132,10 @@ def main() -> int:
     print(f"train {len(train_pairs)} images, tune {len(tune_pairs)} images", flush=True)
     train = load_samples(train_pairs, cfg.normalization, cfg.unet.in_channels, cfg.diameter)
     tune = load_samples(tune_pairs, cfg.normalization, cfg.unet.in_channels)
+    if args.synthetic:
+        train += synthetic_samples(range(args.synthetic), cfg, cfg.diameter)
+        tune += synthetic_samples(range(100000, 100020), cfg, None)
+        print(f"+ {args.synthetic} synthetic hard-nuclei images in training, 20 in tuning", flush=True)
 
     teacher = None
     if args.distill_from:
@@ -161,7 +172,9 @@ def main() -> int:
         config=cfg.unet, input_channels=cfg.unet.in_channels, normalization=cfg.normalization,
         diameter=cfg.diameter,
         trained_on=f"DSB2018 stage 1 (BBBC038, CC0), fluorescence train split: {len(train_pairs)} images "
-        f"({len(tune_pairs)} more held out to tune thresholds)",
+        f"({len(tune_pairs)} more held out to tune thresholds)"
+        + (f"; {args.synthetic} synthetic hard-nuclei images (segstudio.core.synthetic, seeds 0-{args.synthetic - 1})"
+           if args.synthetic else ""),
         license="CC0 training data; model weights released with segstudio",
     )
 
@@ -171,7 +184,7 @@ def main() -> int:
     spec.postprocess = params
     print(f"tuned post-processing: {params} (AP50 {tune_ap:.3f} on the tune images)", flush=True)
 
-    diam = np.concatenate([object_diameters(s.labels) for s in tune + load_samples(train_pairs[:60], cfg.normalization, 1)])
+    diam = np.concatenate([object_diameters(s.labels) for s in tune[: len(tune_pairs)] + load_samples(train_pairs[:60], cfg.normalization, 1)])
     spec.median_diameter_px = round(float(np.median(diam)), 1)
     spec.pixel_scale = (
         f"DSB2018 nuclei are {np.percentile(diam, 5):.0f}-{np.percentile(diam, 95):.0f} px across (5th-95th "
@@ -192,6 +205,10 @@ def main() -> int:
             command += f" --{key} {value:g}" if isinstance(value, float) else f" --{key} {value}"
     if tuple(args.zoom) != (0.7, 1.4):
         command += f" --zoom {args.zoom[0]} {args.zoom[1]}"
+    if args.augment != "basic":
+        command += f" --augment {args.augment}"
+    if args.synthetic:
+        command += f" --synthetic {args.synthetic}"
     if args.distill_from:
         command += f" --distill-from {args.distill_from} --steps {args.steps}"
     if args.init_from:
@@ -222,6 +239,19 @@ def main() -> int:
     if teacher is not None:
         record_speed(card, args.distill_from, args.data)
     return 0
+
+
+def synthetic_samples(seeds, cfg: TrainConfig, diameter: float | None) -> list:
+    """Training samples of synthetic hard-nuclei images (:func:`segstudio.core.synthetic.hard_nuclei_image`)."""
+    from segstudio.core.synthetic import hard_nuclei_image
+    from segstudio.core.train import make_sample
+
+    out = []
+    for seed in seeds:
+        image, labels, _ = hard_nuclei_image(np.random.default_rng(seed))
+        out.append(make_sample(f"hard{seed}", image[None].astype(np.float32), labels, cfg.normalization,
+                               cfg.unet.in_channels, diameter))
+    return out
 
 
 def record_speed(card, other, data: Path) -> dict:

@@ -388,7 +388,8 @@ def cmd_eval(args) -> int:
 
     try:
         report = run_sync(evaluate_job(pairs, model, backend, channel=args.channel, tile=args.tile,
-                                       keep_worst=args.worst, tta=args.tta, **args.diameter),
+                                       keep_worst=args.worst, tta=args.tta, by_size=args.by_size,
+                                       **args.diameter),
                          on_progress)
     finally:
         bar.close()
@@ -404,6 +405,12 @@ def cmd_eval(args) -> int:
     m = report["mean"]
     print(f"mean over {len(pairs)} image(s): AP50 {m['ap50']:.4f}  AP75 {m['ap75']:.4f}  F1 {m['f1']:.4f}  "
           f"Dice {m['dice']:.4f}  PQ {m['pq']:.4f}")
+    if report.get("by_size"):
+        print("by nucleus diameter (true objects pooled over the images; AP50 = TP / (TP + FP + FN)):")
+        print(f"{'diameter px':>12} {'true':>6} {'TP':>6} {'FP':>6} {'FN':>6} {'AP50':>6} {'recall':>6}")
+        for r in report["by_size"]:
+            print(f"{r['diameter_px']:>12} {r['n_true']:6d} {r['tp']:6d} {r['fp']:6d} {r['fn']:6d} "
+                  f"{r['ap50']:6.3f} {r['recall']:6.3f}")
     if worst:
         print("worst images: " + ", ".join(f"{name} ({ap:.3f})" for ap, name, *_ in worst))
     if args.json:
@@ -828,6 +835,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help="folder of label images (default: the images folder)")
     p.add_argument("--kind", default=None, help="keep only images of this kind in index.json (e.g. fluorescence)")
     p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--by-size", action="store_true",
+                   help="also AP50 per nucleus-diameter bin (8, 12, 16, 24, 32, 48, 64, 100 px): where the model fails")
     p.add_argument("--worst", type=_int_opt(0, 100), default=8, help="how many lowest-AP50 images to draw (default 8; 0: none)")
     p.add_argument("--worst-png", default=None,
                    help="PNG of the worst images' predictions over the truth (default: next to --json)")

@@ -89,9 +89,13 @@ def test_missing_path_and_unknown_backend(tmp_path, samples):
 
 def test_eval_json(tmp_path, sample_dir):
     out = tmp_path / "r.json"
-    proc = run("eval", "--model", "nuclei", "--images", sample_dir, "--labels", sample_dir, "--json", out)
+    proc = run("eval", "--model", "nuclei", "--images", sample_dir, "--labels", sample_dir, "--json", out, "--by-size")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
+    # --by-size: every true object in one diameter bin, the table printed
+    assert sum(r["n_true"] for r in report["by_size"]) == sum(r["n_true"] for r in report["images"])
+    assert sum(r["tp"] + r["fp"] for r in report["by_size"]) == sum(r["n_pred"] for r in report["images"])
+    assert "by nucleus diameter" in proc.stdout and report["by_size"][0]["diameter_px"] in proc.stdout
     assert set(report["mean"]) >= {"ap50", "ap75", "f1", "dice"}
     assert len(report["images"]) == 4
     assert {"name", "ap50", "ap75", "f1", "dice"} <= set(report["images"][0])

@@ -169,3 +169,23 @@ def test_valid_index_json_still_filters_by_kind(tmp_path):
 
     folder = _pair_folder(tmp_path / "d", index='[{"file": "d/x", "kind": "fluorescence"}]')
     assert [p.name for p in find_pairs(folder, folder, kind="fluorescence")] == ["x"]
+
+
+def test_size_counts_bins_objects_by_diameter():
+    from segstudio.core.evaluate import SIZE_BINS, size_counts, size_table
+
+    t = np.zeros((100, 100), int)
+    _box(t, 1, 0, 10, 0, 10)  # 100 px: diameter 11.3 -> bin 8-12, found
+    _box(t, 2, 20, 26, 20, 26)  # 36 px: 6.8 -> bin 0-8, missed
+    _box(t, 3, 40, 70, 40, 70)  # 900 px: 33.9 -> bin 32-48, found
+    p = np.zeros_like(t)
+    _box(p, 5, 0, 10, 0, 9)
+    _box(p, 6, 40, 70, 40, 68)
+    _box(p, 7, 80, 100, 80, 100)  # false positive, 400 px: 22.6 -> bin 16-24
+    c = size_counts(t, p)
+    assert c.shape == (len(SIZE_BINS) - 1, 3)
+    assert c[0].tolist() == [0, 0, 1] and c[1].tolist() == [1, 0, 0]
+    assert c[3].tolist() == [0, 1, 0] and c[5].tolist() == [1, 0, 0] and c.sum() == 4
+    rows = {r["diameter_px"]: r for r in size_table(c)}
+    assert set(rows) == {"0-8", "8-12", "16-24", "32-48"}
+    assert rows["8-12"]["ap50"] == 1 and rows["0-8"]["recall"] == 0 and rows["16-24"]["n_true"] == 0

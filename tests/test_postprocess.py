@@ -99,3 +99,20 @@ def test_levels_flood_on_plateaus_is_complete_and_connected():
     assert set(np.unique(out)) == {1, 2}  # every masked pixel reached
     for lab in (1, 2):
         assert ndi.label(out == lab)[1] == 1  # each basin is one connected region
+
+
+def test_fill_enclosed_holes_fills_a_nucleolus_not_a_gap_between_nuclei():
+    from segstudio.core.postprocess import fill_enclosed_holes
+
+    lab = np.zeros((40, 40), np.int32)
+    lab[2:14, 2:14] = 1
+    lab[6:9, 6:9] = 0  # a hole inside object 1
+    # four objects around a gap: background bordered by several objects
+    lab[20:30, 20:25], lab[20:30, 27:32] = 2, 3
+    lab[20:22, 25:27], lab[28:30, 25:27] = 4, 5
+    lab[0:5, 34:40] = 6
+    lab[0:2, 36:38] = 0  # a notch open to the array's edge
+    out = fill_enclosed_holes(lab)
+    assert (out[6:9, 6:9] == 1).all()
+    assert (out[22:28, 25:27] == 0).all() and (out[0:2, 36:38] == 0).all()
+    assert np.array_equal(out[lab > 0], lab[lab > 0])

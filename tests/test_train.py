@@ -107,3 +107,37 @@ def test_learning_rate_schedule_of_any_length(steps):
             sched.step()
     assert max(lrs) == pytest.approx(1e-3)
     assert lrs[-1] < 1e-5 or steps < 4
+
+
+def test_nearest_object_and_dimming_keep_the_background_and_one_nucleus():
+    from segstudio.core.train import dim_some_objects, nearest_object
+
+    lab = np.zeros((30, 30), np.int32)
+    lab[2:8, 2:8], lab[20:28, 20:28], lab[2:8, 22:28] = 7, 3, 9
+    near = nearest_object(lab)
+    ids = np.unique(lab)[1:]  # [3, 7, 9] -> indices 1, 2, 3
+    assert near[0, 0] == 2 and near[29, 29] == 1 and near[0, 29] == 3
+    assert all(near[lab == i].tolist() == [k] * (lab == i).sum() for k, i in enumerate(ids, start=1))
+    image = np.where(lab > 0, 1.0, 0.05).astype(np.float32)[None]
+    for seed in range(5):
+        out = dim_some_objects(image, near, np.random.default_rng(seed))
+        levels = [float(np.median(out[0][lab == i])) for i in ids]
+        assert max(levels) == pytest.approx(1.0) and min(levels) < 1.0  # one stays the brightest
+        assert np.allclose(out[0][12:18, 12:18], 0.05)  # background far from the nuclei untouched
+
+
+def test_hard_photometric_is_seeded_finite_and_sometimes_few_grey_levels(train_samples):
+    from segstudio.core.train import _augment_batch, hard_photometric
+
+    s = train_samples[0]
+    x, fg = s.image[:, :96, :96], s.fg[:96, :96]
+    a = hard_photometric(x, fg, np.random.default_rng(1))
+    assert np.array_equal(a, hard_photometric(x, fg, np.random.default_rng(1)))
+    levels = [len(np.unique(hard_photometric(x, fg, np.random.default_rng(k)))) for k in range(40)]
+    assert min(levels) <= 200 < max(levels)  # quantized to few grey levels in some draws only
+    cfg = small_config(augment="hard")
+    xb, fgb, distb, cls = _augment_batch(train_samples, cfg, np.random.default_rng(0))
+    assert xb.shape == (4, 1, 64, 64) and torch.isfinite(xb).all() and cls is None
+    assert set(torch.unique(fgb).tolist()) <= {0.0, 1.0}
+    again = _augment_batch(train_samples, cfg, np.random.default_rng(0))
+    assert all(torch.equal(p, q) for p, q in zip((xb, fgb, distb), again[:3]))  # seeded: resumable runs

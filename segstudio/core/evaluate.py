@@ -182,14 +182,58 @@ def mean_scores(rows: list[dict]) -> dict:
     return out
 
 
+SIZE_BINS = (0.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 100.0, float("inf"))
+
+
+def size_counts(true: np.ndarray, pred: np.ndarray, edges=SIZE_BINS, threshold: float = 0.5) -> np.ndarray:
+    """TP / FP / FN per nucleus-diameter bin: an ``(len(edges) - 1, 3)`` int array.
+
+    A true object falls in the bin of its equivalent-circle diameter
+    ``2 sqrt(area / pi)``; a matched pair (IoU >= ``threshold``) counts as a
+    TP of its true object's bin, an unmatched prediction as a FP of the bin
+    of its own diameter.  So a bin's AP50, TP / (TP + FP + FN), says how the
+    model does on nuclei of that size.
+    """
+    def bins_of(labels):
+        areas = np.bincount(np.asarray(labels).ravel().astype(np.int64))
+        d = 2.0 * np.sqrt(areas / np.pi)
+        return np.clip(np.searchsorted(edges, d, side="right") - 1, 0, len(edges) - 2)
+
+    g, p, _ = match_pairs(overlaps(true, pred), threshold)
+    out = np.zeros((len(edges) - 1, 3), np.int64)
+    t_bin, p_bin = bins_of(true), bins_of(pred)
+    t_ids, p_ids = np.unique(true), np.unique(pred)
+    t_ids, p_ids = t_ids[t_ids != 0], p_ids[p_ids != 0]
+    tp = np.bincount(t_bin[g.astype(np.int64)], minlength=len(out))
+    n_true = np.bincount(t_bin[t_ids.astype(np.int64)], minlength=len(out))
+    unmatched = np.setdiff1d(p_ids, p)
+    out[:, 0] = tp
+    out[:, 1] = np.bincount(p_bin[unmatched.astype(np.int64)], minlength=len(out))
+    out[:, 2] = n_true - tp
+    return out
+
+
+def size_table(counts: np.ndarray, edges=SIZE_BINS) -> list[dict]:
+    """Rows ``{"diameter_px", "n_true", "tp", "fp", "fn", "ap50", "recall"}`` of the bins that hold objects."""
+    rows = []
+    for (tp, fp, fn), lo, hi in zip(counts.tolist(), edges[:-1], edges[1:]):
+        if tp + fp + fn == 0:
+            continue
+        rows.append({"diameter_px": f"{lo:g}-{hi:g}" if np.isfinite(hi) else f">{lo:g}", "n_true": tp + fn,
+                     "tp": tp, "fp": fp, "fn": fn, "ap50": _ratio(tp, tp + fp + fn), "recall": _ratio(tp, tp + fn)})
+    return rows
+
+
 def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_worst: int = 0, cancel=None,
-                 **scale):
+                 by_size: bool = False, **scale):
     """Segment each image of ``pairs`` and score it against its labels.
 
     A job yielding one ``Progress("eval", i, n)`` per image; returns
     ``{"mean": {...}, "images": [{"name", "ap50", ...}, ...]}`` and, with
     ``keep_worst``, ``"worst"``: the ``keep_worst`` lowest-AP50 images as
     ``(ap50, name, image path, truth, prediction)`` (for :func:`worst_images_png`).
+    With ``by_size``, ``"by_size"``: the objects of all images pooled by
+    diameter (:func:`size_counts`, :func:`size_table`).
     ``scale``: ``diameter`` / ``diameter_um`` (and ``tta``) as :func:`segment_job` takes them.
     """
     import heapq
@@ -201,6 +245,7 @@ def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_w
     from .sources import open_source
 
     rows, worst = [], []
+    sizes = np.zeros((len(SIZE_BINS) - 1, 3), np.int64)
     yield Progress("eval", 0, len(pairs))
     for i, pair in enumerate(pairs):
         if cancel is not None:
@@ -217,6 +262,8 @@ def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_w
             raise mismatch_error(pair, truth.shape, result.labels.shape)
         pred = result.labels.reshape(truth.shape)
         row = {"name": pair.name, **score(truth, pred).as_dict()}
+        if by_size:
+            sizes += size_counts(truth, pred)
         if result.diameter is not None:
             row["diameter_px"] = round(result.diameter, 2)
             row["scale"] = round(result.scale, 3)
@@ -230,6 +277,8 @@ def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_w
                 heapq.heapreplace(worst, item)
         yield Progress("eval", i + 1, len(pairs), f"{pair.name}: AP50 {row['ap50']:.3f}")
     report = {"mean": mean_scores(rows), "images": rows}
+    if by_size:
+        report["by_size"] = size_table(sizes)
     if keep_worst:
         report["worst"] = [(-w[0], w[2], w[3], w[4], w[5]) for w in sorted(worst, key=lambda w: (-w[0], w[1]))]
     return report

@@ -167,6 +167,8 @@ class PostprocessParams:
     fg_threshold: float = 0.5
     seed_threshold: float = 0.5
     min_size: int = 8
+    # give background that one object alone encloses (a nucleolus left out) to that object
+    fill_holes: bool = False
 
 
 @dataclass
