@@ -154,3 +154,15 @@ def test_model_tile_shapes_follow_its_declared_sizes():
         del old[key]
     del old["normalization"]["eps"]
     assert ModelSpec.from_dict(old).tile_shape(512, (1000, 1000)) is None
+
+
+def test_cores_are_balanced_so_the_network_sees_few_padding_pixels():
+    """520 x 696 with 512 px tiles: 2 x 2 cores of 264 x 352 (not 512 + 8: 4.5x the image's pixels)."""
+    plan = plan_tiles((520, 696), tile=512, halo=64, multiple=8)
+    assert len(plan) == 4 and plan.tile_shape == (264 + 128, 352 + 128)
+    assert len(plan) * plan.tile_shape[0] * plan.tile_shape[1] < 2.1 * 520 * 696
+    covered = np.zeros((520, 696), int)
+    for t in plan.tiles:
+        covered[t.out] += 1
+    assert (covered == 1).all()
+    assert plan_tiles((2048, 2048), tile=512, halo=64, multiple=8).tile_shape == (640, 640)

@@ -141,3 +141,24 @@ def test_hard_photometric_is_seeded_finite_and_sometimes_few_grey_levels(train_s
     assert set(torch.unique(fgb).tolist()) <= {0.0, 1.0}
     again = _augment_batch(train_samples, cfg, np.random.default_rng(0))
     assert all(torch.equal(p, q) for p, q in zip((xb, fgb, distb), again[:3]))  # seeded: resumable runs
+
+
+def test_tuning_turns_hole_filling_on_when_the_network_leaves_holes():
+    from segstudio.core.models.spec import PostprocessParams
+    from segstudio.core.train import distance_target, tune_postprocess
+
+    yy, xx = np.mgrid[:96, :96]
+    lab = np.zeros((96, 96), np.int32)
+    centres = [(24, 24), (24, 70), (70, 46)]
+    for i, (cy, cx) in enumerate(centres, start=1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= 144] = i
+    d_logit = np.where(lab > 0, 12 * distance_target(lab) - 6, -6.0)
+    fg = np.where(lab > 0, 6.0, -6.0)
+    for cy, cx in centres:
+        fg[cy + 4 : cy + 11, cx - 3 : cx + 4] = -6.0  # a dark nucleolus off the centre: IoU 0.89 unfilled
+    out = np.stack([fg, d_logit]).astype(np.float32)
+    params, ap = tune_postprocess([out], [lab], PostprocessParams(), fg_grid=(0.5,), seed_grid=(0.7,))
+    assert params.fill_holes and ap == 1.0
+    clean = np.stack([np.where(lab > 0, 6.0, -6.0), d_logit]).astype(np.float32)
+    params, _ = tune_postprocess([clean], [lab], PostprocessParams(), fg_grid=(0.5,), seed_grid=(0.7,))
+    assert not params.fill_holes  # nothing to fill: the default stays

@@ -26,7 +26,7 @@ from scipy import ndimage as ndi
 
 from .datasets import Pair, read_pair
 from .errors import InputError
-from .evaluate import score
+from .evaluate import DEFAULT_THRESHOLDS, score
 from .jobs import CancelToken, Job, Progress
 from .models.spec import Normalization, PostprocessParams, UNetConfig
 from .postprocess import fg_dist_to_labels
@@ -487,19 +487,30 @@ def tune_postprocess(
     fg_grid=(0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65),
     seed_grid=(0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85), cancel=None,
 ) -> tuple[PostprocessParams, float]:
-    """Pick the thresholds with the best mean AP50 on held-out training images."""
+    """Pick the thresholds with the best mean AP50 on held-out training images.
+
+    Then, at those thresholds, whether filling the holes one object encloses
+    (``fill_holes``) scores better, by the AP averaged over IoU 0.5-0.9 (a
+    hole seldom costs a match at IoU 0.5, but it does at 0.8 or 0.9), and
+    keep the better of the two.
+    """
+    def mean_ap(params, thresholds=(0.5,)):
+        return float(np.mean([np.mean(list(score(lab, fg_dist_to_labels(o[0], o[1], params),
+                                                 thresholds=thresholds).ap.values()))
+                              for o, lab in zip(outputs, labels)]))
+
     best, best_ap = base, -1.0
     for fg_t in fg_grid:
         for seed_t in seed_grid:
             if cancel is not None:
                 cancel.raise_if_cancelled()
             params = dataclasses.replace(base, fg_threshold=fg_t, seed_threshold=seed_t)
-            ap = float(np.mean([
-                score(lab, fg_dist_to_labels(o[0], o[1], params), thresholds=(0.5,)).ap[0.5]
-                for o, lab in zip(outputs, labels)
-            ]))
+            ap = mean_ap(params)
             if ap > best_ap:
                 best, best_ap = params, ap
+    other = dataclasses.replace(best, fill_holes=not best.fill_holes)
+    if mean_ap(other, DEFAULT_THRESHOLDS) > mean_ap(best, DEFAULT_THRESHOLDS):
+        return other, mean_ap(other)
     return best, best_ap
 
 
