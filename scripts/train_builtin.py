@@ -26,7 +26,8 @@ The shipped models (the exact command is in each card's ``training.command``):
     # on a GPU machine (CUDA torch): train there, then finish (tune, ONNX export, val metrics) on any machine
     python scripts/train_builtin.py --data DATA ... --device cuda --loader-threads 12 --train-only
     python scripts/train_builtin.py --data DATA ... --device auto   # finds the finished checkpoint
-    # the val metrics in a card, re-measured after a change to inference (e.g. the diameter estimate)
+    # a card's metrics (DSB2018 val, the held-out synthetic hard set, the samples), re-measured after a change
+    # to inference (e.g. the diameter estimate)
     python scripts/train_builtin.py --data ../shared/data/dsb2018 --remeasure nuclei
 """
 
@@ -97,7 +98,8 @@ def main() -> int:
     ap.add_argument("--speed", nargs=2, metavar=("MODEL", "AGAINST"), default=None,
                     help="only measure MODEL's CPU speed against AGAINST (interleaved) and write it into MODEL's card")
     ap.add_argument("--remeasure", default=None, metavar="MODEL",
-                    help="only re-measure MODEL's val metrics with the current inference code and write them into its card")
+                    help="only re-measure MODEL's metrics (DSB2018 val, the synthetic hard set, the samples) with the "
+                    "current inference code and write them into its card")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (training only; inference stays on the CPU)")
@@ -112,9 +114,8 @@ def main() -> int:
     if args.remeasure:
         model = get_model(args.remeasure)
         spec = model.spec
-        spec.metrics = {**(spec.metrics or {}), "dsb2018_fluorescence_val": val_metrics(model.card_path, args.data)}
+        spec.metrics = {**(spec.metrics or {}), **val_metrics(model.card_path, args.data)}
         write_card(spec, model.files, model.card_path, model.provenance or None)
-        print(json.dumps(spec.metrics["dsb2018_fluorescence_val"], indent=1))
         return 0
 
     import torch
@@ -232,7 +233,7 @@ def main() -> int:
     example = np.stack([tune[0].image[:, :256, :256], tune[1].image[:, :256, :256]]).astype(np.float32)
     card = save_model(net, spec, args.out, example)
     print(f"ONNX vs PyTorch: {spec.training['onnx_vs_torch']}", flush=True)
-    spec.metrics = {"dsb2018_fluorescence_val": val_metrics(card, args.data)}
+    spec.metrics = val_metrics(card, args.data)
     model = get_model(card)
     write_card(spec, model.files, card)
     print(json.dumps(spec.metrics, indent=1))
@@ -295,25 +296,48 @@ def record_speed(card, other, data: Path) -> dict:
     return speed
 
 
+EVAL_SETS = {
+    # card key: (images folder, --kind, how the card names the folder in its command)
+    "dsb2018_fluorescence_val": ("val", "fluorescence", "../shared/data/dsb2018/val"),
+    "synthetic_hard_heldout": (ROOT / "tests" / "data" / "hard_nuclei", None, "tests/data/hard_nuclei"),
+    "samples": (ROOT / "sample_data", None, "sample_data"),
+}
+
+
 def val_metrics(card: Path, data: Path) -> dict:
-    """The model's scores on the fluorescence val split, as `segstudio eval` computes them."""
+    """The model's scores on every set of :data:`EVAL_SETS`, as `segstudio eval` computes them.
+
+    The DSB2018 fluorescence val split (under ``data``), the held-out
+    synthetic hard-nuclei set (seeds 900000-900029) and the four samples;
+    each with the command that reproduces it.
+    """
     from segstudio.core.backends import create_backend
 
     model = get_model(card)
-    val = find_pairs(data / "val", data / "val", kind="fluorescence")
-    t0 = time.perf_counter()
-    with create_backend("onnxruntime", model) as backend:
-        report = run_sync(evaluate_job(val, model, backend))
-    mean = report["mean"]
-    return {
-        "images": len(val),
-        "ap50": round(mean["ap50"], 4), "ap75": round(mean["ap75"], 4), "f1": round(mean["f1"], 4),
-        "dice": round(mean["dice"], 4), "pq": round(mean["pq"], 4), "count_error": round(mean["count_error"], 4),
-        "ap": {k: round(v, 4) for k, v in mean["ap"].items()},
-        "eval_seconds_onnxruntime": round(time.perf_counter() - t0, 1),
-        "command": f"segstudio eval --model {model.name} --images ../shared/data/dsb2018/val "
-        "--labels ../shared/data/dsb2018/val --kind fluorescence",
-    }
+    out = {}
+    for key, (folder, kind, shown) in EVAL_SETS.items():
+        folder = data / folder if isinstance(folder, str) else folder
+        pairs = find_pairs(folder, folder, kind=kind)
+        t0 = time.perf_counter()
+        with create_backend("onnxruntime", model) as backend:
+            report = run_sync(evaluate_job(pairs, model, backend, by_size=True))
+        mean = report["mean"]
+        out[key] = {
+            "images": len(pairs),
+            "ap50": round(mean["ap50"], 4), "ap75": round(mean["ap75"], 4), "f1": round(mean["f1"], 4),
+            "dice": round(mean["dice"], 4), "pq": round(mean["pq"], 4), "count_error": round(mean["count_error"], 4),
+            "ap": {k: round(v, 4) for k, v in mean["ap"].items()},
+            "by_size": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                        for r in report["by_size"]],
+            "per_image_ap50": {r["name"]: round(r["ap50"], 4) for r in report["images"]} if len(pairs) <= 8 else None,
+            "eval_seconds_onnxruntime": round(time.perf_counter() - t0, 1),
+            "command": f"segstudio eval --model {model.name} --images {shown} --labels {shown}"
+            + (f" --kind {kind}" if kind else "") + " --backend onnxruntime --by-size",
+        }
+        if out[key]["per_image_ap50"] is None:
+            del out[key]["per_image_ap50"]
+        print(key, json.dumps({k: out[key][k] for k in ("images", "ap50", "ap75", "f1", "pq")}), flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def test_card_and_files(nuclei):
     assert nuclei.spec.halo >= nuclei.spec.config.receptive_radius()
     assert nuclei.spec.halo % nuclei.spec.config.multiple == 0
     names = [m.name for m in builtin_models()]
-    assert names[0] == "nuclei" and set(names) == {"nuclei", "nuclei-light", "nuclei-v1", "viability"}
+    assert names[0] == "nuclei" and set(names) == {"nuclei", "nuclei-light", "nuclei-v1", "nuclei-v2", "viability"}
 
 
 def test_unknown_model_and_tampered_file(tmp_path, nuclei):
