@@ -159,37 +159,6 @@ def test_diameter_in_micrometres_needs_a_pixel_size(nuclei):
     assert res.diameter == pytest.approx(median_diameter(truth))
 
 
-class _Counting:
-    """A backend that counts the pixels it is given."""
-
-    def __init__(self, backend):
-        self.backend, self.pixels = backend, 0
-
-    def predict(self, batch, crop=None):
-        self.pixels += batch.shape[0] * batch.shape[-2] * batch.shape[-1]
-        return self.backend.predict(batch, crop)
-
-    def describe(self):
-        return self.backend.describe()
-
-
-def test_a_run_at_native_scale_reuses_the_estimates_network_pass(nuclei):
-    """0287e7ee5b00's nuclei are about the training size: the estimate's native pass is the run's network output."""
-    model, backend = nuclei
-    image = read_image(SAMPLE / "0287e7ee5b00_img.tif")
-    truth = read_image(SAMPLE / "0287e7ee5b00_labels.tif").data
-    reused = _Counting(backend)
-    res = run_sync(segment_job(image, model, reused, measure_cells=False))
-    assert res.scale == 1.0 and res.timings["network"] < 0.05
-    fresh = _Counting(backend)
-    again = run_sync(segment_job(image, model, fresh, measure_cells=False, diameter=res.diameter))
-    assert again.scale == 1.0
-    # the estimate ran the network once over the image (256 px: no coarse passes), the run not at all
-    assert reused.pixels == fresh.pixels
-    assert score(again.labels, res.labels).ap[0.5] > 0.98  # the same labels (batch-size rounding aside)
-    assert abs(score(truth, res.labels).ap[0.5] - score(truth, again.labels).ap[0.5]) < 0.02
-
-
 HARD = Path(__file__).resolve().parent / "data" / "hard_nuclei"
 
 

@@ -127,7 +127,6 @@ def segment_plane_job(
     halo: int | None = None,
     nonfinite: bool = False,
     tile_shape: tuple[int, int] | None = None,
-    outputs: np.ndarray | None = None,
     cancel: CancelToken | None = None,
 ) -> Job[PlaneResult]:
     """Segment plane ``index`` of ``source`` tile by tile; see the module docstring.
@@ -143,9 +142,6 @@ def segment_plane_job(
     ``tile_shape``: every tile's shape in image pixels, halo included
     (default: the one the model takes, :meth:`ModelSpec.tile_shape`, for a
     network of fixed or stepped input sizes; else sized by the tiler).
-    ``outputs``: the network's ``(K, H, W)`` output of the whole plane,
-    already computed (by the diameter estimate): each tile's core is cut
-    from it instead of running the network again.
     """
     clock = clock or StageClock()
     halo = round_up(spec.halo if halo is None else halo, spec.multiple)  # as plan_tiles rounds it
@@ -232,13 +228,10 @@ def segment_plane_job(
                 raise Cancelled("cancelled by the user")
             if batch:
                 t0 = time.perf_counter()
-                if outputs is None:
-                    out = predict(np.stack([a for _, a in batch]), core_crop)
-                else:
-                    out = [outputs[(slice(None), *t.out)] for t, _ in batch]
+                out = predict(np.stack([a for _, a in batch]), core_crop)
                 dt = time.perf_counter() - t0
                 clock.add("network", dt)
-                if metrics.listening() and outputs is None:  # a network call, not a cut from outputs
+                if metrics.listening():
                     metrics.publish(metrics.BatchTimed(len(batch), len(batch) * tile_pixels, dt, source.name))
                 for (t, _), o in zip(batch, out):
                     kept = o[:, : t.out[0].stop - t.out[0].start, : t.out[1].stop - t.out[1].start]

@@ -211,7 +211,7 @@ REFINE_MIN_OBJECTS = 10
 
 
 def estimate_diameter(
-    image: np.ndarray, spec, predict, *, tile: int = 512, keep: dict | None = None
+    image: np.ndarray, spec, predict, *, tile: int = 512
 ) -> float | None:
     """Median nucleus diameter, in image pixels, of a normalized ``(C, H, W)`` image.
 
@@ -228,10 +228,6 @@ def estimate_diameter(
     says, wins.  (Without the last condition, small cells that blur into
     blobs at a coarse scale would pass for big ones.)  ``None`` when no
     object is found.
-
-    ``keep``: a dict that receives the network's output of the native pass
-    as ``keep["native"]`` (``(K, H, W)`` on ``image``'s grid), so a run at
-    native scale over the same pixels need not compute it again.
     """
     from .jobs import run_sync
     from .postprocess import network_instances
@@ -243,8 +239,6 @@ def estimate_diameter(
         out = run_sync(predict_tiled(x, lambda b: predict(b, None), tile=tile, halo=spec.halo,
                                      multiple=spec.multiple, batch_size=1,
                                      tile_shape=spec.tile_shape(tile, x.shape[-2:])))
-        if keep is not None and factor == 1.0 and not cropped:
-            keep["native"] = out
         labels, _ = network_instances(out, spec)
         if cropped:  # nuclei cut by the crop's edges would pull the median down
             edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))

@@ -228,10 +228,9 @@ def segment_job(
                     background_nonfinite(x)
                 return x
 
-            native = None  # the network's output of this plane at native scale, when the estimate made it
             if i == 0 and spec.diameter:
                 if diameter is None:
-                    diameter, native = _estimate_diameter(source, index, prepare_whole, spec, predict)
+                    diameter = _estimate_diameter(source, index, prepare_whole, spec, predict)
                     if diameter is None:
                         notices.append("no nuclei found to estimate their size: the image is used as is")
                     else:
@@ -252,15 +251,13 @@ def segment_job(
                     least = 2 * round_up(halo, spec.multiple) + 1
                     tile_shape = tuple(max(least, int(round(n / factor))) for n in net_shape)
                 context = int(np.ceil(context / min(factor, 1.0)))
-            if factor != 1.0 or tta:
-                native = None
             yield from tell()
             result = yield from segment_plane_job(
                 source, index, spec, predict,
                 lambda y0, rows, index=index: sink.write(index, y0, rows),
                 prepare=prepare, tile=tile, batch_size=batch_size, context=context, first_id=next_id,
                 measure_cells=measure_cells, clock=clock, notices=notices, post_workers=post_workers,
-                halo=halo, nonfinite=nonfinite, tile_shape=tile_shape, outputs=native, cancel=cancel,
+                halo=halo, nonfinite=nonfinite, tile_shape=tile_shape, cancel=cancel,
             )
             told = len(notices)  # the pipeline told those it added
             next_id += result.n_objects
@@ -380,16 +377,9 @@ class FlipAverage:
 ESTIMATE_SIDE = 1024
 
 
-def _estimate_diameter(source: ImageSource, index, prepare, spec, predict) -> tuple[float | None, np.ndarray | None]:
-    """Nuclei diameter from the centre (at most 1024 x 1024 pixels) of one plane.
-
-    Also the network's output at native scale when the estimate saw the
-    whole plane (``None`` for a larger plane): the run reuses it when it
-    stays at native scale.
-    """
+def _estimate_diameter(source: ImageSource, index, prepare, spec, predict) -> float | None:
+    """Nuclei diameter from the centre (at most 1024 x 1024 pixels) of one plane."""
     h, w = source.plane_shape
     y0, x0 = max(0, (h - ESTIMATE_SIDE) // 2), max(0, (w - ESTIMATE_SIDE) // 2)
     block = source.read(index, (y0, min(h, y0 + ESTIMATE_SIDE)), (x0, min(w, x0 + ESTIMATE_SIDE)))
-    keep: dict = {}
-    d = estimate_diameter(prepare(block), spec, predict, keep=keep)
-    return d, keep.get("native") if block.shape[-2:] == (h, w) else None
+    return estimate_diameter(prepare(block), spec, predict)
