@@ -32,6 +32,7 @@ from .models.spec import Normalization, PostprocessParams, UNetConfig
 from .postprocess import fg_dist_to_labels
 from .preprocess import normalize, select_channels
 from .scale import median_diameter, rescale_sample, scale_factor
+from .synthetic import _log_uniform
 
 
 @dataclass
@@ -129,10 +130,6 @@ def make_sample(name: str, plane: np.ndarray, labels: np.ndarray, norm: Normaliz
     if diameter:
         x, lab = rescale_sample(x, lab, scale_factor(diameter, median_diameter(lab)))
     return Sample(name, x, lab, (lab > 0).astype(np.float32), distance_target(lab))
-
-
-def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
-    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
