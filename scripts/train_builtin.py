@@ -79,6 +79,8 @@ def main() -> int:
     ap.add_argument("--augment", choices=("basic", "hard"), default="basic",
                     help="hard: also dim nuclei beside bright ones, texture, background ramps, defocus, "
                     "Poisson noise, few grey levels (segstudio.core.train.hard_photometric)")
+    ap.add_argument("--hard-share", type=float, default=1.0,
+                    help="with --augment hard: the share of crops that get it (the others: basic)")
     ap.add_argument("--synthetic", type=int, default=0, metavar="N",
                     help="mix N synthetic hard-nuclei images (seeds 0..N-1) into training and 20 (seeds "
                     "100000..) into threshold tuning; the held-out set (tests/data/hard_nuclei) is seeds 900000..")
@@ -125,7 +127,7 @@ def main() -> int:
         epochs=args.epochs, crop=args.crop, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         diameter=args.diameter, zoom=tuple(args.zoom), init_from=args.init_from, stop_after=args.stop_after,
         threads=args.threads, device=args.device, loader_threads=args.loader_threads, time_limit_s=args.time_limit,
-        augment=args.augment,
+        augment=args.augment, hard_share=args.hard_share,
     )
     pairs = find_pairs(args.data / "train", args.data / "train", kind="fluorescence")
     tune_pairs = pairs[::10]
@@ -208,6 +210,8 @@ def main() -> int:
         command += f" --zoom {args.zoom[0]} {args.zoom[1]}"
     if args.augment != "basic":
         command += f" --augment {args.augment}"
+        if args.hard_share < 1:
+            command += f" --hard-share {args.hard_share:g}"
     if args.synthetic:
         command += f" --synthetic {args.synthetic}"
     if args.distill_from:

@@ -143,6 +143,22 @@ def test_hard_photometric_is_seeded_finite_and_sometimes_few_grey_levels(train_s
     assert all(torch.equal(p, q) for p, q in zip((xb, fgb, distb), again[:3]))  # seeded: resumable runs
 
 
+def test_hard_share_leaves_the_other_crops_to_basic_augmentation(train_samples, monkeypatch):
+    import segstudio.core.train as train
+
+    calls = []
+    real = train.hard_photometric
+    monkeypatch.setattr(train, "hard_photometric", lambda x, fg, rng: calls.append(1) or real(x, fg, rng))
+    samples = train_samples * 25  # 100 crops
+    for share, low, high in ((1.0, 100, 100), (0.3, 15, 45), (0.0, 0, 0)):
+        calls.clear()
+        train._augment_batch(samples, small_config(augment="hard", hard_share=share), np.random.default_rng(3))
+        assert low <= len(calls) <= high, (share, len(calls))
+    calls.clear()
+    train._augment_batch(samples, small_config(augment="basic", hard_share=1.0), np.random.default_rng(3))
+    assert not calls
+
+
 def test_tuning_turns_hole_filling_on_when_the_network_leaves_holes():
     from segstudio.core.models.spec import PostprocessParams
     from segstudio.core.train import distance_target, tune_postprocess

@@ -64,6 +64,9 @@ class TrainConfig:
     # DSB2018 (:func:`hard_photometric`): nuclei 1-15x dimmer than their neighbours, nucleoli and chromatin
     # texture, background ramps, defocus, Poisson-Gaussian noise, few grey levels
     augment: str = "basic"
+    # with augment="hard": the share of crops that get it (the others get "basic"), so the clean images
+    # the model is also judged on stay in training
+    hard_share: float = 1.0
 
 
 # ------------------------------------------------------------------ data
@@ -202,7 +205,7 @@ def hard_photometric(x: np.ndarray, fg: np.ndarray, rng: np.random.Generator) ->
 
 
 def augment_crops(stacks: list[np.ndarray], n_image: int, crop: int, zoom: tuple[float, float],
-                  rng: np.random.Generator, blur: float = 0.0, hard: bool = False):
+                  rng: np.random.Generator, blur: float = 0.0, hard: bool | list[bool] = False):
     """Random augmented crops of ``(C, H, W)`` stacks whose first ``n_image`` channels are the image.
 
     Zoom (crop size scaled, resized back to ``crop``), flip, 90-degree
@@ -210,14 +213,15 @@ def augment_crops(stacks: list[np.ndarray], n_image: int, crop: int, zoom: tuple
     image channels only, and with probability ``blur`` a Gaussian blur
     (sigma 0.5-1.5 px) before the noise.  With ``hard`` (channel
     ``n_image`` must be the foreground) the intensities get
-    :func:`hard_photometric` instead.  Returns a ``(B, C, crop, crop)``
-    float32 tensor.
+    :func:`hard_photometric` instead (``hard`` may also say it per stack).
+    Returns a ``(B, C, crop, crop)`` float32 tensor.
     """
     import torch
     import torch.nn.functional as F
 
     out = []
-    for stack in stacks:
+    flags = hard if isinstance(hard, list) else [hard] * len(stacks)
+    for stack, is_hard in zip(stacks, flags):
         z = math.exp(rng.uniform(math.log(zoom[0]), math.log(zoom[1])))
         size = max(8, int(round(crop / z)))
         h, w = stack.shape[1:]
@@ -235,7 +239,7 @@ def augment_crops(stacks: list[np.ndarray], n_image: int, crop: int, zoom: tuple
             t = F.interpolate(t, size=(crop, crop), mode="bilinear", align_corners=False)
         t = t[0]
         x = t[:n_image]
-        if hard:
+        if is_hard:
             out.append(torch.cat([torch.from_numpy(hard_photometric(x.numpy(), t[n_image].numpy(), rng)),
                                   t[n_image:]]))
             continue
@@ -253,11 +257,13 @@ def _augment_batch(samples: list[Sample], cfg: TrainConfig, rng: np.random.Gener
     """A batch of augmented crops: (x, fg, dist, cls or None) float32 tensors."""
     c = samples[0].image.shape[0]
     with_cls = samples[0].cls is not None
-    hard = cfg.augment == "hard"
+    hard = []
     stacks = []
     for s in samples:
         image = s.image
-        if hard and rng.random() < 0.5:
+        # a draw only when the share is partial, so runs at share 1 keep their random streams
+        hard.append(cfg.augment == "hard" and (cfg.hard_share >= 1 or rng.random() < cfg.hard_share))
+        if hard[-1] and rng.random() < 0.5:
             if s.nearest is None:
                 s.nearest = nearest_object(s.labels)
             image = dim_some_objects(image, s.nearest, rng)
