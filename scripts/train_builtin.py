@@ -70,6 +70,8 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--separable", action="store_true")
+    ap.add_argument("--asinh", type=float, default=0.0, metavar="C",
+                    help="the network first compresses its input by asinh(x / C) / asinh(1 / C) (0: linear)")
     ap.add_argument("--crop", type=int, default=192)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -123,7 +125,8 @@ def main() -> int:
     import torch
 
     cfg = TrainConfig(
-        unet=UNetConfig(in_channels=1, out_channels=2, depth=args.depth, width=args.width, separable=args.separable),
+        unet=UNetConfig(in_channels=1, out_channels=2, depth=args.depth, width=args.width, separable=args.separable,
+                        input_asinh=args.asinh),
         epochs=args.epochs, crop=args.crop, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         diameter=args.diameter, zoom=tuple(args.zoom), init_from=args.init_from, stop_after=args.stop_after,
         threads=args.threads, device=args.device, loader_threads=args.loader_threads, time_limit_s=args.time_limit,
@@ -208,6 +211,8 @@ def main() -> int:
             command += f" --{key} {value:g}" if isinstance(value, float) else f" --{key} {value}"
     if tuple(args.zoom) != (0.7, 1.4):
         command += f" --zoom {args.zoom[0]} {args.zoom[1]}"
+    if args.asinh:
+        command += f" --asinh {args.asinh:g}"
     if args.augment != "basic":
         command += f" --augment {args.augment}"
         if args.hard_share < 1:

@@ -155,3 +155,48 @@ def test_flop_count_matches_torch(separable):
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         net(x)
     assert cfg.flops(64, 96) == counter.get_total_flops()
+
+
+def test_input_asinh_runs_inside_the_graph_on_every_backend_and_int8(tmp_path, sample_dir):
+    """A model that compresses its input (UNetConfig.input_asinh) does it in the exported graph: every
+    backend and the INT8 model read the same normalized input and agree with PyTorch on a real tile."""
+    import math
+
+    import onnx
+
+    from segstudio.core.models.spec import ModelSpec, UNetConfig
+    from segstudio.core.models.unet import build_unet
+    from segstudio.core.optimize.quantize import quantize_int8
+    from segstudio.core.train import save_model
+
+    cfg = UNetConfig(in_channels=1, out_channels=2, depth=2, width=4, input_asinh=0.1)
+    torch.manual_seed(0)
+    net = build_unet(cfg).eval()
+    seen = []
+    net.encoders[0][0][0].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    with torch.inference_mode():
+        net(torch.tensor([1.0, 0.1, 0.0, -0.1]).repeat(4).reshape(1, 1, 4, 4))
+    lifted = seen[0].flatten()[:4].tolist()  # 1 stays 1, a tenth of it is lifted about 3x
+    assert lifted == pytest.approx([1.0, math.asinh(1) / math.asinh(10), 0.0, -math.asinh(1) / math.asinh(10)], abs=1e-6)
+
+    plane = next(read_image(sorted(sample_dir.glob("*.tif"))[0]).planes())[1]
+    x = normalize(plane[:1].astype(np.float32), ModelSpec(name="a", version="1", title="", description="").normalization)
+    tile = np.ascontiguousarray(x[None, :, :128, :128])
+    spec = ModelSpec(name="asinh-test", version="1", title="t", description="d", config=cfg)
+    model = load_card(save_model(net, spec, tmp_path / "m", example=tile))
+    assert "asinh(x / 0.1)" in model.spec.card()
+    assert any(n.op_type == "Asinh" for n in onnx.load(model.file("onnx")).graph.node)
+    with torch.inference_mode():
+        ref = net(torch.from_numpy(tile)).numpy()
+    for name in available_backends(model):
+        with create_backend(name, model) as backend:
+            out = backend.predict(tile)
+        assert compare_outputs(ref, out)["max_abs_error"] < 1e-3, name
+    q = quantize_int8(model.file("onnx"), tmp_path / "q.onnx", [np.ascontiguousarray(x[None, :, y:y + 64, :64])
+                                                                 for y in (0, 64, 128)])
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(q), providers=["CPUExecutionProvider"])
+    graph = onnx.load(q).graph
+    assert any(n.op_type == "Asinh" for n in graph.node) and any(n.op_type == "QuantizeLinear" for n in graph.node)
+    assert compare_outputs(ref, sess.run(None, {sess.get_inputs()[0].name: tile})[0])["cosine"] > 0.99

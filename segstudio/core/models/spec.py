@@ -52,6 +52,12 @@ class UNetConfig:
     max_width: int = 256
     separable: bool = False
     layers: LayerWidths | None = None
+    # > 0: the network's first operation compresses its normalized input, ``asinh(x / c) / asinh(1 / c)``
+    # (1 stays 1; intensities near c and below are lifted about ``1 / (c asinh(1 / c))`` times, bright
+    # nuclei compressed), so nuclei many times dimmer than the brightest still reach the first layer.
+    # In the graph, not in preprocessing: every backend and every export, INT8 included, does the same,
+    # and training's intensity augmentation stays in linear intensity.
+    input_asinh: float = 0.0
 
     def widths(self) -> list[int]:
         return [min(self.width * 2**k, self.max_width) for k in range(self.depth + 1)]
@@ -300,7 +306,9 @@ class ModelSpec:
             f"{self.name} (v{self.version}): {self.title}",
             f"  {self.description}",
             f"  input: {self.input_channels} channel(s), normalized per channel to {scaling} over the whole image"
-            + sizes,
+            + sizes
+            + (f"; the network first compresses it by asinh(x / {self.config.input_asinh:g})"
+               if self.config.input_asinh else ""),
             (f"  architecture: {self.architecture} depth {self.config.depth}, width {self.config.width}"
              + (", depthwise-separable" if self.config.separable else "")) if self.architecture == "unet"
             else f"  architecture: {self.architecture} (an imported network)",

@@ -10,6 +10,8 @@ dict can be checked against it before loading.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -54,8 +56,14 @@ class UNet(nn.Module):
             for j in range(d)
         )
         self.head = nn.Conv2d(layers["head"][0], config.out_channels, 1)
+        c = float(config.input_asinh)
+        if not (math.isfinite(c) and c >= 0):
+            raise ValueError(f"input_asinh must be a finite number >= 0, not {config.input_asinh!r}")
+        self._asinh = (c, 1.0 / math.asinh(1.0 / c)) if c > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._asinh is not None:
+            x = torch.asinh(x * (1.0 / self._asinh[0])) * self._asinh[1]
         skips = []
         for i, enc in enumerate(self.encoders):
             if i > 0:
