@@ -155,7 +155,7 @@ def main() -> int:
         net = build_unet(cfg.unet)
         kd = KDConfig(steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
                       temperature=args.temperature, alpha=args.alpha, zoom=tuple(args.zoom), seed=args.seed,
-                      threads=args.threads)
+                      threads=args.threads, hard_share=args.hard_share if args.augment == "hard" else 0.0)
         t0 = time.perf_counter()
         result = run_sync(distill_job(net, teacher.eval(), [s.image for s in train], kd,
                                       labels=[(s.fg, s.dist) for s in train]), log)

@@ -503,3 +503,24 @@ def test_run_time_estimate_is_measured_here_and_scales_with_the_work(sample_dir)
     assert est.total_s == pytest.approx(sum(est.per_step_s) + est.measure_s)
     assert "per batch of 4 tiles" in est.basis and "per training step of distill:4:steps=10" in est.basis
     assert "about" in est.describe()
+
+
+def test_distillation_with_labels_gives_a_share_of_crops_hard_augmentation(nuclei, sample_dir, monkeypatch):
+    import segstudio.core.train as train
+    from segstudio.core.datasets import find_pairs
+    from segstudio.core.train import load_samples
+
+    calls = []
+    real = train.hard_photometric
+    monkeypatch.setattr(train, "hard_photometric", lambda x, fg, rng: calls.append(float(fg.max())) or real(x, fg, rng))
+    samples = load_samples(find_pairs(sample_dir, sample_dir)[:2], nuclei.spec.normalization, 1)
+    labels = [(s.fg, s.dist) for s in samples]
+    teacher = _random_net(UNetConfig(depth=2, width=8), seed=1)
+    student = _random_net(UNetConfig(depth=2, width=4), seed=2)
+    cfg = KDConfig(steps=10, crop=64, batch_size=4, lr=3e-3, hard_share=0.5)
+    info = run_sync(distill_job(student, teacher, [s.image for s in samples], cfg, labels=labels))
+    assert info["labels"] and 8 <= len(calls) <= 32  # about half of the 40 crops
+    assert max(calls) == 1.0  # the crops' foreground reached the texture and dimming
+    calls.clear()
+    run_sync(distill_job(student, teacher, [s.image for s in samples], KDConfig(steps=10, crop=64, batch_size=4)))
+    assert not calls

@@ -46,6 +46,9 @@ class KDConfig:
     seed: int = 0
     threads: int = 0
     precompute_teacher: bool = True
+    # the share of crops the student sees with "hard" intensity augmentation (segstudio.core.train's
+    # hard_photometric; needs labels) while its targets stay the teacher's outputs on the clean image
+    hard_share: float = 0.0
 
 
 def _last_features(net):
@@ -112,7 +115,8 @@ def distill_job(student, teacher, images: list[np.ndarray], cfg: KDConfig, *,
             if cancel is not None:
                 cancel.raise_if_cancelled()
             idx = rng.integers(0, len(stacks), cfg.batch_size)
-            batch = augment_crops([stacks[i] for i in idx], n_img, cfg.crop, cfg.zoom, rng)
+            hard = [bool(labels is not None and cfg.hard_share > 0 and rng.random() < cfg.hard_share) for _ in idx]
+            batch = augment_crops([stacks[i] for i in idx], n_img, cfg.crop, cfg.zoom, rng, hard=hard)
             x = batch[:, :n_img]
             if n_teacher:
                 t_out = batch[:, batch.shape[1] - n_teacher :]
