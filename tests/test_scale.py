@@ -13,7 +13,7 @@ from segstudio.core.io import ImageData, read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import get_model
 from segstudio.core.scale import (
-    ScaledPredict, median_diameter, resize, resize_labels, scale_factor, scaled_shape,
+    GridScaling, median_diameter, resize, resize_labels, scale_factor, scaled_shape,
 )
 from segstudio.core.segment import segment_job
 
@@ -63,19 +63,48 @@ def test_resize_labels_and_factors():
     assert scaled_shape((100, 50), 1.5) == (150, 75)
 
 
-def test_scaled_predict_rounds_to_the_network_multiple_and_crops():
-    seen = []
+def _through_grid(x: np.ndarray, spec, factor: float, tile: int, predict=lambda b: b) -> np.ndarray:
+    """``x`` ``(C, H, W)`` tile by tile through a :class:`GridScaling` and ``predict``, as the pipeline does."""
+    from segstudio.core.tiling import plan_tiles, read_region
 
-    def predict(batch, crop):
-        seen.append(batch.shape)
-        return np.repeat(batch[:, :1], 2, axis=1)
+    g = GridScaling(factor, spec, tile, x.shape[-2:])
+    plan = plan_tiles(x.shape[-2:], tile=tile, halo=g.halo, multiple=spec.multiple, tile_shape=g.tile_shape)
+    out = None
+    for t in plan.tiles:
+        origin = [(t.read[0][0], t.read[1][0])]
+        net_in = g.to_network(read_region(x, t.read)[None], origin)
+        assert net_in.shape[-2:] == g.net_shape
+        assert g._net_start(origin[0][0]) % spec.multiple == 0 and g._net_start(origin[0][1]) % spec.multiple == 0
+        o = g.to_image(predict(net_in), origin)[0]
+        out = np.zeros((o.shape[0], *x.shape[-2:]), np.float32) if out is None else out
+        out[(slice(None), *t.out)] = o[:, : t.out[0].stop - t.out[0].start, : t.out[1].stop - t.out[1].start]
+    return out
 
-    f = ScaledPredict(predict, 1.7, 16, "net")
-    x = np.ones((3, 1, 100, 60), np.float32)
-    out = f(x, (slice(10, 90), slice(5, 55)))
-    assert seen[0][2] % 16 == 0 and seen[0][3] % 16 == 0 and seen[0][2] >= 170
-    assert out.shape == (3, 2, 80, 50) and np.allclose(out, 1.0)
-    assert "1.70x" in f.describe()
+
+@pytest.mark.parametrize("factor", [2 ** 0.5, 0.74, 3.0, 0.3])
+def test_grid_scaling_does_not_depend_on_the_tiling(factor):
+    """Resampled to the network's grid and back, tile by tile: bit-identical for every tile size."""
+    spec = get_model("nuclei").spec
+    x = np.random.default_rng(0).random((1, 300, 410)).astype(np.float32)
+    outs = [_through_grid(x, spec, factor, t) for t in (64, 160, 1024)]
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+    # a linear ramp comes back as itself away from the borders (linear interpolation both ways)
+    ramp = np.broadcast_to(np.arange(300, dtype=np.float32)[:, None] * 0.5 + np.arange(410) * 0.25, (1, 300, 410))
+    back = _through_grid(np.ascontiguousarray(ramp), spec, factor, 160)
+    inner = (slice(None), slice(20, -20), slice(20, -20))
+    assert np.abs(back[inner] - ramp[inner]).max() < 0.05  # of values 15..240
+
+
+def test_grid_scaling_gives_a_fixed_size_network_its_size():
+    from dataclasses import replace
+
+    spec = replace(get_model("nuclei").spec, input_min=(256, 256), input_step=(0, 0))
+    for factor in (1.5, 0.6):
+        g = GridScaling(factor, spec, 512, (700, 90))
+        assert g.net_shape == (256, 256) and all(c >= 1 for c in g.cores)
+        x = np.random.default_rng(1).random((1, 700, 90)).astype(np.float32)
+        assert _through_grid(x, spec, factor, 512).shape == (1, 700, 90)
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ from .measure import Table, cell_classes, measure
 from .models.spec import ModelSpec
 from .postprocess import network_instances
 from .preprocess import background_nonfinite
+from .scale import GridScaling
 from .sources import ImageSource
 from .tiling import TilePlan, plan_tiles, read_region, round_up
 
@@ -127,6 +128,7 @@ def segment_plane_job(
     halo: int | None = None,
     nonfinite: bool = False,
     tile_shape: tuple[int, int] | None = None,
+    scaling: GridScaling | None = None,
     cancel: CancelToken | None = None,
 ) -> Job[PlaneResult]:
     """Segment plane ``index`` of ``source`` tile by tile; see the module docstring.
@@ -142,8 +144,14 @@ def segment_plane_job(
     ``tile_shape``: every tile's shape in image pixels, halo included
     (default: the one the model takes, :meth:`ModelSpec.tile_shape`, for a
     network of fixed or stepped input sizes; else sized by the tiler).
+    ``scaling``: the network runs on the plane resampled by this grid
+    (:class:`~segstudio.core.scale.GridScaling`), which then sets the tiles
+    and the halo; ``predict`` sees network-pixel batches and its outputs
+    come back in image pixels.
     """
     clock = clock or StageClock()
+    if scaling is not None:
+        tile_shape, halo = scaling.tile_shape, scaling.halo
     halo = round_up(spec.halo if halo is None else halo, spec.multiple)  # as plan_tiles rounds it
     cancel = cancel or CancelToken()
     tile_shape = tile_shape or spec.tile_shape(tile, source.plane_shape, halo)
@@ -228,7 +236,12 @@ def segment_plane_job(
                 raise Cancelled("cancelled by the user")
             if batch:
                 t0 = time.perf_counter()
-                out = predict(np.stack([a for _, a in batch]), core_crop)
+                x = np.stack([a for _, a in batch])
+                if scaling is None:
+                    out = predict(x, core_crop)
+                else:
+                    origins = [(t.read[0][0], t.read[1][0]) for t, _ in batch]
+                    out = scaling.to_image(predict(scaling.to_network(x, origins), None), origins)
                 dt = time.perf_counter() - t0
                 clock.add("network", dt)
                 if metrics.listening():
@@ -273,6 +286,7 @@ class _BlockResult:
     local: np.ndarray  # int32: owned objects numbered 1..k in anchor order, 0 elsewhere
     k: int
     table: Table | None
+    anchors: np.ndarray  # int64: flat plane index (y * W + x) of each owned object's anchor, in local order
 
 
 class _PostStage:
@@ -301,6 +315,10 @@ class _PostStage:
         self.pending: list = []  # futures (or results) in block order
         self.next_id = first_id
         self.tables: list[Table] = []
+        # the committed objects of the tile row not yet done: renumbered in raster order of anchors when it is
+        self.row_first_id = first_id
+        self.row_anchors: list[np.ndarray] = []
+        self.row_tables: list[Table] = []
         self.pool = None
         if workers > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -401,7 +419,9 @@ class _PostStage:
         ay, ax = np.divmod(first, bx1 - bx0)
         ay, ax = ay + by0, ax + bx0
         owned = (ay >= cy0) & (ay < cy1) & (ax >= cx0) & (ax < cx1)
-        ids = ids[owned][np.argsort(first[owned], kind="stable")]  # raster order of anchors
+        order = np.argsort(first[owned], kind="stable")  # raster order of anchors
+        ids = ids[owned][order]
+        anchors = (ay[owned] * self.w + ax[owned])[order]
         local = np.zeros(n + 1, np.int32)
         local[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
         mine = local[lab]
@@ -419,7 +439,7 @@ class _PostStage:
             if self.spec.classes:
                 table.update(cell_classes(mine, out[2], len(ids), self.spec.classes))
         self.clock.add("measure", time.perf_counter() - t1)
-        return _BlockResult((by0, by1, bx0, bx1), mine, len(ids), table)
+        return _BlockResult((by0, by1, bx0, bx1), mine, len(ids), table, anchors)
 
     def _apply(self, r: int, res: _BlockResult) -> None:
         """Give the block's objects their global ids and write them (in block order)."""
@@ -439,14 +459,43 @@ class _PostStage:
             src = mine[a - by0 : b - by0]
             view = dst[a - start : b - start, bx0:bx1]
             np.copyto(view, src, where=(view == 0) & (src != 0))
+        self.row_anchors.append(res.anchors)
         if res.table is not None:
             res.table["label"] = res.table["label"] + offset
-            self.tables.append(res.table)
+            self.row_tables.append(res.table)
         self.clock.add("post", time.perf_counter() - t0)
+
+    def _renumber_row(self, r: int) -> None:
+        """Give tile row ``r``'s objects ids in raster order of their anchors (its blocks gave them block order).
+
+        Anchors of tile row ``r`` lie in its rows, below all earlier rows' and
+        above all later rows', so ids follow the raster order of the objects'
+        first pixels over the whole plane: the labels do not depend on the
+        tiling, ids included.  The objects' pixels lie in row ``r`` and below.
+        """
+        start, n = self.row_first_id, self.next_id - self.row_first_id
+        tables, self.row_tables = self.row_tables, []
+        anchors = np.concatenate(self.row_anchors) if self.row_anchors else np.zeros(0, np.int64)
+        self.row_anchors, self.row_first_id = [], self.next_id
+        order = np.argsort(anchors, kind="stable")
+        if n and np.any(order != np.arange(n)):
+            new_id = np.empty(n, np.uint32)
+            new_id[order] = np.arange(start, start + n, dtype=np.uint32)
+            for rr in [k for k in self.labels if k >= r]:
+                lab = self.labels[rr]
+                hit = lab >= start
+                lab[hit] = new_id[lab[hit] - start]  # ids of later rows are not given yet: all >= start are r's
+            for t in tables:
+                t["label"] = new_id[t["label"] - start].astype(t["label"].dtype)
+        if tables:
+            merged = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
+            by_id = np.argsort(merged["label"], kind="stable")
+            self.tables.append({k: v[by_id] for k, v in merged.items()})
 
     def _row_done(self, r: int) -> None:
         """All blocks of tile row ``r`` are committed: its label rows are final."""
         t0 = time.perf_counter()
+        self._renumber_row(r)
         for rr in sorted(k for k in self.labels if k <= r):
             self.write_rows(self.row_starts[rr], self.labels.pop(rr))
         for rr in [k for k in self.net if k < r]:

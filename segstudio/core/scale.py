@@ -153,37 +153,116 @@ def rescale_sample(image: np.ndarray, labels: np.ndarray, factor: float) -> tupl
     return resize(image, shape), resize_labels(labels, shape)
 
 
-class ScaledPredict:
-    """A network call that runs at ``factor`` times the image's scale.
+class GridScaling:
+    """The network runs on one resampled grid for the whole plane, whatever the tiling.
 
-    Each ``(B, C, h, w)`` batch is resampled to about ``factor`` times its
-    size (rounded up to the network's input ``multiple``), run, and the
-    outputs resampled back to ``(h, w)`` before the ``crop`` window is cut:
-    the caller sees image-pixel outputs as if the network ran natively.
-    ``shape``: the one input size a network takes (fixed-size networks):
-    every batch is resampled to exactly that.
+    Network pixel ``r`` of an axis is centred on image coordinate
+    ``(r + 0.5) / factor - 0.5``, for the plane as a whole: a tile's
+    network input is cut from that grid (at its own offset in it), and its
+    output is resampled back onto the image pixels of its core from the
+    same grid.  So a pixel's value depends on where it is in the plane,
+    never on where the tile seams fall, and with the halos wide enough for
+    the network's receptive field and the interpolation's reach, the
+    labels are those of one whole-plane pass for any tile size (resampling
+    each tile from its own origin moved the grid by a fraction of a pixel
+    between tilings).  Interpolation is linear (a triangle filter widened
+    by the shrink factor when shrinking, as :func:`resize`), applied as a
+    few weighted taps per output pixel.
+
+    ``tile`` is the wanted core in network pixels (as at native scale);
+    cores in image pixels are as even over the plane as that allows, and a
+    network of declared input sizes (``ModelSpec.input_min``) gets exactly
+    one it takes.  :attr:`tile_shape` and :attr:`halo` (image pixels) are
+    the tiling the pipeline reads with.
     """
 
-    def __init__(self, predict, factor: float, multiple: int, describe: str = "",
-                 shape: tuple[int, int] | None = None):
-        self.predict, self.factor, self.multiple = predict, factor, multiple
-        self._describe = describe
-        self.shape = shape
+    def __init__(self, factor: float, spec, tile: int, plane: tuple[int, int]):
+        from .errors import InputError
+        from .tiling import round_up
 
-    def __call__(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
-        h, w = batch.shape[-2:]
-        m = self.multiple
-        shape = self.shape or tuple(max(m, -(-int(round(n * self.factor)) // m) * m) for n in (h, w))
-        out = resize(self.predict(resize(batch, shape), None), (h, w))
-        return out if crop is None else out[(Ellipsis, *crop)]
+        f = self.factor = float(factor)
+        m = spec.multiple
+        self.net_halo = round_up(spec.halo, m)  # network pixels around what the back-resampling needs
+        self.reach_in = max(1.0, 1.0 / f)  # image pixels a network pixel interpolates from
+        self.reach_out = max(1.0, f)  # network pixels an image pixel interpolates from
 
-    def describe(self) -> str:
-        return f"{self._describe} at {self.factor:.2f}x scale"
+        self.multiple = m
 
+        def span(core: int) -> int:  # network pixels a tile of ``core`` image pixels needs, halo included
+            return int(np.ceil((core - 1) * f + 2 * self.reach_out + 2 * self.net_halo + 2)) + m - 1
 
-def image_tiling(tile: int, halo: int, factor: float) -> tuple[int, int]:
-    """Tile and halo in image pixels that give the network about ``tile`` and ``halo`` of its own pixels."""
-    return max(32, int(round(tile / factor))), int(np.ceil(halo / factor))
+        cores, nets = [], []
+        for n in plane:
+            core = min(n, max(1, int(round(tile / f))))
+            core = -(-n // -(-n // core))  # as few cores as that allows, of equal size
+            net = round_up(span(core), m)
+            if spec.input_min is not None:
+                net = spec.input_size((span(core), span(core)))[0 if not cores else 1]
+                if net < span(core):  # a fixed-size network: the core is what its input holds
+                    core = int(np.floor((net - 2 * self.reach_out - 2 * self.net_halo - 1 - m) / f)) + 1
+                    if core < 1:
+                        raise InputError(f"the network's {net} px input leaves no room for its "
+                                         f"{self.net_halo} px halo at {f:.2f}x scale")
+            cores.append(core)
+            nets.append(net)
+        self.cores, self.net_shape = tuple(cores), tuple(nets)
+        halo = max(max((m + self.reach_out + self.net_halo) / f + self.reach_in,
+                       (net - 1 - self.reach_out - self.net_halo) / f + self.reach_in + 1 - core)
+                   for core, net in zip(cores, nets))
+        self.halo = round_up(int(np.ceil(halo)) + 1, m)  # as the pipeline rounds it
+        self.tile_shape = tuple(c + 2 * self.halo for c in cores)
+        self._taps: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def _net_start(self, origin: int) -> int:
+        """First network pixel of the tile whose read starts at image pixel ``origin``.
+
+        A multiple of the network's stride: a U-Net's output shifts with its
+        input only by whole strides, so every tile sits on the stride grid.
+        """
+        core_start = origin + self.halo
+        first = int(np.floor((core_start + 0.5) * self.factor - 0.5 - self.reach_out)) - self.net_halo
+        return first // self.multiple * self.multiple
+
+    def _tap(self, kind: str, axis: int, origin: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(index, weight)``, each ``(n_out, taps)``: which input pixels make each output pixel, and how much."""
+        key = (kind, axis, origin)
+        got = self._taps.get(key)
+        if got is not None:
+            return got
+        start = self._net_start(origin)
+        if kind == "in":  # tile pixels (from ``origin``) -> network pixels (from ``start``)
+            centres = (start + np.arange(self.net_shape[axis]) + 0.5) / self.factor - 0.5 - origin
+            reach, n_in = self.reach_in, self.tile_shape[axis]
+        else:  # network pixels (from ``start``) -> the core's image pixels
+            core_start = origin + self.halo
+            centres = (core_start + np.arange(self.cores[axis]) + 0.5) * self.factor - 0.5 - start
+            reach, n_in = self.reach_out, self.net_shape[axis]
+        k = int(np.ceil(reach))
+        idx = np.floor(centres)[:, None].astype(np.int64) + np.arange(-k, k + 2)[None, :]
+        w = np.clip(1.0 - np.abs(idx - centres[:, None]) / reach, 0.0, None)
+        w /= w.sum(axis=1, keepdims=True)
+        got = (np.clip(idx, 0, n_in - 1), w.astype(np.float32))
+        self._taps[key] = got
+        return got
+
+    def _resample(self, x: np.ndarray, kind: str, origin: tuple[int, int]) -> np.ndarray:
+        for axis, pos in ((0, origin[0]), (1, origin[1])):
+            idx, w = self._tap(kind, axis, pos)
+            along = -2 + axis
+            shape = (-1, 1) if axis == 0 else (-1,)
+            out = np.take(x, idx[:, 0], axis=along) * w[:, 0].reshape(shape)
+            for t in range(1, idx.shape[1]):
+                out += np.take(x, idx[:, t], axis=along) * w[:, t].reshape(shape)
+            x = out
+        return x
+
+    def to_network(self, tiles: np.ndarray, origins: list[tuple[int, int]]) -> np.ndarray:
+        """``(B, C, *tile_shape)`` image tiles read from ``origins`` -> ``(B, C, *net_shape)`` network input."""
+        return np.stack([self._resample(t, "in", o) for t, o in zip(tiles, origins)])
+
+    def to_image(self, outputs: np.ndarray, origins: list[tuple[int, int]]) -> np.ndarray:
+        """``(B, K, *net_shape)`` network outputs -> ``(B, K, *cores)``: each tile's core in image pixels."""
+        return np.stack([self._resample(o, "out", org) for o, org in zip(outputs, origins)])
 
 
 # The estimate also measures the nuclei at these scales (coarsest first); a scale qualifies when

@@ -27,10 +27,9 @@ from .measure import Table, concat_tables
 from .models.catalog import Model
 from .pipeline import STAGES, StageClock, segment_plane_job
 from .preprocess import background_nonfinite, normalize, sample_percentiles, select_channels
-from .scale import ScaledPredict, diameter_from_microns, estimate_diameter, image_tiling, scale_factor, scaled_shape
+from .scale import GridScaling, diameter_from_microns, estimate_diameter, scale_factor
 from .sinks import ArraySink, TiffSink
 from .sources import ImageSource, planes_as_channels, source_from_image
-from .tiling import round_up
 
 DEFAULT_CONTEXT = 64
 
@@ -197,8 +196,7 @@ def segment_job(
     next_id = 1
     indices = source.stack_indices()
     t_start = time.perf_counter()
-    factor, halo = 1.0, spec.halo
-    tile_shape = None  # image pixels; None: the model's own (see segment_plane_job)
+    factor, scaling = 1.0, None
     if diameter == "native":
         diameter = spec.diameter
     elif diameter_um is not None:
@@ -241,15 +239,7 @@ def segment_job(
             if i == 0 and factor != 1.0:
                 notices.append(f"image resampled {factor:.2f}x for the network (trained on nuclei "
                                f"{spec.diameter:g} px across)")
-                # a network that takes only some input sizes gets exactly the one it takes, from image tiles
-                # of about that size divided by the factor
-                net_shape = spec.tile_shape(tile, scaled_shape(source.plane_shape, factor))
-                predict = ScaledPredict(predict, factor, spec.multiple,
-                                        getattr(predict, "describe", backend.describe)(), shape=net_shape)
-                tile, halo = image_tiling(tile, spec.halo, factor)
-                if net_shape is not None:
-                    least = 2 * round_up(halo, spec.multiple) + 1
-                    tile_shape = tuple(max(least, int(round(n / factor))) for n in net_shape)
+                scaling = GridScaling(factor, spec, tile, source.plane_shape)
                 context = int(np.ceil(context / min(factor, 1.0)))
             yield from tell()
             result = yield from segment_plane_job(
@@ -257,7 +247,7 @@ def segment_job(
                 lambda y0, rows, index=index: sink.write(index, y0, rows),
                 prepare=prepare, tile=tile, batch_size=batch_size, context=context, first_id=next_id,
                 measure_cells=measure_cells, clock=clock, notices=notices, post_workers=post_workers,
-                halo=halo, nonfinite=nonfinite, tile_shape=tile_shape, cancel=cancel,
+                nonfinite=nonfinite, scaling=scaling, cancel=cancel,
             )
             told = len(notices)  # the pipeline told those it added
             next_id += result.n_objects
@@ -289,7 +279,8 @@ def segment_job(
         table=concat_tables(tables, extras) if measure_cells else {},
         timings=timings,
         model=spec.name,
-        backend=predict.describe() if hasattr(predict, "describe") else backend.describe(),
+        backend=(predict.describe() if hasattr(predict, "describe") else backend.describe())
+        + (f" at {factor:.2f}x scale" if scaling is not None else ""),
         name=source.name,
         pixel_size=source.pixel_size,
         n_objects=n_objects,
