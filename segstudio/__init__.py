@@ -10,3 +10,7 @@ import os as _os
 _os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.1.0"
+
+from .api import segment  # noqa: E402 - after the environment is set; imports nothing heavy until called
+
+__all__ = ["segment", "__version__"]

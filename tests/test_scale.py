@@ -13,7 +13,12 @@ from segstudio.core.io import ImageData, read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import get_model
 from segstudio.core.scale import (
-    GridScaling, median_diameter, resize, resize_labels, scale_factor, scaled_shape,
+    GridScaling,
+    median_diameter,
+    resize,
+    resize_labels,
+    scale_factor,
+    scaled_shape,
 )
 from segstudio.core.segment import segment_job
 
@@ -34,7 +39,7 @@ def test_resize_keeps_mean_and_constant_images():
 
 def test_resampling_matrices_are_cached_within_a_size_limit():
     """Every image size and scale brings new matrices: the cache keeps the recent ones, up to its byte limit."""
-    from segstudio.core.scale import _MatrixCache, _interpolation_matrix
+    from segstudio.core.scale import _interpolation_matrix, _MatrixCache
 
     cache = _MatrixCache(max_bytes=4 * 2**20)
     rng = np.random.default_rng(1)

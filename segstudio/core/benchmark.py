@@ -41,12 +41,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends.eager import BASELINE, EagerTorch
 from .errors import SegStudioError
 from .jobs import CancelToken, Job, Progress
 from .models.catalog import Model
 from .tiling import plan_tiles, read_region
 
-BASELINE = "baseline"
 BASELINE_TITLE = "baseline: PyTorch eager FP32 + scikit-image, sequential"
 
 
@@ -137,38 +137,6 @@ class PeakSampler:
 
 
 # ----------------------------------------------------------------------------- the baseline
-
-
-class EagerTorch:
-    """The baseline network: the PyTorch module as trained, eager, FP32, CPU or CUDA."""
-
-    name = BASELINE
-    precision = "fp32"
-    variant = BASELINE
-
-    def __init__(self, model: Model, device: str = "cpu"):
-        import torch
-
-        from .models.unet import build_unet
-
-        net = build_unet(model.spec.config)
-        net.load_state_dict(torch.load(model.file("torch"), map_location="cpu", weights_only=True))
-        self._torch = torch
-        self.device = device
-        self.net = net.eval().to(device)
-
-    def predict(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
-        torch = self._torch
-        with torch.no_grad():
-            out = self.net(torch.from_numpy(batch).to(self.device)).cpu().numpy()
-        return out if crop is None else out[(Ellipsis, *crop)]  # the plain way: crop after the copy
-
-    def describe(self) -> str:
-        where = "CPU" if self.device == "cpu" else f"CUDA {self._torch.cuda.get_device_name()}"
-        return f"PyTorch {self._torch.__version__} eager, {where}, float32 (baseline)"
-
-    def close(self) -> None:
-        pass
 
 
 def skimage_labels(fg_logit: np.ndarray, dist_logit: np.ndarray, params) -> np.ndarray:
@@ -697,15 +665,17 @@ def bench_job(
 
 
 def write_chart(report: dict, path: str | Path) -> Path:
-    """Bar charts of network and end-to-end throughput and the stage split, as a PNG."""
-    import matplotlib
+    """Bar charts of network and end-to-end throughput and the stage split, as a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a bare :class:`matplotlib.figure.Figure` (its own Agg canvas):
+    no pyplot, so no backend is chosen for the process (napari's included).
+    """
+    from matplotlib.figure import Figure
 
     rows = report["variants"]
     names = [r["name"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 0.6 * len(rows) + 2.2))
+    fig = Figure(figsize=(15, 0.6 * len(rows) + 2.2))
+    axes = fig.subplots(1, 3)
     y = np.arange(len(rows))
     for ax, key, title in ((axes[0], "net_mpix_s", "network only (Mpx/s)"), (axes[1], "e2e_mpix_s", "end to end (Mpx/s)")):
         vals = [r[key] or 0 for r in rows]
@@ -732,7 +702,6 @@ def write_chart(report: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

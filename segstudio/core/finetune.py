@@ -33,6 +33,7 @@ from .datasets import Pair, read_pair
 from .errors import InputError
 from .jobs import CancelToken, Job, Progress
 from .models.catalog import Model, model_digest
+from .threads import keeps_torch_threads
 
 
 @dataclass
@@ -92,6 +93,7 @@ def _freeze_batchnorm(net) -> None:
             m.eval()
 
 
+@keeps_torch_threads
 def finetune_job(
     base: Model, pairs: list[Pair] | None, out_dir: str | Path, cfg: FinetuneConfig = FinetuneConfig(), *,
     name: str | None = None, arrays: list[tuple[np.ndarray, np.ndarray]] | None = None,

@@ -33,6 +33,7 @@ from .postprocess import fg_dist_to_labels
 from .preprocess import normalize, select_channels
 from .scale import median_diameter, rescale_sample, scale_factor
 from .synthetic import _log_uniform
+from .threads import keeps_torch_threads
 
 
 @dataclass
@@ -367,6 +368,7 @@ def epoch_batches(train: list[Sample], cfg: TrainConfig, epoch: int):
                 f.cancel()
 
 
+@keeps_torch_threads
 def train_job(
     train: list[Sample], cfg: TrainConfig, workdir: str | Path, cancel: CancelToken | None = None
 ) -> Job[dict]:

@@ -22,178 +22,42 @@ thread (:mod:`.device`).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
-from dataclasses import dataclass
-from functools import lru_cache
-
-from ..errors import BackendUnavailableError, InputError
 from ..models.catalog import Model
 from .base import Backend, BackendBase
-
-# name -> (module, class)
-REGISTRY = {
-    "torch": (".torch_backend", "TorchBackend"),
-    "onnxruntime": (".ort_backend", "OrtBackend"),
-    "openvino": (".openvino_backend", "OpenVinoBackend"),
-    "tensorrt": (".tensorrt_backend", "TensorRTBackend"),
-}
-ALIASES = {"ort": "onnxruntime", "pytorch": "torch", "ov": "openvino", "trt": "tensorrt"}
+from .registry import (
+    ALIASES,
+    REGISTRY,
+    Variant,
+    available_backends,
+    backend_class,
+    create_variant,
+    gpu_available,
+    installed,
+    nvidia_driver_present,
+    parse_variant,
+    resolve_name,
+    torch_hint,
+)
 
 __all__ = [
-    "Backend", "BackendBase", "Variant", "available_backends", "backend_class", "create_backend",
-    "resolve_name", "parse_variant", "REGISTRY", "installed", "runnable_variants", "auto_variant",
+    "ALIASES", "REGISTRY", "Backend", "BackendBase", "Variant", "auto_variant", "available_backends", "backend_class",
+    "create_backend", "create_variant", "gpu_available", "installed", "nvidia_driver_present", "parse_variant",
+    "resolve_name", "runnable_variants", "torch_hint",
 ]
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A parsed backend request."""
-
-    name: str
-    device: str
-    precision: str
-    options: frozenset[str] = frozenset()
-
-    @property
-    def text(self) -> str:
-        return f"{self.name}@{self.device}:{self.precision}" + "".join(f"+{o}" for o in sorted(self.options))
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device in backend_class(self.name).gpu_devices
-
-
-def resolve_name(name: str) -> str:
-    name = ALIASES.get(name.lower(), name.lower())
-    if name != "auto" and name not in REGISTRY:
-        raise InputError(f"unknown backend {name!r}", hint=f"choose one of: auto, {', '.join(REGISTRY)}")
-    return name
-
-
-def backend_class(name: str) -> type[BackendBase]:
-    module, cls = REGISTRY[resolve_name(name)]
-    return getattr(importlib.import_module(module, __name__), cls)
-
-
-def parse_variant(text: str) -> Variant:
-    """Parse and check ``name[@device][:precision][+option...]`` against the backend's table."""
-    base, *opts = text.strip().split("+")
-    head, _, precision = base.partition(":")
-    name, _, device = head.partition("@")
-    name = resolve_name(name)
-    if name == "auto":
-        raise InputError("'auto' is not a concrete backend variant")
-    cls = backend_class(name)
-    device = (device or cls.devices[0]).lower()
-    if device not in cls.devices:
-        raise InputError(f"{name} runs on {', '.join(cls.devices)}, not {device!r}")
-    allowed = cls.precisions[device]
-    precision = (precision or "fp32").lower()
-    if precision not in allowed:
-        raise InputError(f"{name} on {device} supports {', '.join(allowed)}, not {precision!r}",
-                         hint="FP16 / BF16 are not faster on CPUs without native support" if device == "cpu" else None)
-    options = frozenset(o.lower() for o in opts if o)
-    unknown = options - cls.options
-    if unknown:
-        offered = ", ".join(sorted(cls.options)) or "none"
-        raise InputError(f"{name} has no option {', '.join(sorted(unknown))} (options: {offered})")
-    return Variant(name, device, precision, options)
-
-
-def installed(package: str) -> bool:
-    """Whether ``package`` can be imported, without importing it."""
-    try:
-        return importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def torch_hint() -> str:
-    """How to get PyTorch: the full app package when this is the standalone app, else the pip extra."""
-    if getattr(sys, "frozen", False):
-        return "install the segstudio-full package: the app with PyTorch"
-    return 'pip install "segstudio[torch]"'
-
-
-def nvidia_driver_present() -> bool:
-    """Whether this machine has an NVIDIA driver loaded, without importing any CUDA library.
-
-    Linux: the driver's ``/proc`` entry or its control device; Windows: the
-    CUDA driver DLL; macOS has no CUDA.
-    """
-    if sys.platform.startswith("linux"):
-        return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
-    if sys.platform == "win32":
-        return os.path.exists(os.path.join(os.environ.get("SystemRoot", r"C:\Windows"), "System32", "nvcuda.dll"))
-    return False
-
-
-@lru_cache(maxsize=1)
-def gpu_available() -> bool:
-    """An NVIDIA GPU that PyTorch can use (the check every GPU variant's availability starts from).
-
-    Importing PyTorch takes seconds; on a machine without an NVIDIA driver
-    (most lab PCs) it is not imported at all.
-    """
-    if not nvidia_driver_present() or not installed("torch"):
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
-def available_backends(model: Model | None = None) -> list[str]:
-    """Backends whose library is installed (and, given a model, whose FP32 file it has)."""
-    out = []
-    for name in REGISTRY:
-        cls = backend_class(name)
-        if not installed(cls.package):
-            continue
-        if model is not None and cls.model_file(cls.devices[0], "fp32") not in model.files:
-            continue
-        out.append(name)
-    return out
 
 
 def create_backend(variant: str, model: Model, **options) -> Backend:
     """Create the backend for ``variant`` (or ``"auto"``) and ``model``.
 
-    Extra keyword options go to the backend (``threads``, ``tile_shape``...).
-    GPU variants are created on, and called through, their device thread.
+    Extra keyword options go to the backend (``threads``...); ``tile`` and
+    ``batch_size`` only tell ``auto`` the shape to measure.  GPU variants
+    are created on, and called through, their device thread.
     """
     if resolve_name(variant.split("@")[0].split(":")[0].split("+")[0]) == "auto":
         variant = auto_variant(model, **{k: v for k, v in options.items() if k in ("tile", "batch_size")})
     options.pop("tile", None)
     options.pop("batch_size", None)
-    v = parse_variant(variant)
-    cls = backend_class(v.name)
-    if not installed(cls.package):
-        raise BackendUnavailableError(f"{cls.package} is not installed (the {v.name} backend needs it)",
-                                      hint=cls.install_hint)
-    fmt = cls.model_file(v.device, v.precision)
-    if fmt not in model.files:
-        raise BackendUnavailableError(
-            f"model {model.name!r} has no {fmt} file for {v.text}",
-            hint="create it with segstudio optimize (quantize / fp16 steps)" if fmt != "onnx" else None,
-        )
-
-    def factory():
-        return cls(model, device=v.device, precision=v.precision, options=v.options, **options)
-
-    if v.on_gpu:
-        from .device import DeviceBound, DeviceThread
-
-        backend = DeviceBound(DeviceThread.get("cuda:0"), factory)
-    else:
-        backend = factory()
-    if model.spec.max_batch:  # a network of fixed batch size: bigger batches go through in parts
-        from .base import BatchLimited
-
-        return BatchLimited(backend, model.spec.max_batch)
-    return backend
+    return create_variant(variant, model, **options)
 
 
 def runnable_variants(model: Model) -> list[str]:

@@ -52,13 +52,13 @@ def candidates(model: Model) -> list[str]:
 
 def cpu_candidates(model: Model) -> list[str]:
     """The CPU variants among :func:`candidates` (FP32 ones if the model's precision has none)."""
-    from . import parse_variant
+    from .registry import parse_variant
 
     return [c for c in candidates(model) if not parse_variant(c).on_gpu] or _runnable(model, CPU_CANDIDATES)
 
 
 def _runnable(model: Model, names) -> list[str]:
-    from . import backend_class, gpu_available, installed, parse_variant
+    from .registry import backend_class, gpu_available, installed, parse_variant
 
     out = []
     gpu = None
@@ -110,7 +110,7 @@ def _key(model: Model, names: list[str], tile_shape: tuple[int, int]) -> str:
 
 def measure_variants(model: Model, names: list[str], tile_shape: tuple[int, int], repeats: int = 3) -> dict:
     """Median seconds per tile of each variant (failures recorded as errors)."""
-    from . import create_backend
+    from .registry import create_variant as create_backend
 
     x = np.random.default_rng(0).standard_normal((1, model.spec.input_channels, *tile_shape)).astype(np.float32)
     results = {}

@@ -58,8 +58,8 @@ class OomFallback:
         return self._to_cpu(batch, crop)
 
     def _to_cpu(self, batch: np.ndarray, crop: tuple[slice, slice] | None) -> np.ndarray:
-        from . import create_backend
         from .autoselect import cpu_candidates
+        from .registry import create_variant as create_backend
 
         if self._cpu_factory is not None:
             cpu = self._cpu_factory()

@@ -18,8 +18,9 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, DeviceOutOfMemoryError
 from ..models.catalog import Model
-from . import torch_hint
+from ..threads import torch_threads
 from .base import BackendBase
+from .registry import torch_hint
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -55,8 +56,7 @@ class TorchBackend(BackendBase):
             raise BackendUnavailableError("PyTorch sees no CUDA device", hint="use a CPU backend")
         if device == "cpu" and options:
             raise BackendUnavailableError(f"options {', '.join(sorted(options))} need CUDA")
-        if threads and device == "cpu":
-            torch.set_num_threads(threads)
+        self._threads = threads if device == "cpu" else None  # set around each call, not for the process
         state = torch.load(model.file("torch"), map_location="cpu", weights_only=True)
         net = build_unet(model.spec.config)
         net.load_state_dict(state)
@@ -104,7 +104,8 @@ class TorchBackend(BackendBase):
         try:
             with torch.inference_mode():
                 if self._dev.type == "cpu":
-                    return self.cropped(self._forward(torch.from_numpy(batch)).numpy(), crop)
+                    with torch_threads(self._threads):
+                        return self.cropped(self._forward(torch.from_numpy(batch)).numpy(), crop)
                 # pinned staging buffer -> asynchronous upload; float32 on the wire, cast on the GPU
                 host = self._pinned.get(batch.shape)
                 if host is None:
@@ -136,7 +137,7 @@ class TorchBackend(BackendBase):
     def describe(self) -> str:
         torch = self._torch
         if self._dev.type == "cpu":
-            where = f"CPU, {torch.get_num_threads()} threads"
+            where = f"CPU, {self._threads or torch.get_num_threads()} threads"
         else:
             where = f"CUDA {torch.cuda.get_device_name(self._dev)}"
         extra = "".join(f", {o}" for o in sorted(self.options))

@@ -474,7 +474,7 @@ def convert_torchscript(inputs: dict[str, Path], out: Path, *, shape: list[int] 
 
     from .onnx_export import finalize_onnx
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the confined child's own process: nothing else runs in it
     try:
         module = torch.jit.load(str(inputs["model.pt"]), map_location="cpu").eval()
     except Exception as e:  # noqa: BLE001 - whatever the archive does, it is the archive's failure

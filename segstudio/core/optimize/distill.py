@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..jobs import CancelToken, Job, Progress
+from ..threads import keeps_torch_threads
 
 
 @dataclass
@@ -62,6 +63,7 @@ def _last_features(net):
     return store, handle
 
 
+@keeps_torch_threads
 def distill_job(student, teacher, images: list[np.ndarray], cfg: KDConfig, *,
                 labels: list[tuple[np.ndarray, np.ndarray]] | None = None,
                 cancel: CancelToken | None = None) -> Job[dict]:

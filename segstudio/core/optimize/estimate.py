@@ -73,7 +73,7 @@ def estimate_job(model: Model, steps: list[Step], calib: CalibrationSource | Non
     eager_s = batch_s * 3.5  # replaced by a measurement below when PyTorch is here
     train_s: dict[int, float] = {}
     if installed("torch") and "torch" in model.files:
-        from ..benchmark import EagerTorch
+        from ..backends.eager import EagerTorch
 
         net = EagerTorch(model, "cpu")
         net.predict(batch[:1])

@@ -450,7 +450,7 @@ def _remeasure_interleaved(report: OptimizeReport, model: Model, batch: np.ndarr
     they compare like with like.
     """
     from ..backends import create_backend
-    from ..benchmark import EagerTorch
+    from ..backends.eager import EagerTorch
 
     rows = [r for r in report.steps if r.artifact is not None and Path(r.artifact).is_file() and r.backend]
     with ExitStack() as stack:

@@ -226,7 +226,7 @@ def measure_artifact(model: Model, vset: ValidationSet, batch: np.ndarray, *, ta
 
 def eager_baseline_ms(model: Model, batch: np.ndarray, cancel: CancelToken | None = None) -> float:
     """PyTorch eager FP32 latency of the original model on ``batch`` (the speed reference)."""
-    from ..benchmark import EagerTorch
+    from ..backends.eager import EagerTorch
 
     net = EagerTorch(model, "cpu")
     try:  # a first figure; the report's comes from the end
