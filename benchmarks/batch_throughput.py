@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from segstudio.core.backends import create_backend  # noqa: E402
 from segstudio.core.batch import batch_job  # noqa: E402
 from segstudio.core.benchmark import BASELINE, bench_job, machine_info  # noqa: E402
-from segstudio.core.io import read_image  # noqa: E402
+from segstudio.core.sources import read_image  # noqa: E402
 from segstudio.core.jobs import run_sync  # noqa: E402
 from segstudio.core.models.catalog import get_model  # noqa: E402
 from segstudio.core.segment import warm_up  # noqa: E402

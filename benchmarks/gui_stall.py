@@ -101,7 +101,7 @@ def batch_scenario(viewer, beat, perf, root: Path, n: int = 50) -> dict:
     import tifffile
 
     from segstudio.app.main_window import batch_widget
-    from segstudio.core.io import read_image
+    from segstudio.core.sources import read_image
     from segstudio.sample_data import sample_pairs
 
     src = root / "plate"

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from segstudio.core import metrics
     from segstudio.core.backends import create_backend
-    from segstudio.core.io import read_image
+    from segstudio.core.sources import read_image
     from segstudio.core.jobs import run_sync
     from segstudio.core.models.catalog import get_model
     from segstudio.core.segment import segment_job, warm_up

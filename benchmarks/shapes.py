@@ -58,7 +58,7 @@ from memory import make_folder
 
 from segstudio.core.backends.openvino_backend import OpenVinoBackend
 from segstudio.core.benchmark import machine_info
-from segstudio.core.io import read_image
+from segstudio.core.sources import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import get_model
 from segstudio.core.segment import segment_job

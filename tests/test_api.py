@@ -12,7 +12,7 @@ import tifffile
 import segstudio
 from segstudio.core.backends import create_backend
 from segstudio.core.evaluate import score
-from segstudio.core.io import read_image
+from segstudio.core.sources import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import get_model
 from segstudio.core.segment import segment_job

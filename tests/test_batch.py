@@ -19,7 +19,7 @@ from segstudio.core.batch import (
     MANIFEST, SUMMARY, FolderLock, Manifest, batch_job, read_summary, remove_stale_temporaries, scan,
 )
 from segstudio.core.errors import Cancelled, InputError
-from segstudio.core.io import read_image
+from segstudio.core.sources import read_image
 from segstudio.core.jobs import CancelToken, run_sync
 
 pytest.importorskip("onnxruntime")

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from segstudio.core.compare import Comparison, compare_job, disagreement
-from segstudio.core.io import read_image
+from segstudio.core.sources import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.sample_data import sample_pairs
 

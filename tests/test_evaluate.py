@@ -98,7 +98,7 @@ def _pair_folder(folder, labels_shape=None, index=None):
     """A folder with one image / labels pair (the bundled sample), labels of ``labels_shape`` when given."""
     import tifffile
 
-    from segstudio.core.io import read_image
+    from segstudio.core.sources import read_image
     from segstudio.sample_data import sample_pairs
 
     img, lab = sample_pairs()[0]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from segstudio.core.backends import create_backend
-from segstudio.core.io import read_image
+from segstudio.core.sources import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.onnx_export import compare_outputs
 from segstudio.core.preprocess import normalize

@@ -58,3 +58,57 @@ def test_import_contracts():
     proc = subprocess.run([exe], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 broken" in proc.stdout
+
+
+def _cycles(graph, package: str) -> list[list[str]]:
+    """Strongly connected groups of more than one module (import cycles), function-level imports included."""
+    mods = sorted(m for m in graph.modules if m.startswith(package))
+    edges = {m: sorted(i for i in graph.find_modules_directly_imported_by(m) if i.startswith(package)) for m in mods}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found = []
+
+    def visit(root: str) -> None:  # Tarjan's algorithm, iterative (no recursion limit)
+        work = [(root, 0)]
+        while work:
+            v, i = work.pop()
+            if i == 0:
+                index[v] = low[v] = len(index)
+                stack.append(v)
+                on.add(v)
+            for j in range(i, len(edges[v])):
+                w = edges[v][j]
+                if w not in index:
+                    work.append((v, j + 1))
+                    work.append((w, 0))
+                    break
+                if w in on:
+                    low[v] = min(low[v], index[w])
+            else:
+                if low[v] == index[v]:
+                    group = []
+                    while True:
+                        w = stack.pop()
+                        on.discard(w)
+                        group.append(w)
+                        if w == v:
+                            break
+                    if len(group) > 1:
+                        found.append(sorted(group))
+                if work:
+                    parent = work[-1][0]
+                    low[parent] = min(low[parent], low[v])
+
+    for m in mods:
+        if m not in index:
+            visit(m)
+    return found
+
+
+def test_no_import_cycles():
+    """No two modules of segstudio import each other, directly or round a loop (lazy imports count too)."""
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("segstudio", exclude_type_checking_imports=True)
+    assert _cycles(graph, "segstudio") == []

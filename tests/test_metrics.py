@@ -9,7 +9,7 @@ import pytest
 
 from segstudio.core import metrics
 from segstudio.core.errors import Cancelled
-from segstudio.core.io import read_image
+from segstudio.core.sources import read_image
 from segstudio.core.jobs import CancelToken, Progress, run_sync
 
 

@@ -21,7 +21,7 @@ pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from segstudio.core.errors import IncompatibleArtifactError  # noqa: E402
-from segstudio.core.models import onnx_check, user  # noqa: E402
+from segstudio.core.models import archives, onnx_check, user  # noqa: E402
 from segstudio.core.models.catalog import get_model, write_card  # noqa: E402
 from segstudio.core.models.confine import ConfinedRunError, Limits  # noqa: E402
 from segstudio.core.models.onnx_check import OnnxRefusedError  # noqa: E402
@@ -270,7 +270,7 @@ def test_zip_bomb_is_refused_from_its_central_directory(tmp_path, home, monkeypa
     def no_extraction(*args, **kwargs):
         raise AssertionError("something was decompressed")
 
-    monkeypatch.setattr(user, "_read_member", no_extraction)
+    monkeypatch.setattr(archives, "_read_member", no_extraction)
     with pytest.raises(ModelRefusedError, match=r"refused bomb\.zip: it would extract to 2\.00 GiB \(2147483660 "
                                                 r"bytes from \d+ compressed; segstudio extracts at most 1 GiB\)"):
         import_model(bomb)

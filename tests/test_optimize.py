@@ -147,7 +147,7 @@ def test_calibration_tiles_span_the_intensity_range(nuclei, sample_dir):
     with pytest.raises(InputError):
         CalibrationSource.from_folder(sample_dir / "nope", nuclei.spec)
     # napari layers: arrays with their axes; the same pixels give the same set
-    from segstudio.core.io import read_image
+    from segstudio.core.sources import read_image
 
     imgs = [read_image(p) for p in sorted(sample_dir.glob("*_img.tif"))]
     layers = CalibrationSource.from_arrays([(im.data.reshape(im.data.shape[-2:]), "YX", im.name) for im in imgs],
@@ -372,7 +372,7 @@ def test_int8_artifact_keeps_accuracy_and_segments_through_the_cli(tmp_path, sam
     out = tmp_path / "seg"
     image = sorted(sample_dir.glob("*_img.tif"))[0]
     assert main(["segment", str(image), "--model", str(final_dir), "--out", str(out), "--quiet"]) == 0
-    from segstudio.core.io import read_image
+    from segstudio.core.sources import read_image
 
     labels = read_image(out / f"{image.stem}_labels.tif").data
     assert len(np.unique(labels)) > 20

@@ -10,7 +10,8 @@ import tifffile
 
 from segstudio.core.errors import Cancelled
 from segstudio.core.evaluate import score
-from segstudio.core.io import as_image, read_image
+from segstudio.core.io import as_image
+from segstudio.core.sources import read_image
 from segstudio.core.jobs import CancelToken, run_sync
 from segstudio.core.models.spec import ModelSpec, Normalization, PostprocessParams, UNetConfig
 from segstudio.core.pipeline import segment_plane_job

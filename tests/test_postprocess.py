@@ -71,7 +71,7 @@ def test_compiled_watershed_gives_scikit_image_labels(samples, nuclei):
     """The hierarchical-queue flood equals skimage's heap watershed on the real model's output."""
     from segstudio.core.backends import create_backend
     from segstudio.core.benchmark import skimage_labels
-    from segstudio.core.io import read_image
+    from segstudio.core.sources import read_image
     from segstudio.core.jobs import run_sync
     from segstudio.core.preprocess import normalize
     from segstudio.core.tiling import predict_tiled

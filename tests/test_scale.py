@@ -9,7 +9,8 @@ import pytest
 
 from segstudio.core.backends import create_backend
 from segstudio.core.evaluate import score
-from segstudio.core.io import ImageData, read_image
+from segstudio.core.io import ImageData
+from segstudio.core.sources import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import get_model
 from segstudio.core.scale import (

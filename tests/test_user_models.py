@@ -16,7 +16,7 @@ pytest.importorskip("onnxruntime")
 from segstudio.core.datasets import find_pairs  # noqa: E402
 from segstudio.core.errors import IncompatibleArtifactError  # noqa: E402
 from segstudio.core.evaluate import score  # noqa: E402
-from segstudio.core.io import read_image  # noqa: E402
+from segstudio.core.sources import read_image  # noqa: E402
 from segstudio.core.models.catalog import get_model  # noqa: E402
 from segstudio.core.models.onnx_export import export_onnx  # noqa: E402
 from segstudio.core.models.unet import build_unet  # noqa: E402

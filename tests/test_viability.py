@@ -11,7 +11,8 @@ from scipy import ndimage as ndi
 
 from segstudio.core.backends import create_backend
 from segstudio.core.evaluate import class_counts, f1_from_counts, match_pairs, overlaps
-from segstudio.core.io import ImageData, read_image, write_labels  # noqa: F401
+from segstudio.core.io import ImageData, write_labels  # noqa: F401
+from segstudio.core.sources import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import get_model
 from segstudio.core.segment import segment_job

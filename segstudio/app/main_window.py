@@ -28,7 +28,8 @@ from qtpy.QtGui import QGuiApplication, QIcon
 from qtpy.QtWidgets import QApplication, QMainWindow
 
 from ..core.errors import SegStudioError
-from ..core.io import IMAGE_SUFFIXES, read_image
+from ..core.io import IMAGE_SUFFIXES
+from ..core.sources import read_image
 from ..napari_plugin._layers import image_layer_data
 from ..napari_plugin._sample_data import load_sample, sample_id
 from ..napari_plugin._batch import BatchWidget

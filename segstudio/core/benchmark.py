@@ -201,7 +201,7 @@ MOSAIC_SIZE = 2048
 def _mosaic_unit() -> np.ndarray:
     """The crowded sample and its three mirror images, 2 x 2 (float32): the mosaic's repeating unit."""
     from ..sample_data import SAMPLE_DIR
-    from .io import read_image
+    from .sources import read_image
 
     tile = read_image(SAMPLE_DIR / f"{MOSAIC_SAMPLE}_img.tif").data.astype(np.float32)
     return np.block([[tile, tile[:, ::-1]], [tile[::-1], tile[::-1, ::-1]]])

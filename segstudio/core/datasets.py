@@ -124,7 +124,7 @@ def mismatch_error(pair: Pair, labels_shape, image_shape) -> InputError:
 
 def read_pair(pair: Pair):
     """``(ImageData, labels)`` of a pair, refusing labels whose height and width are not the image's."""
-    from .io import read_image
+    from .sources import read_image
 
     image = read_image(pair.image)
     labels = read_image(pair.labels).data

@@ -239,7 +239,7 @@ def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_w
     import heapq
 
     from .datasets import mismatch_error
-    from .io import read_image
+    from .sources import read_image
     from .jobs import Progress
     from .segment import segment_job
     from .sources import open_source
@@ -292,7 +292,8 @@ def worst_images_png(path, worst, *, columns: int = 4, size: int = 320) -> None:
     """
     from PIL import Image, ImageDraw
 
-    from .io import atomic_path, read_image
+    from .io import atomic_path
+    from .sources import read_image
     from .preprocess import normalize, select_channels
     from .models.spec import Normalization
 

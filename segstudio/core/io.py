@@ -12,6 +12,10 @@ Readers:
 * ``.npy`` arrays (no pickles);
 * zarr stores, including OME-Zarr (see :mod:`segstudio.core.sources`).
 
+:func:`segstudio.core.sources.read_image` reads any of them whole; this
+module holds the format readers and checks below it (it never imports
+:mod:`.sources`, which reads region by region on top of them).
+
 Any file that cannot be used raises :class:`~segstudio.core.errors.InputError`
 with a one-line message naming the file and what is wrong with it.
 
@@ -336,21 +340,6 @@ def compute_dtype(dtype: np.dtype) -> np.dtype:
 
 
 # --------------------------------------------------------------------------- readers
-
-
-def read_image(path: str | Path) -> ImageData:
-    """Read an image file. See the module docstring for the formats."""
-    path = Path(path)
-    if path.suffix.lower() == ".zarr":
-        from .sources import open_source
-
-        with open_source(path) as src:
-            check_decode_bytes(src.nbytes, str(path), "its pixels")
-            data, axes = _canonicalize(native_pixels(np.asarray(src.raw[...]), src.name), src.raw_axes, src.name)
-            return ImageData(data=data, axes=axes, pixel_size=src.pixel_size, name=src.name,
-                             notices=list(src.notices))
-    with open_image_file(path) as f:
-        return read_open_file(path, f)
 
 
 def _named(read):
@@ -802,7 +791,7 @@ def write_labels(path: str | Path, labels: np.ndarray, *, pixel_size: tuple[floa
     """Write an instance-label image as a zlib-compressed TIFF, atomically.
 
     The pixel size, when known, is stored as a centimetre resolution, which
-    :func:`read_image` reads back.
+    :func:`~segstudio.core.sources.read_image` reads back.
     """
     import tifffile
 

@@ -482,9 +482,10 @@ class _PostStage:
             new_id = np.empty(n, np.uint32)
             new_id[order] = np.arange(start, start + n, dtype=np.uint32)
             for rr in [k for k in self.labels if k >= r]:
-                lab = self.labels[rr]
-                hit = lab >= start
-                lab[hit] = new_id[lab[hit] - start]  # ids of later rows are not given yet: all >= start are r's
+                for y in range(0, self.labels[rr].shape[0], 64):  # a band at a time: small temporaries
+                    lab = self.labels[rr][y : y + 64]
+                    hit = lab >= start  # ids of later rows are not given yet: all >= start are r's
+                    lab[hit] = new_id[lab[hit] - start]
             for t in tables:
                 t["label"] = new_id[t["label"] - start].astype(t["label"].dtype)
         if tables:

@@ -22,7 +22,7 @@ changed), never recorded with the new file's signature and the old cells.
 The limits of :mod:`segstudio.core.io` (pixel budget, the size of one decoded
 chunk) are checked from the header before any pixel is decoded.
 
-Axes follow the same rules as :func:`~segstudio.core.io.read_image`
+Axes follow the same rules as :func:`read_image`
 (canonical ``TZCYX``), computed once from the metadata by
 :func:`~segstudio.core.io.axes_plan` and applied per read.
 """
@@ -41,6 +41,7 @@ from .errors import InputError, naming
 from .io import (
     TIFF_SUFFIXES,
     ImageData,
+    _canonicalize,
     _short,
     image_stem,
     _tiff_metadata,
@@ -300,7 +301,7 @@ def open_source(path: str | Path, *, eager_bytes: int = EAGER_BYTES) -> ImageSou
 
     Files that decode to less than ``eager_bytes`` are read whole (fastest);
     larger TIFFs and ``.npy`` files, and zarr stores always, are read lazily.
-    Errors are :class:`InputError` as in :func:`~segstudio.core.io.read_image`.
+    Errors are :class:`InputError` as in :func:`read_image`.
     The source's ``signature`` identifies the bytes it reads.
     """
     try:
@@ -401,3 +402,29 @@ def _open_tiff(path: Path, f, eager_bytes: int) -> ImageSource:
     except Exception as e:  # noqa: BLE001 - decoders raise many types on corrupt data
         tif.close()
         raise InputError(f"{path}: the TIFF file is truncated or corrupt ({_short(e)})") from None
+
+
+def read_image(path: str | Path) -> ImageData:
+    """Read an image file whole.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        A TIFF / OME-TIFF / ImageJ TIFF, PNG, JPEG, ``.npy`` or zarr / OME-Zarr
+        (see :mod:`segstudio.core.io` for the formats and limits).
+
+    Returns
+    -------
+    ImageData
+        The pixels in canonical axes (a subset of ``"TZCYX"`` ending in
+        ``"YX"``), the axes, the pixel size in micrometres when recorded.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".zarr":
+        with open_source(path) as src:
+            check_decode_bytes(src.nbytes, str(path), "its pixels")
+            data, axes = _canonicalize(native_pixels(np.asarray(src.raw[...]), src.name), src.raw_axes, src.name)
+            return ImageData(data=data, axes=axes, pixel_size=src.pixel_size, name=src.name,
+                             notices=list(src.notices))
+    with open_image_file(path) as f:
+        return read_open_file(path, f)

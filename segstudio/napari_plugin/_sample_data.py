@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.io import read_image
+from ..core.sources import read_image
 from ..sample_data import sample_pairs
 from ._layers import LayerData, image_layer_data, labels_layer_data
 

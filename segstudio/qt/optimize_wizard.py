@@ -454,7 +454,7 @@ def thumbnail(tile: np.ndarray, size: int = THUMB_PX) -> np.ndarray:
 
 
 def _build_calibration(what: str, value: Any, model: Model, n_tiles: int) -> Job[CalibrationBuild]:
-    from ..core.io import read_image
+    from ..core.sources import read_image
     from ..core.optimize.calibration import calibration_warnings
 
     yield Progress("calibration", 0, 2, "reading the images")
@@ -782,7 +782,8 @@ def _plane_shape(data, axes) -> tuple[int, int]:
 
 
 def _build_validation(kind: str, value: Any) -> Job[ValidationSet]:
-    from ..core.io import as_image, read_image
+    from ..core.io import as_image
+    from ..core.sources import read_image
 
     yield Progress("validation", 0, 1, "reading the validation images")
     if kind == "pairs":

@@ -8,7 +8,7 @@ import tifffile
 
 from segstudio.app.main_window import batch_widget, build_window
 from segstudio.core.batch import MANIFEST
-from segstudio.core.io import read_image
+from segstudio.core.sources import read_image
 from segstudio.sample_data import sample_pairs
 
 from test_app import drop  # noqa: E402 - tests/gui is on sys.path (rootdir-relative test modules)

@@ -12,7 +12,7 @@ import pytest
 
 from segstudio.core.backends import installed, runnable_variants
 from segstudio.core.benchmark import BASELINE
-from segstudio.core.io import read_image
+from segstudio.core.sources import read_image
 from segstudio.core.models.catalog import get_model
 from segstudio.sample_data import sample_pairs
 

@@ -188,7 +188,7 @@ def test_run_page_cancel_keeps_finished_steps_and_resume_reruns_with_resume(
 
 def test_result_page_table_rollback_use_export_and_compare(qtbot, tmp_path, no_thread_left_running):
     from segstudio.core.compare import disagreement
-    from segstudio.core.io import read_image
+    from segstudio.core.sources import read_image
     from segstudio.qt.optimize_result import ResultPage
     from segstudio.sample_data import sample_pairs
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from segstudio.app.main_window import build_window, segment_widget
-from segstudio.core.io import read_image
+from segstudio.core.sources import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import get_model, load_card
 from segstudio.core.optimize.calibration import CalibrationSource

@@ -11,7 +11,7 @@ import tifffile
 
 from segstudio.app.main_window import batch_widget, build_window, performance_widget, segment_widget
 from segstudio.core import metrics
-from segstudio.core.io import read_image
+from segstudio.core.sources import read_image
 from segstudio.sample_data import sample_pairs
 
 pytestmark = pytest.mark.gui

@@ -7,7 +7,7 @@ import pytest
 from napari.layers import Image, Labels
 from npe2 import PluginManager
 
-from segstudio.core.io import read_image
+from segstudio.core.sources import read_image
 from segstudio.napari_plugin._sample_data import sample_id
 from segstudio.sample_data import sample_pairs
 

@@ -234,11 +234,10 @@ def _clean_env(work: Path) -> dict[str, str]:
 
 def _python_paths() -> list[Path]:
     """Folders the child's Python needs to read: the interpreter, its libraries, segstudio's package."""
-    import segstudio
-
+    package = Path(__file__).resolve().parents[2]  # segstudio/ (core/models/confine.py)
     # not sys.path as a whole: it may hold the current folder or a test runner's root
     paths = {Path(sys.base_prefix), Path(sys.prefix), Path(os.path.realpath(sys.executable)).parent.parent,
-             Path(segstudio.__file__).resolve().parent}
+             package}
     # keep the outermost folders only
     resolved = sorted({p.resolve() for p in paths if p.exists()}, key=lambda p: len(p.parts))
     out: list[Path] = []

@@ -45,48 +45,42 @@ from its ONNX graph or its BioImage.IO description) gets exactly those
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import os
 import re
 import shutil
-import stat
 import tempfile
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import IncompatibleArtifactError, InputError, SegStudioError, naming
-from .catalog import Model, load_card, write_card
+from .archives import (  # noqa: F401 - the zip limits and the refusal are also this module's API
+    MAX_WEIGHTS_ZIP_BYTES,
+    MAX_ZIP_BYTES,
+    MAX_ZIP_ENTRIES,
+    TRUST_HINT,
+    ModelRefusedError,
+    _zip_infolist,
+    is_torchscript_archive,
+    refuse_code,
+    safe_extract,
+    zip_members,
+)
+from .card import BUILTIN_DIR, Model, load_card, model_digest, write_card
 from .confine import Limits, run_confined
 from .spec import ModelSpec, Normalization, PostprocessParams, UNetConfig, file_sha256
 
 RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 DEFAULT_MULTIPLE, DEFAULT_HALO = 16, 32
 
-# zips (BioImage.IO packages, PyTorch archives) are checked against these before anything is extracted
-MAX_ZIP_BYTES = 1 << 30  # what all entries extract to
-MAX_ZIP_ENTRIES = 10_000
-MAX_ZIP_RATIO = 200  # extracted / compressed, for an entry of more than ZIP_RATIO_FLOOR bytes
-ZIP_RATIO_FLOOR = 16 << 20
-MAX_WEIGHTS_ZIP_BYTES = 2 << 30  # a PyTorch archive's tensors
 MAX_TEST_TENSOR_BYTES = 256 << 20
 # Converting a TorchScript archive in its confined child, measured: the built-in U-Net traced at 64 x 64 peaks at
 # 0.70 GB of address space (0.35 GB resident) in 4.4 s, the BioImage.IO U-Net at its 512 x 512 input at 0.94 GB
 # (0.60 GB resident) in 3.0 s (torch alone reserves about 0.65 GB).
 CONVERT_LIMITS = Limits(memory_bytes=4 << 30, cpu_seconds=600, wall_seconds=300.0, file_bytes=2 << 30,
                         open_files=512)
-
-TRUST_HINT = ("export the network to ONNX (torch.onnx.export) and import that file; or, only if you trust where "
-              "it comes from, allow model files that contain code (--trust-code, or the checkbox under Open... in "
-              "the app): segstudio then converts it to ONNX in a confined process")
-
-
-class ModelRefusedError(IncompatibleArtifactError):
-    """A model file that is unsafe to load (code in a pickle or archive, a zip that writes outside its folder)."""
-
 
 def user_models_dir() -> Path:
     return Path(os.environ.get("SEGSTUDIO_HOME") or Path.home() / ".segstudio") / "models"
@@ -137,120 +131,6 @@ def safe_name(name: str) -> str:
 # ------------------------------------------------------------------ zips
 
 
-def _zip_infolist(path: Path) -> list[zipfile.ZipInfo]:
-    try:
-        with zipfile.ZipFile(path) as z:
-            return z.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as e:
-        raise IncompatibleArtifactError(f"{path.name}: not a readable zip archive ({e})") from None
-
-
-def zip_members(path: Path, *, max_bytes: int = MAX_ZIP_BYTES,
-                infos: list[zipfile.ZipInfo] | None = None) -> list[zipfile.ZipInfo]:
-    """The entries of a zip, refused (with the numbers) when they are too many, too big or too compressed.
-
-    Read from the central directory only: nothing is decompressed.
-    """
-    infos = _zip_infolist(path) if infos is None else infos
-    if len(infos) > MAX_ZIP_ENTRIES:
-        raise ModelRefusedError(f"refused {path.name}: {len(infos)} entries (segstudio opens at most "
-                                f"{MAX_ZIP_ENTRIES})")
-    total = sum(i.file_size for i in infos)
-    packed = sum(i.compress_size for i in infos)
-    if total > max_bytes:
-        raise ModelRefusedError(
-            f"refused {path.name}: it would extract to {total / (1 << 30):.2f} GiB ({total} bytes from "
-            f"{packed} compressed; segstudio extracts at most {max_bytes / (1 << 30):.0f} GiB)")
-    for i in infos:
-        if i.file_size > ZIP_RATIO_FLOOR and i.file_size > MAX_ZIP_RATIO * max(i.compress_size, 1):
-            raise ModelRefusedError(
-                f"refused {path.name}: its entry {i.filename!r} is compressed {i.file_size / max(i.compress_size, 1):.0f}:1 "
-                f"({i.file_size} bytes from {i.compress_size}; segstudio accepts at most {MAX_ZIP_RATIO}:1)")
-    return infos
-
-
-def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, sink, zip_name: str) -> None:
-    """Copy one entry to ``sink`` (a writable file, or None to discard), never past its declared size."""
-    left = info.file_size
-    with z.open(info) as src:
-        while True:
-            chunk = src.read(min(1 << 20, left + 1))
-            if not chunk:
-                break
-            left -= len(chunk)
-            if left < 0:
-                raise ModelRefusedError(f"refused {zip_name}: its entry {info.filename!r} holds more than the "
-                                        f"{info.file_size} bytes it declares")
-            if sink is not None:
-                sink.write(chunk)
-
-
-def safe_extract(zip_path: Path, target: Path) -> None:
-    """Extract ``zip_path`` into ``target``, refusing zips that are too big (:func:`zip_members`),
-    members that would land outside it (or are links), and entries that yield more than they declare."""
-    target = target.resolve()
-    infos = zip_members(zip_path)
-    for info in infos:
-        name = info.filename
-        dest = (target / name).resolve()
-        mode = info.external_attr >> 16
-        if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or (
-            dest != target and target not in dest.parents
-        ):
-            raise ModelRefusedError(
-                f"refused {zip_path.name}: its entry {name!r} would be written outside the model folder",
-                hint="the archive is damaged or malicious; get the model from its author again",
-            )
-        if stat.S_ISLNK(mode):
-            raise ModelRefusedError(f"refused {zip_path.name}: its entry {name!r} is a symbolic link")
-    try:
-        with zipfile.ZipFile(zip_path) as z:
-            for info in infos:
-                dest = target / info.filename
-                if info.is_dir():
-                    dest.mkdir(parents=True, exist_ok=True)
-                    continue
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with open(dest, "wb") as f:
-                    _read_member(z, info, f, zip_path.name)
-    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, NotImplementedError) as e:
-        if isinstance(e, OSError) and e.errno is not None and not isinstance(e, zipfile.BadZipFile):
-            raise InputError(f"cannot extract {zip_path.name} to a temporary folder ({e.strerror})") from None
-        raise IncompatibleArtifactError(f"{zip_path.name}: a damaged zip archive ({e})") from None
-
-
-# ------------------------------------------------------------------ what a file is
-
-
-PICKLE_SCAN_BYTES = 64 << 20
-
-
-def is_torchscript_archive(path: Path, infos: list[zipfile.ZipInfo] | None = None) -> bool:
-    """Whether a zip is a TorchScript archive, from its records alone (nothing of it is run or unpickled).
-
-    TorchScript archives hold a ``code/`` folder (their program), and
-    ``constants.pkl`` / ``*.debug_pkl`` records; their pickles name
-    ``__torch__`` classes.  Any of these marks one, whatever the file is
-    called and whichever records were removed.
-    """
-    infos = zip_members(path, max_bytes=MAX_WEIGHTS_ZIP_BYTES) if infos is None else infos
-    for info in infos:
-        parts = info.filename.replace("\\", "/").split("/")
-        if "code" in parts[:-1] or parts[-1] in ("constants.pkl", "model.json") or parts[-1].endswith(".debug_pkl"):
-            return True
-    try:
-        with zipfile.ZipFile(path) as z:
-            for info in infos:
-                if info.filename.endswith(".pkl") and info.file_size <= PICKLE_SCAN_BYTES:
-                    data = io.BytesIO()
-                    _read_member(z, info, data, path.name)
-                    if b"__torch__" in data.getbuffer():
-                        return True
-    except (zipfile.BadZipFile, EOFError, RuntimeError, NotImplementedError) as e:
-        raise IncompatibleArtifactError(f"{path.name}: a damaged zip archive ({e})") from None
-    return False
-
-
 def detect_kind(path: Path) -> str:
     """``onnx``, ``torchscript``, ``state_dict`` or ``bioimageio`` from the file's contents."""
     if path.is_dir():
@@ -282,11 +162,6 @@ def detect_kind(path: Path) -> str:
         return "state_dict"
     raise InputError(f"{path.name}: not a model file segstudio knows",
                      hint="ONNX (.onnx), TorchScript or a PyTorch state dict (.pt), or a BioImage.IO package")
-
-
-def refuse_code(path: Path, what: str = "a TorchScript archive") -> ModelRefusedError:
-    return ModelRefusedError(f"refused {path.name}: it is {what}, which holds code that runs when it is loaded",
-                             hint=TRUST_HINT)
 
 
 # ------------------------------------------------------------------ importing
@@ -1066,11 +941,7 @@ def keep_model(card_path: str | Path, name: str | None = None) -> Model:
     """
     from dataclasses import replace as _replace
 
-    from .catalog import model_digest
-
     source = load_card(card_path)
-    from .catalog import BUILTIN_DIR
-
     where = source.card_path.parent.resolve()
     if where == BUILTIN_DIR.resolve() or where.parent == user_models_dir().resolve():
         return source  # built in, or a user model already

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..io import ImageData, read_image
+from ..io import ImageData
+from ..sources import read_image
 from ..models.spec import ModelSpec
 from ..preprocess import normalize, select_channels
 

@@ -21,7 +21,8 @@ from ..backends import create_backend, installed
 from ..datasets import find_images, find_pairs, read_pair
 from ..errors import SegStudioError
 from ..evaluate import mean_scores, score
-from ..io import ImageData, read_image
+from ..io import ImageData
+from ..sources import read_image
 from ..jobs import CancelToken, Job, Progress
 from ..models.catalog import Model
 from ..models.onnx_export import compare_outputs
