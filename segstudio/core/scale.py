@@ -9,9 +9,12 @@ estimated from a first pass of the network (:func:`estimate_diameter`).
 The network's outputs are resampled back to the image grid before
 post-processing, so labels and measurements are always in the user's pixels.
 
-Resampling is separable linear interpolation written as two small matrix
-products (``Ry @ X @ Rx.T``); when shrinking, the triangle filter widens by
-the shrink factor so it averages instead of skipping pixels (no aliasing).
+Resampling is separable linear interpolation; when shrinking, the triangle
+filter widens by the shrink factor so it averages instead of skipping pixels
+(no aliasing).  Whole arrays (training samples, the estimate's looks) go
+through :func:`resize` (two small matrix products, ``Ry @ X @ Rx.T``); the
+segmentation itself through :class:`GridScaling`, one grid for the whole
+plane cut into tiles, so the labels do not depend on the tiling.
 """
 
 from __future__ import annotations
