@@ -191,7 +191,10 @@ def _model_and_backend(args):
     from .core.models.catalog import get_model
 
     model = get_model(args.model, trust_code=args.trust_code)
-    backend = create_backend(args.backend, model, **({"threads": args.threads} if args.threads else {}))
+    options = {"tile": getattr(args, "tile", None), "batch_size": getattr(args, "batch_size", None)}
+    if args.threads:
+        options["threads"] = args.threads
+    backend = create_backend(args.backend, model, **options)  # tile and batch: auto's trial, an engine's profile
     return model, backend
 
 

@@ -215,3 +215,50 @@ def test_estimate_holds_on_large_textured_nuclei(nuclei, name):
     x = normalize(select_channels(next(img.planes())[1], 1, None), spec.normalization)
     d = estimate_diameter(x, spec, backend.predict)
     assert d is not None and abs(np.log(d / median_diameter(truth))) < np.log(1.5), (d, median_diameter(truth))
+
+
+def test_engine_profiles_follow_the_requested_tile_and_batch(monkeypatch):
+    """A fixed-shape engine (TensorRT) is built for the tile and batch the run asks for, and every batch the
+    segmentation then sends, at any scale, the estimate's included, fits that profile."""
+    from segstudio.core.backends import registry
+    from segstudio.core.backends.engine_cache import default_profile
+
+    model = get_model("nuclei-light")
+    spec = model.spec
+    built = {}
+
+    class Engine:  # stands in for TensorRTBackend: records what create_variant gives it
+        package, install_hint, devices, gpu_devices, takes_profile = "numpy", "", ("cpu",), ("cuda",), True
+
+        @classmethod
+        def model_file(cls, device, precision):
+            return "onnx"
+
+        def __init__(self, model, *, device, precision, options, tile_shape, batch_size):
+            built.update(tile_shape=tile_shape, batch_size=batch_size)
+
+    img = read_image(SAMPLE / "6fe2df6de1d9_img.tif")
+    with create_backend("onnxruntime", model) as ort:
+        monkeypatch.setattr(registry, "backend_class", lambda name: Engine)
+        monkeypatch.setattr(registry, "parse_variant", lambda text: registry.Variant("fake", "cpu", "fp32"))
+        for tile, batch in ((256, 2), (512, 4)):
+            registry.create_variant("fake", model, tile=tile, batch_size=batch)
+            profile = default_profile(spec.input_channels, spec.multiple, built["tile_shape"], built["batch_size"])
+            assert built["batch_size"] == batch and built["tile_shape"] == GridScaling.bound(spec, tile)
+            seen = []
+
+            class Recording:
+                device = "cpu"
+
+                def predict(self, x, crop=None):
+                    seen.append(x.shape)
+                    return ort.predict(x, crop)
+
+                def describe(self):
+                    return "recording"
+
+            for diameter in (None, 6.0, 14.0, 30.0, 60.0, "native"):
+                run_sync(segment_job(img, model, Recording(), tile=tile, batch_size=batch, diameter=diameter))
+            assert seen and all(profile.covers(s) for s in seen), (tile, built, sorted(set(seen)))
+            # the profile is not far bigger than what is sent (an engine built for it wastes nothing much)
+            assert max(s[-1] for s in seen) > 0.9 * built["tile_shape"][1]

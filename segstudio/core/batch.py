@@ -655,7 +655,8 @@ def _run_local(todo, out_dir, model, backend, backend_name, threads, segment_opt
     if own:
         from .backends import create_backend
 
-        backend = create_backend(backend_name, model, **({"threads": threads} if threads else {}))
+        backend = create_backend(backend_name, model, tile=segment_opts.get("tile"),
+                                 **({"threads": threads} if threads else {}))
     reader = _Prefetch(todo)
     try:
         for k, (item, source) in enumerate(reader):

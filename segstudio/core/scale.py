@@ -216,6 +216,26 @@ class GridScaling:
         self.tile_shape = tuple(c + 2 * self.halo for c in cores)
         self._taps: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = {}
 
+    @staticmethod
+    def bound(spec, tile: int) -> tuple[int, int]:
+        """The largest network input ``(h, w)`` a segmentation at ``tile`` sends, at any scale.
+
+        At the image's own scale a tile is ``tile`` plus the halo on each
+        side (rounded to the stride); resampled, the grid's tiles add the
+        interpolation's reach (``factor`` network pixels at most
+        :data:`MAX_FACTOR`) and the stride alignment.  What an engine's shape
+        profile must hold (TensorRT) so that no batch is refused.
+        """
+        from .tiling import round_up
+
+        m, net_halo = spec.multiple, round_up(spec.halo, spec.multiple)
+        fixed = spec.input_size((1, 1)) if spec.input_min is not None and not any(spec.input_step or ()) else None
+        if fixed is not None:
+            return fixed
+        worst = int(np.ceil(tile + 2 * MAX_FACTOR + 2 * net_halo + 2)) + m - 1
+        side = max(round_up(tile, m) + 2 * net_halo, round_up(worst, m))
+        return (side, side) if spec.input_min is None else spec.input_size((side, side))
+
     def _net_start(self, origin: int) -> int:
         """First network pixel of the tile whose read starts at image pixel ``origin``.
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .backends import Backend
+from .backends import CPU_BATCH, GPU_BATCH, Backend
 from .errors import IncompatibleArtifactError, InputError
 from .io import ImageData
 from .jobs import CancelToken, Job, Progress
@@ -61,8 +61,6 @@ class SegmentationResult:
         return self.n_objects
 
 
-CPU_BATCH = 4
-GPU_BATCH = 16  # the H100 bench: network 1.5x faster at 16 tiles a call than at 4 (benchmarks/results)
 
 
 def on_gpu(backend: Backend) -> bool:
@@ -228,7 +226,7 @@ def segment_job(
 
             if i == 0 and spec.diameter:
                 if diameter is None:
-                    diameter = _estimate_diameter(source, index, prepare_whole, spec, predict)
+                    diameter = _estimate_diameter(source, index, prepare_whole, spec, predict, tile)
                     if diameter is None:
                         notices.append("no nuclei found to estimate their size: the image is used as is")
                     else:
@@ -368,9 +366,9 @@ class FlipAverage:
 ESTIMATE_SIDE = 1024
 
 
-def _estimate_diameter(source: ImageSource, index, prepare, spec, predict) -> float | None:
-    """Nuclei diameter from the centre (at most 1024 x 1024 pixels) of one plane."""
+def _estimate_diameter(source: ImageSource, index, prepare, spec, predict, tile: int) -> float | None:
+    """Nuclei diameter from the centre (at most 1024 x 1024 pixels) of one plane, in tiles of ``tile``."""
     h, w = source.plane_shape
     y0, x0 = max(0, (h - ESTIMATE_SIDE) // 2), max(0, (w - ESTIMATE_SIDE) // 2)
     block = source.read(index, (y0, min(h, y0 + ESTIMATE_SIDE)), (x0, min(w, x0 + ESTIMATE_SIDE)))
-    return estimate_diameter(prepare(block), spec, predict)
+    return estimate_diameter(prepare(block), spec, predict, tile=tile)

@@ -26,6 +26,8 @@ from ..models.catalog import Model
 from .base import Backend, BackendBase
 from .registry import (
     ALIASES,
+    CPU_BATCH,
+    GPU_BATCH,
     REGISTRY,
     Variant,
     available_backends,
@@ -40,23 +42,23 @@ from .registry import (
 )
 
 __all__ = [
-    "ALIASES", "REGISTRY", "Backend", "BackendBase", "Variant", "auto_variant", "available_backends", "backend_class",
-    "create_backend", "create_variant", "gpu_available", "installed", "nvidia_driver_present", "parse_variant",
-    "resolve_name", "runnable_variants", "torch_hint",
+    "ALIASES", "CPU_BATCH", "GPU_BATCH", "REGISTRY", "Backend", "BackendBase", "Variant", "auto_variant",
+    "available_backends", "backend_class", "create_backend", "create_variant", "gpu_available", "installed",
+    "nvidia_driver_present", "parse_variant", "resolve_name", "runnable_variants", "torch_hint",
 ]
 
 
 def create_backend(variant: str, model: Model, **options) -> Backend:
     """Create the backend for ``variant`` (or ``"auto"``) and ``model``.
 
-    Extra keyword options go to the backend (``threads``...); ``tile`` and
-    ``batch_size`` only tell ``auto`` the shape to measure.  GPU variants
-    are created on, and called through, their device thread.
+    ``tile`` and ``batch_size`` (the segmentation's) tell ``auto`` the
+    shape to measure and a fixed-shape engine (TensorRT) the profile to
+    build (:func:`.registry.create_variant`); other keyword options go to
+    the backend (``threads``...).  GPU variants are created on, and called
+    through, their device thread.
     """
     if resolve_name(variant.split("@")[0].split(":")[0].split("+")[0]) == "auto":
-        variant = auto_variant(model, **{k: v for k, v in options.items() if k in ("tile", "batch_size")})
-    options.pop("tile", None)
-    options.pop("batch_size", None)
+        variant = auto_variant(model, **{k: v for k, v in options.items() if k in ("tile", "batch_size") and v})
     return create_variant(variant, model, **options)
 
 

@@ -146,6 +146,8 @@ class TensorRTBackend(BackendBase):
         # TensorRT 10, from an FP16 graph on TensorRT 11 (strongly typed; chosen in __init__).
         return "onnx_int8" if precision == "int8" else "onnx"
 
+    takes_profile = True  # create_variant sizes tile_shape and batch_size from the segmentation's tiling
+
     def __init__(self, model: Model, *, device: str = "cuda", precision: str = "fp32",
                  options: frozenset[str] = frozenset(), threads: int | None = None,
                  tile_shape: tuple[int, int] = (640, 640), batch_size: int = 4,
