@@ -69,10 +69,11 @@ def segment(
     True
     """
     from .core.backends import create_backend
-    from .core.io import ImageData, as_image, read_image
+    from .core.io import ImageData, as_image
     from .core.jobs import run_sync
     from .core.models.catalog import Model, get_model
     from .core.segment import segment_job
+    from .core.sources import read_image
 
     if isinstance(image, (str, Path)):
         image = read_image(image)
