@@ -198,7 +198,9 @@ class GridScaling:
         for n in plane:
             core = min(n, max(1, int(round(tile / f))))
             core = -(-n // -(-n // core))  # as few cores as that allows, of equal size
-            net = round_up(span(core), m)
+            # the window each tile actually needs (its start on the stride grid): often a stride less than the
+            # worst case, which keeps the network's tiles at the size the estimate's looks use
+            net = round_up(max(self._window(c0, core)[1] for c0 in range(0, n, core)), m)
             if spec.input_min is not None:
                 net = spec.input_size((span(core), span(core)))[0 if not cores else 1]
                 if net < span(core):  # a fixed-size network: the core is what its input holds
@@ -236,15 +238,21 @@ class GridScaling:
         side = max(round_up(tile, m) + 2 * net_halo, round_up(worst, m))
         return (side, side) if spec.input_min is None else spec.input_size((side, side))
 
+    def _window(self, core_start: int, core: int) -> tuple[int, int]:
+        """First network pixel and network pixels needed by the tile whose core is ``core_start``.. + ``core``."""
+        f = self.factor
+        first = int(np.floor((core_start + 0.5) * f - 0.5 - self.reach_out)) - self.net_halo
+        first = first // self.multiple * self.multiple
+        last = int(np.floor((core_start + core - 0.5) * f - 0.5 + self.reach_out)) + self.net_halo
+        return first, last + 1 - first
+
     def _net_start(self, origin: int) -> int:
         """First network pixel of the tile whose read starts at image pixel ``origin``.
 
         A multiple of the network's stride: a U-Net's output shifts with its
         input only by whole strides, so every tile sits on the stride grid.
         """
-        core_start = origin + self.halo
-        first = int(np.floor((core_start + 0.5) * self.factor - 0.5 - self.reach_out)) - self.net_halo
-        return first // self.multiple * self.multiple
+        return self._window(origin + self.halo, 0)[0]
 
     def _tap(self, kind: str, axis: int, origin: int) -> tuple[np.ndarray, np.ndarray]:
         """``(index, weight)``, each ``(n_out, taps)``: which input pixels make each output pixel, and how much."""
