@@ -156,6 +156,12 @@ def rescale_sample(image: np.ndarray, labels: np.ndarray, factor: float) -> tupl
     return resize(image, shape), resize_labels(labels, shape)
 
 
+def _overhead(reach_out: float, net_halo: int, multiple: int) -> float:
+    """Network pixels a grid tile needs beyond its core's span, at most: the interpolation's reach and the
+    network's halo on both sides, a pixel of rounding each, and the window's start put on the stride grid."""
+    return 2 * reach_out + 2 * net_halo + 2 + multiple - 1
+
+
 class GridScaling:
     """The network runs on one resampled grid for the whole plane, whatever the tiling.
 
@@ -190,24 +196,19 @@ class GridScaling:
         self.reach_out = max(1.0, f)  # network pixels an image pixel interpolates from
 
         self.multiple = m
-
-        def span(core: int) -> int:  # network pixels a tile of ``core`` image pixels needs, halo included
-            return int(np.ceil((core - 1) * f + 2 * self.reach_out + 2 * self.net_halo + 2)) + m - 1
-
         cores, nets = [], []
-        for n in plane:
+        for axis, n in enumerate(plane):
             core = min(n, max(1, int(round(tile / f))))
             core = -(-n // -(-n // core))  # as few cores as that allows, of equal size
             # the window each tile actually needs (its start on the stride grid): often a stride less than the
             # worst case, which keeps the network's tiles at the size the estimate's looks use
-            net = round_up(max(self._window(c0, core)[1] for c0 in range(0, n, core)), m)
-            if spec.input_min is not None:
-                net = spec.input_size((span(core), span(core)))[0 if not cores else 1]
-                if net < span(core):  # a fixed-size network: the core is what its input holds
-                    core = int(np.floor((net - 2 * self.reach_out - 2 * self.net_halo - 1 - m) / f)) + 1
-                    if core < 1:
-                        raise InputError(f"the network's {net} px input leaves no room for its "
-                                         f"{self.net_halo} px halo at {f:.2f}x scale")
+            need = max(self._window(c0, core)[1] for c0 in range(0, n, core))
+            net = round_up(need, m) if spec.input_min is None else spec.input_size((need, need))[axis]
+            if net < need:  # a fixed-size network: the core is what its input holds, at worst
+                core = int(np.floor((net - _overhead(self.reach_out, self.net_halo, m)) / f)) + 1
+                if core < 1:
+                    raise InputError(f"the network's {net} px input leaves no room for its "
+                                     f"{self.net_halo} px halo at {f:.2f}x scale")
             cores.append(core)
             nets.append(net)
         self.cores, self.net_shape = tuple(cores), tuple(nets)
@@ -234,7 +235,8 @@ class GridScaling:
         fixed = spec.input_size((1, 1)) if spec.input_min is not None and not any(spec.input_step or ()) else None
         if fixed is not None:
             return fixed
-        worst = int(np.ceil(tile + 2 * MAX_FACTOR + 2 * net_halo + 2)) + m - 1
+        # a core of round(tile / f) image pixels spans at most ``tile`` network pixels, the reach at most MAX_FACTOR
+        worst = int(np.ceil(tile + _overhead(MAX_FACTOR, net_halo, m)))
         side = max(round_up(tile, m) + 2 * net_halo, round_up(worst, m))
         return (side, side) if spec.input_min is None else spec.input_size((side, side))
 

@@ -61,8 +61,6 @@ class SegmentationResult:
         return self.n_objects
 
 
-
-
 def on_gpu(backend: Backend) -> bool:
     return str(getattr(backend, "device", "cpu")).startswith("cuda")
 

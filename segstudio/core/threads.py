@@ -14,21 +14,28 @@ from typing import Callable, Iterator
 
 
 @contextmanager
+def _restoring() -> Iterator:
+    """PyTorch's thread count as it was before the block, whatever the block set."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield torch
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+@contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run the block with PyTorch on ``n`` threads (``None`` or 0: as it is), restoring the count after."""
     if not n:
         yield
         return
-    import torch
-
-    before = torch.get_num_threads()
-    if before != n:
-        torch.set_num_threads(n)
-    try:
+    with _restoring() as torch:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
         yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
 
 
 def keeps_torch_threads(job: Callable) -> Callable:
@@ -40,13 +47,7 @@ def keeps_torch_threads(job: Callable) -> Callable:
 
     @functools.wraps(job)
     def wrapper(*args, **kwargs):
-        import torch
-
-        before = torch.get_num_threads()
-        try:
+        with _restoring():
             return (yield from job(*args, **kwargs))
-        finally:
-            if torch.get_num_threads() != before:
-                torch.set_num_threads(before)
 
     return wrapper

@@ -110,13 +110,13 @@ def _key(model: Model, names: list[str], tile_shape: tuple[int, int]) -> str:
 
 def measure_variants(model: Model, names: list[str], tile_shape: tuple[int, int], repeats: int = 3) -> dict:
     """Median seconds per tile of each variant (failures recorded as errors)."""
-    from .registry import create_variant as create_backend
+    from .registry import create_variant
 
     x = np.random.default_rng(0).standard_normal((1, model.spec.input_channels, *tile_shape)).astype(np.float32)
     results = {}
     for name in names:
         try:
-            with create_backend(name, model) as backend:
+            with create_variant(name, model) as backend:
                 backend.predict(x)  # warm-up: lazy initialisation, autotuning, graph capture
                 times = []
                 for _ in range(repeats):

@@ -59,13 +59,13 @@ class OomFallback:
 
     def _to_cpu(self, batch: np.ndarray, crop: tuple[slice, slice] | None) -> np.ndarray:
         from .autoselect import cpu_candidates
-        from .registry import create_variant as create_backend
+        from .registry import create_variant
 
         if self._cpu_factory is not None:
             cpu = self._cpu_factory()
         else:
             names = cpu_candidates(self.model)
-            cpu = create_backend(names[0], self.model)
+            cpu = create_variant(names[0], self.model)
         self.notify(f"GPU out of memory even for small tiles: continuing on the CPU ({cpu.describe()})")
         self.backend.close()
         self.backend, self.on_cpu, self.max_batch = cpu, True, None
