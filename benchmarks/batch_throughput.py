@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from segstudio.core.backends import create_backend  # noqa: E402
-from segstudio.core.batch import batch_job  # noqa: E402
+from segstudio.core.batch import Compute, batch_job  # noqa: E402
 from segstudio.core.benchmark import BASELINE, bench_job, machine_info  # noqa: E402
 from segstudio.core.sources import read_image  # noqa: E402
 from segstudio.core.jobs import run_sync  # noqa: E402
@@ -101,7 +101,7 @@ def main() -> int:
         backend = create_backend(args.backend, model)
         warm_up(model, backend)
         t0 = time.perf_counter()
-        report = run_sync(batch_job(folder, tmp / "out", model, backend=backend))
+        report = run_sync(batch_job(folder, tmp / "out", model, Compute('auto', backend=backend)))
         wall = time.perf_counter() - t0
         backend.close()
         assert report.counts == {"done": args.n}, report.counts
@@ -110,7 +110,7 @@ def main() -> int:
         if args.workers:
             # a cluster's start and each worker's model load are inside this clock (they are part of the run)
             t0 = time.perf_counter()
-            report = run_sync(batch_job(folder, tmp / "out_dask", model, args.backend, workers=args.workers))
+            report = run_sync(batch_job(folder, tmp / "out_dask", model, Compute(args.backend, workers=args.workers)))
             dask_wall = time.perf_counter() - t0
             assert report.counts == {"done": args.n}, report.counts
             dask = {"workers": args.workers, "threads_per_worker": 1, "wall_s": dask_wall,

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from segstudio.core.options import SegmentOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             drainer.start()
         t0 = time.perf_counter()
         try:
-            run_sync(metrics.monitored(segment_job(image, model, backend, diameter=diameter), "segment", "mosaic"))
+            run_sync(metrics.monitored(segment_job(image, model, backend, SegmentOptions(diameter=diameter)), "segment", "mosaic"))
         finally:
             seconds = time.perf_counter() - t0
             stop.set()

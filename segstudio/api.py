@@ -42,9 +42,10 @@ def segment(
         Axis names of an array ``image``.
     channel : int or str, optional
         The channel holding the nuclei (index or name) in a multi-channel image.
-    diameter : float or "native", optional
-        Nucleus diameter in image pixels; estimated when not given;
-        ``"native"`` runs the image at its own scale.
+    diameter : float, str or Diameter, optional
+        Nucleus diameter in image pixels (``24``), or micrometres
+        (``"9um"``, for a file that records its pixel size); estimated when
+        not given; ``"native"`` runs the image at its own scale.
     tile : int
         Tile size in network pixels (the result does not depend on it).
     tta : bool
@@ -72,6 +73,7 @@ def segment(
     from .core.io import ImageData, as_image
     from .core.jobs import run_sync
     from .core.models.catalog import Model, get_model
+    from .core.options import SegmentOptions
     from .core.segment import segment_job
     from .core.sources import read_image
 
@@ -79,8 +81,9 @@ def segment(
         image = read_image(image)
     elif not isinstance(image, ImageData):
         image = as_image(np.asarray(image), axes)
+    options = SegmentOptions(channel=channel, diameter=diameter, tile=tile, tta=tta)  # checked before the model loads
     if not isinstance(model, Model):
         model = get_model(model)
-    with create_backend(backend, model) as runner:
-        result = run_sync(segment_job(image, model, runner, channel=channel, diameter=diameter, tile=tile, tta=tta))
+    with create_backend(backend, model, tile=tile) as runner:
+        result = run_sync(segment_job(image, model, runner, options))
     return result.labels, result.table

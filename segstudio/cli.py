@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from .core.errors import Cancelled, InputError, OutputError, SegStudioError, naming, write_crash_log
+from .core.options import DIAMETER_PX, Diameter, SegmentOptions
 
 EXIT_FAILED = 1  # some inputs failed, the rest were processed
 EXIT_USAGE = 2  # bad input or options
@@ -74,29 +75,18 @@ def _float_opt(lo: float, hi: float | None = None, *, above: bool = False):
     return parse
 
 
-DIAMETER_PX = (1.0, 10000.0)
-DIAMETER_UM = (0.01, 10000.0)
-
-
-def _diameter(value: str) -> dict:
+def _diameter(value: str):
     """``--diameter``: auto (estimate), native (no resampling), a size in pixels, or in micrometres (``12um``)."""
-    text = str(value).strip().lower()
-    if text == "auto":
-        return {}
-    if text == "native":
-        return {"diameter": "native"}
-    micrometres = text.endswith(("um", "µm"))
-    number = text.rstrip("uµm").strip() if micrometres else text.removesuffix("px").strip()
-    lo, hi = DIAMETER_UM if micrometres else DIAMETER_PX
     try:
-        d = float(number)
-    except ValueError:
-        d = float("nan")
-    if not math.isfinite(d) or not lo <= d <= hi:
-        raise argparse.ArgumentTypeError(
-            f"must be auto, native, pixels from {DIAMETER_PX[0]:g} to {DIAMETER_PX[1]:g} (e.g. 24) or micrometres "
-            f"from {DIAMETER_UM[0]:g} to {DIAMETER_UM[1]:g} (e.g. 9um), not {value!r}")
-    return {"diameter_um" if micrometres else "diameter": d}
+        return Diameter.parse(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _segment_options(args):
+    """The :class:`~segstudio.core.options.SegmentOptions` the command line asked for."""
+    return SegmentOptions(channel=args.channel, tile=args.tile, batch_size=getattr(args, "batch_size", None),
+                          diameter=args.diameter, tta=args.tta)
 
 
 def _channel(value: str):
@@ -272,8 +262,7 @@ def cmd_segment(args) -> int:
                 with opened.pop(path, None) or open_source(path) as source:
                     result = run_sync(
                         segment_to_files(source, model, backend, out / f"{stem}_labels.tif", out / f"{stem}_cells.csv",
-                                         channel=args.channel, tile=args.tile, batch_size=args.batch_size,
-                                         tta=args.tta, **args.diameter),
+                                         _segment_options(args)),
                         on_progress,
                     )
                 rows.append((path.name, result.n_cells, time.perf_counter() - t0, result.timings))
@@ -302,7 +291,7 @@ def cmd_segment(args) -> int:
 def cmd_batch(args) -> int:
     import signal
 
-    from .core.batch import batch_job
+    from .core.batch import Compute, FileSelection, batch_job
     from .core.jobs import CancelToken, run_sync
     from .core.models.catalog import get_model
 
@@ -347,10 +336,12 @@ def cmd_batch(args) -> int:
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         report = run_sync(
-            batch_job(args.in_dir, args.out, model, args.backend, backend=backend, pattern=args.pattern,
-                      recursive=args.recursive, workers=args.workers, scheduler=args.scheduler,
-                      threads=args.threads, channel=args.channel, tile=args.tile,
-                      scale=args.diameter, tta=args.tta, retry_failed=not args.no_retry, cancel=cancel),
+            batch_job(args.in_dir, args.out, model,
+                      Compute(args.backend, backend, workers=args.workers, scheduler=args.scheduler,
+                              threads=args.threads),
+                      _segment_options(args),
+                      files=FileSelection(args.pattern, args.recursive, retry_failed=not args.no_retry),
+                      cancel=cancel),
             on_progress,
         )
     except Cancelled as e:
@@ -390,9 +381,8 @@ def cmd_eval(args) -> int:
             bar.step()
 
     try:
-        report = run_sync(evaluate_job(pairs, model, backend, channel=args.channel, tile=args.tile,
-                                       keep_worst=args.worst, tta=args.tta, by_size=args.by_size,
-                                       **args.diameter),
+        report = run_sync(evaluate_job(pairs, model, backend, _segment_options(args),
+                                       keep_worst=args.worst, by_size=args.by_size),
                          on_progress)
     finally:
         bar.close()

@@ -16,11 +16,12 @@ import pytest
 import tifffile
 
 from segstudio.core.batch import (
-    MANIFEST, SUMMARY, FolderLock, Manifest, batch_job, read_summary, remove_stale_temporaries, scan,
+    MANIFEST, SUMMARY, Compute, FileSelection, FolderLock, Manifest, batch_job, read_summary, remove_stale_temporaries, scan,
 )
 from segstudio.core.errors import Cancelled, InputError
 from segstudio.core.sources import read_image
 from segstudio.core.jobs import CancelToken, run_sync
+from segstudio.core.options import SegmentOptions
 
 pytest.importorskip("onnxruntime")
 
@@ -170,8 +171,7 @@ def test_local_cluster_with_two_process_workers_gives_identical_labels(plate, ki
     root, good, failing, _ = plate
     single, _, _ = killed_and_resumed
     out = tmp_path / "dask"
-    report = run_sync(batch_job(root, out, get_model(MODEL), "auto", recursive=True, workers=2,
-                                scale={"diameter": "native"}))
+    report = run_sync(batch_job(root, out, get_model(MODEL), Compute("auto", workers=2), SegmentOptions(diameter="native"), files=FileSelection(recursive=True)))
     assert report.counts == {"done": len(good), "failed": len(failing), "skipped": 2}
     recs = [r for r in _manifest_lines(out) if r["status"] == "done"]
     workers = {r["worker"] for r in recs}
@@ -253,25 +253,24 @@ def test_cancel_writes_the_summary_and_a_fixed_file_or_a_new_model_is_redone(tmp
             token.cancel()
 
     with pytest.raises(Cancelled, match="run it again to resume"):
-        run_sync(batch_job(src, out, model, "onnxruntime", scale={"diameter": "native"}, cancel=token), on_event)
+        run_sync(batch_job(src, out, model, "onnxruntime", SegmentOptions(diameter="native"), cancel=token), on_event)
     rows = {r["file"]: r for r in read_summary(out / SUMMARY)}
     assert [r["status"] for r in rows.values()].count("done") == 2
     assert {r["status"] for f, r in rows.items() if f != "bad.tif"} == {"done", "skipped"}
     assert events[0].info["files"]["im0.tif"] == "pending" and events[-1].info["eta_s"] is not None
     # resume: the rest is done, the bad file still fails; then fix it and run again
-    report = run_sync(batch_job(src, out, model, "onnxruntime", scale={"diameter": "native"}))
+    report = run_sync(batch_job(src, out, model, "onnxruntime", SegmentOptions(diameter="native")))
     assert report.processed == 4 and report.counts == {"done": 6, "failed": 1}
     tifffile.imwrite(src / "bad.tif", next(_crops(samples, 1, 96, seed=2)))
-    report = run_sync(batch_job(src, out, model, "onnxruntime", scale={"diameter": "native"}))
+    report = run_sync(batch_job(src, out, model, "onnxruntime", SegmentOptions(diameter="native")))
     assert report.processed == 1 and report.counts == {"done": 7}
     # another model: everything is redone (the records name the model they were made with)
-    report = run_sync(batch_job(src, out, get_model("nuclei"), "onnxruntime", scale={"diameter": "native"}))
+    report = run_sync(batch_job(src, out, get_model("nuclei"), "onnxruntime", SegmentOptions(diameter="native")))
     assert report.processed == 7 and {r["model"] for r in report.rows} == {"nuclei"}
     # averaged over flips: redone once, with the backend saying so
-    report = run_sync(batch_job(src, out, get_model("nuclei"), "onnxruntime", scale={"diameter": "native"}, tta=True))
+    report = run_sync(batch_job(src, out, get_model("nuclei"), "onnxruntime", SegmentOptions(tta=True, diameter="native")))
     assert report.processed == 7 and all("averaged over 4 flips" in r["backend"] for r in report.rows)
-    assert run_sync(batch_job(src, out, get_model("nuclei"), "onnxruntime", scale={"diameter": "native"},
-                              tta=True)).processed == 0
+    assert run_sync(batch_job(src, out, get_model("nuclei"), "onnxruntime", SegmentOptions(tta=True, diameter="native"))).processed == 0
 
 
 def test_viability_batch_counts_live_and_dead(tmp_path):
@@ -320,19 +319,19 @@ def test_a_file_replaced_while_it_is_segmented_is_redone(tmp_path, samples, monk
     from segstudio.core.models.catalog import get_model
 
     model = get_model(MODEL)
-    opts = dict(backend_name="onnxruntime", scale={"diameter": "native"})
-    report = run_sync(batch_job(src, out, model, **opts))
+    opts = ("onnxruntime", SegmentOptions(diameter="native"))
+    report = run_sync(batch_job(src, out, model, *opts))
     rows = {r["file"]: r for r in report.rows}
     assert rows["w0.tif"]["status"] == "failed" and "changed while it was being segmented" in rows["w0.tif"]["reason"]
     assert rows["w1.tif"]["status"] == "done"
     record = [r for r in _manifest_lines(out) if r["file"] == "w0.tif"][-1]
     assert record["input"] == old_signature != file_signature(src / "w0.tif")
-    report = run_sync(batch_job(src, out, model, **opts))  # the next run segments the new file
+    report = run_sync(batch_job(src, out, model, *opts))  # the next run segments the new file
     rows = {r["file"]: r for r in report.rows}
     assert rows["w0.tif"]["status"] == "done" and report.processed == 1
     assert [r for r in _manifest_lines(out) if r["file"] == "w0.tif"][-1]["input"] == file_signature(src / "w0.tif")
     labels = read_image(out / "w0_labels.tif").data
-    fresh = run_sync(segment.segment_job(read_image(src / "w0.tif"), model, _ort(model), diameter="native"))
+    fresh = run_sync(segment.segment_job(read_image(src / "w0.tif"), model, _ort(model), SegmentOptions(diameter="native")))
     assert np.array_equal(labels, fresh.labels)
 
 
@@ -394,16 +393,14 @@ def test_batch_keeps_the_users_files_in_the_output_folder(tmp_path, samples):
     for rel, data in mine.items():
         (out / rel).write_bytes(data)
     stale = temporary_sibling(out / "sub" / "b_labels.tif")  # what a killed run leaves
-    report = run_sync(batch_job(src, out, get_model(MODEL), "onnxruntime", recursive=True,
-                                scale={"diameter": "native"}))
+    report = run_sync(batch_job(src, out, get_model(MODEL), "onnxruntime", SegmentOptions(diameter="native"), files=FileSelection(recursive=True)))
     rows = {r["file"]: r for r in report.rows}
     assert rows["sub/b.tif"]["status"] == "done" and not stale.exists()
     assert rows["a.tif"]["status"] == "failed" and "was not written by segstudio" in rows["a.tif"]["reason"]
     assert all((out / rel).read_bytes() == data for rel, data in mine.items())
     # the outputs segstudio wrote are its own: a run after the file is moved away replaces nothing of the user's
     (out / "a_labels.tif").rename(tmp_path / "a_labels_truth.tif")
-    report = run_sync(batch_job(src, out, get_model(MODEL), "onnxruntime", recursive=True,
-                                scale={"diameter": "native"}))
+    report = run_sync(batch_job(src, out, get_model(MODEL), "onnxruntime", SegmentOptions(diameter="native"), files=FileSelection(recursive=True)))
     assert report.counts == {"done": 2}
 
 
@@ -415,7 +412,7 @@ def test_damaged_manifest_lines_are_skipped_with_a_warning_and_their_files_redon
     for i, crop in enumerate(_crops(samples, 2, 96, seed=3)):
         tifffile.imwrite(src / f"w{i}.tif", crop)
     model = get_model(MODEL)
-    run_sync(batch_job(src, out, model, "onnxruntime", scale={"diameter": "native"}))
+    run_sync(batch_job(src, out, model, "onnxruntime", SegmentOptions(diameter="native")))
     lines = (out / MANIFEST).read_bytes().splitlines()
     good = json.loads(lines[0])
     damaged = [b"\x00\x00\xff not json", json.dumps({**good, "file": 7}).encode(),
@@ -423,7 +420,7 @@ def test_damaged_manifest_lines_are_skipped_with_a_warning_and_their_files_redon
                b"[]", json.dumps({**json.loads(lines[1]), "input": [True, 1]}).encode()]
     (out / MANIFEST).write_bytes(b"\n".join([lines[0], *damaged]) + b"\n")
     events = []
-    report = run_sync(batch_job(src, out, model, "onnxruntime", scale={"diameter": "native"}), events.append)
+    report = run_sync(batch_job(src, out, model, "onnxruntime", SegmentOptions(diameter="native")), events.append)
     warning = [e for e in events if e.stage == "notice" and e.info.get("warning")]
     assert len(warning) == 1 and "skipped 6 damaged line(s) (2, 3, 4, 5, 6, 7)" in warning[0].message
     assert report.counts == {"done": 2} and report.processed == 1  # w0's good line stands; w1's was damaged
@@ -451,6 +448,6 @@ def test_a_full_output_disk_stops_the_batch(tmp_path, samples, monkeypatch):
     monkeypatch.setattr(measure, "write_csv", full)
     seen = []
     with pytest.raises(OutputError, match="the disk is full") as info:
-        run_sync(batch_job(src, out, get_model(MODEL), "onnxruntime", scale={"diameter": "native"}), seen.append)
+        run_sync(batch_job(src, out, get_model(MODEL), "onnxruntime", SegmentOptions(diameter="native")), seen.append)
     assert info.value.fatal
     assert sum(1 for e in seen if e.info.get("status") == "running") == 1  # stopped at the first file

@@ -11,6 +11,7 @@ from segstudio.core import metrics
 from segstudio.core.errors import Cancelled
 from segstudio.core.sources import read_image
 from segstudio.core.jobs import CancelToken, Progress, run_sync
+from segstudio.core.options import SegmentOptions
 
 
 class Counting:
@@ -46,7 +47,7 @@ def test_one_event_per_network_batch_and_stage_totals_equal_the_timings(light, s
     unsubscribe = metrics.HUB.subscribe(buffer)
     try:
         result = run_sync(metrics.monitored(
-            segment_job(image, model, counting, diameter="native", tile=96, batch_size=2), "segment", image.name))
+            segment_job(image, model, counting, SegmentOptions(diameter="native", tile=96, batch_size=2)), "segment", image.name))
     finally:
         unsubscribe()
     events = buffer.drain()
@@ -78,7 +79,7 @@ def test_nobody_listening_costs_no_events_and_no_thread(light, samples):
 
     model, backend = light
     assert not metrics.listening()
-    run_sync(metrics.monitored(segment_job(read_image(samples[0][0]), model, backend, diameter="native"),
+    run_sync(metrics.monitored(segment_job(read_image(samples[0][0]), model, backend, SegmentOptions(diameter="native")),
                                "segment", "x"))
     assert not _metrics_threads()
 
@@ -149,7 +150,7 @@ def test_a_metrics_file_that_cannot_be_written_is_one_clear_error(tmp_path, samp
 
 
 def test_cancel_token_stops_a_monitored_batch_job_and_closes_the_run(light, samples, tmp_path):
-    from segstudio.core.batch import batch_job
+    from segstudio.core.batch import Compute, batch_job
 
     model, backend = light
     src = tmp_path / "in"
@@ -160,8 +161,7 @@ def test_cancel_token_stops_a_monitored_batch_job_and_closes_the_run(light, samp
     unsubscribe = metrics.HUB.subscribe(buffer)
     cancel = CancelToken()
     try:
-        job = metrics.monitored(batch_job(src, tmp_path / "out", model, "onnxruntime", backend=backend,
-                                          scale={"diameter": "native"}, cancel=cancel), "batch", str(src))
+        job = metrics.monitored(batch_job(src, tmp_path / "out", model, Compute("onnxruntime", backend=backend), SegmentOptions(diameter="native"), cancel=cancel), "batch", str(src))
         seen = 0
         with pytest.raises(Cancelled):
             for event in job:

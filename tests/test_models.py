@@ -16,6 +16,7 @@ from segstudio.core.models.onnx_export import compare_outputs
 from segstudio.core.preprocess import normalize
 from segstudio.core.segment import segment_job
 from segstudio.core.tiling import predict_tiled
+from segstudio.core.options import SegmentOptions
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -102,7 +103,7 @@ def test_labels_do_not_depend_on_tile_size_at_any_diameter(nuclei, samples, diam
     the same labels, ids included, for tiles of 256, 512 and 1024 px."""
     img = read_image(samples[-1][0])
     with create_backend("onnxruntime", nuclei) as backend:
-        results = [run_sync(segment_job(img, nuclei, backend, tile=t, diameter=diameter)) for t in (256, 512, 1024)]
+        results = [run_sync(segment_job(img, nuclei, backend, SegmentOptions(tile=t, diameter=diameter))) for t in (256, 512, 1024)]
     assert results[0].scale != 1.0 or diameter == "native"
     assert results[0].n_objects > 150
     for r in results[1:]:

@@ -14,12 +14,13 @@ from segstudio.core.io import as_image
 from segstudio.core.sources import read_image
 from segstudio.core.jobs import CancelToken, run_sync
 from segstudio.core.models.spec import ModelSpec, Normalization, PostprocessParams, UNetConfig
-from segstudio.core.pipeline import segment_plane_job
+from segstudio.core.pipeline import PlaneSettings, PlaneView, segment_plane_job
 from segstudio.core.postprocess import fg_dist_to_labels
 from segstudio.core.preprocess import channel_percentiles, sample_percentiles
 from segstudio.core.sinks import ArraySink, TiffSink
 from segstudio.core.sources import open_source, source_from_image
 from segstudio.core.train import distance_target
+from segstudio.core.options import SegmentOptions
 
 
 # ------------------------------------------------------------------ sources
@@ -140,9 +141,9 @@ def test_objects_straddling_seams_come_out_whole(tile, workers):
     whole = fg_dist_to_labels(*_pointwise_predict(dist[None, None])[0], spec.postprocess)
     src = source_from_image(as_image(dist, "YX"))
     sink = ArraySink((), dist.shape)
-    res = run_sync(segment_plane_job(src, (), spec, _pointwise_predict, lambda y0, r: sink.write((), y0, r),
-                                     prepare=lambda b: b.astype(np.float32), tile=tile, context=40, batch_size=3,
-                                     post_workers=workers))
+    res = run_sync(segment_plane_job(PlaneView(src, ()), spec, _pointwise_predict, lambda y0, r: sink.write((), y0, r),
+                                     prepare=lambda b: b.astype(np.float32),
+                                     settings=PlaneSettings(tile=tile, context=40, batch_size=3, post_workers=workers)))
     labels = sink.finish(res.n_objects)
     straddling = set()
     for x in range(tile, truth.shape[1], tile):
@@ -182,8 +183,9 @@ def test_cancel_mid_plane_stops_all_threads():
     src = source_from_image(as_image(dist, "YX"))
     sink = ArraySink((), dist.shape)
     with pytest.raises(Cancelled):
-        run_sync(segment_plane_job(src, (), _pointwise_spec(), predict, lambda y0, r: sink.write((), y0, r),
-                                   prepare=lambda b: b.astype(np.float32), tile=64, cancel=token))
+        run_sync(segment_plane_job(PlaneView(src, ()), _pointwise_spec(), predict, lambda y0, r: sink.write((), y0, r),
+                                   prepare=lambda b: b.astype(np.float32), settings=PlaneSettings(tile=64),
+                                   cancel=token))
     assert len(calls) == 2
     assert not _stage_threads()
 
@@ -194,9 +196,10 @@ def test_thread_count_does_not_change_the_result():
     results = []
     for workers in (1, 4):
         sink = ArraySink((), dist.shape)
-        res = run_sync(segment_plane_job(src, (), _pointwise_spec(), _pointwise_predict,
+        res = run_sync(segment_plane_job(PlaneView(src, ()), _pointwise_spec(), _pointwise_predict,
                                          lambda y0, r, sink=sink: sink.write((), y0, r),
-                                         prepare=lambda b: b.astype(np.float32), tile=64, post_workers=workers))
+                                         prepare=lambda b: b.astype(np.float32),
+                                         settings=PlaneSettings(tile=64, post_workers=workers)))
         results.append((sink.finish(res.n_objects), res.table))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     for key in results[0][1]:
@@ -211,8 +214,8 @@ def test_failure_in_a_stage_reaches_the_caller():
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        run_sync(segment_plane_job(src, (), _pointwise_spec(), _pointwise_predict, bad_writer,
-                                   prepare=lambda b: b.astype(np.float32), tile=64))
+        run_sync(segment_plane_job(PlaneView(src, ()), _pointwise_spec(), _pointwise_predict, bad_writer,
+                                   prepare=lambda b: b.astype(np.float32), settings=PlaneSettings(tile=64)))
     assert not _stage_threads()
 
 
@@ -269,7 +272,7 @@ def test_nonfinite_pixels_are_background_counted_once_and_change_nothing_else(li
 
     model, backend = light
     clean = read_image(samples[0][0]).data.astype(np.float64)
-    ref = run_sync(segment_job(as_image(clean, "YX"), model, backend, diameter="native", tile=tile)).labels
+    ref = run_sync(segment_job(as_image(clean, "YX"), model, backend, SegmentOptions(diameter="native", tile=tile))).labels
     background = np.argwhere(np.lib.stride_tricks.sliding_window_view(ref, (12, 12)).max(axis=(-2, -1)) == 0)
     y, x = background[len(background) // 2]
     bad = clean.copy()
@@ -280,7 +283,7 @@ def test_nonfinite_pixels_are_background_counted_once_and_change_nothing_else(li
     with np.errstate(over="ignore"):
         expected = int((~np.isfinite(bad.astype(np.float32))).sum())
     assert expected >= 110
-    result = run_sync(segment_job(as_image(bad, "YX"), model, backend, diameter="native", tile=tile))
+    result = run_sync(segment_job(as_image(bad, "YX"), model, backend, SegmentOptions(diameter="native", tile=tile)))
     assert len(result.warnings) == 1 and result.warnings[0].startswith(f"{expected} of {clean.size:,} pixels")
     assert score(ref, result.labels, thresholds=(0.9,)).ap[0.9] > 0.95  # the same nuclei
     assert result.n_objects >= 0.95 * ref.max()
@@ -308,7 +311,7 @@ def test_a_model_that_outputs_nan_is_an_error_naming_it(light, samples):
 
     image = read_image(samples[0][0])
     with pytest.raises(IncompatibleArtifactError, match="model 'nuclei-light' gave NaN or infinite outputs"):
-        run_sync(segment_job(image, model, Broken(), diameter="native"))
+        run_sync(segment_job(image, model, Broken(), SegmentOptions(diameter="native")))
 
 
 def test_nonfinite_pixels_of_a_streamed_tiled_tiff_are_counted_once(light, samples, tmp_path):
@@ -323,7 +326,7 @@ def test_nonfinite_pixels_of_a_streamed_tiled_tiff_are_counted_once(light, sampl
     tifffile.imwrite(tmp_path / "tiled.tif", image, tile=(64, 64), compression="zlib")
     with open_source(tmp_path / "tiled.tif", eager_bytes=0) as source:  # force region-by-region reading
         assert not isinstance(source.raw, np.ndarray)
-        result = run_sync(segment_job(source, model, backend, diameter="native", tile=96))
+        result = run_sync(segment_job(source, model, backend, SegmentOptions(diameter="native", tile=96)))
     assert result.warnings == [w for w in result.warnings if w.startswith(f"{expected} of ")] and result.warnings
 
 

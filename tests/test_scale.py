@@ -22,6 +22,7 @@ from segstudio.core.scale import (
     scaled_shape,
 )
 from segstudio.core.segment import segment_job
+from segstudio.core.options import Diameter, SegmentOptions
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 
@@ -134,9 +135,9 @@ def test_diameter_is_estimated_and_the_image_resampled(nuclei):
     if not model.spec.diameter:
         pytest.skip("the built-in model has no trained diameter")
     image, truth, _ = _upscaled(1)
-    small = run_sync(segment_job(image, model, backend, measure_cells=False))
+    small = run_sync(segment_job(image, model, backend, SegmentOptions(measure_cells=False)))
     big_image, _, big_truth = _upscaled(3)
-    big = run_sync(segment_job(big_image, model, backend, measure_cells=False))
+    big = run_sync(segment_job(big_image, model, backend, SegmentOptions(measure_cells=False)))
     true_d = median_diameter(truth)
     assert small.diameter == pytest.approx(true_d, rel=0.25)
     assert big.diameter == pytest.approx(3 * true_d, rel=0.25)
@@ -146,9 +147,9 @@ def test_diameter_is_estimated_and_the_image_resampled(nuclei):
     ap_big = score(big_truth, big.labels.reshape(big_truth.shape)).ap[0.5]
     assert ap_big > ap_small - 0.1, (ap_small, ap_big)
     # a diameter given by the user is used as is; "native" runs the image unresampled
-    given = run_sync(segment_job(big_image, model, backend, measure_cells=False, diameter=3 * true_d))
+    given = run_sync(segment_job(big_image, model, backend, SegmentOptions(measure_cells=False, diameter=3 * true_d)))
     assert given.diameter == 3 * true_d and given.scale == pytest.approx(model.spec.diameter / (3 * true_d), rel=0.023)
-    native = run_sync(segment_job(big_image, model, backend, measure_cells=False, diameter="native"))
+    native = run_sync(segment_job(big_image, model, backend, SegmentOptions(measure_cells=False, diameter="native")))
     assert native.scale == 1.0
 
 
@@ -185,12 +186,12 @@ def test_diameter_in_micrometres_needs_a_pixel_size(nuclei):
     model, backend = nuclei
     image, truth, _ = _upscaled(1)
     with pytest.raises(InputError, match="pixel size"):
-        run_sync(segment_job(image, model, backend, measure_cells=False, diameter_um=8.0))
+        run_sync(segment_job(image, model, backend, SegmentOptions(measure_cells=False, diameter=Diameter("um", 8.0))))
     if not model.spec.diameter:
         return
     sized = ImageData(image.data, image.axes, pixel_size=(0.5, 0.5), name="sized")
     d_um = median_diameter(truth) * 0.5
-    res = run_sync(segment_job(sized, model, backend, measure_cells=False, diameter_um=d_um))
+    res = run_sync(segment_job(sized, model, backend, SegmentOptions(measure_cells=False, diameter=Diameter("um", d_um))))
     assert res.diameter == pytest.approx(median_diameter(truth))
 
 
@@ -258,7 +259,7 @@ def test_engine_profiles_follow_the_requested_tile_and_batch(monkeypatch):
                     return "recording"
 
             for diameter in (None, 6.0, 14.0, 30.0, 60.0, "native"):
-                run_sync(segment_job(img, model, Recording(), tile=tile, batch_size=batch, diameter=diameter))
+                run_sync(segment_job(img, model, Recording(), SegmentOptions(tile=tile, batch_size=batch, diameter=diameter)))
             assert seen and all(profile.covers(s) for s in seen), (tile, built, sorted(set(seen)))
             # the profile is not far bigger than what is sent (an engine built for it wastes nothing much)
             assert max(s[-1] for s in seen) > 0.9 * built["tile_shape"][1]

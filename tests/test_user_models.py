@@ -22,6 +22,7 @@ from segstudio.core.models.onnx_export import export_onnx  # noqa: E402
 from segstudio.core.models.unet import build_unet  # noqa: E402
 from segstudio.core.models.user import ModelRefusedError, import_model, safe_extract  # noqa: E402
 from segstudio.core.preprocess import normalize  # noqa: E402
+from segstudio.core.options import SegmentOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
@@ -264,7 +265,7 @@ def test_fixed_size_network_gets_exactly_its_size(tmp_path, home, nuclei_broad):
         for hw in ((100, 90), (700, 300)):  # smaller than one tile; several tiles, one side smaller
             image = ImageData(data=np.random.default_rng(0).random(hw).astype(np.float32) * 1000, axes="YX",
                               name="x")
-            result = run_sync(segment_job(image, model, backend, batch_size=4))
+            result = run_sync(segment_job(image, model, backend, SegmentOptions(batch_size=4)))
             assert result.labels.shape == hw
         backend.close()
     assert set(shapes) == {(1, 1, 512, 512)}

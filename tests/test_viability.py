@@ -17,6 +17,7 @@ from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import get_model
 from segstudio.core.segment import segment_job
 from segstudio.core.synthetic import CLASS_NAMES, viability_image
+from segstudio.core.options import SegmentOptions
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 
@@ -118,4 +119,4 @@ def test_pages_without_axis_names_are_the_channels(viability, tmp_path):
     # a one-channel model still reads the pages as planes
     nuclei = get_model("nuclei-light")
     with create_backend("onnxruntime", nuclei) as b, open_source(tmp_path / "pages.tif") as src:
-        assert run_sync(segment_job(src, nuclei, b, diameter="native")).labels.shape == (2, *lab.shape)
+        assert run_sync(segment_job(src, nuclei, b, SegmentOptions(diameter="native"))).labels.shape == (2, *lab.shape)

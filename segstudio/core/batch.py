@@ -38,11 +38,15 @@ Guarantees (``tests/test_batch.py`` kills the CLI with ``kill -9`` to check them
 
 Execution:
 
-* ``workers=1`` (default): in this process.  A reader thread opens and
+Where it runs is a :class:`Compute`; how each image is segmented, a
+:class:`~segstudio.core.options.SegmentOptions`; which files, a
+:class:`FileSelection`.
+
+* ``Compute(workers=1)`` (default): in this process.  A reader thread opens and
   decodes the next images while the network runs on the current one
   (:class:`_Prefetch`), and the labels TIFF is written by the segmentation
   pipeline's own writer thread, so small images are not I/O-bound.
-* ``workers=N > 1``: a Dask ``LocalCluster`` of N single-threaded process
+* ``Compute(workers=N > 1)``: a Dask ``LocalCluster`` of N single-threaded process
   workers; ``scheduler="tcp://host:port"``: an existing Dask cluster (its
   workers must see ``in_dir`` and ``out_dir`` at the same paths).  Each
   worker process loads the model once (:func:`_worker_backend`) and writes
@@ -70,6 +74,7 @@ from pathlib import Path
 from .errors import Cancelled, InputError, OutputError, SegStudioError
 from .io import IMAGE_SUFFIXES, TEMP_NAME, atomic_path, check_output_file, ensure_folder, file_signature
 from .jobs import CancelToken, Job, Progress
+from .options import SegmentOptions
 
 MANIFEST = "batch_manifest.jsonl"
 SUMMARY = "batch_summary.csv"
@@ -318,7 +323,7 @@ def check_input(item: BatchItem) -> str | None:
     return None
 
 
-def process_image(item: BatchItem, out_dir: Path, model, backend, source=None, *, segment_opts: dict,
+def process_image(item: BatchItem, out_dir: Path, model, backend, source=None, *, options: SegmentOptions,
                   cancel: CancelToken | None = None) -> dict:
     """Segment one image and write its outputs atomically; the summary row (``done`` or ``failed``).
 
@@ -343,8 +348,8 @@ def process_image(item: BatchItem, out_dir: Path, model, backend, source=None, *
             source = open_source(item.path)
         signature = source.signature
         with source:
-            result = run_sync(segment_to_files(source, model, backend, labels_path, csv_path, cancel=cancel,
-                                               **segment_opts))
+            result = run_sync(segment_to_files(source, model, backend, labels_path, csv_path, options,
+                                               cancel=cancel))
     except Cancelled:
         raise
     except OutputError as e:
@@ -464,12 +469,12 @@ def _worker_backend(model_ref: str, backend_name: str, threads: int):
         return _WORKER_CACHE[key]
 
 
-def _worker_process(path: str, rel: str, out_stem: str, out_dir: str, model_ref: str, backend_name: str,
-                    threads: int, segment_opts: dict) -> dict:
-    """A Dask task: one image (runs in a worker process)."""
+def _worker_process(path: str, rel: str, out_stem: str, out_dir: str, model_ref: str, runner: tuple[str, int],
+                    options: SegmentOptions) -> dict:
+    """A Dask task: one image (runs in a worker process); ``runner``: the backend's name and thread count."""
+    backend_name, threads = runner
     model, backend = _worker_backend(model_ref, backend_name, threads)
-    row = process_image(BatchItem(Path(path), rel, out_stem), Path(out_dir), model, backend,
-                        segment_opts=segment_opts)
+    row = process_image(BatchItem(Path(path), rel, out_stem), Path(out_dir), model, backend, options=options)
     row["worker"] = os.getpid()
     row["loads"] = _WORKER_LOADS[(model_ref, backend_name, threads)]
     return row
@@ -514,48 +519,84 @@ def model_identity(model) -> str:
     return f"{model.name}@{model.spec.version}:{model_digest(model)[:12]}"
 
 
+@dataclass(frozen=True)
+class Compute:
+    """Where a batch runs: in this process (``backend``, or ``backend_name`` created here) or on Dask workers.
+
+    ``backend``: an already created backend to use in this process (the GUI
+    passes its cached one); ``backend_name``: the variant to create here
+    and in each Dask worker; ``workers > 1``: a local Dask cluster of that
+    many single-threaded processes; ``scheduler``: an existing cluster's
+    address; ``threads``: the backend's CPU threads (0: its default).
+    """
+
+    backend_name: str = "auto"
+    backend: object = None
+    workers: int = 1
+    scheduler: str | None = None
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise InputError("--workers must be at least 1")
+
+    @property
+    def distributed(self) -> bool:
+        return self.workers > 1 or bool(self.scheduler)
+
+
+@dataclass(frozen=True)
+class FileSelection:
+    """Which files of the input folder a batch takes, and whether it tries failed ones again."""
+
+    pattern: str | None = None
+    recursive: bool = False
+    retry_failed: bool = True
+
+
 def batch_job(
     in_dir: str | Path,
     out_dir: str | Path,
     model,
-    backend_name: str = "auto",
+    compute: Compute | str = "auto",
+    options: SegmentOptions | None = None,
     *,
-    backend=None,
-    pattern: str | None = None,
-    recursive: bool = False,
-    workers: int = 1,
-    scheduler: str | None = None,
-    threads: int = 0,
-    channel=None,
-    tile: int = 512,
-    scale: dict | None = None,
-    tta: bool = False,
-    retry_failed: bool = True,
+    files: FileSelection | None = None,
     cancel: CancelToken | None = None,
 ) -> Job[BatchReport]:
     """Segment every image of ``in_dir`` into ``out_dir`` (see the module docstring).
 
-    ``backend``: an already created backend to use in this process (the GUI
-    passes its cached one); otherwise ``backend_name`` is created here (and
-    by each Dask worker).  ``scale``: ``diameter`` / ``diameter_um`` as
-    :func:`~segstudio.core.segment.segment_job` takes them; ``tta``: the
-    network averaged over four flips (files done without it are done again
-    with it, and the other way round).  Returns a
-    :class:`BatchReport`; ``batch_summary.csv`` is written also when the run
-    is cancelled (files not reached are ``skipped``, "not processed yet").
+    Parameters
+    ----------
+    in_dir, out_dir : str or pathlib.Path
+        The input folder (never written to) and the output folder.
+    model : Model
+    compute : Compute or str
+        Where to run (a backend variant name runs it in this process).
+    options : SegmentOptions, optional
+        How each image is segmented; files done with other flips (``tta``)
+        are done again.
+    files : FileSelection, optional
+        Pattern, sub-folders, retrying failed files.
+    cancel : CancelToken, optional
+
+    Returns
+    -------
+    BatchReport
+        ``batch_summary.csv`` is written also when the run is cancelled
+        (files not reached are ``skipped``, "not processed yet").
     """
     cancel = cancel or CancelToken()
+    compute = Compute(compute) if isinstance(compute, str) else compute
+    options, files = options or SegmentOptions(), files or FileSelection()
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    if workers < 1:
-        raise InputError("--workers must be at least 1")
     check_folders(in_dir, out_dir)
-    items = scan(in_dir, pattern=pattern, recursive=recursive, exclude=out_dir)
+    items = scan(in_dir, pattern=files.pattern, recursive=files.recursive, exclude=out_dir)
     if not items:
-        raise InputError(f"{in_dir}: no files" + (f" matching {pattern!r}" if pattern else ""),
-                         hint="use --recursive for sub-folders" if not recursive else None)
+        raise InputError(f"{in_dir}: no files" + (f" matching {files.pattern!r}" if files.pattern else ""),
+                         hint="use --recursive for sub-folders" if not files.recursive else None)
     ensure_folder(out_dir)
-    segment_opts = dict(channel=channel, tile=tile, tta=tta, **(scale or {}))
-    model_id = model_identity(model) + ("+tta" if tta else "")
+    model_id = model_identity(model) + ("+tta" if options.tta else "")
     t_start = time.perf_counter()
     with FolderLock(out_dir):
         remove_stale_temporaries(output_folders(items, out_dir))
@@ -566,49 +607,17 @@ def batch_job(
                 yield Progress("notice", 0, 0, f"{manifest.path}: skipped {len(manifest.damaged)} damaged line(s) "
                                f"({lines}); the files they named are segmented again",
                                info={"warning": True})
-            rows: dict[str, dict] = {}
-            todo: list[BatchItem] = []
-            for item in items:
-                rec = manifest.records.get(item.rel)
-                why = check_input(item)
-                if why is not None:
-                    rows[item.rel] = _row(item, "skipped" if not item.is_image else "failed", why)
-                    if item.is_image and (rec or {}).get("reason") != why:
-                        manifest.append({**rows[item.rel], "input": _signature_or_none(item)})
-                elif is_finished(item, rec, out_dir, model_id):
-                    rows[item.rel] = {k: v for k, v in rec.items() if k in SUMMARY_COLUMNS}
-                elif rec and rec.get("status") == "failed" and not retry_failed \
-                        and same_input(rec.get("input"), _signature_or_none(item)):
-                    rows[item.rel] = {k: v for k, v in rec.items() if k in SUMMARY_COLUMNS}
-                else:
-                    todo.append(item)
-            total = len(items)
-            done = total - len(todo)
-            yield Progress("batch", done, total, f"{len(todo)} of {total} file(s) to process",
+            rows, todo = _plan(items, manifest, out_dir, model_id, files.retry_failed)
+            yield Progress("batch", len(items) - len(todo), len(items), f"{len(todo)} of {len(items)} file(s) to process",
                            info={"files": {it.rel: rows.get(it.rel, {}).get("status", "pending") for it in items},
                                  "out_dir": str(out_dir)})
-            clock = _Eta(len(todo))
+            record = _Recorder(manifest, rows, model_id, len(items), len(todo))
             cancelled = False
-
-            def finished(item: BatchItem, row: dict):
-                nonlocal done
-                signature = row.pop("_input", None) or _signature_or_none(item)
-                rec = {**row, "input": signature, "model_id": model_id, "at": time.time()}
-                manifest.append(rec)
-                rows[item.rel] = row
-                done += 1
-                clock.tick()
-                msg = f"{item.rel}: " + (f"{row.get('cells', 0)} cells" if row["status"] == "done" else row["reason"])
-                return Progress("batch", done, total, msg,
-                                info={"file": item.rel, "status": row["status"], "row": row, "eta_s": clock.eta()})
-
             try:
-                if todo and (workers > 1 or scheduler):
-                    yield from _run_dask(todo, out_dir, model, backend_name, threads, segment_opts, workers,
-                                         scheduler, cancel, finished, total)
+                if todo and compute.distributed:
+                    yield from _run_dask(todo, out_dir, model, compute, options, cancel, record)
                 elif todo:
-                    yield from _run_local(todo, out_dir, model, backend, backend_name, threads, segment_opts,
-                                          cancel, finished, total)
+                    yield from _run_local(todo, out_dir, model, compute, options, cancel, record)
             except Cancelled:
                 cancelled = True
             for item in items:
@@ -626,6 +635,47 @@ def batch_job(
     if cancelled:
         raise Cancelled(f"batch cancelled: {counts.get('done', 0)} of {len(items)} done; run it again to resume")
     return report
+
+
+def _plan(items: list[BatchItem], manifest: Manifest, out_dir: Path, model_id: str,
+          retry_failed: bool) -> tuple[dict[str, dict], list[BatchItem]]:
+    """The summary rows of the files that need no work (done, not images, failed and not retried), and the rest."""
+    rows: dict[str, dict] = {}
+    todo: list[BatchItem] = []
+    for item in items:
+        rec = manifest.records.get(item.rel)
+        why = check_input(item)
+        if why is not None:
+            rows[item.rel] = _row(item, "skipped" if not item.is_image else "failed", why)
+            if item.is_image and (rec or {}).get("reason") != why:
+                manifest.append({**rows[item.rel], "input": _signature_or_none(item)})
+        elif is_finished(item, rec, out_dir, model_id):
+            rows[item.rel] = {k: v for k, v in rec.items() if k in SUMMARY_COLUMNS}
+        elif rec and rec.get("status") == "failed" and not retry_failed \
+                and same_input(rec.get("input"), _signature_or_none(item)):
+            rows[item.rel] = {k: v for k, v in rec.items() if k in SUMMARY_COLUMNS}
+        else:
+            todo.append(item)
+    return rows, todo
+
+
+class _Recorder:
+    """Records a finished file (manifest line, summary row) and says so as a progress event."""
+
+    def __init__(self, manifest: Manifest, rows: dict, model_id: str, total: int, n_todo: int):
+        self.manifest, self.rows, self.model_id = manifest, rows, model_id
+        self.total, self.done = total, total - n_todo
+        self.eta = _Eta(n_todo)
+
+    def __call__(self, item: BatchItem, row: dict) -> Progress:
+        signature = row.pop("_input", None) or _signature_or_none(item)
+        self.manifest.append({**row, "input": signature, "model_id": self.model_id, "at": time.time()})
+        self.rows[item.rel] = row
+        self.done += 1
+        self.eta.tick()
+        msg = f"{item.rel}: " + (f"{row.get('cells', 0)} cells" if row["status"] == "done" else row["reason"])
+        return Progress("batch", self.done, self.total, msg,
+                        info={"file": item.rel, "status": row["status"], "row": row, "eta_s": self.eta.eta()})
 
 
 def _signature_or_none(item: BatchItem):
@@ -650,13 +700,14 @@ class _Eta:
         return (time.perf_counter() - self.t0) / self.k * max(0, self.n - self.k)
 
 
-def _run_local(todo, out_dir, model, backend, backend_name, threads, segment_opts, cancel, finished, total):
+def _run_local(todo, out_dir, model, compute: Compute, options: SegmentOptions, cancel, record: _Recorder):
+    backend, total = compute.backend, record.total
     own = backend is None
     if own:
         from .backends import create_backend
 
-        backend = create_backend(backend_name, model, tile=segment_opts.get("tile"),
-                                 **({"threads": threads} if threads else {}))
+        backend = create_backend(compute.backend_name, model, tile=options.tile,
+                                 **({"threads": compute.threads} if compute.threads else {}))
     reader = _Prefetch(todo)
     try:
         for k, (item, source) in enumerate(reader):
@@ -665,19 +716,19 @@ def _run_local(todo, out_dir, model, backend, backend_name, threads, segment_opt
             cancel.raise_if_cancelled()
             yield Progress("batch", total - len(todo) + k, total, f"{item.rel}: segmenting",
                            info={"file": item.rel, "status": "running"})
-            row = process_image(item, out_dir, model, backend, source, segment_opts=segment_opts, cancel=cancel)
-            yield finished(item, row)
+            row = process_image(item, out_dir, model, backend, source, options=options, cancel=cancel)
+            yield record(item, row)
     finally:
         reader.close()
         if own:
             backend.close()
 
 
-def _run_dask(todo, out_dir, model, backend_name, threads, segment_opts, workers, scheduler, cancel, finished,
-              total):
+def _run_dask(todo, out_dir, model, compute: Compute, options: SegmentOptions, cancel, record: _Recorder):
     from distributed import as_completed
 
-    client, cluster = _client(workers, scheduler)
+    total = record.total
+    client, cluster = _client(compute.workers, compute.scheduler)
     model_ref = str(Path(model.card_path).resolve())
     by_key, futures = {}, []
     try:
@@ -686,8 +737,8 @@ def _run_dask(todo, out_dir, model, backend_name, threads, segment_opts, workers
                        f"{client.scheduler.address}")
         for item in todo:
             fut = client.submit(_worker_process, str(item.path.resolve()), item.rel, item.out_stem,
-                                str(out_dir.resolve()), model_ref, backend_name, threads or 1, segment_opts,
-                                pure=False)
+                                str(out_dir.resolve()), model_ref, (compute.backend_name, compute.threads or 1),
+                                options, pure=False)
             by_key[fut.key] = item
             futures.append(fut)
         for fut in _poll(as_completed(futures), cancel):
@@ -696,7 +747,7 @@ def _run_dask(todo, out_dir, model, backend_name, threads, segment_opts, workers
                 row = fut.result()
             except Exception as e:  # noqa: BLE001 - a worker that died, a task that could not run
                 row = _row(item, "failed", f"worker error: {type(e).__name__}: {e}", model=model.name)
-            yield finished(item, row)
+            yield record(item, row)
     except Cancelled:
         client.cancel(futures)
         raise

@@ -417,6 +417,7 @@ def bench_job(
     from .jobs import run_sync
     from .optimize.estimate import EtaTracker, RunEstimate, format_seconds
     from .preprocess import normalize, sample_percentiles, select_channels
+    from .options import SegmentOptions
     from .segment import segment_job
     from .sources import open_source
 
@@ -502,7 +503,7 @@ def bench_job(
                     run.n_objects = stages.pop("n_objects")
                     return stages
                 with open_source(e2e_image) as src:
-                    res = run_sync(segment_job(src, model, run.backend, tile=tile, batch_size=batch_size,
+                    res = run_sync(segment_job(src, model, run.backend, SegmentOptions(tile=tile, batch_size=batch_size),
                                                labels_path=tmp / "labels.tif", cancel=cancel))
                 run.n_objects = res.n_objects
                 return {k: v for k, v in res.timings.items() if k != "wall"}

@@ -33,6 +33,7 @@ import numpy as np
 
 from .evaluate import match_pairs, overlaps
 from .jobs import CancelToken, Job, Progress
+from .options import SegmentOptions
 
 ONLY_REFERENCE, ONLY_OTHER, LOW_IOU = 1, 2, 3
 
@@ -133,16 +134,18 @@ class Comparison:
 
 
 def compare_job(image, model_a, backend_a, model_b, backend_b, cancel: CancelToken | None = None, *,
-                iou: float = 0.8, **segment_options) -> Job[Comparison]:
+                iou: float = 0.8, options: SegmentOptions | None = None) -> Job[Comparison]:
     """Segment ``image`` with model A on ``backend_a`` then model B on ``backend_b`` and compare (a job).
 
     Each model segments as the Segment panel would (its own diameter
-    estimate unless ``diameter`` is given in ``segment_options``, which go
-    to :func:`~segstudio.core.segment.segment_job`).  Yields the
+    estimate unless ``options`` give the diameter; the options go to
+    :func:`~segstudio.core.segment.segment_job`, without measurements).  Yields the
     segmentations' progress and ``Progress("compare", k, 2)`` after each;
     returns a :class:`Comparison`.
     """
     from .segment import segment_job
+
+    options = (options or SegmentOptions()).but(measure_cells=False)
 
     results, seconds = [], []
     yield Progress("compare", 0, 2, f"segmenting with {model_a.name}")
@@ -150,7 +153,7 @@ def compare_job(image, model_a, backend_a, model_b, backend_b, cancel: CancelTok
         if cancel is not None:
             cancel.raise_if_cancelled()
         t0 = time.perf_counter()
-        result = yield from segment_job(image, model, backend, measure_cells=False, cancel=cancel, **segment_options)
+        result = yield from segment_job(image, model, backend, options, cancel=cancel)
         seconds.append(time.perf_counter() - t0)
         results.append(result)
         following = f"segmenting with {model_b.name}" if k == 0 else "comparing"

@@ -23,6 +23,8 @@ from scipy import sparse
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 
+from .options import SegmentOptions
+
 
 DEFAULT_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
 
@@ -224,8 +226,8 @@ def size_table(counts: np.ndarray, edges=SIZE_BINS) -> list[dict]:
     return rows
 
 
-def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_worst: int = 0, cancel=None,
-                 by_size: bool = False, **scale):
+def evaluate_job(pairs, model, backend, options: SegmentOptions | None = None, *, keep_worst: int = 0,
+                 by_size: bool = False, cancel=None):
     """Segment each image of ``pairs`` and score it against its labels.
 
     A job yielding one ``Progress("eval", i, n)`` per image; returns
@@ -234,7 +236,8 @@ def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_w
     ``(ap50, name, image path, truth, prediction)`` (for :func:`worst_images_png`).
     With ``by_size``, ``"by_size"``: the objects of all images pooled by
     diameter (:func:`size_counts`, :func:`size_table`).
-    ``scale``: ``diameter`` / ``diameter_um`` (and ``tta``) as :func:`segment_job` takes them.
+    ``options``: how each image is segmented (:class:`SegmentOptions`; no
+    measurements are made).
     """
     import heapq
 
@@ -244,6 +247,7 @@ def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_w
     from .segment import segment_job
     from .sources import open_source
 
+    options = (options or SegmentOptions()).but(measure_cells=False)
     rows, worst = [], []
     sizes = np.zeros((len(SIZE_BINS) - 1, 3), np.int64)
     yield Progress("eval", 0, len(pairs))
@@ -255,9 +259,7 @@ def evaluate_job(pairs, model, backend, *, channel=None, tile: int = 512, keep_w
         with open_source(pair.image) as source:
             if truth.shape[-2:] != source.plane_shape:  # before the work
                 raise mismatch_error(pair, truth.shape, source.plane_shape)
-            result = yield from segment_job(
-                source, model, backend, channel=channel, tile=tile, measure_cells=False, cancel=cancel, **scale
-            )
+            result = yield from segment_job(source, model, backend, options, cancel=cancel)
         if result.labels.size != truth.size:  # as many planes
             raise mismatch_error(pair, truth.shape, result.labels.shape)
         pred = result.labels.reshape(truth.shape)

@@ -61,8 +61,8 @@ class StageClock:
             self.seconds[stage] += dt
 
 
-class _PlaneView:
-    """A source plane with NumPy-style ``[..., rows, cols]`` slicing (for ``read_region``)."""
+class PlaneView:
+    """One plane of a source (``index`` into its stack) with NumPy-style ``[..., rows, cols]`` slicing."""
 
     def __init__(self, source: ImageSource, index: tuple[int, ...]):
         self.source, self.index = source, index
@@ -109,166 +109,232 @@ class PlaneResult:
     nonfinite: int = 0  # pixels whose value was NaN or infinite (made background)
 
 
+@dataclass(frozen=True)
+class PlaneSettings:
+    """How one plane is tiled and post-processed (:func:`segment_plane_job`).
+
+    ``tile``: the tiles' core side in image pixels (in network pixels with
+    ``scaling``); ``batch_size`` tiles per network call; ``context``: the
+    pixels around each tile's core that post-processing sees; ``post_workers``
+    threads post-process; ``halo`` (default: the model's) is the tile overlap
+    in image pixels; ``nonfinite``: the pixels may be NaN or infinite (a
+    float image): they are made background after ``prepare`` and counted
+    once each (``PlaneResult.nonfinite``); ``tile_shape``: every tile's shape
+    in image pixels, halo included (default: the one the model takes,
+    :meth:`ModelSpec.tile_shape`, for a network of fixed or stepped input
+    sizes; else sized by the tiler); ``scaling``: the network runs on the
+    plane resampled by this grid (:class:`~segstudio.core.scale.GridScaling`),
+    which then sets the tiles and the halo.
+    """
+
+    tile: int = 512
+    batch_size: int = 4
+    context: int = 64
+    measure_cells: bool = True
+    post_workers: int = 1
+    halo: int | None = None
+    nonfinite: bool = False
+    tile_shape: tuple[int, int] | None = None
+    scaling: GridScaling | None = None
+
+
+@dataclass
+class StackState:
+    """What the planes of one image share as they are segmented one after another.
+
+    ``next_id``: the id the next object gets (ids are unique over the
+    stack); ``clock``: seconds per stage; ``notices``: what the user should
+    be told, in order (a plane's job tells those it adds as progress events).
+    """
+
+    next_id: int = 1
+    clock: StageClock = field(default_factory=StageClock)
+    notices: list[str] = field(default_factory=list)
+
+
 def segment_plane_job(
-    source: ImageSource,
-    index: tuple[int, ...],
+    plane: PlaneView,
     spec: ModelSpec,
     predict: Callable[[np.ndarray], np.ndarray],
     write_rows: Callable[[int, np.ndarray], None],
     *,
     prepare: Callable[[np.ndarray], np.ndarray],
-    tile: int = 512,
-    batch_size: int = 4,
-    context: int = 64,
-    first_id: int = 1,
-    measure_cells: bool = True,
-    clock: StageClock | None = None,
-    notices: list[str] | None = None,
-    post_workers: int = 1,
-    halo: int | None = None,
-    nonfinite: bool = False,
-    tile_shape: tuple[int, int] | None = None,
-    scaling: GridScaling | None = None,
+    settings: PlaneSettings = PlaneSettings(),
+    state: StackState | None = None,
     cancel: CancelToken | None = None,
 ) -> Job[PlaneResult]:
-    """Segment plane ``index`` of ``source`` tile by tile; see the module docstring.
+    """Segment one plane tile by tile; see the module docstring.
 
-    ``predict(batch, crop)`` maps a ``(B, C, h, w)`` batch to the ``crop``
-    window (the tiles' core) of its ``(B, K, h, w)`` output;
-    ``write_rows(y0, rows)`` receives finished uint32 label rows in order,
-    with ids from ``first_id`` on; ``prepare`` turns a raw ``(C, h, w)``
-    block into the model's normalized input.  ``halo`` (default: the
-    model's) is the tile overlap in image pixels.  ``nonfinite``: the
-    pixels may be NaN or infinite (a float image); they are made background
-    after ``prepare`` and counted once each (``PlaneResult.nonfinite``).
-    ``tile_shape``: every tile's shape in image pixels, halo included
-    (default: the one the model takes, :meth:`ModelSpec.tile_shape`, for a
-    network of fixed or stepped input sizes; else sized by the tiler).
-    ``scaling``: the network runs on the plane resampled by this grid
-    (:class:`~segstudio.core.scale.GridScaling`), which then sets the tiles
-    and the halo; ``predict`` sees network-pixel batches and its outputs
-    come back in image pixels.
+    Parameters
+    ----------
+    plane : PlaneView
+        The plane (a source and a stack index).
+    spec : ModelSpec
+        The model's specification (halo, stride, outputs, classes).
+    predict : callable
+        ``predict(batch, crop)`` maps a ``(B, C, h, w)`` batch to the
+        ``crop`` window (the tiles' core) of its ``(B, K, h, w)`` output;
+        with ``settings.scaling`` it sees network-pixel batches and
+        ``crop`` is ``None``.
+    write_rows : callable
+        ``write_rows(y0, rows)`` receives finished ``(n, W)`` uint32 label
+        rows in order, with ids from ``state.next_id`` on.
+    prepare : callable
+        Turns a raw ``(C, h, w)`` block into the model's normalized input.
+    settings : PlaneSettings
+        Tiling and post-processing.
+    state : StackState, optional
+        Shared with the image's other planes; ``next_id`` is advanced past
+        this plane's objects.
+    cancel : CancelToken, optional
+
+    Returns
+    -------
+    PlaneResult
+        The plane's object count, table and count of non-finite pixels.
     """
-    clock = clock or StageClock()
-    if scaling is not None:
-        tile_shape, halo = scaling.tile_shape, scaling.halo
-    halo = round_up(spec.halo if halo is None else halo, spec.multiple)  # as plan_tiles rounds it
+    run = _PlaneRun(plane, spec, predict, write_rows, prepare, settings, state or StackState())
     cancel = cancel or CancelToken()
-    tile_shape = tile_shape or spec.tile_shape(tile, source.plane_shape, halo)
-    plan = plan_tiles(source.plane_shape, tile=tile, halo=halo, multiple=spec.multiple, tile_shape=tile_shape)
-    view = _PlaneView(source, index)
-    stop = threading.Event()
-    failure = _Failure()
-    q_tiles: queue.Queue = queue.Queue(maxsize=2 * batch_size)
-    q_out: queue.Queue = queue.Queue(maxsize=2 * batch_size)
-    post = _PostStage(
-        plan, spec, view, write_rows, first_id=first_id, context=context, measure_cells=measure_cells,
-        names=source.channel_names, pixel_size=source.pixel_size, clock=clock, workers=post_workers,
-    )
+    threads = [threading.Thread(target=run.read, name="segstudio-read", daemon=True),
+               threading.Thread(target=run.post_process, name="segstudio-post", daemon=True)]
+    for th in threads:
+        th.start()
+    try:
+        yield from run.network(cancel)
+        for th in threads:
+            while th.is_alive():
+                th.join(timeout=0.1)
+                if cancel.cancelled:
+                    raise Cancelled("cancelled by the user")
+        if run.failure.exc is not None:
+            raise run.failure.exc
+    finally:
+        run.stop.set()
+        for th in threads:
+            th.join()
+        run.post.close()
+    n = run.post.next_id - run.state.next_id
+    run.state.next_id = run.post.next_id
+    return PlaneResult(n_objects=n, table=run.post.table(), nonfinite=run.bad_pixels)
 
-    bad_pixels = [0]
 
-    def reader() -> None:
+class _PlaneRun:
+    """The stages of :func:`segment_plane_job`: a reader thread, the network (the job's thread), a post thread."""
+
+    def __init__(self, plane, spec, predict, write_rows, prepare, settings: PlaneSettings, state: StackState):
+        self.plane, self.spec, self.predict, self.prepare = plane, spec, predict, prepare
+        self.settings, self.state, self.scaling = settings, state, settings.scaling
+        tile_shape, halo = settings.tile_shape, settings.halo
+        if self.scaling is not None:
+            tile_shape, halo = self.scaling.tile_shape, self.scaling.halo
+        self.halo = halo = round_up(spec.halo if halo is None else halo, spec.multiple)  # as plan_tiles rounds it
+        tile_shape = tile_shape or spec.tile_shape(settings.tile, plane.source.plane_shape, halo)
+        self.plan = plan_tiles(plane.source.plane_shape, tile=settings.tile, halo=halo, multiple=spec.multiple,
+                               tile_shape=tile_shape)
+        self.stop = threading.Event()
+        self.failure = _Failure()
+        self.q_tiles: queue.Queue = queue.Queue(maxsize=2 * settings.batch_size)
+        self.q_out: queue.Queue = queue.Queue(maxsize=2 * settings.batch_size)
+        source = plane.source
+        self.post = _PostStage(
+            self.plan, spec, plane, write_rows, first_id=state.next_id, context=settings.context,
+            measure_cells=settings.measure_cells, names=source.channel_names, pixel_size=source.pixel_size,
+            clock=state.clock, workers=settings.post_workers,
+        )
+        self.bad_pixels = 0
+
+    def read(self) -> None:
+        """Reader thread: bands of rows, normalized, cut into tiles, onto ``q_tiles``."""
+        plan, halo, clock = self.plan, self.halo, self.state.clock
         try:
-            rows = _tile_rows(plan)
-            for row in rows:
+            for row in _tile_rows(plan):
                 t0 = time.perf_counter()
                 (y0, y1), _ = row[0].read
                 x_end = row[-1].read[1][1]
-                band = read_region(view, ((y0, y1), (-halo, x_end)))
+                band = read_region(self.plane, ((y0, y1), (-halo, x_end)))
                 t1 = time.perf_counter()
-                band = prepare(band)
-                if nonfinite:  # counted over the row's own pixels: halos and mirrored pixels repeat others
+                band = self.prepare(band)
+                if self.settings.nonfinite:  # counted over the row's own pixels: halos and mirrored pixels repeat
                     out_rows = row[0].out[0]
                     core = (slice(out_rows.start - y0, out_rows.stop - y0), slice(halo, halo + plan.shape[1]))
-                    bad_pixels[0] += background_nonfinite(band, core)
+                    self.bad_pixels += background_nonfinite(band, core)
                 clock.add("read", t1 - t0)
                 clock.add("normalize", time.perf_counter() - t1)
                 for t in row:
                     x0 = t.read[1][0] + halo
                     # a copy, so the band is freed once cut (queued views would keep whole bands alive)
                     tile_in = np.ascontiguousarray(band[:, :, x0 : x0 + plan.tile_shape[1]])
-                    if not _put(q_tiles, (t, tile_in), stop):
+                    if not _put(self.q_tiles, (t, tile_in), self.stop):
                         return
                 del band
-            _put(q_tiles, _DONE, stop)
+            _put(self.q_tiles, _DONE, self.stop)
         except BaseException as e:  # noqa: BLE001 - handed to the job's thread
-            failure.set(e)
-            stop.set()
+            self.failure.set(e)
+            self.stop.set()
 
-    def poster() -> None:
+    def post_process(self) -> None:
+        """Post thread: network outputs from ``q_out`` into the post stage."""
         try:
             while True:
-                item = _get(q_out, stop)
+                item = _get(self.q_out, self.stop)
                 if item is _DONE:
                     break
-                post.add(*item)
-            if not stop.is_set():
-                post.finish()
+                self.post.add(*item)
+            if not self.stop.is_set():
+                self.post.finish()
         except BaseException as e:  # noqa: BLE001
-            failure.set(e)
-            stop.set()
+            self.failure.set(e)
+            self.stop.set()
 
-    threads = [threading.Thread(target=reader, name="segstudio-read", daemon=True),
-               threading.Thread(target=poster, name="segstudio-post", daemon=True)]
-    for th in threads:
-        th.start()
-    n = len(plan)
-    done = 0
-    core_crop = (slice(halo, plan.tile_shape[0] - halo), slice(halo, plan.tile_shape[1] - halo))
-    tile_pixels = plan.tile_shape[0] * plan.tile_shape[1]  # image pixels of one tile, halo included
-    notices = notices if notices is not None else []
-    told = len(notices)
-    try:
+    def _batch(self) -> tuple[list, bool]:
+        """Up to ``batch_size`` tiles from the reader, and whether it has finished."""
+        batch = []
+        while len(batch) < self.settings.batch_size:
+            item = _get(self.q_tiles, self.stop)
+            if item is _DONE:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _infer(self, batch: list) -> np.ndarray:
+        x = np.stack([a for _, a in batch])
+        if self.scaling is None:
+            h, w = self.plan.tile_shape
+            return self.predict(x, (slice(self.halo, h - self.halo), slice(self.halo, w - self.halo)))
+        origins = [(t.read[0][0], t.read[1][0]) for t, _ in batch]
+        return self.scaling.to_image(self.predict(self.scaling.to_network(x, origins), None), origins)
+
+    def network(self, cancel: CancelToken) -> Job[None]:
+        """The job's thread: batches of tiles through the network, outputs onto ``q_out``."""
+        plan, notices = self.plan, self.state.notices
+        n, done, told = len(plan), 0, len(notices)
+        tile_pixels = plan.tile_shape[0] * plan.tile_shape[1]  # image pixels of one tile, halo included
         yield Progress("network", 0, n, f"{n} tile(s) of {plan.tile_shape[0]}x{plan.tile_shape[1]}")
         finished = False
         while not finished:
-            batch = []
-            while len(batch) < batch_size:
-                item = _get(q_tiles, stop)
-                if item is _DONE:
-                    finished = True
-                    break
-                batch.append(item)
-            if failure.exc is not None:
+            batch, finished = self._batch()
+            if self.failure.exc is not None:
                 break
             if cancel.cancelled:
                 raise Cancelled("cancelled by the user")
-            if batch:
-                t0 = time.perf_counter()
-                x = np.stack([a for _, a in batch])
-                if scaling is None:
-                    out = predict(x, core_crop)
-                else:
-                    origins = [(t.read[0][0], t.read[1][0]) for t, _ in batch]
-                    out = scaling.to_image(predict(scaling.to_network(x, origins), None), origins)
-                dt = time.perf_counter() - t0
-                clock.add("network", dt)
-                if metrics.listening():
-                    metrics.publish(metrics.BatchTimed(len(batch), len(batch) * tile_pixels, dt, source.name))
-                for (t, _), o in zip(batch, out):
-                    kept = o[:, : t.out[0].stop - t.out[0].start, : t.out[1].stop - t.out[1].start]
-                    if not _put(q_out, (t, kept), stop):
-                        break
-                done += len(batch)
-                while told < len(notices):
-                    yield Progress("notice", done, n, notices[told])
-                    told += 1
-                yield Progress("network", done, n)
-        _put(q_out, _DONE, stop)
-        for th in threads:
-            while th.is_alive():
-                th.join(timeout=0.1)
-                if cancel.cancelled:
-                    raise Cancelled("cancelled by the user")
-        if failure.exc is not None:
-            raise failure.exc
-    finally:
-        stop.set()
-        for th in threads:
-            th.join()
-        post.close()
-    return PlaneResult(n_objects=post.next_id - first_id, table=post.table(), nonfinite=bad_pixels[0])
+            if not batch:
+                continue
+            t0 = time.perf_counter()
+            out = self._infer(batch)
+            dt = time.perf_counter() - t0
+            self.state.clock.add("network", dt)
+            if metrics.listening():
+                metrics.publish(metrics.BatchTimed(len(batch), len(batch) * tile_pixels, dt, self.plane.source.name))
+            for (t, _), o in zip(batch, out):
+                kept = o[:, : t.out[0].stop - t.out[0].start, : t.out[1].stop - t.out[1].start]
+                if not _put(self.q_out, (t, kept), self.stop):
+                    break
+            done += len(batch)
+            while told < len(notices):
+                yield Progress("notice", done, n, notices[told])
+                told += 1
+            yield Progress("network", done, n)
+        _put(self.q_out, _DONE, self.stop)
 
 
 def _tile_rows(plan: TilePlan) -> list[list]:

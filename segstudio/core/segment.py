@@ -20,18 +20,18 @@ import numpy as np
 
 from . import metrics
 from .backends import CPU_BATCH, GPU_BATCH, Backend
-from .errors import IncompatibleArtifactError, InputError
+from .errors import IncompatibleArtifactError
 from .io import ImageData
 from .jobs import CancelToken, Job, Progress
 from .measure import Table, concat_tables
 from .models.catalog import Model
-from .pipeline import STAGES, StageClock, segment_plane_job
+from .options import SegmentOptions
+from .pipeline import STAGES, PlaneSettings, PlaneView, StackState, segment_plane_job
 from .preprocess import background_nonfinite, normalize, sample_percentiles, select_channels
-from .scale import GridScaling, diameter_from_microns, estimate_diameter, scale_factor
+from .scale import GridScaling, estimate_diameter, scale_factor
 from .sinks import ArraySink, TiffSink
 from .sources import ImageSource, planes_as_channels, source_from_image
 
-DEFAULT_CONTEXT = 64
 
 
 @dataclass
@@ -111,196 +111,225 @@ def segment_job(
     image: ImageData | ImageSource,
     model: Model,
     backend: Backend,
+    options: SegmentOptions | None = None,
     *,
-    channel: int | str | None = None,
-    tile: int = 512,
-    batch_size: int | None = None,
-    context: int = DEFAULT_CONTEXT,
-    measure_cells: bool = True,
     labels_path: str | Path | None = None,
-    post_workers: int | None = None,
-    diameter: float | str | None = None,
-    diameter_um: float | None = None,
-    tta: bool = False,
     cancel: CancelToken | None = None,
 ) -> Job[SegmentationResult]:
     """Segment ``image`` with ``model`` on ``backend``.
 
-    Yields :class:`Progress` (stage ``"network"`` per batch of tiles,
-    ``"plane"`` per plane); returns a :class:`SegmentationResult`.  Labels
-    are unique across the whole stack; the table has one row per object
-    with its ``t`` / ``z`` index columns.  With ``labels_path`` the labels
-    are streamed to that TIFF (written atomically) instead of memory.
-    ``context`` is how far around each tile post-processing looks: objects
-    up to about that size are never cut at tile seams.  ``batch_size``
-    tiles go through the network at once (default 4 on a CPU, 16 on a GPU).
-    ``post_workers``
-    threads post-process blocks (default: 1 when the network runs on the
-    CPU, whose cores it already uses; up to 8 beside a GPU).
+    Parameters
+    ----------
+    image : ImageData or ImageSource
+        The image, in memory or opened lazily (read region by region).
+    model : Model
+    backend : Backend
+        The network runner (:func:`~segstudio.core.backends.create_backend`).
+    options : SegmentOptions, optional
+        Tiling, batching, scale, channel, flips, measuring (defaults: the
+        recommended settings).
+    labels_path : str or pathlib.Path, optional
+        Stream the labels to this TIFF (written atomically) instead of memory.
+    cancel : CancelToken, optional
+
+    Returns
+    -------
+    SegmentationResult
+        ``labels`` shaped like the image's stack + ``(Y, X)``, unique over
+        the whole stack, numbered in raster order of their first pixel; the
+        table has one row per object with its ``t`` / ``z`` index columns.
+
+    Yields :class:`Progress`: ``"network"`` per batch of tiles, ``"plane"``
+    per plane, ``"notice"`` for what the user should know.
 
     Scale: a model trained at a nucleus diameter (``spec.diameter``) sees
-    every image resampled so its nuclei are that size; ``diameter`` is the
-    nuclei's diameter in image pixels, estimated from the first plane when
-    not given (see :mod:`segstudio.core.scale`); ``diameter_um`` gives it
-    in micrometres (the image must record its pixel size); ``"native"``
-    runs the image as it is.  Labels and measurements are always in image
-    pixels.
-
-    ``tta``: average the network's output over the tile as it is and
-    flipped three ways (:class:`FlipAverage`): four times the network's
-    work for a little more accuracy.
+    every image resampled so its nuclei are that size (one grid per plane,
+    :class:`~segstudio.core.scale.GridScaling`); the diameter is estimated
+    from the first plane unless ``options.diameter`` gives it (in pixels or
+    micrometres) or says ``native`` (the image as it is).  Labels and
+    measurements are always in image pixels.
     """
-    spec = model.spec
-    source = image if isinstance(image, ImageSource) else source_from_image(image)
-    notices: list[str] = list(source.notices)
-    warnings: list[str] = list(source.notices)
-    told = 0
-
-    def tell():
-        """Progress events for the notices not yet told (``info["warning"]`` for warnings)."""
-        nonlocal told
-        for text in notices[told:]:
-            yield Progress("notice", 0, 0, text, info={"warning": text in warnings})
-        told = len(notices)
-    if (spec.input_channels > 1 and "C" not in source.axes and "Z" in source.axes
-            and source.shape[source.axes.index("Z")] == spec.input_channels):
-        # pages without axis names read as a Z stack; a model that needs that many channels could not
-        # segment it as one, so the pages are its channels
-        source = planes_as_channels(source)
-        notices.append(f"the image's {spec.input_channels} planes are read as its {spec.input_channels} channels "
-                       "(the model reads that many channels)")
-    sink = (
-        TiffSink(labels_path, source.stack_shape, source.plane_shape, pixel_size=source.pixel_size)
-        if labels_path is not None else ArraySink(source.stack_shape, source.plane_shape)
-    )
-    clock = StageClock()
-    predict = backend.predict
-    gpu = on_gpu(backend)
-    batch_size = batch_size or default_batch_size(backend)
-    if spec.max_batch:  # a network of fixed batch size gets batches of at most that size
-        batch_size = min(batch_size, spec.max_batch)
-    if post_workers is None:
-        post_workers = max(1, min(8, (os.cpu_count() or 2) - 1)) if gpu else 1
-    if gpu:
-        from .backends.fallback import OomFallback
-
-        predict = OomFallback(backend, model, notices.append)
-    predict = FiniteOutputs(predict, model, source.name, getattr(predict, "describe", backend.describe)())
-    nonfinite = np.dtype(source.dtype).kind == "f"  # only float pixels can be NaN or infinite
-    bad_pixels = 0
-    tables, extras = [], []
-    next_id = 1
-    indices = source.stack_indices()
-    t_start = time.perf_counter()
-    factor, scaling = 1.0, None
-    if diameter == "native":
-        diameter = spec.diameter
-    elif diameter_um is not None:
-        if source.pixel_size is None:
-            raise InputError(f"{source.name}: the file does not record its pixel size, so a diameter in micrometres "
-                             "cannot be converted", hint="give the diameter in pixels")
-        diameter = diameter_from_microns(diameter_um, float(np.mean(source.pixel_size)))
-
-    def select(block):
-        return select_channels(block, spec.input_channels, channel)
-
+    run = _ImageRun(image, model, backend, options or SegmentOptions(), labels_path)
+    yield from run.tell()
     try:
+        indices = run.source.stack_indices()
         for i, index in enumerate(indices):
-            t0 = time.perf_counter()
-            pct = sample_percentiles(
-                lambda y0, y1, index=index: source.read(index, (y0, y1), (0, source.plane_shape[1])),
-                source.plane_shape, spec.normalization, select,
-            )
-            clock.add("normalize", time.perf_counter() - t0)
-
-            def prepare(block, pct=pct):
-                return normalize(select(block), spec.normalization, pct)
-
-            def prepare_whole(block, prepare=prepare):
-                x = prepare(block)
-                if nonfinite:
-                    background_nonfinite(x)
-                return x
-
-            if i == 0 and spec.diameter:
-                if diameter is None:
-                    diameter = _estimate_diameter(source, index, prepare_whole, spec, predict, tile)
-                    if diameter is None:
-                        notices.append("no nuclei found to estimate their size: the image is used as is")
-                    else:
-                        notices.append(f"nuclei about {diameter:.1f} px across (estimated)")
-                factor = scale_factor(spec.diameter, diameter)
-            if i == 0 and tta:  # after the estimate, which needs no extra accuracy; inside the resampling
-                predict = FlipAverage(predict, getattr(predict, "describe", backend.describe)())
-            if i == 0 and factor != 1.0:
-                notices.append(f"image resampled {factor:.2f}x for the network (trained on nuclei "
-                               f"{spec.diameter:g} px across)")
-                scaling = GridScaling(factor, spec, tile, source.plane_shape)
-                context = int(np.ceil(context / min(factor, 1.0)))
-            yield from tell()
-            result = yield from segment_plane_job(
-                source, index, spec, predict,
-                lambda y0, rows, index=index: sink.write(index, y0, rows),
-                prepare=prepare, tile=tile, batch_size=batch_size, context=context, first_id=next_id,
-                measure_cells=measure_cells, clock=clock, notices=notices, post_workers=post_workers,
-                nonfinite=nonfinite, scaling=scaling, cancel=cancel,
-            )
-            told = len(notices)  # the pipeline told those it added
-            next_id += result.n_objects
-            bad_pixels += result.nonfinite
-            if measure_cells:
-                tables.append(result.table)
-                extras.append(dict(zip(source.stack_axes.lower(), index)))
-            yield Progress("plane", i + 1, len(indices), f"plane {i + 1}/{len(indices)}: {result.n_objects} objects")
-        n_objects = next_id - 1
-        if bad_pixels:
-            total = int(np.prod(source.plane_shape)) * len(indices)
-            warnings.append(f"{bad_pixels:,} of {total:,} pixels ({100 * bad_pixels / total:.3g}%) are not finite "
-                            "(NaN or infinite, or beyond 32-bit float range) and were treated as background")
-            notices.append(warnings[-1])
-            yield from tell()
+            n = yield from run.plane(i, index, cancel)
+            yield Progress("plane", i + 1, len(indices), f"plane {i + 1}/{len(indices)}: {n} objects")
+        yield from run.count_nonfinite(len(indices))
         t0 = time.perf_counter()
-        out = sink.finish(n_objects)
-        clock.add("write", time.perf_counter() - t0)
+        out = run.sink.finish(run.state.next_id - 1)
+        run.state.clock.add("write", time.perf_counter() - t0)
     except BaseException:
-        sink.abort()
+        run.sink.abort()
         raise
-    timings = {k: clock.seconds[k] for k in STAGES}
-    timings["wall"] = time.perf_counter() - t_start
-    if metrics.listening():
-        metrics.publish(metrics.StagesTimed(source.name, {k: timings[k] for k in STAGES}, timings["wall"]))
-    return SegmentationResult(
-        labels=out if isinstance(out, np.ndarray) else None,
-        labels_path=out if isinstance(out, Path) else None,
-        table=concat_tables(tables, extras) if measure_cells else {},
-        timings=timings,
-        model=spec.name,
-        backend=(predict.describe() if hasattr(predict, "describe") else backend.describe())
-        + (f" at {factor:.2f}x scale" if scaling is not None else ""),
-        name=source.name,
-        pixel_size=source.pixel_size,
-        n_objects=n_objects,
-        notices=notices,
-        warnings=warnings,
-        diameter=diameter,
-        scale=factor,
-    )
+    return run.result(out)
+
+
+class _ImageRun:
+    """The state of one :func:`segment_job`: the source, sink, network call and what is told to the user."""
+
+    def __init__(self, image, model: Model, backend: Backend, options: SegmentOptions, labels_path):
+        spec = self.spec = model.spec
+        self.options = options
+        source = image if isinstance(image, ImageSource) else source_from_image(image)
+        self.state = StackState()
+        self.notices = self.state.notices
+        self.notices += source.notices
+        self.warnings: list[str] = list(source.notices)
+        self.told = 0
+        if (spec.input_channels > 1 and "C" not in source.axes and "Z" in source.axes
+                and source.shape[source.axes.index("Z")] == spec.input_channels):
+            # pages without axis names read as a Z stack; a model that needs that many channels could not
+            # segment it as one, so the pages are its channels
+            source = planes_as_channels(source)
+            self.notices.append(f"the image's {spec.input_channels} planes are read as its {spec.input_channels} "
+                                "channels (the model reads that many channels)")
+        self.source = source
+        self.sink = (
+            TiffSink(labels_path, source.stack_shape, source.plane_shape, pixel_size=source.pixel_size)
+            if labels_path is not None else ArraySink(source.stack_shape, source.plane_shape)
+        )
+        gpu = on_gpu(backend)
+        self.batch_size = options.batch_size or default_batch_size(backend)
+        if spec.max_batch:  # a network of fixed batch size gets batches of at most that size
+            self.batch_size = min(self.batch_size, spec.max_batch)
+        self.post_workers = options.post_workers
+        if self.post_workers is None:
+            self.post_workers = max(1, min(8, (os.cpu_count() or 2) - 1)) if gpu else 1
+        predict = backend.predict
+        if gpu:
+            from .backends.fallback import OomFallback
+
+            predict = OomFallback(backend, model, self.notices.append)
+        self.predict = FiniteOutputs(predict, model, source.name, getattr(predict, "describe", backend.describe)())
+        self.nonfinite = np.dtype(source.dtype).kind == "f"  # only float pixels can be NaN or infinite
+        self.bad_pixels = 0
+        self.tables, self.extras = [], []
+        self.t_start = time.perf_counter()
+        self.factor, self.scaling = 1.0, None
+        self.context = options.context
+        d = options.diameter
+        self.diameter = spec.diameter if d.kind == "native" else d.pixels(source.pixel_size, name=source.name)
+
+    def tell(self) -> Job[None]:
+        """Progress events for the notices not yet told (``info["warning"]`` for warnings)."""
+        for text in self.notices[self.told:]:
+            yield Progress("notice", 0, 0, text, info={"warning": text in self.warnings})
+        self.told = len(self.notices)
+
+    def _select(self, block: np.ndarray) -> np.ndarray:
+        return select_channels(block, self.spec.input_channels, self.options.channel)
+
+    def _preparer(self, index):
+        """The plane's ``prepare`` (channels, then the plane's percentiles), and one that also blanks NaNs."""
+        t0 = time.perf_counter()
+        source, spec = self.source, self.spec
+        pct = sample_percentiles(
+            lambda y0, y1: source.read(index, (y0, y1), (0, source.plane_shape[1])),
+            source.plane_shape, spec.normalization, self._select,
+        )
+        self.state.clock.add("normalize", time.perf_counter() - t0)
+
+        def prepare(block):
+            return normalize(self._select(block), spec.normalization, pct)
+
+        def prepare_whole(block):
+            x = prepare(block)
+            if self.nonfinite:
+                background_nonfinite(x)
+            return x
+
+        return prepare, prepare_whole
+
+    def _choose_scale(self, index, prepare_whole) -> None:
+        """On the first plane: the diameter (estimated if not given), the factor, TTA and the grid."""
+        spec, options = self.spec, self.options
+        if spec.diameter:
+            if self.diameter is None:
+                self.diameter = _estimate_diameter(self.source, index, prepare_whole, spec, self.predict,
+                                                   options.tile)
+                self.notices.append("no nuclei found to estimate their size: the image is used as is"
+                                    if self.diameter is None else
+                                    f"nuclei about {self.diameter:.1f} px across (estimated)")
+            self.factor = scale_factor(spec.diameter, self.diameter)
+        if options.tta:  # after the estimate, which needs no extra accuracy; inside the resampling
+            self.predict = FlipAverage(self.predict, self.predict.describe())
+        if self.factor != 1.0:
+            self.notices.append(f"image resampled {self.factor:.2f}x for the network (trained on nuclei "
+                                f"{spec.diameter:g} px across)")
+            self.scaling = GridScaling(self.factor, spec, options.tile, self.source.plane_shape)
+            self.context = int(np.ceil(self.context / min(self.factor, 1.0)))
+
+    def plane(self, i: int, index, cancel) -> Job[int]:
+        """Segment plane ``index`` (the ``i``-th); returns its object count."""
+        prepare, prepare_whole = self._preparer(index)
+        if i == 0:
+            self._choose_scale(index, prepare_whole)
+        yield from self.tell()
+        settings = PlaneSettings(tile=self.options.tile, batch_size=self.batch_size, context=self.context,
+                                 measure_cells=self.options.measure_cells, post_workers=self.post_workers,
+                                 nonfinite=self.nonfinite, scaling=self.scaling)
+        result = yield from segment_plane_job(
+            PlaneView(self.source, index), self.spec, self.predict,
+            lambda y0, rows: self.sink.write(index, y0, rows),
+            prepare=prepare, settings=settings, state=self.state, cancel=cancel,
+        )
+        self.told = len(self.notices)  # the pipeline told those it added
+        self.bad_pixels += result.nonfinite
+        if self.options.measure_cells:
+            self.tables.append(result.table)
+            self.extras.append(dict(zip(self.source.stack_axes.lower(), index)))
+        return result.n_objects
+
+    def count_nonfinite(self, n_planes: int) -> Job[None]:
+        """A warning, once, for the pixels that were NaN or infinite."""
+        if self.bad_pixels:
+            total = int(np.prod(self.source.plane_shape)) * n_planes
+            self.warnings.append(f"{self.bad_pixels:,} of {total:,} pixels ({100 * self.bad_pixels / total:.3g}%) "
+                                 "are not finite (NaN or infinite, or beyond 32-bit float range) and were treated "
+                                 "as background")
+            self.notices.append(self.warnings[-1])
+            yield from self.tell()
+
+    def result(self, out) -> SegmentationResult:
+        clock, source = self.state.clock, self.source
+        timings = {k: clock.seconds[k] for k in STAGES}
+        timings["wall"] = time.perf_counter() - self.t_start
+        if metrics.listening():
+            metrics.publish(metrics.StagesTimed(source.name, {k: timings[k] for k in STAGES}, timings["wall"]))
+        return SegmentationResult(
+            labels=out if isinstance(out, np.ndarray) else None,
+            labels_path=out if isinstance(out, Path) else None,
+            table=concat_tables(self.tables, self.extras) if self.options.measure_cells else {},
+            timings=timings,
+            model=self.spec.name,
+            backend=self.predict.describe() + (f" at {self.factor:.2f}x scale" if self.scaling is not None else ""),
+            name=source.name,
+            pixel_size=source.pixel_size,
+            n_objects=self.state.next_id - 1,
+            notices=self.notices,
+            warnings=self.warnings,
+            diameter=self.diameter,
+            scale=self.factor,
+        )
 
 
 def segment_to_files(source: ImageData | ImageSource, model: Model, backend: Backend, labels_path: str | Path,
-                     csv_path: str | Path, **options) -> Job[SegmentationResult]:
+                     csv_path: str | Path, options: SegmentOptions | None = None, *,
+                     cancel: CancelToken | None = None) -> Job[SegmentationResult]:
     """:func:`segment_job` into a labels TIFF (streamed) and the measurements CSV, both written atomically.
 
-    ``options`` are :func:`segment_job`'s.  What ``segstudio segment`` and
-    ``segstudio batch`` do with each image.  Files of those names that
-    segstudio did not write are never replaced (:func:`~segstudio.core.io.check_replaceable`).
+    What ``segstudio segment`` and ``segstudio batch`` do with each image.
+    Files of those names that segstudio did not write are never replaced
+    (:func:`~segstudio.core.io.check_replaceable`).
     """
     from .io import check_replaceable
     from .measure import write_csv
 
     for path in (labels_path, csv_path):
         check_replaceable(path)
-    result = yield from segment_job(source, model, backend, labels_path=labels_path, **options)
+    result = yield from segment_job(source, model, backend, options, labels_path=labels_path, cancel=cancel)
     write_csv(csv_path, result.table)
     return result
 

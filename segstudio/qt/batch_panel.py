@@ -25,8 +25,9 @@ from qtpy.QtWidgets import (
     QProgressBar, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
 )
 
-from ..core.batch import MANIFEST, BatchReport, batch_job
+from ..core.batch import MANIFEST, BatchReport, Compute, FileSelection, batch_job
 from ..core.metrics import monitored
+from ..core.options import SegmentOptions
 from ..core.service import INFERENCE
 from ..core.jobs import Progress, Stage
 from .segment_panel import AUTO, BackendCache, ErrorView, available_models, fill_backends
@@ -202,8 +203,8 @@ class BatchPanel(QWidget):
 
         def job(cancel):
             model, backend = backends.get(model_name, backend_name)
-            run = monitored(batch_job(in_dir, out_dir, model, backend=backend, recursive=recursive, tta=tta,
-                                      cancel=cancel), "batch", str(in_dir))
+            run = monitored(batch_job(in_dir, out_dir, model, Compute(backend_name, backend), SegmentOptions(tta=tta),
+                                      files=FileSelection(recursive=recursive), cancel=cancel), "batch", str(in_dir))
             return (yield from INFERENCE.turn(run, f"the batch of {Path(in_dir).name}", cancel))
 
         self.runner.start(job)

@@ -51,6 +51,7 @@ from ..core.jobs import CancelToken, Job, Progress, Stage
 from ..core.models.catalog import Model, builtin_models, get_model
 from ..core.models.user import user_models
 from ..core.metrics import monitored
+from ..core.options import SegmentOptions
 from ..core.segment import SegmentationResult, segment_job, warm_up
 from ..core.service import INFERENCE
 from .worker import ErrorReport, JobRunner, describe_error, with_crash_log
@@ -414,9 +415,9 @@ class SegmentPanel(QWidget):
         except Exception as exc:  # noqa: BLE001 - shown to the user: verbatim if expected, as a bug otherwise
             self._show_error(exc)
             return
-        model_name, backend_name, channel = self.model_name, self.backend_name, self.channel
-        diameter = self.diameter_spin.value() or None
-        tta = self.tta_check.isChecked()
+        model_name, backend_name = self.model_name, self.backend_name
+        options = SegmentOptions(channel=self.channel, tile=self._tile, diameter=self.diameter_spin.value() or None,
+                                 tta=self.tta_check.isChecked())
         self._n_planes = max(1, math.prod(image.stack_shape))
         self._planes_done = 0
         self._t_start = time.perf_counter()
@@ -425,9 +426,8 @@ class SegmentPanel(QWidget):
         self.notice.clear()
         self.notice.setVisible(False)
         self._set_busy()
-        backends, tile = self._backends, self._tile
-        self.runner.start(lambda cancel: _segment(image, backends, model_name, backend_name, channel, tile, cancel,
-                                                  diameter, tta))
+        backends = self._backends
+        self.runner.start(lambda cancel: _segment(image, backends, model_name, backend_name, options, cancel))
 
     def cancel(self) -> None:
         """Ask the running job to stop."""
@@ -568,18 +568,14 @@ def _segment(
     backends: BackendCache,
     model_name: str,
     backend_name: str,
-    channel: int | None,
-    tile: int,
+    options: SegmentOptions,
     cancel: CancelToken,
-    diameter: float | None = None,
-    tta: bool = False,
 ) -> Job[SegmentationResult]:
     """The panel's job, run on the worker thread: load (or reuse) the backend, then segment."""
     yield Progress("load", 0, 0, f"loading {model_name} ({backend_name})")
     model, backend = backends.get(model_name, backend_name)
     cancel.raise_if_cancelled()
     yield Progress("load", 1, 1, f"running on {backend.describe()}")
-    job = monitored(segment_job(image, model, backend, channel=channel, tile=tile, cancel=cancel,
-                                diameter=diameter, tta=tta), "segment", image.name)
+    job = monitored(segment_job(image, model, backend, options, cancel=cancel), "segment", image.name)
     result = yield from INFERENCE.turn(job, f"the segmentation of {image.name}", cancel)
     return result

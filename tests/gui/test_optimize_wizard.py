@@ -31,6 +31,7 @@ from segstudio.core.optimize.report import EventKind, OptimizeEvent, OptimizeRep
 from segstudio.core.optimize.steps import parse_steps
 from segstudio.core.optimize.validate import ValidationSet
 from segstudio.sample_data import sample_pairs
+from segstudio.core.options import SegmentOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_compare import independent_counts  # noqa: E402 - the count that shares no code with core/compare.py
@@ -192,7 +193,7 @@ def test_the_wizard_runs_int8_then_compares_and_uses_the_result(make_napari_view
     for card in (report.baseline.artifact, degraded):
         model = load_card(card)
         with create_backend(auto_variant(model), model) as backend:
-            labels.append(run_sync(segment_job(image, model, backend, measure_cells=False)).labels)
+            labels.append(run_sync(segment_job(image, model, backend, SegmentOptions(measure_cells=False))).labels)
     counts, overlay = independent_counts(*labels)
     d = c.disagreement
     assert (d.only_reference, d.only_other, d.low_iou, d.matched) == counts and d.disagreeing > 0

@@ -25,7 +25,7 @@ def pipeline_batches(monkeypatch):
     counts: list[int] = []
     real = segment.segment_plane_job
 
-    def counting(source, index, spec, predict, *args, **kwargs):
+    def counting(plane, spec, predict, *args, **kwargs):
         counts.append(0)
         k = len(counts) - 1
 
@@ -33,7 +33,7 @@ def pipeline_batches(monkeypatch):
             counts[k] += 1
             return predict(batch, crop)
 
-        return real(source, index, spec, counted, *args, **kwargs)
+        return real(plane, spec, counted, *args, **kwargs)
 
     monkeypatch.setattr(segment, "segment_plane_job", counting)
     return counts

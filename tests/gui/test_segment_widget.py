@@ -49,7 +49,7 @@ def test_segment_sample_adds_labels_with_measurements(make_napari_viewer, qtbot,
 
     def recording_segment_job(*args, **kwargs):
         job_threads.append(threading.get_ident())
-        job_options.append(kwargs)
+        job_options.append(args[3])  # the SegmentOptions the panel built
         return (yield from real_segment_job(*args, **kwargs))
 
     monkeypatch.setattr(segment_panel, "segment_job", recording_segment_job)
@@ -79,7 +79,7 @@ def test_segment_sample_adds_labels_with_measurements(make_napari_viewer, qtbot,
     n_layers = len(viewer.layers)
     widget.panel.tta_check.setChecked(True)
     run_and_wait(qtbot, widget)
-    assert [o["tta"] for o in job_options] == [False, True]
+    assert [o.tta for o in job_options] == [False, True]
     assert len(viewer.layers) == n_layers
     assert viewer.layers["nuclei labels"] is labels and labels.opacity == pytest.approx(0.3)
     assert score(truth, labels.data).ap[0.5] > 0.3

@@ -65,10 +65,11 @@ def estimate_job(model: Model, steps: list[Step], calib: CalibrationSource | Non
         batch_s = time.perf_counter() - t0
         yield Progress("estimate", 1, 3, "segmenting a validation image")
         image = min(vset.images, key=lambda im: int(np.prod(im.data.shape)))
+        from ..options import SegmentOptions
         from ..segment import segment_job
 
         t0 = time.perf_counter()
-        run_sync(segment_job(image, model, backend, measure_cells=False))
+        run_sync(segment_job(image, model, backend, SegmentOptions(measure_cells=False)))
         per_px = (time.perf_counter() - t0) / max(1, int(np.prod(image.data.shape[-2:])))
     eager_s = batch_s * 3.5  # replaced by a measurement below when PyTorch is here
     train_s: dict[int, float] = {}

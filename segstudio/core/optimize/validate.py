@@ -27,6 +27,7 @@ from ..jobs import CancelToken, Job, Progress
 from ..models.catalog import Model
 from ..models.onnx_export import compare_outputs
 from ..preprocess import normalize, select_channels
+from ..options import SegmentOptions
 from ..segment import segment_job
 from ..tiling import plan_tiles, read_region
 
@@ -167,7 +168,7 @@ def segment_all(model: Model, backend, vset: ValidationSet, cancel: CancelToken 
     """Instance labels of every validation image (a job)."""
     labels = []
     for i, img in enumerate(vset.images):
-        res = yield from segment_job(img, model, backend, measure_cells=False, cancel=cancel)
+        res = yield from segment_job(img, model, backend, SegmentOptions(measure_cells=False), cancel=cancel)
         labels.append(res.labels.reshape(res.labels.shape[-2:]) if res.labels.ndim > 2 else res.labels)
         yield Progress("validate", i + 1, len(vset.images))
     return labels
