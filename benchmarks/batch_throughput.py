@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from segstudio.core.backends import create_backend  # noqa: E402
 from segstudio.core.batch import Compute, batch_job  # noqa: E402
-from segstudio.core.benchmark import BASELINE, bench_job, machine_info  # noqa: E402
+from segstudio.core.benchmark import BASELINE, BenchOptions, bench_job, machine_info  # noqa: E402
 from segstudio.core.sources import read_image  # noqa: E402
 from segstudio.core.jobs import run_sync  # noqa: E402
 from segstudio.core.models.catalog import get_model  # noqa: E402
@@ -91,7 +91,7 @@ def main() -> int:
         per_image = []
         backend_desc = None
         for path, size in zip(samples, sizes):
-            report = run_sync(bench_job(model, path, [args.backend], repeats=args.repeats, warmup=2))
+            report = run_sync(bench_job(model, path, [args.backend], BenchOptions(repeats=args.repeats, warmup=2)))
             row = next(r for r in report["variants"] if r["name"] != BASELINE)
             per_image.append(size / (row["e2e_mpix_s"] * 1e6))
             backend_desc = row.get("describe", backend_desc)

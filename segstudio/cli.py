@@ -480,7 +480,7 @@ class _BenchProgress:
 
 def cmd_bench(args) -> int:
     from .core.backends import runnable_variants
-    from .core.benchmark import QUICK_NOTE, bench_job, write_chart
+    from .core.benchmark import QUICK_NOTE, BenchOptions, bench_job, write_chart
     from .core.io import atomic_path, check_output_file
     from .core.jobs import run_sync
     from .core.models.catalog import get_model
@@ -495,8 +495,9 @@ def cmd_bench(args) -> int:
     t0 = time.perf_counter()
     try:
         report = run_sync(
-            bench_job(model, args.image, variants, repeats=args.repeats, warmup=args.warmup, tile=args.tile,
-                      batch_size=args.batch_size, e2e=not args.no_e2e, quick=args.quick),
+            bench_job(model, args.image, variants,
+                      BenchOptions(repeats=args.repeats, warmup=args.warmup, tile=args.tile,
+                                   batch_size=args.batch_size, e2e=not args.no_e2e, quick=args.quick)),
             progress,
         )
     finally:
@@ -548,7 +549,7 @@ def cmd_optimize(args) -> int:
     from .core.optimize.calibration import CalibrationSource
     from .core.optimize.estimate import format_seconds
     from .core.optimize.report import EventKind, OptimizeEvent, StepStatus
-    from .core.optimize.runner import optimize_job, read_state
+    from .core.optimize.runner import OptimizeOptions, optimize_job, read_state
     from .core.optimize.steps import Context, parse_steps
     from .core.optimize.validate import ValidationSet
 
@@ -599,8 +600,10 @@ def cmd_optimize(args) -> int:
         elif ev.kind is EventKind.STEP_PROGRESS and ev.loss is not None and ev.train_step and ev.train_step % 100 == 0:
             print(f"    training step {ev.train_step}: loss {ev.loss:.4f}{left}", flush=True)
 
-    report = run_sync(optimize_job(model, steps, ctx, vset, max_drop=args.max_drop, min_speedup=args.min_speedup,
-                                   speed_tile=args.speed_tile, resume=bool(args.resume), inputs=inputs),
+    report = run_sync(optimize_job(model, steps, ctx, vset,
+                                   OptimizeOptions(max_drop=args.max_drop, min_speedup=args.min_speedup,
+                                                   speed_tile=args.speed_tile, resume=bool(args.resume)),
+                                   inputs=inputs),
                       on_progress)
     b = report.baseline
     print(f"{'step':<34} {'status':<12} {'AP50':>7} {'change':>8} {'speed-up':>9} {'ms':>8}  backend")

@@ -18,7 +18,7 @@ import pytest
 
 from segstudio.core import benchmark
 from segstudio.core.backends import installed
-from segstudio.core.benchmark import BASELINE, QUICK, QUICK_NOTE, bench_job, gemm_flops
+from segstudio.core.benchmark import BASELINE, QUICK, QUICK_NOTE, BenchOptions, bench_job, gemm_flops
 from segstudio.core.jobs import Progress, run_sync
 from segstudio.core.optimize.estimate import RunEstimate
 
@@ -35,8 +35,8 @@ def test_gemm_flops_is_plausible():
 @needs_backends
 def test_bench_report(nuclei, samples):
     # warmup=0: each variant's warm-up calls (one tile, one batch, one end-to-end run of the first) come first anyway
-    report = run_sync(bench_job(nuclei, samples[-1][0], ["ort", "tpu:fp32", "ort:int8"], repeats=2, warmup=0,
-                                tile=256, batch_size=2, max_net_tiles=4))
+    report = run_sync(bench_job(nuclei, samples[-1][0], ["ort", "tpu:fp32", "ort:int8"],
+                                BenchOptions(repeats=2, warmup=0, tile=256, batch_size=2, max_net_tiles=4)))
     names = [v["name"] for v in report["variants"]]
     assert names == [BASELINE, "onnxruntime@cpu:fp32"] and report["baseline"] == BASELINE
     assert set(report["skipped"]) == {"tpu:fp32", "ort:int8"}  # refused with the reason, not silently dropped
@@ -151,8 +151,8 @@ def _drain(job, calls: list):
 
 
 def test_progress_per_variant_after_the_estimate(fakes, nuclei, tmp_path):
-    events, report, _ = _drain(bench_job(nuclei, _image(tmp_path, 300), ["fake-a", "fake-b"], repeats=2, warmup=1,
-                                         tile=128, batch_size=2), fakes)
+    events, report, _ = _drain(bench_job(nuclei, _image(tmp_path, 300), ["fake-a", "fake-b"],
+                                         BenchOptions(repeats=2, warmup=1, tile=128, batch_size=2)), fakes)
     kinds = [str(e.stage) for e in events]
     assert kinds.count("estimate") == 1
     first_step = next(i for i, e in enumerate(events) if e.stage == "bench" and e.total)
@@ -174,9 +174,9 @@ def test_progress_per_variant_after_the_estimate(fakes, nuclei, tmp_path):
 def test_quick_runs_fewer_rounds_and_tiles(fakes, nuclei, tmp_path):
     image = _image(tmp_path, 1100)
     # e2e=False: every timed call is the bench's own (one tile, then the network tiles in batches of 4)
-    _, full, full_calls = _drain(bench_job(nuclei, image, ["fake"], tile=256, e2e=False), fakes)
+    _, full, full_calls = _drain(bench_job(nuclei, image, ["fake"], BenchOptions(tile=256, e2e=False)), fakes)
     fakes.clear()
-    events, quick, quick_calls = _drain(bench_job(nuclei, image, ["fake"], tile=256, e2e=False, quick=True), fakes)
+    events, quick, quick_calls = _drain(bench_job(nuclei, image, ["fake"], BenchOptions(tile=256, e2e=False, quick=True)), fakes)
     tiles = 5 * 5  # 1100 / 256 cores a side
     assert (full["repeats"], full["warmup"], full["image"]["network_tiles"]) == (10, 2, tiles)
     assert (quick["repeats"], quick["warmup"], quick["image"]["network_tiles"]) == (1, 0, QUICK["max_net_tiles"])
@@ -190,7 +190,7 @@ def test_quick_runs_fewer_rounds_and_tiles(fakes, nuclei, tmp_path):
 
 
 def test_quick_end_to_end_on_the_central_region(fakes, nuclei, tmp_path):
-    report = run_sync(bench_job(nuclei, _image(tmp_path, 1100), ["fake"], tile=512, quick=True))
+    report = run_sync(bench_job(nuclei, _image(tmp_path, 1100), ["fake"], BenchOptions(tile=512, quick=True)))
     assert report["image"]["shape"] == [1100, 1100]
     assert report["image"]["e2e_shape"] == [QUICK["e2e_side"]] * 2
     assert report["image"]["e2e_megapixels"] == pytest.approx(QUICK["e2e_side"] ** 2 / 1e6)

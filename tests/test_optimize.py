@@ -273,7 +273,7 @@ def test_presets_parse_and_say_why_they_cannot_run():
 
 def _small_run(tmp_path, sample_dir, steps, max_drop=0.01, target="cpu", min_speedup=0.0, **kw):
     """A run on two sample images; the speed guardrail is off unless asked (a 128 px tile is noisy to time)."""
-    from segstudio.core.optimize.runner import optimize_job
+    from segstudio.core.optimize.runner import OptimizeOptions, optimize_job
     from segstudio.core.optimize.steps import Context
     from segstudio.core.optimize.validate import ValidationSet
 
@@ -291,8 +291,9 @@ def _small_run(tmp_path, sample_dir, steps, max_drop=0.01, target="cpu", min_spe
 
         n = len(parse_steps(steps))
         kw["estimate"] = RunEstimate(total_s=60.0, per_step_s=(20.0,) * n, measure_s=20.0, basis="given by the test")
-    return run_sync(optimize_job(nuclei, parse_steps(steps), ctx, vset, max_drop=max_drop, speed_tile=128,
-                                 min_speedup=min_speedup, **kw), on_progress)
+    options = OptimizeOptions(max_drop=max_drop, min_speedup=min_speedup, speed_tile=128,
+                              resume=kw.pop("resume", False))
+    return run_sync(optimize_job(nuclei, parse_steps(steps), ctx, vset, options, **kw), on_progress)
 
 
 def test_optimize_reports_every_step_and_artifacts_load_back(tmp_path, sample_dir):

@@ -379,31 +379,41 @@ def _post_seconds_per_pixel(logits: np.ndarray, plane: np.ndarray, spec, baselin
         return 0.0
 
 
-def bench_job(
-    model: Model,
-    image: str | Path,
-    variants: list[str],
-    *,
-    repeats: int | None = None,
-    warmup: int | None = None,
-    tile: int = 512,
-    batch_size: int = 4,
-    e2e: bool = True,
-    max_net_tiles: int | None = None,
-    e2e_side: int | None = None,
-    quick: bool = False,
-    cancel: CancelToken | None = None,
-) -> Job[dict]:
+@dataclass(frozen=True)
+class BenchOptions:
+    """What a benchmark run measures (:func:`bench_job`).
+
+    ``repeats`` measured rounds after ``warmup`` rounds (each round runs
+    every variant once: one tile, the network over ``max_net_tiles`` tiles,
+    and, with ``e2e``, end to end over the image or its central
+    ``e2e_side`` x ``e2e_side``); ``tile`` and ``batch_size`` as for
+    segmentation; ``quick``: the :data:`QUICK` settings instead of
+    :data:`FULL` for what is not given (one round, one batch of tiles, end
+    to end on the central 1024 x 1024).
+    """
+
+    repeats: int | None = None
+    warmup: int | None = None
+    tile: int = 512
+    batch_size: int = 4
+    e2e: bool = True
+    max_net_tiles: int | None = None
+    e2e_side: int | None = None
+    quick: bool = False
+
+    def settings(self) -> dict:
+        """The run's settings: :func:`bench_settings` of what was given."""
+        return bench_settings(quick=self.quick, repeats=self.repeats, warmup=self.warmup,
+                              max_net_tiles=self.max_net_tiles, e2e_side=self.e2e_side)
+
+
+def bench_job(model: Model, image: str | Path, variants: list[str], options: BenchOptions | None = None, *,
+              cancel: CancelToken | None = None) -> Job[dict]:
     """Benchmark ``variants`` (plus the baseline) on ``image``; returns the report dict.
 
-    ``repeats`` measured rounds after ``warmup`` rounds (each round runs every
-    variant once: one tile, the network over ``max_net_tiles`` tiles, and end
-    to end over the image, or over its central ``e2e_side`` x ``e2e_side``).
     Before the rounds each variant makes its warm-up calls (one tile, one
-    batch: the batch is timed) and the run's duration is estimated from them.
-    ``quick``: the :data:`QUICK` settings instead of :data:`FULL` for what is
-    not given (one round, one batch of tiles, end to end on the central
-    1024 x 1024); the report says so.
+    batch: the batch is timed) and the run's duration is estimated from
+    them; a quick run's report says so.
 
     Yields, in this order: ``bench`` events without a total (setup), one
     ``estimate`` event (``event`` is a
@@ -413,212 +423,252 @@ def bench_job(
     ``info``: ``variant``, ``round``, ``rounds``, ``warmup``, ``seconds``,
     ``elapsed_s``, ``eta_s``).
     """
-    from .backends import create_backend
-    from .jobs import run_sync
-    from .optimize.estimate import EtaTracker, RunEstimate, format_seconds
-    from .preprocess import normalize, sample_percentiles, select_channels
-    from .options import SegmentOptions
-    from .segment import segment_job
-    from .sources import open_source
+    bench = _Bench(model, Path(image), options or BenchOptions(), cancel or CancelToken())
+    bench.read_tiles()
+    if bench.cfg["quick"]:
+        yield Progress("bench", 0, 0, QUICK_NOTE, info={"quick": True})
+    yield Progress("bench", 0, 0, "measuring GEMM FLOP/s")
+    bench.peaks[("cpu", "fp32")] = gemm_flops("cpu", "fp32", n=bench.cfg["gemm_n"], repeats=bench.cfg["gemm_repeats"])
+    try:
+        yield from bench.load(variants)
+        with _frozen_heap(), tempfile.TemporaryDirectory(prefix="segstudio-bench-") as tmp:
+            bench.tmp = Path(tmp)
+            bench.write_region()
+            yield from bench.warm_up()
+            yield from bench.estimate()
+            yield from bench.rounds()
+    finally:
+        for run in bench.runners:
+            run.backend.close()
+    return bench.report()
 
-    cfg = bench_settings(quick=quick, repeats=repeats, warmup=warmup, max_net_tiles=max_net_tiles, e2e_side=e2e_side)
-    repeats, warmup = int(cfg["repeats"]), int(cfg["warmup"])
-    cancel = cancel or CancelToken()
-    image = Path(image)
-    spec = model.spec
-    with open_source(image) as src:
-        h, w = src.plane_shape
-        index = src.stack_indices()[0]
+
+class _Bench:
+    """The state and phases of one :func:`bench_job`: tiles, runners, the estimate, the rounds, the report."""
+
+    def __init__(self, model: Model, image: Path, options: BenchOptions, cancel: CancelToken):
+        self.model, self.spec, self.image, self.options, self.cancel = model, model.spec, image, options, cancel
+        self.cfg = options.settings()
+        self.repeats, self.warmup = int(self.cfg["repeats"]), int(self.cfg["warmup"])
+        self.runners: list[_Runner] = []
+        self.skipped: dict[str, str] = {}
+        self.peaks: dict[tuple[str, str], dict] = {}
+        self.tmp: Path | None = None
+
+    def read_tiles(self) -> None:
+        """The network's tiles (normalized as segmentation does) and the end-to-end region of the first plane."""
+        from .pipeline import PlaneView
+        from .preprocess import normalize, sample_percentiles, select_channels
+        from .sources import open_source
+
+        spec, tile, options = self.spec, self.options.tile, self.options
 
         def select(block):
             return select_channels(block, spec.input_channels, None)
 
-        pct = sample_percentiles(lambda y0, y1: src.read(index, (y0, y1), (0, w)), (h, w), spec.normalization, select)
-        plan = plan_tiles((h, w), tile=tile, halo=spec.halo, multiple=spec.multiple,
-                          tile_shape=spec.tile_shape(tile, (h, w)))
-        view_tiles = plan.tiles[: int(cfg["max_net_tiles"])]
-        from .pipeline import _PlaneView
+        with open_source(self.image) as src:
+            h, w = self.shape = src.plane_shape
+            index = src.stack_indices()[0]
+            pct = sample_percentiles(lambda y0, y1: src.read(index, (y0, y1), (0, w)), (h, w), spec.normalization,
+                                     select)
+            self.plan = plan_tiles((h, w), tile=tile, halo=spec.halo, multiple=spec.multiple,
+                                   tile_shape=spec.tile_shape(tile, (h, w)))
+            view_tiles = self.plan.tiles[: int(self.cfg["max_net_tiles"])]
+            view = PlaneView(src, index)
+            self.tiles = [normalize(select(read_region(view, t.read)), spec.normalization, pct) for t in view_tiles]
+            e2e_rows, e2e_cols = _central((h, w), self.cfg["e2e_side"])
+            self.e2e_shape = (e2e_rows[1] - e2e_rows[0], e2e_cols[1] - e2e_cols[0])
+            self.region = (None if self.e2e_shape == (h, w) or not options.e2e
+                           else src.read(index, e2e_rows, e2e_cols))
+        self.net_pixels = sum((t.out[0].stop - t.out[0].start) * (t.out[1].stop - t.out[1].start) for t in view_tiles)
+        bs = options.batch_size
+        self.batches = [np.stack(self.tiles[i : i + bs]) for i in range(0, len(self.tiles), bs)]
+        halo, (th, tw) = spec.halo, self.plan.tile_shape
+        self.core_crop = (slice(halo, th - halo), slice(halo, tw - halo))
+        self.one = self.tiles[0][np.newaxis]
+        self.tile_flops = spec.config.flops(th, tw)
+        self.e2e_tiles = len(plan_tiles(self.e2e_shape, tile=tile, halo=spec.halo, multiple=spec.multiple,
+                                        tile_shape=spec.tile_shape(tile, self.e2e_shape)).tiles)
 
-        view = _PlaneView(src, index)
-        tiles = [normalize(select(read_region(view, t.read)), spec.normalization, pct) for t in view_tiles]
-        e2e_rows, e2e_cols = _central((h, w), cfg["e2e_side"])
-        e2e_shape = (e2e_rows[1] - e2e_rows[0], e2e_cols[1] - e2e_cols[0])
-        region = None if e2e_shape == (h, w) or not e2e else src.read(index, e2e_rows, e2e_cols)
-    net_pixels = sum((t.out[0].stop - t.out[0].start) * (t.out[1].stop - t.out[1].start) for t in view_tiles)
-    batches = [np.stack(tiles[i : i + batch_size]) for i in range(0, len(tiles), batch_size)]
-    halo = spec.halo
-    core_crop = (slice(halo, plan.tile_shape[0] - halo), slice(halo, plan.tile_shape[1] - halo))
-    one = tiles[0][np.newaxis]
-    tile_flops = spec.config.flops(*plan.tile_shape)
-    e2e_tiles = len(plan_tiles(e2e_shape, tile=tile, halo=spec.halo, multiple=spec.multiple,
-                               tile_shape=spec.tile_shape(tile, e2e_shape)).tiles)
-    if cfg["quick"]:
-        yield Progress("bench", 0, 0, QUICK_NOTE, info={"quick": True})
+    def load(self, variants: list[str]) -> Job[None]:
+        """The baseline and each variant's backend (a variant that cannot run here is skipped, with the reason)."""
+        from .backends import create_backend
 
-    yield Progress("bench", 0, 0, "measuring GEMM FLOP/s")
-    peaks = {("cpu", "fp32"): gemm_flops("cpu", "fp32", n=cfg["gemm_n"], repeats=cfg["gemm_repeats"])}
-
-    runners: list[_Runner] = []
-    skipped: dict[str, str] = {}
-    use_gpu_baseline = any("cuda" in v or v.startswith(("trt", "tensorrt")) for v in variants)
-    yield Progress("bench", 0, 0, f"loading {BASELINE}")
-    try:
-        eager = EagerTorch(model, "cuda" if use_gpu_baseline else "cpu")
-        runners.append(_Runner(BASELINE, eager, eager.describe(), gpu=use_gpu_baseline))
-    except (ImportError, RuntimeError) as e:
-        skipped[BASELINE] = f"PyTorch unavailable: {e}"
-    for v in variants:
-        cancel.raise_if_cancelled()
-        yield Progress("bench", 0, 0, f"loading {v}")
-        extra = {"tile_shape": plan.tile_shape, "batch_size": batch_size} if v.startswith(("trt", "tensorrt")) else {}
+        use_gpu_baseline = any("cuda" in v or v.startswith(("trt", "tensorrt")) for v in variants)
+        yield Progress("bench", 0, 0, f"loading {BASELINE}")
         try:
-            b = create_backend(v, model, **extra)
-        except SegStudioError as e:
-            skipped[v] = str(e)
-            continue
-        on_gpu = str(b.device).startswith("cuda")
-        runners.append(_Runner(getattr(b, "variant", v), b, b.describe(), gpu=on_gpu, precision=b.precision))
-        if on_gpu:
-            for p in ("fp32", "tf32", b.precision):
-                if ("cuda", p) not in peaks:
-                    peaks[("cuda", p)] = gemm_flops("cuda", p, n=cfg["gemm_n"], repeats=cfg["gemm_repeats"])
+            eager = EagerTorch(self.model, "cuda" if use_gpu_baseline else "cpu")
+            self.runners.append(_Runner(BASELINE, eager, eager.describe(), gpu=use_gpu_baseline))
+        except (ImportError, RuntimeError) as e:
+            self.skipped[BASELINE] = f"PyTorch unavailable: {e}"
+        for v in variants:
+            self.cancel.raise_if_cancelled()
+            yield Progress("bench", 0, 0, f"loading {v}")
+            extra = ({"tile_shape": self.plan.tile_shape, "batch_size": self.options.batch_size}
+                     if v.startswith(("trt", "tensorrt")) else {})
+            try:
+                b = create_backend(v, self.model, **extra)
+            except SegStudioError as e:
+                self.skipped[v] = str(e)
+                continue
+            on_gpu = str(b.device).startswith("cuda")
+            self.runners.append(_Runner(getattr(b, "variant", v), b, b.describe(), gpu=on_gpu, precision=b.precision))
+            if on_gpu:
+                for p in ("fp32", "tf32", b.precision):
+                    if ("cuda", p) not in self.peaks:
+                        self.peaks[("cuda", p)] = gemm_flops("cuda", p, n=self.cfg["gemm_n"],
+                                                             repeats=self.cfg["gemm_repeats"])
 
-    try:
-        with _frozen_heap(), tempfile.TemporaryDirectory(prefix="segstudio-bench-") as tmp:
-            tmp = Path(tmp)
-            e2e_image = image
-            if region is not None:
-                import tifffile
+    def write_region(self) -> None:
+        """The end-to-end image: the file itself, or its central region written to a temporary TIFF."""
+        self.e2e_image = self.image
+        if self.region is not None:
+            import tifffile
 
-                e2e_image = tmp / "region.tif"
-                if region.shape[0] == 1:
-                    tifffile.imwrite(e2e_image, region[0])
-                else:
-                    tifffile.imwrite(e2e_image, region, photometric="minisblack", metadata={"axes": "CYX"})
+            self.e2e_image = self.tmp / "region.tif"
+            if self.region.shape[0] == 1:
+                tifffile.imwrite(self.e2e_image, self.region[0])
+            else:
+                tifffile.imwrite(self.e2e_image, self.region, photometric="minisblack", metadata={"axes": "CYX"})
 
-            def end_to_end(run: _Runner) -> dict:
-                """Stage seconds of one end-to-end run of ``run`` on the e2e image (and its object count)."""
-                if run.name == BASELINE:
-                    stages = baseline_segment(e2e_image, model, run.backend, tmp, tile=tile, batch_size=batch_size)
-                    run.n_objects = stages.pop("n_objects")
-                    return stages
-                with open_source(e2e_image) as src:
-                    res = run_sync(segment_job(src, model, run.backend, SegmentOptions(tile=tile, batch_size=batch_size),
-                                               labels_path=tmp / "labels.tif", cancel=cancel))
-                run.n_objects = res.n_objects
-                return {k: v for k, v in res.timings.items() if k != "wall"}
+    def end_to_end(self, run: _Runner) -> dict:
+        """Stage seconds of one end-to-end run of ``run`` on the e2e image (and its object count)."""
+        from .jobs import run_sync
+        from .options import SegmentOptions
+        from .segment import segment_job
+        from .sources import open_source
 
-            # warm-up calls per variant (one tile, then one batch: timed), post-processing of one tile's output
-            # and one end-to-end run of the first variant: what the estimate extrapolates
-            yield Progress("bench", 0, 0, f"warm-up calls: one tile and one batch of {len(batches[0])} per variant")
-            batch_s: dict[str, float] = {}
-            post_px_s: dict[bool, float] = {}
-            for run in runners:
-                cancel.raise_if_cancelled()
-                run.backend.predict(one)
-                t0 = time.perf_counter()
-                out = run.backend.predict(batches[0], core_crop)
-                batch_s[run.name] = time.perf_counter() - t0
-                kind = run.name == BASELINE
-                if e2e and kind not in post_px_s:
-                    plane = batches[0][0][(Ellipsis, *core_crop)]
-                    post_px_s[kind] = _post_seconds_per_pixel(np.asarray(out[0], np.float32), plane, spec, kind)
-            per_tile = {name: t / len(batches[0]) for name, t in batch_s.items()}
-            e2e_px = e2e_shape[0] * e2e_shape[1]
+        tile, batch_size = self.options.tile, self.options.batch_size
+        if run.name == BASELINE:
+            stages = baseline_segment(self.e2e_image, self.model, run.backend, self.tmp, tile=tile,
+                                      batch_size=batch_size)
+            run.n_objects = stages.pop("n_objects")
+            return stages
+        with open_source(self.e2e_image) as src:
+            res = run_sync(segment_job(src, self.model, run.backend, SegmentOptions(tile=tile, batch_size=batch_size),
+                                       labels_path=self.tmp / "labels.tif", cancel=self.cancel))
+        run.n_objects = res.n_objects
+        return {k: v for k, v in res.timings.items() if k != "wall"}
 
-            def e2e_model_s(run: _Runner) -> float:
-                return per_tile[run.name] * e2e_tiles + post_px_s.get(run.name == BASELINE, 0.0) * e2e_px
+    def warm_up(self) -> Job[None]:
+        """Warm-up calls per variant (one tile, then one batch: timed) and post-processing of one tile's output."""
+        yield Progress("bench", 0, 0, f"warm-up calls: one tile and one batch of {len(self.batches[0])} per variant")
+        self.batch_s: dict[str, float] = {}
+        self.post_px_s: dict[bool, float] = {}
+        for run in self.runners:
+            self.cancel.raise_if_cancelled()
+            run.backend.predict(self.one)
+            t0 = time.perf_counter()
+            out = run.backend.predict(self.batches[0], self.core_crop)
+            self.batch_s[run.name] = time.perf_counter() - t0
+            kind = run.name == BASELINE
+            if self.options.e2e and kind not in self.post_px_s:
+                plane = self.batches[0][0][(Ellipsis, *self.core_crop)]
+                self.post_px_s[kind] = _post_seconds_per_pixel(np.asarray(out[0], np.float32), plane, self.spec, kind)
+        self.per_tile = {name: t / len(self.batches[0]) for name, t in self.batch_s.items()}
 
-            # segment_job does more per image than the tiles (a first look at the image, threads): one run says how much
-            e2e_factor, e2e_probe = 1.0, None
-            first = next((run for run in runners if run.name != BASELINE), None)
-            if e2e and first is not None:
-                cancel.raise_if_cancelled()
-                yield Progress("bench", 0, 0, f"warm-up: one end-to-end run of {first.name}")
-                t0 = time.perf_counter()
-                end_to_end(first)
-                e2e_probe = (first.name, time.perf_counter() - t0)
-                e2e_factor = min(20.0, max(0.5, e2e_probe[1] / max(e2e_model_s(first), 1e-6)))
-            round_s = {}
-            for run in runners:
-                t = per_tile[run.name] * (1 + len(tiles))
-                if e2e:
-                    t += e2e_model_s(run) * (1.0 if run.name == BASELINE else e2e_factor)
-                round_s[run.name] = t
-            rounds = warmup + repeats
-            per_step = [round_s[run.name] for _ in range(rounds) for run in runners]
-            basis = (f"measured here: one batch of {len(batches[0])} tile(s) per variant ("
-                     + ", ".join(f"{name} {t:.2f} s" for name, t in batch_s.items()) + ")"
-                     + (f", one end-to-end run of {e2e_probe[0]} ({e2e_probe[1]:.1f} s)" if e2e_probe else "")
-                     + (", post-processing of one tile" if e2e else "")
-                     + f"; {rounds} round(s) of {len(tiles) + 1} tile(s)" + (" and one end-to-end run" if e2e else "")
-                     + " per variant")
-            estimate = RunEstimate(total_s=float(sum(per_step)), per_step_s=tuple(float(x) for x in per_step),
-                                   measure_s=0.0, basis=basis)
-            settings = describe_settings(cfg, len(runners), (h, w), len(tiles), e2e_shape if e2e else None)
-            yield Progress("estimate", 0, 0, f"{settings}; {estimate.describe()}", event=estimate,
-                           info={"estimate_s": estimate.total_s, "basis": basis, "steps": len(per_step),
-                                 "per_variant_s": round_s, "settings": settings,
-                                 "text": format_seconds(estimate.total_s)})
+    def _e2e_model_s(self, run: _Runner) -> float:
+        e2e_px = self.e2e_shape[0] * self.e2e_shape[1]
+        return self.per_tile[run.name] * self.e2e_tiles + self.post_px_s.get(run.name == BASELINE, 0.0) * e2e_px
 
-            total = len(per_step)
-            eta = EtaTracker(estimate, total)
-            step = 0
-            for r in range(rounds):
-                measured = r >= warmup
-                for run in runners:
-                    cancel.raise_if_cancelled()
-                    eta.start(step)
-                    gc.collect()
-                    _gpu_reset()
-                    with PeakSampler() as rss:
-                        t0 = time.perf_counter()
-                        run.backend.predict(one)
-                        t1 = time.perf_counter()
-                        for b in batches:
-                            run.backend.predict(b, core_crop)
-                        t2 = time.perf_counter()
-                        stages = None
-                        if e2e:
-                            t3 = time.perf_counter()
-                            stages = end_to_end(run)
-                            t4 = time.perf_counter()
-                    if measured:
-                        run.lat.append(t1 - t0)
-                        run.net.append(t2 - t1)
-                        if stages is not None:
-                            run.e2e.append(t4 - t3)
-                            run.stages.append(stages)
-                        run.peak_rss = max(run.peak_rss, rss.peak)
-                        run.peak_gpu = max(run.peak_gpu, _gpu_peak() if run.gpu else 0)
-                    eta.finish(step)
-                    step += 1
-                    _, _, fraction, left = eta.etas()
-                    label = f"run {r + 1 - warmup}/{repeats}" if measured else f"warm-up {r + 1}/{warmup}"
-                    yield Progress("bench", step, total, f"{run.name} {label}",
-                                   info={"variant": run.name, "round": r + 1, "rounds": rounds, "warmup": not measured,
-                                         "seconds": eta.actual[step - 1], "elapsed_s": time.perf_counter() - eta.t0,
-                                         "eta_s": left if step < total else 0.0, "fraction": fraction})
-    finally:
+    def estimate(self) -> Job[None]:
+        """The run's duration from the warm-up calls and one end-to-end run of the first variant."""
+        from .optimize.estimate import EtaTracker, RunEstimate, format_seconds
+
+        e2e, runners, n_batch = self.options.e2e, self.runners, len(self.batches[0])
+        # segment_job does more per image than the tiles (a first look at the image, threads): one run says how much
+        e2e_factor, e2e_probe = 1.0, None
+        first = next((run for run in runners if run.name != BASELINE), None)
+        if e2e and first is not None:
+            self.cancel.raise_if_cancelled()
+            yield Progress("bench", 0, 0, f"warm-up: one end-to-end run of {first.name}")
+            t0 = time.perf_counter()
+            self.end_to_end(first)
+            e2e_probe = (first.name, time.perf_counter() - t0)
+            e2e_factor = min(20.0, max(0.5, e2e_probe[1] / max(self._e2e_model_s(first), 1e-6)))
+        round_s = {}
         for run in runners:
-            run.backend.close()
+            t = self.per_tile[run.name] * (1 + len(self.tiles))
+            if e2e:
+                t += self._e2e_model_s(run) * (1.0 if run.name == BASELINE else e2e_factor)
+            round_s[run.name] = t
+        per_step = [round_s[run.name] for _ in range(self.warmup + self.repeats) for run in runners]
+        basis = (f"measured here: one batch of {n_batch} tile(s) per variant ("
+                 + ", ".join(f"{name} {t:.2f} s" for name, t in self.batch_s.items()) + ")"
+                 + (f", one end-to-end run of {e2e_probe[0]} ({e2e_probe[1]:.1f} s)" if e2e_probe else "")
+                 + (", post-processing of one tile" if e2e else "")
+                 + f"; {self.warmup + self.repeats} round(s) of {len(self.tiles) + 1} tile(s)"
+                 + (" and one end-to-end run" if e2e else "") + " per variant")
+        self.run_estimate = estimate = RunEstimate(total_s=float(sum(per_step)),
+                                                   per_step_s=tuple(float(x) for x in per_step), measure_s=0.0,
+                                                   basis=basis)
+        settings = describe_settings(self.cfg, len(runners), self.shape, len(self.tiles),
+                                     self.e2e_shape if e2e else None)
+        yield Progress("estimate", 0, 0, f"{settings}; {estimate.describe()}", event=estimate,
+                       info={"estimate_s": estimate.total_s, "basis": basis, "steps": len(per_step),
+                             "per_variant_s": round_s, "settings": settings,
+                             "text": format_seconds(estimate.total_s)})
+        self.eta = EtaTracker(estimate, len(per_step))
 
-    megapixels = h * w / 1e6
-    e2e_megapixels = e2e_shape[0] * e2e_shape[1] / 1e6
-    rows = []
-    for run in runners:
+    def _round(self, run: _Runner, measured: bool) -> None:
+        """One round of one variant: a tile, the network over the tiles, one end-to-end run."""
+        gc.collect()
+        _gpu_reset()
+        with PeakSampler() as rss:
+            t0 = time.perf_counter()
+            run.backend.predict(self.one)
+            t1 = time.perf_counter()
+            for b in self.batches:
+                run.backend.predict(b, self.core_crop)
+            t2 = time.perf_counter()
+            stages = None
+            if self.options.e2e:
+                t3 = time.perf_counter()
+                stages = self.end_to_end(run)
+                t4 = time.perf_counter()
+        if measured:
+            run.lat.append(t1 - t0)
+            run.net.append(t2 - t1)
+            if stages is not None:
+                run.e2e.append(t4 - t3)
+                run.stages.append(stages)
+            run.peak_rss = max(run.peak_rss, rss.peak)
+            run.peak_gpu = max(run.peak_gpu, _gpu_peak() if run.gpu else 0)
+
+    def rounds(self) -> Job[None]:
+        """The warm-up and measured rounds, every variant once per round, with progress and time left."""
+        eta, rounds, warmup = self.eta, self.warmup + self.repeats, self.warmup
+        total = eta.steps
+        step = 0
+        for r in range(rounds):
+            measured = r >= warmup
+            for run in self.runners:
+                self.cancel.raise_if_cancelled()
+                eta.start(step)
+                self._round(run, measured)
+                eta.finish(step)
+                step += 1
+                _, _, fraction, left = eta.etas()
+                label = f"run {r + 1 - warmup}/{self.repeats}" if measured else f"warm-up {r + 1}/{warmup}"
+                yield Progress("bench", step, total, f"{run.name} {label}",
+                               info={"variant": run.name, "round": r + 1, "rounds": rounds, "warmup": not measured,
+                                     "seconds": eta.actual[step - 1], "elapsed_s": time.perf_counter() - eta.t0,
+                                     "eta_s": left if step < total else 0.0, "fraction": fraction})
+
+    def _row(self, run: _Runner) -> dict:
+        """The report's row of one variant: throughput, latency, memory, stages, roofline."""
         net_s = float(np.median(run.net))
-        flops = tile_flops * len(tiles) / net_s
-        precision = run.precision
-        if run.gpu and precision == "fp32":
+        flops = self.tile_flops * len(self.tiles) / net_s
+        if run.gpu and run.precision == "fp32":
             peak_key = ("cuda", "tf32")  # cuDNN runs FP32 convolutions on TF32 tensor cores by default
         else:
-            peak_key = ("cuda" if run.gpu else "cpu", precision if run.gpu else "fp32")
-        peak = peaks.get(peak_key, peaks[("cpu", "fp32")])
+            peak_key = ("cuda" if run.gpu else "cpu", run.precision if run.gpu else "fp32")
+        peak = self.peaks.get(peak_key, self.peaks[("cpu", "fp32")])
+        e2e_megapixels = self.e2e_shape[0] * self.e2e_shape[1] / 1e6
         row = {
             "name": run.name,
             "describe": run.describe,
-            "net_mpix_s": net_pixels / 1e6 / net_s,
+            "net_mpix_s": self.net_pixels / 1e6 / net_s,
             "e2e_mpix_s": e2e_megapixels / float(np.median(run.e2e)) if run.e2e else None,
             "p50_ms": 1e3 * float(np.percentile(run.lat, 50)),
             "p95_ms": 1e3 * float(np.percentile(run.lat, 95)),
@@ -637,32 +687,39 @@ def bench_job(
         if row["e2e_mpix_s"]:
             row["post_share"] = (row["stages"].get("post", 0) + row["stages"].get("measure", 0)) / float(
                 np.median(run.e2e))
-        rows.append(row)
-    base = next((r for r in rows if r["name"] == BASELINE), None)
-    if base is not None:
-        for row in rows:
-            row["net_vs_baseline"] = row["net_mpix_s"] / base["net_mpix_s"]
-            if row["e2e_mpix_s"] and base["e2e_mpix_s"]:
-                row["e2e_vs_baseline"] = row["e2e_mpix_s"] / base["e2e_mpix_s"]
-    return {
-        "variants": rows,
-        "baseline": BASELINE if base is not None else None,
-        "baseline_is": BASELINE_TITLE,
-        "skipped": skipped,
-        "image": {"path": str(image), "shape": [h, w], "megapixels": megapixels, "network_tiles": len(tiles),
-                  "tile_shape": list(plan.tile_shape), "tile": tile, "batch_size": batch_size,
-                  "e2e_shape": list(e2e_shape) if e2e else None, "e2e_megapixels": e2e_megapixels if e2e else None},
-        "model": {"name": model.name, "version": spec.version, "gflop_per_tile": tile_flops / 1e9},
-        "gemm": {f"{d}:{p}": v["flops"] / 1e9 for (d, p), v in peaks.items()},
-        "repeats": repeats,
-        "warmup": warmup,
-        "quick": bool(cfg["quick"]),
-        "note": QUICK_NOTE if cfg["quick"] else None,
-        "estimate": {"seconds": estimate.total_s, "basis": basis, "actual_s": float(sum(eta.actual.values()))},
-        "date": time.strftime("%Y-%m-%d"),
-        "host": machine_info(),
-        "cpu_count": os.cpu_count(),
-    }
+        return row
+
+    def report(self) -> dict:
+        """The report: a row per variant (with ratios to the baseline), the image, the model, the settings."""
+        rows = [self._row(run) for run in self.runners]
+        base = next((r for r in rows if r["name"] == BASELINE), None)
+        if base is not None:
+            for row in rows:
+                row["net_vs_baseline"] = row["net_mpix_s"] / base["net_mpix_s"]
+                if row["e2e_mpix_s"] and base["e2e_mpix_s"]:
+                    row["e2e_vs_baseline"] = row["e2e_mpix_s"] / base["e2e_mpix_s"]
+        (h, w), e2e, options = self.shape, self.options.e2e, self.options
+        return {
+            "variants": rows,
+            "baseline": BASELINE if base is not None else None,
+            "baseline_is": BASELINE_TITLE,
+            "skipped": self.skipped,
+            "image": {"path": str(self.image), "shape": [h, w], "megapixels": h * w / 1e6,
+                      "network_tiles": len(self.tiles), "tile_shape": list(self.plan.tile_shape), "tile": options.tile,
+                      "batch_size": options.batch_size, "e2e_shape": list(self.e2e_shape) if e2e else None,
+                      "e2e_megapixels": self.e2e_shape[0] * self.e2e_shape[1] / 1e6 if e2e else None},
+            "model": {"name": self.model.name, "version": self.spec.version, "gflop_per_tile": self.tile_flops / 1e9},
+            "gemm": {f"{d}:{p}": v["flops"] / 1e9 for (d, p), v in self.peaks.items()},
+            "repeats": self.repeats,
+            "warmup": self.warmup,
+            "quick": bool(self.cfg["quick"]),
+            "note": QUICK_NOTE if self.cfg["quick"] else None,
+            "estimate": {"seconds": self.run_estimate.total_s, "basis": self.run_estimate.basis,
+                         "actual_s": float(sum(self.eta.actual.values()))},
+            "date": time.strftime("%Y-%m-%d"),
+            "host": machine_info(),
+            "cpu_count": os.cpu_count(),
+        }
 
 
 def write_chart(report: dict, path: str | Path) -> Path:
@@ -718,10 +775,10 @@ def write_plane(image, path: Path) -> tuple[int, int]:
     return plane.shape[-2], plane.shape[-1]
 
 
-def bench_image_job(model: Model, variants: list[str], image=None, *, cancel: CancelToken | None = None,
-                    **options) -> Job[dict]:
+def bench_image_job(model: Model, variants: list[str], image=None, options: BenchOptions | None = None, *,
+                    cancel: CancelToken | None = None) -> Job[dict]:
     """:func:`bench_job` on an image in memory (an :class:`~segstudio.core.io.ImageData`; its first plane), written
-    to a temporary TIFF because the benchmark reads a file; ``options`` are :func:`bench_job`'s.
+    to a temporary TIFF because the benchmark reads a file.
 
     ``image`` None: the bundled mosaic.  The report's ``image`` says where
     the pixels came from (``source``): the temporary file is gone afterwards.
@@ -740,7 +797,7 @@ def bench_image_job(model: Model, variants: list[str], image=None, *, cancel: Ca
             source = f"the image layer {image.name!r}{first}"
         if cancel is not None:
             cancel.raise_if_cancelled()
-        report = yield from bench_job(model, path, variants, cancel=cancel, **options)
+        report = yield from bench_job(model, path, variants, options, cancel=cancel)
     report["image"].update(path=path.name, source=source)
     report["command"] = None
     return report

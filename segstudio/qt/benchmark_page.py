@@ -38,7 +38,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.backends import runnable_variants
-from ..core.benchmark import BASELINE, MOSAIC_SIZE, bench_image_job
+from ..core.benchmark import BASELINE, MOSAIC_SIZE, BenchOptions, bench_image_job
 from ..core.io import ImageData, atomic_path
 from ..core.jobs import CancelToken, Job, Progress, Stage
 from ..core.metrics import monitored
@@ -82,7 +82,7 @@ def benchmark_page_job(model: Model, variants: list[str], image: ImageData | Non
                        quick: bool, cancel: CancelToken) -> Job[dict]:
     """The page's job (worker thread): :func:`bench_image_job`, as one ``bench`` run of the inference queue."""
     name = f"{model.name} on {image.name if image is not None else f'mosaic{MOSAIC_SIZE}'}"
-    run = monitored(bench_image_job(model, variants, image, tile=tile, batch_size=batch_size, quick=quick,
+    run = monitored(bench_image_job(model, variants, image, BenchOptions(tile=tile, batch_size=batch_size, quick=quick),
                                     cancel=cancel), "bench", name)
     report = yield from INFERENCE.turn(run, f"the benchmark of {model.name}", cancel)
     report["from"] = "the Benchmark page"

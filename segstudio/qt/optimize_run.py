@@ -296,17 +296,16 @@ def chart_data(model: RunModel) -> ChartData:
 
 def _run(state, resume: bool, cancel: CancelToken) -> Job[OptimizeReport]:
     """The page's job, run on the worker thread."""
-    from ..core.optimize.runner import optimize_job
+    from ..core.optimize.runner import OptimizeOptions, optimize_job
     from ..core.optimize.steps import Context
 
     ctx = Context(original=state.model, calib=state.calib, out_dir=Path(state.out_dir), target=state.target,
                   cancel=cancel)
-    extra = {}
-    if getattr(state, "estimate", None) is not None:
-        extra["estimate"] = state.estimate  # measured on page 4: not measured again
-    extra["speed_tile"] = int(state.speed_tile)  # the tile size latencies are measured on (default 512)
-    run = monitored(optimize_job(state.model, list(state.steps), ctx, state.vset, max_drop=state.max_drop,
-                                 min_speedup=state.min_speedup, resume=resume, **extra), "optimize", state.model.name)
+    options = OptimizeOptions(max_drop=state.max_drop, min_speedup=state.min_speedup,
+                              speed_tile=int(state.speed_tile), resume=resume)  # latencies measured on that tile
+    estimate = getattr(state, "estimate", None)  # measured on page 4: not measured again
+    run = monitored(optimize_job(state.model, list(state.steps), ctx, state.vset, options, estimate=estimate),
+                    "optimize", state.model.name)
     report = yield from INFERENCE.turn(run, f"the optimization of {state.model.name}", cancel)
     return report
 

@@ -45,7 +45,7 @@ import json
 import shutil
 import time
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -120,219 +120,307 @@ class _Run:
                              loss=float(loss) if loss is not None else None)
 
 
-def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: ValidationSet, *,
-                 max_drop: float = 0.01, min_speedup: float = 1.05, speed_tile: int = 512, resume: bool = False,
-                 estimate: RunEstimate | None = None, inputs: dict | None = None) -> Job[OptimizeReport]:
+@dataclass(frozen=True)
+class OptimizeOptions:
+    """The guardrails and how speed is measured (:func:`optimize_job`).
+
+    ``max_drop``: the AP50 a kept step may lose against the original;
+    ``min_speedup``: how much faster than its parent a step must be (0: not
+    judged on speed); ``speed_tile``: the tile side latencies are measured
+    on; ``resume``: continue the run recorded in the output folder (same
+    steps).
+    """
+
+    max_drop: float = 0.01
+    min_speedup: float = 1.05
+    speed_tile: int = 512
+    resume: bool = False
+
+
+def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: ValidationSet,
+                 options: OptimizeOptions | None = None, *, estimate: RunEstimate | None = None,
+                 inputs: dict | None = None) -> Job[OptimizeReport]:
     """Run ``steps`` from ``model`` with both guardrails; a job returning the :class:`OptimizeReport`.
 
-    ``resume``: continue the run recorded in ``ctx.out_dir`` (same steps);
-    ``estimate``: a :class:`RunEstimate` made before (else one is measured);
-    ``inputs``: how the calibration and validation sets were given (folders,
-    kinds), recorded in ``state.json`` so the CLI can resume from it alone.
+    ``estimate``: a :class:`RunEstimate` made before (else one is
+    measured); ``inputs``: how the calibration and validation sets were
+    given (folders, kinds), recorded in ``state.json`` so the CLI can
+    resume from it alone.
     """
-    t_start = time.perf_counter()
-    out = Path(ctx.out_dir)
-    state = _read_state(out, steps) if resume else None
-    out.mkdir(parents=True, exist_ok=True)
-    labelled = vset.has_labels
-    if estimate is None:
-        run0 = _Run(len(steps), None)
-        estimate = yield from run0.relay(estimate_job(model, steps, ctx.calib, vset, target=ctx.target,
-                                                      speed_tile=speed_tile), None)
-    run = _Run(len(steps), estimate)
-    yield run.event(EventKind.ESTIMATE, None, f"estimated run time: {estimate.describe()}")
-    batch = vset.speed_batch(model, tile=speed_tile)
-    yield run.event(EventKind.STEP_PROGRESS, None, "measuring the original model", phase="measuring the original")
-    eager_ms = eager_baseline_ms(model, batch, cancel=ctx.cancel)
-    base = yield from run.relay(measure_artifact(model, vset, batch, target=ctx.target, cancel=ctx.cancel), None)
-    base["agreement_original"] = 1.0
-    original_pred = base["_pred"]
-    base_metric = _metric(base, labelled)
-    baseline = StepReport(index=-1, name="original", doc=f"{model.name} as it is", status=StepStatus.KEPT,
-                          reason="the starting point", artifact=Path(model.card_path) if model.card_path else None,
-                          validation={k: v for k, v in public(base).items()
-                                      if k in ("dice", "count_error", "ap75", "f1", "batch")},
-                          **_measured(base, labelled, eager_ms))
-    report = OptimizeReport(
-        model=model.name, out_dir=out, labelled=labelled,
-        metric="AP50 against the labels" if labelled else "AP50 agreement with the original model's instances",
-        images=len(vset.images), max_drop=max_drop, min_speedup=min_speedup, target=ctx.target,
-        eager_fp32_ms=eager_ms, baseline=baseline,
-        steps=[StepReport(index=i, name=s.label, doc=s.doc) for i, s in enumerate(steps)],
-        calibration=ctx.calib.describe() if ctx.calib is not None else None)
-    yield run.event(EventKind.BASELINE, None, f"original: AP50 {base_metric:.4f}, "
-                    f"{base['latency_ms']:.1f} ms on {base['variant']}", row=replace(baseline),
-                    report=report.copy())
-
-    current, cur_meas = model, base
-    before_prune: tuple[Model, dict] | None = None
-
-    def save(done: int, finished: bool = False) -> None:  # state.json: where the run is now
-        _write_state(out, steps, report, done, current, model, before_prune, pending, inputs, max_drop,
-                     min_speedup, speed_tile, finished)
-
-    pending: list[StepReport] = []  # pruning steps waiting for their recovery's verdict
+    opt = _Optimizer(model, steps, ctx, vset, options or OptimizeOptions(), inputs)
+    yield from opt.measure_original(estimate)
     first = 0
-    if state is not None:
+    if opt.state is not None:
+        first = yield from opt.restore()
+    opt.save(first)
+    for i in range(first, len(steps)):
+        ctx.cancel.raise_if_cancelled()
+        yield from opt.step(i)
+        opt.save(i + 1)
+    return (yield from opt.finish())
+
+
+class _Optimizer:
+    """The state of one :func:`optimize_job`: the report, the current model, pruning waiting for its recovery."""
+
+    def __init__(self, model: Model, steps: list[Step], ctx: Context, vset: ValidationSet, options: OptimizeOptions,
+                 inputs: dict | None):
+        self.t_start = time.perf_counter()
+        self.model, self.steps, self.ctx, self.vset, self.options, self.inputs = model, steps, ctx, vset, options, inputs
+        self.out = Path(ctx.out_dir)
+        self.state = _read_state(self.out, steps) if options.resume else None
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.labelled = vset.has_labels
+        self.before_prune: tuple[Model, dict] | None = None  # the model before a pruning not yet recovered
+        self.pending: list[StepReport] = []  # pruning steps waiting for their recovery's verdict
+
+    def measure_original(self, estimate: RunEstimate | None) -> Job[None]:
+        """The estimate (measured unless given), the eager reference and the original model's accuracy and speed."""
+        model, ctx, vset, options = self.model, self.ctx, self.vset, self.options
+        if estimate is None:
+            estimate = yield from _Run(len(self.steps), None).relay(
+                estimate_job(model, self.steps, ctx.calib, vset, target=ctx.target, speed_tile=options.speed_tile),
+                None)
+        run = self.run = _Run(len(self.steps), estimate)
+        yield run.event(EventKind.ESTIMATE, None, f"estimated run time: {estimate.describe()}")
+        self.batch = vset.speed_batch(model, tile=options.speed_tile)
+        yield run.event(EventKind.STEP_PROGRESS, None, "measuring the original model", phase="measuring the original")
+        self.eager_ms = eager_baseline_ms(model, self.batch, cancel=ctx.cancel)
+        base = yield from run.relay(measure_artifact(model, vset, self.batch, target=ctx.target, cancel=ctx.cancel),
+                                    None)
+        base["agreement_original"] = 1.0
+        self.base, self.original_pred = base, base["_pred"]
+        self.base_metric = _metric(base, self.labelled)
+        baseline = StepReport(index=-1, name="original", doc=f"{model.name} as it is", status=StepStatus.KEPT,
+                              reason="the starting point", artifact=Path(model.card_path) if model.card_path else None,
+                              validation={k: v for k, v in public(base).items()
+                                          if k in ("dice", "count_error", "ap75", "f1", "batch")},
+                              **_measured(base, self.labelled, self.eager_ms))
+        self.report = OptimizeReport(
+            model=model.name, out_dir=self.out, labelled=self.labelled,
+            metric="AP50 against the labels" if self.labelled else "AP50 agreement with the original model's instances",
+            images=len(vset.images), max_drop=options.max_drop, min_speedup=options.min_speedup, target=ctx.target,
+            eager_fp32_ms=self.eager_ms, baseline=baseline,
+            steps=[StepReport(index=i, name=s.label, doc=s.doc) for i, s in enumerate(self.steps)],
+            calibration=ctx.calib.describe() if ctx.calib is not None else None)
+        yield run.event(EventKind.BASELINE, None, f"original: AP50 {self.base_metric:.4f}, "
+                        f"{base['latency_ms']:.1f} ms on {base['variant']}", row=replace(baseline),
+                        report=self.report.copy())
+        self.current, self.cur_meas = model, base
+
+    def restore(self) -> Job[int]:
+        """Continue a recorded run: its finished rows, its current model and pruning; returns the steps done."""
+        state, report, run = self.state, self.report, self.run
         first = state["done"]
         for i in range(first):
             report.steps[i] = StepReport.from_dict(state["rows"][i])
             run.eta.finish(i, report.steps[i].seconds or 0.0)
-        msg = f"resuming after step {first}/{len(steps)}"
-        yield run.event(EventKind.STEP_PROGRESS, None, msg, phase="resuming")
+        yield run.event(EventKind.STEP_PROGRESS, None, f"resuming after step {first}/{len(self.steps)}",
+                        phase="resuming")
         for r in report.steps[:first]:
             yield run.event(EventKind.STEP_FINISHED, r.index, f"{r.name}: {r.status.words} (finished before)",
                             done=r.index + 1, row=replace(r), report=report.copy())
         if state.get("current"):
-            current = load_card(state["current"])
-            cur_meas = yield from _measure_child(run, None, current, vset, batch, ctx, base, original_pred)
+            self.current = load_card(state["current"])
+            self.cur_meas = yield from self._measure(None, self.current, self.base)
         if state.get("before_prune"):
-            bp = load_card(state["before_prune"]) if state["before_prune"] != "original" else model
-            bp_meas = base if bp is model else (yield from _measure_child(run, None, bp, vset, batch, ctx, base, original_pred))
-            before_prune = (bp, bp_meas)
-        pending = [report.steps[i] for i in state.get("pending", [])]
-    save(first)
+            bp = load_card(state["before_prune"]) if state["before_prune"] != "original" else self.model
+            bp_meas = self.base if bp is self.model else (yield from self._measure(None, bp, self.base))
+            self.before_prune = (bp, bp_meas)
+        self.pending = [report.steps[i] for i in state.get("pending", [])]
+        return first
 
-    for i in range(first, len(steps)):
-        step = steps[i]
-        ctx.cancel.raise_if_cancelled()
-        row = report.steps[i]
-        problems = step.check(current, ctx)
+    def save(self, done: int, finished: bool = False) -> None:
+        """``state.json``: where the run is now."""
+        original, report = self.model, self.report
+
+        def card(m: Model | None):
+            if m is None:
+                return None
+            return "original" if m is original else str(m.card_path)
+
+        state = {
+            "version": STATE_VERSION, "model": str(original.card_path) if original.card_path else original.name,
+            "model_name": original.name, "steps": format_steps(self.steps), "done": done, "finished": finished,
+            "rows": [r.to_dict() for r in report.steps[:done]],
+            "current": None if self.current is original else card(self.current),
+            "before_prune": card(self.before_prune[0]) if self.before_prune is not None else None,
+            "pending": [r.index for r in self.pending], "inputs": self.inputs or {},
+            "max_drop": self.options.max_drop, "min_speedup": self.options.min_speedup,
+            "speed_tile": self.options.speed_tile, "target": report.target,
+            "seconds": sum(r.seconds or 0.0 for r in report.steps[:done]),
+        }
+        with atomic_path(self.out / STATE) as tmp:
+            tmp.write_text(json.dumps(state, indent=1, default=_json_default))
+
+    def _measure(self, i: int | None, child: Model, parent_meas: dict) -> Job[dict]:
+        meas = yield from self.run.relay(measure_artifact(child, self.vset, self.batch, target=self.ctx.target,
+                                                          parent=parent_meas, cancel=self.ctx.cancel), i)
+        meas["agreement_original"] = agreement(meas["_pred"], self.original_pred)
+        return meas
+
+    def _fill(self, row: StepReport, meas: dict) -> None:
+        """A row's measured fields: accuracy, speed, size, against the parent and the original."""
+        for k, v in _measured(meas, self.labelled, self.eager_ms).items():
+            setattr(row, k, v)
+        metric = _metric(meas, self.labelled)
+        row.ap50_delta = metric - _metric(self.cur_meas, self.labelled)
+        row.speedup_vs_parent = self.cur_meas["latency_ms"] / meas["latency_ms"]
+        row.drop_vs_original = self.base_metric - metric
+
+    def _point(self, i: int, row: StepReport, step: Step, meas: dict) -> Progress:
+        point = replace(row, status=StepStatus.RUNNING)
+        self._fill(point, meas)
+        point.sensitivity = step.sensitivity()
+        return self.run.event(EventKind.STEP_POINT, i, f"{step.label}: AP50 {point.ap50:.4f}, "
+                              f"{point.speedup_vs_baseline:.2f}x", row=point)
+
+    def _finished(self, i: int, row: StepReport, message: str) -> Job[None]:
+        self.run.eta.finish(i, 0.0 if row.status is StepStatus.SKIPPED else None)
+        yield self.run.event(EventKind.STEP_FINISHED, i, message, done=i + 1, row=replace(row),
+                             report=self.report.copy())
+        yield from self.run.announce_settled(self.report)
+
+    def _roll_back_pruning(self, reason: str) -> None:
+        """The pruning a failed or rejected recovery was recovering goes too."""
+        if self.before_prune is not None:
+            self.current, self.cur_meas = self.before_prune
+            self.before_prune = None
+            self.run.settle(self.pending, StepStatus.ROLLED_BACK, reason)
+
+    def step(self, i: int) -> Job[None]:
+        """Step ``i``: run it (with accuracy-aware retries), measure it, judge it, record the verdict."""
+        step, row, run = self.steps[i], self.report.steps[i], self.run
+        problems = step.check(self.current, self.ctx)
         if problems:
             row.status, row.reason = StepStatus.SKIPPED, "; ".join(problems)
-            run.eta.finish(i, 0.0)
-            yield run.event(EventKind.STEP_FINISHED, i, f"{step.label}: skipped ({row.reason})", done=i + 1,
-                            row=replace(row), report=report.copy())
-            save(i + 1)
-            continue
+            yield from self._finished(i, row, f"{step.label}: skipped ({row.reason})")
+            return
         run.eta.start(i)
         run.losses = []
         row.status = StepStatus.RUNNING
-        yield run.event(EventKind.STEP_STARTED, i, f"step {i + 1}/{len(steps)}: {step.label}", row=replace(row))
-        folder = out / f"{i + 1:02d}-{step.name}"
+        yield run.event(EventKind.STEP_STARTED, i, f"step {i + 1}/{len(self.steps)}: {step.label}", row=replace(row))
+        folder = self.out / f"{i + 1:02d}-{step.name}"
         if folder.exists():  # a step that was interrupted: it starts again
             shutil.rmtree(folder)
         t0 = time.perf_counter()
         try:
-            child, details = yield from run.relay(step.run(current, ctx, folder), i)
+            child, details = yield from run.relay(step.run(self.current, self.ctx, folder), i)
         except SegStudioError as e:
             row.status, row.reason = StepStatus.FAILED, str(e)
             shutil.rmtree(folder, ignore_errors=True)
-            if before_prune is not None:  # the pruning this step was to recover goes too
-                current, cur_meas = before_prune
-                before_prune = None
-                run.settle(pending, StepStatus.ROLLED_BACK, "its recovery step failed")
-            run.eta.finish(i)
-            yield run.event(EventKind.STEP_FINISHED, i, f"{step.label}: failed ({e})", done=i + 1, row=replace(row),
-                            report=report.copy())
-            yield from run.announce_settled(report)
-            save(i + 1)
-            continue
-        meas = yield from _measure_child(run, i, child, vset, batch, ctx, cur_meas, original_pred)
-        metric = _metric(meas, labelled)
-        yield _point(run, i, row, step, meas, labelled, eager_ms, cur_meas, base_metric)
-        attempts = []
-        # accuracy-aware retries (INT8: keep the most sensitive layers in float, one more each time)
-        next_is_recovery = i + 1 < len(steps) and steps[i + 1].name == "recover"
-        while base_metric - metric > max_drop and not (step.needs_recovery and next_is_recovery):
-            attempts.append({"ap50": metric, "details": details})
-            retry = yield from run.relay(step.retry(current, ctx, folder), i)
-            if not retry:
-                break
-            shutil.rmtree(folder, ignore_errors=True)
-            child, details = yield from run.relay(step.run(current, ctx, folder), i)
-            meas = yield from _measure_child(run, i, child, vset, batch, ctx, cur_meas, original_pred)
-            metric = _metric(meas, labelled)
-            yield _point(run, i, row, step, meas, labelled, eager_ms, cur_meas, base_metric)
-        _fill(row, meas, labelled, eager_ms, cur_meas, base_metric)
+            self._roll_back_pruning("its recovery step failed")
+            yield from self._finished(i, row, f"{step.label}: failed ({e})")
+            return
+        child, details, meas, attempts = yield from self._with_retries(i, step, row, folder, child, details)
+        self._fill(row, meas)
         row.seconds = time.perf_counter() - t0
-        row.artifact, row.parent = Path(child.card_path), Path(current.card_path) if current.card_path else None
+        row.artifact = Path(child.card_path)
+        row.parent = Path(self.current.card_path) if self.current.card_path else None
         row.details, row.attempts = details, attempts
         row.sensitivity = step.sensitivity()
         row.loss_curve = tuple(run.losses)
         row.validation = {k: v for k, v in public(meas).items()
                           if k not in ("variant", "latency_ms", "size_mb", "params", "gflops_per_tile",
                                        "latency_by_backend_ms")}
-        if step.needs_recovery and next_is_recovery:
+        yield from self._judge(i, step, row, child, meas, details)
+        metric = _metric(meas, self.labelled)
+        verdict = "measured, judged after its recovery" if row.reason == PENDING else row.status.words
+        yield from self._finished(i, row, f"{step.label}: {verdict} (AP50 {metric:.4f})")
+
+    def _awaits_recovery(self, i: int, step: Step) -> bool:
+        return step.needs_recovery and i + 1 < len(self.steps) and self.steps[i + 1].name == "recover"
+
+    def _with_retries(self, i: int, step: Step, row: StepReport, folder: Path, child: Model, details: dict):
+        """Measure the child; while it loses too much, let the step try again (INT8: one more layer in float)."""
+        meas = yield from self._measure(i, child, self.cur_meas)
+        yield self._point(i, row, step, meas)
+        attempts = []
+        while (self.base_metric - _metric(meas, self.labelled) > self.options.max_drop
+               and not self._awaits_recovery(i, step)):
+            attempts.append({"ap50": _metric(meas, self.labelled), "details": details})
+            retry = yield from self.run.relay(step.retry(self.current, self.ctx, folder), i)
+            if not retry:
+                break
+            shutil.rmtree(folder, ignore_errors=True)
+            child, details = yield from self.run.relay(step.run(self.current, self.ctx, folder), i)
+            meas = yield from self._measure(i, child, self.cur_meas)
+            yield self._point(i, row, step, meas)
+        return child, details, meas, attempts
+
+    def _judge(self, i: int, step: Step, row: StepReport, child: Model, meas: dict, details: dict) -> Job[None]:
+        """The guardrails' verdict on a measured step: kept, rolled back, or waiting for its recovery."""
+        metric, base_metric, max_drop = _metric(meas, self.labelled), self.base_metric, self.options.max_drop
+        if self._awaits_recovery(i, step):
             row.status, row.reason = StepStatus.KEPT, PENDING
-            pending.append(row)
-            before_prune = before_prune or (current, cur_meas)
-            current, cur_meas = child, meas
-        elif base_metric - metric > max_drop:
+            self.pending.append(row)
+            self.before_prune = self.before_prune or (self.current, self.cur_meas)
+            self.current, self.cur_meas = child, meas
+            return
+        if base_metric - metric > max_drop:
             row.status = StepStatus.ROLLED_BACK
             row.reason = (f"AP50 {metric:.4f} is {base_metric - metric:.4f} below the original's "
                           f"{base_metric:.4f}, more than the allowed {max_drop}")
-            if before_prune is not None:
+            if self.before_prune is not None:
                 row.reason += "; the pruning it was recovering is rolled back too"
-                current, cur_meas = before_prune
-                run.settle(pending, StepStatus.ROLLED_BACK,
-                                "its recovery did not bring the accuracy back within the budget")
-                before_prune = None
-        else:
-            speed_parent = before_prune[0] if before_prune is not None else current
-            speed_meas = before_prune[1] if before_prune is not None else cur_meas
-            faster = None
-            if step.judged_on_speed and min_speedup > 0:
-                yield run.event(EventKind.STEP_PROGRESS, i, "timing it against its parent, round-robin",
-                                phase="timing against the parent")
-                faster = _speedup(speed_parent, speed_meas["variant"], child, meas["variant"], batch, ctx.cancel)
-                row.details = {**details, "speedup_vs_parent_at_verdict": faster}
-            if faster is not None and faster < min_speedup:
-                row.status = StepStatus.ROLLED_BACK
-                row.reason = (f"not faster on this machine: {faster:.2f}x its parent "
-                              f"({meas['variant']} against {speed_meas['variant']}, timed round-robin), "
-                              f"less than the {min_speedup:.2f}x asked for")
-                if before_prune is not None:
-                    row.reason += "; the pruning it was recovering is rolled back too"
-                    current, cur_meas = before_prune
-                    run.settle(pending, StepStatus.ROLLED_BACK, "the pruned and recovered model was not faster")
-                    before_prune = None
-            else:
-                drop = base_metric - metric
-                row.status = StepStatus.KEPT
-                row.reason = (f"AP50 {metric:.4f}, {drop:.4f} below the original's, within the allowed {max_drop}"
-                              if drop > 0 else f"AP50 {metric:.4f}, not below the original's {base_metric:.4f}")
-                if faster is not None:
-                    row.reason += f"; {faster:.2f}x faster than its parent"
-                current, cur_meas = child, meas
-                before_prune = None
-                run.settle(pending, StepStatus.KEPT, "kept together with the recovery that followed")
-        run.eta.finish(i)
-        verdict = "measured, judged after its recovery" if row.reason == PENDING else row.status.words
-        yield run.event(EventKind.STEP_FINISHED, i, f"{step.label}: {verdict} (AP50 {metric:.4f})",
-                        done=i + 1, row=replace(row), report=report.copy())
+            self._roll_back_pruning("its recovery did not bring the accuracy back within the budget")
+            return
+        speed_parent, speed_meas = self.before_prune or (self.current, self.cur_meas)
+        faster = None
+        if step.judged_on_speed and self.options.min_speedup > 0:
+            yield self.run.event(EventKind.STEP_PROGRESS, i, "timing it against its parent, round-robin",
+                                 phase="timing against the parent")
+            faster = _speedup(speed_parent, speed_meas["variant"], child, meas["variant"], self.batch,
+                              self.ctx.cancel)
+            row.details = {**details, "speedup_vs_parent_at_verdict": faster}
+        if faster is not None and faster < self.options.min_speedup:
+            row.status = StepStatus.ROLLED_BACK
+            row.reason = (f"not faster on this machine: {faster:.2f}x its parent "
+                          f"({meas['variant']} against {speed_meas['variant']}, timed round-robin), "
+                          f"less than the {self.options.min_speedup:.2f}x asked for")
+            if self.before_prune is not None:
+                row.reason += "; the pruning it was recovering is rolled back too"
+            self._roll_back_pruning("the pruned and recovered model was not faster")
+            return
+        drop = base_metric - metric
+        row.status = StepStatus.KEPT
+        row.reason = (f"AP50 {metric:.4f}, {drop:.4f} below the original's, within the allowed {max_drop}"
+                      if drop > 0 else f"AP50 {metric:.4f}, not below the original's {base_metric:.4f}")
+        if faster is not None:
+            row.reason += f"; {faster:.2f}x faster than its parent"
+        self.current, self.cur_meas = child, meas
+        self.before_prune = None
+        self.run.settle(self.pending, StepStatus.KEPT, "kept together with the recovery that followed")
+
+    def finish(self) -> Job[OptimizeReport]:
+        """Settle what is left, time every model round-robin, write the final model and the report."""
+        run, report, n = self.run, self.report, len(self.steps)
+        self._roll_back_pruning("no recovery step ran after it")  # the recovery never ran (skipped or failed)
         yield from run.announce_settled(report)
-        save(i + 1)
-    if before_prune is not None:  # the recovery never ran (skipped or failed): the pruning goes
-        current, cur_meas = before_prune
-        run.settle(pending, StepStatus.ROLLED_BACK, "no recovery step ran after it")
-    yield from run.announce_settled(report)
-    yield run.event(EventKind.STEP_PROGRESS, None, "measuring every model's speed again, interleaved",
-                    phase="timing every model, round-robin", done=len(steps))
-    _remeasure_interleaved(report, model, batch, ctx.cancel)
-    yield run.event(EventKind.REMEASURED, None, "speed-ups measured round-robin", done=len(steps),
-                    report=report.copy())
-    final = out / "final"
-    if final.exists():
-        shutil.rmtree(final)
-    shutil.copytree(Path(current.card_path).parent, final)
-    from_index = next((r.index for r in reversed(report.steps)
-                       if r.artifact is not None and current.card_path is not None
-                       and Path(r.artifact) == Path(current.card_path)), None) if current is not model else None
-    source = report.steps[from_index] if from_index is not None else report.baseline
-    report.final = replace(source, artifact=final / Path(current.card_path).name,
-                           ap50_delta=_metric(cur_meas, labelled) - base_metric)
-    report.final_from = from_index
-    report.seconds = time.perf_counter() - t_start + (state.get("seconds", 0.0) if state else 0.0)
-    with atomic_path(out / "report.json") as tmp:
-        tmp.write_text(json.dumps(report.to_dict(), indent=1, default=_json_default))
-    with atomic_path(out / "report.html") as tmp:
-        tmp.write_text(render_html(report))
-    before_prune = None
-    save(len(steps), finished=True)
-    yield run.event(EventKind.FINISHED, None, f"done in {format_seconds(report.seconds)}", done=len(steps),
-                    report=report.copy())
-    return report
+        yield run.event(EventKind.STEP_PROGRESS, None, "measuring every model's speed again, interleaved",
+                        phase="timing every model, round-robin", done=n)
+        _remeasure_interleaved(report, self.model, self.batch, self.ctx.cancel)
+        yield run.event(EventKind.REMEASURED, None, "speed-ups measured round-robin", done=n, report=report.copy())
+        current, final = self.current, self.out / "final"
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(Path(current.card_path).parent, final)
+        from_index = next((r.index for r in reversed(report.steps)
+                           if r.artifact is not None and current.card_path is not None
+                           and Path(r.artifact) == Path(current.card_path)), None) if current is not self.model else None
+        source = report.steps[from_index] if from_index is not None else report.baseline
+        report.final = replace(source, artifact=final / Path(current.card_path).name,
+                               ap50_delta=_metric(self.cur_meas, self.labelled) - self.base_metric)
+        report.final_from = from_index
+        report.seconds = time.perf_counter() - self.t_start + (self.state.get("seconds", 0.0) if self.state else 0.0)
+        with atomic_path(self.out / "report.json") as tmp:
+            tmp.write_text(json.dumps(report.to_dict(), indent=1, default=_json_default))
+        with atomic_path(self.out / "report.html") as tmp:
+            tmp.write_text(render_html(report))
+        self.save(n, finished=True)
+        yield run.event(EventKind.FINISHED, None, f"done in {format_seconds(report.seconds)}", done=n,
+                        report=report.copy())
+        return report
 
 
 def _measured(meas: dict, labelled: bool, eager_ms: float) -> dict:
@@ -341,31 +429,6 @@ def _measured(meas: dict, labelled: bool, eager_ms: float) -> dict:
                 speedup_vs_baseline=eager_ms / meas["latency_ms"], backend=meas["variant"], size_mb=meas["size_mb"],
                 params=int(meas["params"]), gflops_per_tile=meas["gflops_per_tile"],
                 latency_by_backend_ms=dict(meas["latency_by_backend_ms"]))
-
-
-def _fill(row: StepReport, meas: dict, labelled: bool, eager_ms: float, parent_meas: dict, base_metric: float):
-    for k, v in _measured(meas, labelled, eager_ms).items():
-        setattr(row, k, v)
-    metric = _metric(meas, labelled)
-    row.ap50_delta = metric - _metric(parent_meas, labelled)
-    row.speedup_vs_parent = parent_meas["latency_ms"] / meas["latency_ms"]
-    row.drop_vs_original = base_metric - metric
-
-
-def _point(run: _Run, i: int, row: StepReport, step: Step, meas: dict, labelled: bool, eager_ms: float,
-           parent_meas: dict, base_metric: float) -> Progress:
-    point = replace(row, status=StepStatus.RUNNING)
-    _fill(point, meas, labelled, eager_ms, parent_meas, base_metric)
-    point.sensitivity = step.sensitivity()
-    return run.event(EventKind.STEP_POINT, i, f"{step.label}: AP50 {point.ap50:.4f}, "
-                     f"{point.speedup_vs_baseline:.2f}x", row=point)
-
-
-def _measure_child(run: _Run, i: int, child: Model, vset, batch, ctx, parent_meas: dict, original_pred) -> Job[dict]:
-    meas = yield from run.relay(measure_artifact(child, vset, batch, target=ctx.target, parent=parent_meas,
-                                                 cancel=ctx.cancel), i)
-    meas["agreement_original"] = agreement(meas["_pred"], original_pred)
-    return meas
 
 
 def _speedup(parent: Model, parent_variant: str, child: Model, child_variant: str, batch: np.ndarray,
@@ -381,28 +444,6 @@ def _speedup(parent: Model, parent_variant: str, child: Model, child_variant: st
 
 
 # ----------------------------------------------------------------------------- state (resume)
-
-
-def _write_state(out: Path, steps: list[Step], report: OptimizeReport, done: int, current: Model, original: Model,
-                 before_prune, pending: list[StepReport], inputs: dict | None, max_drop: float, min_speedup: float,
-                 speed_tile: int, finished: bool = False) -> None:
-    def card(m: Model | None):
-        if m is None:
-            return None
-        return "original" if m is original else str(m.card_path)
-
-    state = {
-        "version": STATE_VERSION, "model": str(original.card_path) if original.card_path else original.name,
-        "model_name": original.name, "steps": format_steps(steps), "done": done, "finished": finished,
-        "rows": [r.to_dict() for r in report.steps[:done]],
-        "current": None if current is original else card(current),
-        "before_prune": card(before_prune[0]) if before_prune is not None else None,
-        "pending": [r.index for r in pending], "inputs": inputs or {}, "max_drop": max_drop,
-        "min_speedup": min_speedup, "speed_tile": speed_tile, "target": report.target,
-        "seconds": sum(r.seconds or 0.0 for r in report.steps[:done]),
-    }
-    with atomic_path(out / STATE) as tmp:
-        tmp.write_text(json.dumps(state, indent=1, default=_json_default))
 
 
 def read_state(out: str | Path) -> dict:
