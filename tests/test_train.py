@@ -95,7 +95,7 @@ def test_finished_weights_finish_elsewhere_but_do_not_go_on(tmp_path, train_samp
 @pytest.mark.parametrize("steps", [1, 3, 10, 11, 400])
 def test_learning_rate_schedule_of_any_length(steps):
     """Warm up to the peak, anneal to ~0; 10 steps once divided by zero in torch's one-cycle schedule."""
-    from segstudio.core.train import one_cycle
+    from segstudio.core.loop import one_cycle
 
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     sched = one_cycle(opt, 1e-3, steps)

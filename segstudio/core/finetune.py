@@ -32,6 +32,7 @@ import numpy as np
 from .datasets import Pair, read_pair
 from .errors import InputError
 from .jobs import CancelToken, Job, Progress
+from .loop import TrainLoop, save_checkpoint
 from .models.catalog import Model, model_digest
 from .threads import keeps_torch_threads
 
@@ -107,12 +108,6 @@ def finetune_job(
     """
     import torch
 
-    from .models.unet import build_unet
-    from .plots import training_curves_png
-    from .preprocess import normalize, select_channels
-    from .scale import median_diameter, rescale_sample, scale_factor
-    from .train import Sample, TrainConfig, _augment_batch, distance_target, save_model, segmentation_loss
-
     spec = base.spec
     if spec.architecture != "unet" or "torch" not in base.files:
         raise InputError(f"model {base.name!r} has no PyTorch weights of a built-in U-Net to fine-tune",
@@ -120,14 +115,32 @@ def finetune_job(
     if spec.classes:
         raise InputError("fine-tuning models with a class output (viability) is not supported yet")
     out_dir = Path(out_dir)
-    name = name or out_dir.name
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-
-    # ---- data, at the model's scale
-    raw = arrays if arrays is not None else [
+    samples = _samples(spec, arrays if arrays is not None else [
         (next(image.planes())[1], labels) for image, labels in map(read_pair, pairs or [])
-    ]
+    ])
+    run = _FinetuneRun(base, samples, out_dir, cfg, name or out_dir.name, cancel)
+    yield from run.start()
+    t_start = time.perf_counter()
+    while run.step < cfg.steps and run.stale < cfg.patience:
+        run.train_step()
+        if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+            yield run.evaluate(run.elapsed + time.perf_counter() - t_start)
+    run.elapsed += time.perf_counter() - t_start
+    result = run.finish()
+    yield Progress("finetune", cfg.steps, cfg.steps,
+                   f"done: val AP50 {run.best_ap:.3f} (base {run.base_ap:.3f})"
+                   + ("" if result["improved"] else "; no gain, the base weights are kept"))
+    return result
+
+
+def _samples(spec, raw: list[tuple[np.ndarray, np.ndarray]]) -> list:
+    """The labelled images as training samples at the model's scale (one image is cut into strips)."""
+    from .preprocess import normalize, select_channels
+    from .scale import median_diameter, rescale_sample, scale_factor
+    from .train import Sample, distance_target
+
     if len(raw) == 1:
         raw = split_image(*raw[0])
     if len(raw) < 2:
@@ -141,102 +154,132 @@ def finetune_job(
         if spec.diameter:
             x, lab = rescale_sample(x, lab, scale_factor(spec.diameter, median_diameter(lab)))
         samples.append(Sample(f"image{i}", x, lab, (lab > 0).astype(np.float32), distance_target(lab)))
-    train_idx, val_idx = split_pairs(len(samples), cfg.val_fraction, cfg.seed)
-    train, val = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+    return samples
 
-    # ---- network, optimizer, resume
-    net = build_unet(spec.config)
-    net.load_state_dict(torch.load(base.file("torch"), map_location="cpu", weights_only=True))
-    key = hashlib.sha256(json.dumps({"base": model_digest(base), "cfg": asdict(cfg), "n": len(samples),
-                                     "sizes": [s.labels.shape for s in samples],
-                                     "sums": [int(s.labels.astype(np.int64).sum() % 1_000_003) for s in samples]},
-                                    default=str).encode()).hexdigest()[:16]
-    work = out_dir / ".finetune"
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt_path = work / "checkpoint.pt"
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    history: list[dict] = []
-    step, elapsed, best_state, base_ap, best_ap, stale = 0, 0.0, None, None, None, 0
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, weights_only=True)
-        if ckpt.get("key") == key:
-            net.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["opt"])
-            step, elapsed = int(ckpt["step"]), float(ckpt["seconds"])
-            history = json.loads(ckpt["history"])
-            base_ap, best_ap, stale = float(ckpt["base_ap"]), float(ckpt["best_ap"]), int(ckpt["stale"])
-            best_state = ckpt["best"] if ckpt["best"] else None
-            yield Progress("finetune", step, cfg.steps, f"resumed at step {step}")
-    if base_ap is None:
-        yield Progress("finetune", 0, cfg.steps, f"measuring {base.name} on {len(val)} held-out image(s)")
-        net.eval()
-        base_ap = best_ap = _val_ap50(net, val, spec.postprocess)
-        history.append({"step": 0, "val_ap50": base_ap})
-    yield Progress("finetune", step, cfg.steps,
-                   f"{len(train)} training / {len(val)} validation image(s); base AP50 {base_ap:.3f}",
-                   info={"val_ap50": base_ap})
-    tcfg = TrainConfig(unet=spec.config, crop=cfg.crop, batch_size=cfg.batch_size, seed=cfg.seed,
-                       zoom=(0.75, 1.33) if spec.diameter else (0.7, 1.4))
-    png = out_dir / "training.png"
-    losses: list[float] = []
-    t_start = time.perf_counter()
-    while step < cfg.steps and stale < cfg.patience:
-        if cancel is not None:
-            cancel.raise_if_cancelled()
-        rng = np.random.default_rng([cfg.seed, step])
-        torch.manual_seed(cfg.seed * 100_003 + step)
-        net.train()
-        _freeze_batchnorm(net)
-        idx = rng.integers(0, len(train), cfg.batch_size)
-        x, fg, dist, _ = _augment_batch([train[i] for i in idx], tcfg, rng, blur=cfg.blur)
-        loss = segmentation_loss(net(x), fg, dist)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        step += 1
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            net.eval()
-            ap = _val_ap50(net, val, spec.postprocess)
-            history.append({"step": step, "loss": float(np.mean(losses)), "val_ap50": ap})
-            losses = []
-            if ap > best_ap + 1e-9:
-                best_ap, stale = ap, 0
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            else:
-                stale += 1
-            elapsed_now = elapsed + time.perf_counter() - t_start
-            torch.save({"key": key, "model": net.state_dict(), "opt": opt.state_dict(), "step": step,
-                        "seconds": elapsed_now, "history": json.dumps(history), "base_ap": base_ap,
-                        "best_ap": best_ap, "stale": stale, "best": best_state or {}}, work / "checkpoint.tmp")
-            (work / "checkpoint.tmp").replace(ckpt_path)
-            training_curves_png(png, history, title=f"fine-tuning {base.name} -> {name}")
-            yield Progress("finetune", step, cfg.steps, f"loss {history[-1]['loss']:.4f}, val AP50 {ap:.3f} "
-                           f"(best {best_ap:.3f}, base {base_ap:.3f})",
-                           info={"loss": history[-1]["loss"], "val_ap50": ap, "png": str(png)})
-    elapsed += time.perf_counter() - t_start
-    improved = best_state is not None
-    if improved:
-        net.load_state_dict(best_state)
-    else:
-        net.load_state_dict(torch.load(base.file("torch"), map_location="cpu", weights_only=True))
-    net.eval()
-    new = copy.deepcopy(spec)
-    new.name, new.version = name, f"{spec.version}+ft"
-    new.title = f"{spec.title}, fine-tuned on {len(samples)} user image(s)"
-    new.metrics = {"finetune_validation": {"images": len(val), "ap50_base": round(base_ap, 4),
-                                           "ap50": round(best_ap, 4)}}
-    new.training = {"fine_tuned_from": f"{base.name} v{spec.version} ({model_digest(base)})",
-                    "config": asdict(cfg), "steps_run": step, "seconds": round(elapsed, 1),
-                    "stopped": "early (no gain)" if stale >= cfg.patience else "step budget",
-                    "improved": improved, "history": history}
-    if not history or history[-1].get("step") != step:
-        training_curves_png(png, history, title=f"fine-tuning {base.name} -> {name}")
-    card = save_model(net, new, out_dir, val[0].image[None, :, :64, :64].copy() if min(val[0].image.shape[-2:]) >= 64
-                      else None)
-    shutil.rmtree(work, ignore_errors=True)
-    yield Progress("finetune", cfg.steps, cfg.steps,
-                   f"done: val AP50 {best_ap:.3f} (base {base_ap:.3f})"
-                   + ("" if improved else "; no gain, the base weights are kept"))
-    return {"card": card, "png": png, "base_val_ap50": base_ap, "best_val_ap50": best_ap, "improved": improved,
-            "history": history, "seconds": elapsed, "train_images": len(train), "val_images": len(val)}
+
+class _FinetuneRun:
+    """One :func:`finetune_job`: the split, the network and its loop, the best weights, the checkpoint."""
+
+    def __init__(self, base: Model, samples: list, out_dir: Path, cfg: FinetuneConfig, name: str,
+                 cancel: CancelToken | None):
+        import torch
+
+        from .models.unet import build_unet
+        from .train import TrainConfig
+
+        self.base, self.spec, self.samples, self.out_dir, self.cfg, self.name = (
+            base, base.spec, samples, out_dir, cfg, name)
+        train_idx, val_idx = split_pairs(len(samples), cfg.val_fraction, cfg.seed)
+        self.train, self.val = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+        self.net = build_unet(self.spec.config)
+        self.net.load_state_dict(torch.load(base.file("torch"), map_location="cpu", weights_only=True))
+        self.key = hashlib.sha256(json.dumps(
+            {"base": model_digest(base), "cfg": asdict(cfg), "n": len(samples),
+             "sizes": [s.labels.shape for s in samples],
+             "sums": [int(s.labels.astype(np.int64).sum() % 1_000_003) for s in samples]},
+            default=str).encode()).hexdigest()[:16]
+        self.work = out_dir / ".finetune"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = self.work / "checkpoint.pt"
+        self.loop = TrainLoop(self.net.parameters(), cfg.lr, weight_decay=1e-4, cancel=cancel)
+        self.history: list[dict] = []
+        self.step, self.elapsed, self.best_state, self.base_ap, self.best_ap, self.stale = 0, 0.0, None, None, None, 0
+        self.tcfg = TrainConfig(unet=self.spec.config, crop=cfg.crop, batch_size=cfg.batch_size, seed=cfg.seed,
+                                zoom=(0.75, 1.33) if self.spec.diameter else (0.7, 1.4))
+        self.png = out_dir / "training.png"
+        self.losses: list[float] = []
+
+    def start(self) -> Job[None]:
+        """Resume from the checkpoint of the same inputs, or measure the base model on the held-out images."""
+        import torch
+
+        cfg = self.cfg
+        if self.ckpt_path.is_file():
+            ckpt = torch.load(self.ckpt_path, weights_only=True)
+            if ckpt.get("key") == self.key:
+                self.net.load_state_dict(ckpt["model"])
+                self.loop.load_state_dict(ckpt)
+                self.step, self.elapsed = int(ckpt["step"]), float(ckpt["seconds"])
+                self.history = json.loads(ckpt["history"])
+                self.base_ap, self.best_ap, self.stale = float(ckpt["base_ap"]), float(ckpt["best_ap"]), int(ckpt["stale"])
+                self.best_state = ckpt["best"] if ckpt["best"] else None
+                yield Progress("finetune", self.step, cfg.steps, f"resumed at step {self.step}")
+        if self.base_ap is None:
+            yield Progress("finetune", 0, cfg.steps, f"measuring {self.base.name} on {len(self.val)} held-out image(s)")
+            self.net.eval()
+            self.base_ap = self.best_ap = _val_ap50(self.net, self.val, self.spec.postprocess)
+            self.history.append({"step": 0, "val_ap50": self.base_ap})
+        yield Progress("finetune", self.step, cfg.steps,
+                       f"{len(self.train)} training / {len(self.val)} validation image(s); base AP50 {self.base_ap:.3f}",
+                       info={"val_ap50": self.base_ap})
+
+    def train_step(self) -> None:
+        """One step on an augmented batch (its own seed: a resumed run makes the same batches)."""
+        import torch
+
+        from .train import _augment_batch, segmentation_loss
+
+        cfg = self.cfg
+        if self.loop.cancel is not None:
+            self.loop.cancel.raise_if_cancelled()
+        rng = np.random.default_rng([cfg.seed, self.step])
+        torch.manual_seed(cfg.seed * 100_003 + self.step)
+        self.net.train()
+        _freeze_batchnorm(self.net)
+        idx = rng.integers(0, len(self.train), cfg.batch_size)
+        x, fg, dist, _ = _augment_batch([self.train[i] for i in idx], self.tcfg, rng, blur=cfg.blur)
+        self.losses.append(float(self.loop.step(segmentation_loss(self.net(x), fg, dist))))
+        self.step += 1
+
+    def evaluate(self, elapsed: float) -> Progress:
+        """Validation AP50 now; the best weights kept; the checkpoint and the curves written."""
+        from .plots import training_curves_png
+
+        self.net.eval()
+        ap = _val_ap50(self.net, self.val, self.spec.postprocess)
+        self.history.append({"step": self.step, "loss": float(np.mean(self.losses)), "val_ap50": ap})
+        self.losses = []
+        if ap > self.best_ap + 1e-9:
+            self.best_ap, self.stale = ap, 0
+            self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        else:
+            self.stale += 1
+        save_checkpoint(self.ckpt_path, {
+            "key": self.key, "model": self.net.state_dict(), **self.loop.state_dict(), "step": self.step,
+            "seconds": elapsed, "history": json.dumps(self.history), "base_ap": self.base_ap,
+            "best_ap": self.best_ap, "stale": self.stale, "best": self.best_state or {}})
+        training_curves_png(self.png, self.history, title=f"fine-tuning {self.base.name} -> {self.name}")
+        return Progress("finetune", self.step, self.cfg.steps,
+                        f"loss {self.history[-1]['loss']:.4f}, val AP50 {ap:.3f} "
+                        f"(best {self.best_ap:.3f}, base {self.base_ap:.3f})",
+                        info={"loss": self.history[-1]["loss"], "val_ap50": ap, "png": str(self.png)})
+
+    def finish(self) -> dict:
+        """The best weights (or the base's, when nothing helped) saved as a model folder; the result."""
+        import torch
+
+        from .plots import training_curves_png
+        from .train import save_model
+
+        spec, cfg, base, val = self.spec, self.cfg, self.base, self.val
+        improved = self.best_state is not None
+        self.net.load_state_dict(self.best_state if improved else
+                                 torch.load(base.file("torch"), map_location="cpu", weights_only=True))
+        self.net.eval()
+        new = copy.deepcopy(spec)
+        new.name, new.version = self.name, f"{spec.version}+ft"
+        new.title = f"{spec.title}, fine-tuned on {len(self.samples)} user image(s)"
+        new.metrics = {"finetune_validation": {"images": len(val), "ap50_base": round(self.base_ap, 4),
+                                               "ap50": round(self.best_ap, 4)}}
+        new.training = {"fine_tuned_from": f"{base.name} v{spec.version} ({model_digest(base)})",
+                        "config": asdict(cfg), "steps_run": self.step, "seconds": round(self.elapsed, 1),
+                        "stopped": "early (no gain)" if self.stale >= cfg.patience else "step budget",
+                        "improved": improved, "history": self.history}
+        if not self.history or self.history[-1].get("step") != self.step:
+            training_curves_png(self.png, self.history, title=f"fine-tuning {base.name} -> {self.name}")
+        example = val[0].image[None, :, :64, :64].copy() if min(val[0].image.shape[-2:]) >= 64 else None
+        card = save_model(self.net, new, self.out_dir, example)
+        shutil.rmtree(self.work, ignore_errors=True)
+        return {"card": card, "png": self.png, "base_val_ap50": self.base_ap, "best_val_ap50": self.best_ap,
+                "improved": improved, "history": self.history, "seconds": self.elapsed,
+                "train_images": len(self.train), "val_images": len(val)}

@@ -28,6 +28,7 @@ from .datasets import Pair, read_pair
 from .errors import InputError
 from .evaluate import DEFAULT_THRESHOLDS, score
 from .jobs import CancelToken, Job, Progress
+from .loop import TrainLoop, save_checkpoint
 from .models.spec import Normalization, PostprocessParams, UNetConfig
 from .postprocess import fg_dist_to_labels
 from .preprocess import normalize, select_channels
@@ -304,20 +305,6 @@ def segmentation_loss(out, fg, dist, cls=None):
 CHECKPOINT_EVERY_S = 30.0
 
 
-def one_cycle(opt, lr: float, total_steps: int):
-    """One-cycle learning rate: warm up over the first 10 % of the steps (at least 2), then anneal.
-
-    Very short runs (under 4 steps) keep ``lr`` (torch's schedule divides by
-    zero when the warm-up rounds to nothing).
-    """
-    import torch
-
-    if total_steps < 4:
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
-                                               pct_start=max(0.1, 2 / total_steps))
-
-
 def resolve_device(name: str):
     """The torch device ``name`` means ("auto": the first CUDA GPU if there is one, else the CPU)."""
     import torch
@@ -382,83 +369,96 @@ def train_job(
     """
     import torch
 
-    from .models.unet import build_unet
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    net = build_unet(cfg.unet)
-    if cfg.init_from and not (workdir / "checkpoint.pt").is_file():
-        state = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["model"] if "model" in state else state)
-    net.to(device)
-    # on a GPU the forward and backward passes run in bfloat16 where it is safe (autocast), weights stay float32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    sched = one_cycle(opt, cfg.lr, cfg.epochs * steps_per_epoch)
-    history: list[dict] = []
-    start_epoch, elapsed = 0, 0.0
-    ckpt_path = workdir / "checkpoint.pt"
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        net.load_state_dict(ckpt["model"])
-        start_epoch, elapsed = int(ckpt["epoch"]), float(ckpt["seconds"])
-        if "opt" in ckpt:
-            opt.load_state_dict(ckpt["opt"])
-            sched.load_state_dict(ckpt["sched"])
-        elif start_epoch < cfg.epochs:  # a finished run's weights, brought from another machine, cannot go on
-            raise InputError(f"{ckpt_path} holds the weights of epoch {start_epoch} without the optimizer state, "
-                             f"so training cannot go on to epoch {cfg.epochs}", hint="give --epochs "
-                             f"{start_epoch} to finish this run, or train on from it with --init-from")
-        history = json.loads(ckpt["history"])
-    device_name = (f"{torch.cuda.get_device_name(device)}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-                   if device.type == "cuda" else "cpu")
-    yield Progress("train", start_epoch, cfg.epochs,
-                   f"{len(train)} images, {steps_per_epoch} steps/epoch on {device.type}")
+    run = _TrainRun(train, cfg, Path(workdir), cancel)
+    yield Progress("train", run.start_epoch, cfg.epochs,
+                   f"{len(train)} images, {run.steps_per_epoch} steps/epoch on {run.device.type}")
     end_epoch = min(cfg.epochs, cfg.stop_after or cfg.epochs)
     run_start = last_save = time.perf_counter()
-    for epoch in range(start_epoch, end_epoch):
-        t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1000 + epoch)
-        net.train()
-        losses = []
-        for batch in epoch_batches(train, cfg, epoch):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            x, fg, dist, cls = (t.to(device, non_blocking=True) if t is not None else None for t in batch)
-            with autocast:
-                out = net(x)
-            loss = segmentation_loss(out.float(), fg, dist, cls)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.detach())
-        losses = [float(v) for v in losses]  # one device sync per epoch, not per step
-        elapsed += time.perf_counter() - t0
-        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(elapsed, 1),
-                        "device": device_name})
+    for epoch in range(run.start_epoch, end_epoch):
+        run.epoch(epoch)
         now = time.perf_counter()
         out_of_time = cfg.time_limit_s is not None and now - run_start >= cfg.time_limit_s
         if now - last_save >= CHECKPOINT_EVERY_S or out_of_time or epoch + 1 == end_epoch:
-            torch.save(
-                {"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                 "epoch": epoch + 1, "seconds": elapsed, "history": json.dumps(history)},
-                ckpt_path.with_suffix(".tmp"),
-            )
-            ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+            run.save(epoch + 1)
             last_save = time.perf_counter()
-        yield Progress("train", epoch + 1, cfg.epochs, f"loss {history[-1]['loss']:.4f}", info=history[-1])
+        yield Progress("train", epoch + 1, cfg.epochs, f"loss {run.history[-1]['loss']:.4f}", info=run.history[-1])
         if out_of_time:
             break
-    net.cpu().eval()  # export, tuning and inference take it from here on the CPU
+    net = run.net.cpu().eval()  # export, tuning and inference take it from here on the CPU
     # where the epochs ran (a run finished elsewhere from a GPU machine's checkpoint says that GPU)
-    trained_on = history[-1].get("device", "cpu") if history else device_name
-    return {"state_dict": net.state_dict(), "history": history, "seconds": elapsed, "net": net, "device": trained_on}
+    trained_on = run.history[-1].get("device", "cpu") if run.history else run.device_name
+    return {"state_dict": net.state_dict(), "history": run.history, "seconds": run.elapsed, "net": net,
+            "device": trained_on}
+
+
+class _TrainRun:
+    """One :func:`train_job`: the network, the loop, and the checkpoint it resumes from."""
+
+    def __init__(self, train: list[Sample], cfg: TrainConfig, workdir: Path, cancel: CancelToken | None):
+        import torch
+
+        from .models.unet import build_unet
+
+        self.train, self.cfg = train, cfg
+        self.device = device = resolve_device(cfg.device)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = workdir / "checkpoint.pt"
+        torch.manual_seed(cfg.seed)
+        net = build_unet(cfg.unet)
+        if cfg.init_from and not self.ckpt_path.is_file():
+            state = torch.load(cfg.init_from, map_location="cpu", weights_only=True)
+            net.load_state_dict(state["model"] if "model" in state else state)
+        self.net = net.to(device)
+        # on a GPU the forward and backward passes run in bfloat16 where it is safe (autocast), weights stay float32
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        self.loop = TrainLoop(net.parameters(), cfg.lr, weight_decay=cfg.weight_decay,
+                              total_steps=cfg.epochs * self.steps_per_epoch, cancel=cancel)
+        self.history: list[dict] = []
+        self.start_epoch, self.elapsed = 0, 0.0
+        if self.ckpt_path.is_file():
+            self._resume()
+        self.device_name = (f"{torch.cuda.get_device_name(device)}, {os.cpu_count()} CPU cores, torch "
+                            f"{torch.__version__}" if device.type == "cuda" else "cpu")
+
+    def _resume(self) -> None:
+        import torch
+
+        ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        self.net.load_state_dict(ckpt["model"])
+        self.start_epoch, self.elapsed = int(ckpt["epoch"]), float(ckpt["seconds"])
+        if "opt" in ckpt:
+            self.loop.load_state_dict(ckpt)
+        elif self.start_epoch < self.cfg.epochs:  # a finished run's weights, brought from another machine
+            raise InputError(f"{self.ckpt_path} holds the weights of epoch {self.start_epoch} without the optimizer "
+                             f"state, so training cannot go on to epoch {self.cfg.epochs}", hint="give --epochs "
+                             f"{self.start_epoch} to finish this run, or train on from it with --init-from")
+        self.history = json.loads(ckpt["history"])
+
+    def _loss(self, batch):
+        x, fg, dist, cls = (t.to(self.device, non_blocking=True) if t is not None else None for t in batch)
+        with self.autocast:
+            out = self.net(x)
+        return segmentation_loss(out.float(), fg, dist, cls)
+
+    def epoch(self, epoch: int) -> None:
+        """One pass over the augmented training set; its mean loss goes into the history."""
+        import torch
+
+        t0 = time.perf_counter()
+        torch.manual_seed(self.cfg.seed * 1000 + epoch)
+        self.net.train()
+        losses = list(self.loop.run(epoch_batches(self.train, self.cfg, epoch), self._loss))
+        losses = [float(v) for v in losses]  # one device sync per epoch, not per step
+        self.elapsed += time.perf_counter() - t0
+        self.history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(self.elapsed, 1),
+                             "device": self.device_name})
+
+    def save(self, epoch: int) -> None:
+        save_checkpoint(self.ckpt_path, {"model": self.net.state_dict(), **self.loop.state_dict(), "epoch": epoch,
+                                         "seconds": self.elapsed, "history": json.dumps(self.history)})
 
 
 def predict_outputs(net, samples: list[Sample], diameter: float | None, tile: int = 512) -> list[np.ndarray]:

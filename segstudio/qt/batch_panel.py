@@ -21,8 +21,8 @@ from pathlib import Path
 
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
-    QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QHeaderView, QLabel, QLineEdit,
-    QProgressBar, QPushButton, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
+    QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QHeaderView, QLineEdit,
+    QPushButton, QTableWidget, QTableWidgetItem, QWidget,
 )
 
 from ..core.batch import MANIFEST, BatchReport, Compute, FileSelection, batch_job
@@ -30,8 +30,8 @@ from ..core.metrics import monitored
 from ..core.options import SegmentOptions
 from ..core.service import INFERENCE
 from ..core.jobs import Progress, Stage
-from .segment_panel import AUTO, BackendCache, ErrorView, available_models, fill_backends
-from .worker import JobRunner, describe_error, with_crash_log
+from .job_panel import JobPanel
+from .segment_panel import AUTO, BackendCache, available_models, fill_backends
 
 COLUMNS = ("File", "Status", "Cells", "Seconds", "Reason")
 STATUS_COLOURS = {"done": "#2e7d32", "failed": "#c62828", "skipped": "#9e9e9e", "running": "#1565c0"}
@@ -50,7 +50,7 @@ def dropped_folder(urls) -> Path | None:
     return path if path.is_dir() and path.suffix.lower() != ".zarr" else None
 
 
-class BatchPanel(QWidget):
+class BatchPanel(JobPanel):
     """Folder, output, model and backend; Start / Resume, Cancel; the file table.
 
     Signals
@@ -63,23 +63,37 @@ class BatchPanel(QWidget):
 
     open_requested = Signal(object, object)
     finished = Signal(object)
+    CANCELLING = "Cancelling after the current image..."  # what is done stays done: Resume carries on
 
     def __init__(self, *, backends: BackendCache | None = None, parent: QWidget | None = None):
-        super().__init__(parent)
+        super().__init__("Start", parent)
         self._backends = backends or BackendCache.shared()
         self._rows: dict[str, int] = {}
         self._in_dir: Path | None = None
         self._out_dir: Path | None = None
         self._t_start = 0.0
         self.report: BatchReport | None = None
+        self.start_button = self.run_button  # "Start", or "Resume" when the output folder holds a run
+        self._build_form()
+        layout = self.job_column(self._form())
+        layout.addWidget(self.table, 1)
+        self.status.setText("Drop a folder of images")
 
-        self.runner = JobRunner(self)
-        self.runner.progress.connect(self._on_progress)
-        self.runner.finished.connect(self._on_finished)
-        self.runner.failed.connect(self._on_failed)
-        self.runner.cancelled.connect(self._on_cancelled)
-        self.runner.stopped.connect(self._set_idle)
+        self.setAcceptDrops(True)
+        self.folder_button.clicked.connect(self._choose_folder)
+        self.folder_edit.editingFinished.connect(lambda: self.set_folder(self.folder_edit.text()))
+        self.out_edit.editingFinished.connect(self._update_start_label)
+        self.model_combo.currentIndexChanged.connect(self._update_backends)
+        self.table.cellClicked.connect(self._on_row_clicked)
+        self._update_backends()
+        self._set_idle()
 
+    def run(self) -> None:
+        """Start (or resume) the batch: what Start does."""
+        self.start()
+
+    def _build_form(self) -> None:
+        """The inputs (folder, sub-folders, output, model, backend, flips) and the table of files."""
         self.folder_edit = QLineEdit()
         self.folder_edit.setPlaceholderText("drop a folder here")
         self.folder_button = QPushButton("Choose...")
@@ -96,18 +110,6 @@ class BatchPanel(QWidget):
         self.tta_check = QCheckBox("average over flips (4x slower)")
         self.tta_check.setToolTip("run the network on each tile as it is and flipped three ways and average: "
                                   "four times the network time for a little more accuracy")
-        self.start_button = QPushButton("Start")
-        self.cancel_button = QPushButton("Cancel")
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1000)
-        self.progress_bar.setTextVisible(False)
-        self.status = QLabel("Drop a folder of images")
-        self.status.setWordWrap(True)
-        # warnings about the run as a whole (a damaged manifest whose lines were skipped)
-        self.notice = QLabel("")
-        self.notice.setWordWrap(True)
-        self.notice.setVisible(False)
-        self.error_view = ErrorView()
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
@@ -120,6 +122,7 @@ class BatchPanel(QWidget):
         header.setSectionResizeMode(4, QHeaderView.ResizeMode.Stretch)
         self.table.setToolTip("click a finished file to open it with its labels")
 
+    def _form(self) -> QFormLayout:
         form = QFormLayout()
         form.setContentsMargins(0, 0, 0, 0)
         folder_row = QHBoxLayout()
@@ -131,28 +134,7 @@ class BatchPanel(QWidget):
         form.addRow("Model", self.model_combo)
         form.addRow("Backend", self.backend_combo)
         form.addRow("", self.tta_check)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.start_button)
-        buttons.addWidget(self.cancel_button)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress_bar)
-        layout.addWidget(self.status)
-        layout.addWidget(self.notice)
-        layout.addWidget(self.error_view)
-        layout.addWidget(self.table, 1)
-
-        self.setAcceptDrops(True)
-        self.folder_button.clicked.connect(self._choose_folder)
-        self.folder_edit.editingFinished.connect(lambda: self.set_folder(self.folder_edit.text()))
-        self.out_edit.editingFinished.connect(self._update_start_label)
-        self.model_combo.currentIndexChanged.connect(self._update_backends)
-        self.start_button.clicked.connect(self.start)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.table.cellClicked.connect(self._on_row_clicked)
-        self._update_backends()
-        self._set_idle()
+        return form
 
     # ------------------------------------------------------------------ public
 
@@ -178,9 +160,6 @@ class BatchPanel(QWidget):
         text = self.out_edit.text().strip()
         return Path(text).expanduser() if text else (default_output(self._in_dir) if self._in_dir else None)
 
-    def is_running(self) -> bool:
-        return self.runner.is_running()
-
     def start(self) -> None:
         """Start (or resume) the batch in the background."""
         if self.runner.is_running():
@@ -188,18 +167,13 @@ class BatchPanel(QWidget):
         if self._in_dir is None:
             self.status.setText("Choose or drop a folder first")
             return
-        self.error_view.clear()
-        self.notice.clear()
-        self.notice.setVisible(False)
         in_dir, out_dir = self._in_dir, self.out_dir
         model_name, backend_name = self.model_combo.currentData(), self.backend_combo.currentData()
         recursive, tta = self.recursive_check.isChecked(), self.tta_check.isChecked()
         backends = self._backends
         self._out_dir = out_dir
         self._t_start = time.perf_counter()
-        self.progress_bar.setValue(0)
-        self.status.setText(f"Loading {model_name} ({backend_name})...")
-        self._set_busy()
+        self._starting(f"Loading {model_name} ({backend_name})...")  # notices: about the run as a whole
 
         def job(cancel):
             model, backend = backends.get(model_name, backend_name)
@@ -209,22 +183,9 @@ class BatchPanel(QWidget):
 
         self.runner.start(job)
 
-    def cancel(self) -> None:
-        """Stop after the current image (what is done stays done: Resume carries on)."""
-        if self.runner.is_running():
-            self.runner.cancel()
-            self.cancel_button.setEnabled(False)
-            self.status.setText("Cancelling after the current image...")
-
-    def shutdown(self, timeout_ms: int | None = None) -> bool:
-        return self.runner.shutdown(timeout_ms)
-
     def statuses(self) -> dict[str, str]:
         """File (relative path) -> the status shown in the table."""
         return {self.table.item(r, 0).text(): self.table.item(r, 1).text() for r in range(self.table.rowCount())}
-
-    def error_text(self) -> str:
-        return self.error_view.text()
 
     # ------------------------------------------------------------------ drops
 
@@ -251,9 +212,7 @@ class BatchPanel(QWidget):
 
     def _on_progress(self, event: Progress) -> None:
         if event.stage is Stage.NOTICE and event.info.get("warning"):
-            text = self.notice.text()
-            self.notice.setText(f"{text}\n{event.message}" if text else event.message)
-            self.notice.setVisible(True)
+            self._add_notice(event.message)
         if event.stage is not Stage.BATCH:
             return
         info = event.info
@@ -276,10 +235,6 @@ class BatchPanel(QWidget):
         self.status.setText(f"{c.get('done', 0)} done, {c.get('failed', 0)} failed, {c.get('skipped', 0)} skipped "
                             f"in {time.perf_counter() - self._t_start:.1f} s\nresults in {report.out_dir}")
         self.finished.emit(report)
-
-    def _on_failed(self, exc: BaseException) -> None:
-        self.status.setText("Failed")
-        self.error_view.show_report(with_crash_log(describe_error(exc)))
 
     def _on_cancelled(self) -> None:
         for r in range(self.table.rowCount()):
@@ -344,22 +299,13 @@ class BatchPanel(QWidget):
         self.start_button.setToolTip("carry on where the last run stopped: finished files are not redone"
                                      if resumable else "process every file of the folder")
 
-    def _set_busy(self) -> None:
-        self._set_inputs_enabled(False)
+    def _inputs(self) -> list[QWidget]:
+        return [self.folder_edit, self.folder_button, self.out_edit, self.model_combo, self.backend_combo,
+                self.recursive_check, self.tta_check]
 
     def _set_idle(self) -> None:
-        self._set_inputs_enabled(True)
+        super()._set_idle()
         self._update_start_label()
-
-    def _set_inputs_enabled(self, enabled: bool) -> None:
-        for w in (self.start_button, self.folder_edit, self.folder_button, self.out_edit, self.model_combo,
-                  self.backend_combo, self.recursive_check, self.tta_check):
-            w.setEnabled(enabled)
-        self.cancel_button.setEnabled(not enabled)
-
-    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
-        self.shutdown()
-        super().closeEvent(event)
 
 
 def _brush(colour: str | None):

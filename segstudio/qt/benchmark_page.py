@@ -46,7 +46,8 @@ from ..core.models.catalog import Model
 from ..core.optimize.estimate import format_seconds
 from ..core.service import INFERENCE
 from .charts import plot_widget
-from .segment_panel import ErrorView, available_models
+from .job_panel import ErrorView, JobPanel
+from .segment_panel import available_models
 from .worker import JobRunner, describe_error, with_crash_log
 
 LAYER, MOSAIC = "layer", "mosaic"

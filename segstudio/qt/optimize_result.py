@@ -58,7 +58,8 @@ from ..core.jobs import CancelToken, Job, Progress
 from ..core.models.catalog import Model, load_card
 from ..core.optimize.report import OptimizeReport, StepReport, StepStatus
 from .optimize_run import STATUS_COLOURS, fit_rows, fmt, fmt_duration, set_cell, status_words, table
-from .segment_panel import AUTO, BackendCache, ErrorView
+from .job_panel import ErrorView
+from .segment_panel import AUTO, BackendCache
 from .worker import JobRunner, describe_error, with_crash_log
 
 # the disagreement overlay's values and colours (0 is transparent)

@@ -57,7 +57,7 @@ from ..core.metrics import monitored
 from ..core.service import INFERENCE
 from ..core.optimize.report import EventKind, OptimizeEvent, OptimizeReport, StepReport, StepStatus
 from .charts import plot_widget
-from .segment_panel import ErrorView
+from .job_panel import ErrorView
 from .worker import JobRunner, describe_error, with_crash_log
 
 REDRAW_MS = 100  # at most 10 redraws a second

@@ -81,7 +81,8 @@ from ..core.optimize.presets import PRESETS, Preset
 from ..core.optimize.steps import STEP_SPECS, Step, format_steps, parse_steps
 from ..core.optimize.validate import ValidationSet
 from .optimize_state import WizardState, optimize_root
-from .segment_panel import ErrorView, available_models
+from .job_panel import ErrorView
+from .segment_panel import available_models
 from .worker import JobRunner, describe_error, with_crash_log
 
 try:  # pages 5 and 6 live in their own modules

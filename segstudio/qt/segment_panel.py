@@ -36,12 +36,8 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
-    QPlainTextEdit,
-    QProgressBar,
     QPushButton,
     QSizePolicy,
-    QToolButton,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -54,7 +50,8 @@ from ..core.metrics import monitored
 from ..core.options import SegmentOptions
 from ..core.segment import SegmentationResult, segment_job, warm_up
 from ..core.service import INFERENCE
-from .worker import ErrorReport, JobRunner, describe_error, with_crash_log
+from .job_panel import JobPanel
+from .worker import JobRunner
 
 AUTO = "auto"
 
@@ -111,60 +108,7 @@ class BackendCache:
             return model, backend
 
 
-class ErrorView(QWidget):
-    """One error: its message and hint, and for bugs a "Details" toggle with the traceback."""
-
-    def __init__(self, parent: QWidget | None = None):
-        super().__init__(parent)
-        self.message = QLabel()
-        self.message.setObjectName("segstudioErrorMessage")
-        self.message.setWordWrap(True)
-        self.message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.message.setStyleSheet("color: #e8543f;")
-        self.details_button = QToolButton()
-        self.details_button.setText("Details")
-        self.details_button.setCheckable(True)
-        self.details = QPlainTextEdit()
-        self.details.setReadOnly(True)
-        self.details.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
-        self.details.setMinimumHeight(120)
-        self.details.setVisible(False)
-        self.details_button.toggled.connect(self.details.setVisible)
-        row = QHBoxLayout()
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(self.message, 1)
-        row.addWidget(self.details_button, 0, Qt.AlignmentFlag.AlignTop)
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.addLayout(row)
-        layout.addWidget(self.details)
-        self.report: ErrorReport | None = None
-        self.clear()
-
-    def show_report(self, report: ErrorReport) -> None:
-        """Show ``report``; the details toggle only appears when there is a traceback."""
-        self.report = report
-        text = report.message + (f"\nHint: {report.hint}" if report.hint else "")
-        self.message.setText(text)
-        self.details.setPlainText(report.details)
-        self.details_button.setChecked(False)
-        self.details_button.setVisible(bool(report.details))
-        self.setVisible(True)
-
-    def clear(self) -> None:
-        """Hide the view and forget the error."""
-        self.report = None
-        self.message.clear()
-        self.details.clear()
-        self.details_button.setChecked(False)
-        self.setVisible(False)
-
-    def text(self) -> str:
-        """The message (and hint) shown, or ``""``."""
-        return self.message.text() if self.report is not None else ""
-
-
-class SegmentPanel(QWidget):
+class SegmentPanel(JobPanel):
     """Model, backend and channel choice, Run / Cancel, progress, status and errors.
 
     Parameters
@@ -195,7 +139,7 @@ class SegmentPanel(QWidget):
         tile: int = 512,
         parent: QWidget | None = None,
     ):
-        super().__init__(parent)
+        super().__init__("Run", parent)
         self._get_image = get_image
         self._backends = backends or BackendCache.shared()
         self._tile = tile
@@ -204,14 +148,24 @@ class SegmentPanel(QWidget):
         self._t_start = 0.0
         self._watched: list[weakref.ref] = []
         self._models = available_models()
+        self.import_runner = JobRunner(self)
+        self.import_runner.finished.connect(self._on_model_imported)
+        self.import_runner.failed.connect(self._on_import_failed)
+        self.import_runner.stopped.connect(self._set_idle)
+        self._build_form()
+        self.job_column(self._form())
+        self.run_button.setToolTip("segment the image")
+        self.status.setText("Ready")
+        self.status.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+        self.model_combo.currentIndexChanged.connect(self._update_backends)
+        self.open_model_button.clicked.connect(self._choose_model)
+        self.trust_check.toggled.connect(self._on_trust_toggled)
+        self._update_backends()
+        self.set_channels([])
+        self._set_idle()
 
-        self.runner = JobRunner(self)
-        self.runner.progress.connect(self._on_progress)
-        self.runner.finished.connect(self._on_finished)
-        self.runner.failed.connect(self._on_failed)
-        self.runner.cancelled.connect(self._on_cancelled)
-        self.runner.stopped.connect(self._set_idle)
-
+    def _build_form(self) -> None:
+        """The inputs: model (and Open...), trust, backend, channel, diameter, flips."""
         self.model_combo = QComboBox()
         for model in self._models.values():
             self.model_combo.addItem(model.name, model.name)
@@ -231,10 +185,6 @@ class SegmentPanel(QWidget):
         self.trust_warning.setWordWrap(True)
         self.trust_warning.setStyleSheet("color: #e8a33f;")
         self.trust_warning.setVisible(False)
-        self.import_runner = JobRunner(self)
-        self.import_runner.finished.connect(self._on_model_imported)
-        self.import_runner.failed.connect(self._on_import_failed)
-        self.import_runner.stopped.connect(self._set_idle)
         self.backend_combo = QComboBox()
         self.backend_combo.setToolTip("auto picks the fastest backend installed for this model")
         self.channel_combo = QComboBox()
@@ -253,21 +203,8 @@ class SegmentPanel(QWidget):
         self.tta_check.setToolTip(
             "run the network on each tile as it is and flipped three ways and average: four times the network "
             "time for a little more accuracy (DSB2018 val: see the README)")
-        self.run_button = QPushButton("Run")
-        self.run_button.setToolTip("segment the image")
-        self.cancel_button = QPushButton("Cancel")
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1000)
-        self.progress_bar.setTextVisible(False)
-        self.status = QLabel("Ready")
-        self.status.setWordWrap(True)
-        self.status.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
-        # notices that stay for the whole run (a GPU fallback to smaller batches or the CPU)
-        self.notice = QLabel("")
-        self.notice.setWordWrap(True)
-        self.notice.setVisible(False)
-        self.error_view = ErrorView()
 
+    def _form(self) -> QFormLayout:
         form = QFormLayout()
         form.setContentsMargins(0, 0, 0, 0)
         model_row = QHBoxLayout()
@@ -280,25 +217,7 @@ class SegmentPanel(QWidget):
         form.addRow("Channel", self.channel_combo)
         form.addRow("Diameter", self.diameter_spin)
         form.addRow("", self.tta_check)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress_bar)
-        layout.addWidget(self.status)
-        layout.addWidget(self.notice)
-        layout.addWidget(self.error_view)
-
-        self.model_combo.currentIndexChanged.connect(self._update_backends)
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.open_model_button.clicked.connect(self._choose_model)
-        self.trust_check.toggled.connect(self._on_trust_toggled)
-        self._update_backends()
-        self.set_channels([])
-        self._set_idle()
+        return form
 
     # ------------------------------------------------------------------ public
 
@@ -401,10 +320,6 @@ class SegmentPanel(QWidget):
             self.channel_combo.setCurrentIndex(current + 1)
         self.channel_combo.setEnabled(len(names) > 1 and not self.is_running())
 
-    def is_running(self) -> bool:
-        """True while a job runs."""
-        return self.runner.is_running()
-
     def run(self) -> None:
         """Fetch the image and start segmenting it in the background."""
         if self.runner.is_running() or self.import_runner.is_running():
@@ -421,29 +336,14 @@ class SegmentPanel(QWidget):
         self._n_planes = max(1, math.prod(image.stack_shape))
         self._planes_done = 0
         self._t_start = time.perf_counter()
-        self.progress_bar.setValue(0)
-        self.status.setText(f"Loading {model_name} ({backend_name})...")
-        self.notice.clear()
-        self.notice.setVisible(False)
-        self._set_busy()
+        self._starting(f"Loading {model_name} ({backend_name})...")
         backends = self._backends
         self.runner.start(lambda cancel: _segment(image, backends, model_name, backend_name, options, cancel))
-
-    def cancel(self) -> None:
-        """Ask the running job to stop."""
-        if self.runner.is_running():
-            self.runner.cancel()
-            self.cancel_button.setEnabled(False)
-            self.status.setText("Cancelling...")
 
     def shutdown(self, timeout_ms: int | None = None) -> bool:
         """Cancel a running job (an import runs to its end) and join its thread; True if no thread is left running."""
         segmenting = self.runner.shutdown(timeout_ms)
         return self.import_runner.shutdown(timeout_ms) and segmenting
-
-    def error_text(self) -> str:
-        """The error shown in the panel, or ``""``."""
-        return self.error_view.text()
 
     # ------------------------------------------------------------------ slots (GUI thread)
 
@@ -457,10 +357,8 @@ class SegmentPanel(QWidget):
             self._planes_done = event.done
             fraction = event.done / event.total
             self.status.setText(f"Segmenting: {event.message}")
-        elif event.stage is Stage.NOTICE:
-            text = self.notice.text()
-            self.notice.setText(f"{text}\n{event.message}" if text else event.message)
-            self.notice.setVisible(True)
+        elif event.stage is Stage.NOTICE:  # notices stay for the whole run (a GPU fallback to the CPU)
+            self._add_notice(event.message)
             return
         else:
             if event.message:
@@ -475,16 +373,9 @@ class SegmentPanel(QWidget):
         self.status.setText(f"{result.n_cells} objects in {elapsed:.1f} s ({split})\n{result.backend}")
         self.result_ready.emit(result)
 
-    def _on_failed(self, exc: BaseException) -> None:
-        self.status.setText("Failed")
-        self._show_error(exc)
-
     def _on_cancelled(self) -> None:
         self.progress_bar.setValue(0)
-        self.status.setText("Cancelled")
-
-    def _show_error(self, exc: BaseException) -> None:
-        self.error_view.show_report(with_crash_log(describe_error(exc)))
+        super()._on_cancelled()
 
     def _update_backends(self) -> None:
         fill_backends(self.backend_combo, self._models.get(self.model_name))
@@ -529,11 +420,6 @@ class SegmentPanel(QWidget):
         elif kind == QEvent.Type.Close and watched is self.window() and watched is not self:
             self.shutdown()
         return False
-
-    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
-        """Stop the running job when the panel itself is closed."""
-        self.shutdown()
-        super().closeEvent(event)
 
     def _watch_ancestors(self) -> None:
         ancestors = []

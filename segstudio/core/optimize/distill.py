@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..jobs import CancelToken, Job, Progress
+from ..loop import TrainLoop
 from ..threads import keeps_torch_threads
 
 
@@ -74,86 +75,100 @@ def distill_job(student, teacher, images: list[np.ndarray], cfg: KDConfig, *,
     :class:`Progress` every few steps; returns the loss history.
     """
     import torch
-    import torch.nn.functional as F
-
-    from ..train import augment_crops, one_cycle, segmentation_loss
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    teacher = teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    adapter = None
-    s_store = t_store = None
-    handles = []
-    if cfg.feature_kd > 0:
-        s_store, h1 = _last_features(student)
-        t_store, h2 = _last_features(teacher)
-        handles = [h1, h2]
-        cs, ct = student.head.in_channels, teacher.head.in_channels
-        adapter = torch.nn.Conv2d(cs, ct, 1) if cs != ct else torch.nn.Identity()
-    params = list(student.parameters()) + (list(adapter.parameters()) if adapter is not None else [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
-    sched = one_cycle(opt, cfg.lr, cfg.steps)
-    n_img = images[0].shape[0]
+    kd = _Distillation(student, teacher, images, cfg, labels, cancel)
     stacks = list(images)
     if labels is not None:
         stacks = [np.concatenate([st, fg[None], d[None]]) for st, (fg, d) in zip(stacks, labels)]
-    n_teacher = 0
     if cfg.precompute_teacher:
         yield Progress("distill", 0, cfg.steps, "running the teacher on every image")
         logits = _outputs(teacher, images, cancel)
-        n_teacher = logits[0].shape[0]
+        kd.n_teacher = logits[0].shape[0]
         stacks = [np.concatenate([st, lg]) for st, lg in zip(stacks, logits)]
-    T, a = cfg.temperature, cfg.alpha
     history = []
     t_start = time.perf_counter()
     student.train()
     yield Progress("distill", 0, cfg.steps, f"{len(images)} images, {cfg.steps} steps")
     try:
-        for step in range(cfg.steps):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            idx = rng.integers(0, len(stacks), cfg.batch_size)
-            hard = [bool(labels is not None and cfg.hard_share > 0 and rng.random() < cfg.hard_share) for _ in idx]
-            batch = augment_crops([stacks[i] for i in idx], n_img, cfg.crop, cfg.zoom, rng, hard=hard)
-            x = batch[:, :n_img]
-            if n_teacher:
-                t_out = batch[:, batch.shape[1] - n_teacher :]
-                if adapter is not None:
-                    with torch.no_grad():
-                        teacher(x)  # the feature term needs the teacher's features on this very input
-            else:
-                with torch.no_grad():
-                    t_out = teacher(x)
-            s_out = student(x)
-            kd = F.binary_cross_entropy_with_logits(s_out / T, torch.sigmoid(t_out / T)) * T * T
-            if labels is not None:
-                hard = segmentation_loss(s_out, (batch[:, n_img : n_img + 1] > 0.5).float(),
-                                         batch[:, n_img + 1 : n_img + 2])
-            else:
-                hard = F.binary_cross_entropy_with_logits(s_out, torch.sigmoid(t_out))
-            loss = a * kd + (1 - a) * hard
-            if adapter is not None:
-                loss = loss + cfg.feature_kd * F.mse_loss(adapter(s_store["f"]), t_store["f"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            history.append(float(loss.detach()))
+        for step, loss in enumerate(kd.loop.run(kd.batches(stacks), kd.loss)):
+            history.append(float(loss))
             if (step + 1) % 10 == 0 or step + 1 == cfg.steps:
                 recent = float(np.mean(history[-10:]))
                 yield Progress("distill", step + 1, cfg.steps, f"loss {recent:.4f}", info={"loss": recent})
     finally:
-        for h in handles:
+        for h in kd.handles:
             h.remove()
         student.eval()
     return {"steps": cfg.steps, "final_loss": float(np.mean(history[-20:])), "seconds": time.perf_counter() - t_start,
             "loss_every_10": [float(np.mean(history[i : i + 10])) for i in range(0, len(history), 10)],
-            "labels": labels is not None, "temperature": T, "alpha": a, "feature_kd": cfg.feature_kd,
-            "lr": cfg.lr, "crop": cfg.crop, "batch_size": cfg.batch_size}
+            "labels": labels is not None, "temperature": cfg.temperature, "alpha": cfg.alpha,
+            "feature_kd": cfg.feature_kd, "lr": cfg.lr, "crop": cfg.crop, "batch_size": cfg.batch_size}
+
+
+class _Distillation:
+    """The student, the frozen teacher, the optional feature adapter, the loop and the KD loss."""
+
+    def __init__(self, student, teacher, images, cfg: KDConfig, labels, cancel):
+        import torch
+
+        self.student, self.teacher, self.cfg, self.labels = student, teacher.eval(), cfg, labels
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.adapter = self.s_store = self.t_store = None
+        self.handles = []
+        if cfg.feature_kd > 0:
+            self.s_store, h1 = _last_features(student)
+            self.t_store, h2 = _last_features(self.teacher)
+            self.handles = [h1, h2]
+            cs, ct = student.head.in_channels, self.teacher.head.in_channels
+            self.adapter = torch.nn.Conv2d(cs, ct, 1) if cs != ct else torch.nn.Identity()
+        params = list(student.parameters()) + (list(self.adapter.parameters()) if self.adapter is not None else [])
+        self.loop = TrainLoop(params, cfg.lr, weight_decay=1e-4, total_steps=cfg.steps, cancel=cancel)
+        self.n_img = images[0].shape[0]
+        self.n_teacher = 0  # channels of precomputed teacher logits at the end of each stack
+
+    def batches(self, stacks: list[np.ndarray]):
+        """``cfg.steps`` batches of augmented crops of the image (+ labels, + teacher logits) stacks."""
+        from ..train import augment_crops
+
+        cfg, rng = self.cfg, self.rng
+        for _ in range(cfg.steps):
+            idx = rng.integers(0, len(stacks), cfg.batch_size)
+            hard = [bool(self.labels is not None and cfg.hard_share > 0 and rng.random() < cfg.hard_share)
+                    for _ in idx]
+            yield augment_crops([stacks[i] for i in idx], self.n_img, cfg.crop, cfg.zoom, rng, hard=hard)
+
+    def loss(self, batch):
+        """``alpha * KD_T + (1 - alpha) * hard`` (+ the feature term) on one batch."""
+        import torch
+        import torch.nn.functional as F
+
+        from ..train import segmentation_loss
+
+        T, a, n_img = self.cfg.temperature, self.cfg.alpha, self.n_img
+        x = batch[:, :n_img]
+        if self.n_teacher:
+            t_out = batch[:, batch.shape[1] - self.n_teacher :]
+            if self.adapter is not None:
+                with torch.no_grad():
+                    self.teacher(x)  # the feature term needs the teacher's features on this very input
+        else:
+            with torch.no_grad():
+                t_out = self.teacher(x)
+        s_out = self.student(x)
+        kd = F.binary_cross_entropy_with_logits(s_out / T, torch.sigmoid(t_out / T)) * T * T
+        if self.labels is not None:
+            hard = segmentation_loss(s_out, (batch[:, n_img : n_img + 1] > 0.5).float(), batch[:, n_img + 1 : n_img + 2])
+        else:
+            hard = F.binary_cross_entropy_with_logits(s_out, torch.sigmoid(t_out))
+        loss = a * kd + (1 - a) * hard
+        if self.adapter is not None:
+            loss = loss + self.cfg.feature_kd * F.mse_loss(self.adapter(self.s_store["f"]), self.t_store["f"])
+        return loss
 
 
 def _outputs(net, images: list[np.ndarray], cancel: CancelToken | None = None) -> list[np.ndarray]:
