@@ -33,7 +33,7 @@ from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QColor, QFont, QFontMetrics
 from qtpy.QtWidgets import (
     QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout, QHeaderView, QLabel,
-    QListWidget, QListWidgetItem, QProgressBar, QPushButton, QSizePolicy, QSpinBox, QTableWidget, QTableWidgetItem,
+    QListWidget, QListWidgetItem, QPushButton, QSizePolicy, QSpinBox, QTableWidget, QTableWidgetItem,
     QVBoxLayout, QWidget,
 )
 
@@ -46,9 +46,8 @@ from ..core.models.catalog import Model
 from ..core.optimize.estimate import format_seconds
 from ..core.service import INFERENCE
 from .charts import plot_widget
-from .job_panel import ErrorView, JobPanel
+from .job_panel import JobPanel
 from .segment_panel import available_models
-from .worker import JobRunner, describe_error, with_crash_log
 
 LAYER, MOSAIC = "layer", "mosaic"
 DEFAULT_TILE, DEFAULT_BATCH = 512, 4  # as ``segstudio bench``'s
@@ -90,7 +89,7 @@ def benchmark_page_job(model: Model, variants: list[str], image: ImageData | Non
     return report
 
 
-class BenchmarkPanel(QWidget):
+class BenchmarkPanel(JobPanel):
     """Model, variants, tile, batch, Quick and image; Run / Cancel / Save JSON…; progress; table and chart.
 
     Parameters
@@ -110,7 +109,7 @@ class BenchmarkPanel(QWidget):
     finished = Signal(object)
 
     def __init__(self, get_image: Callable[[], ImageData] | None = None, *, parent: QWidget | None = None):
-        super().__init__(parent)
+        super().__init__("Run", parent)
         self._get_image = get_image
         self._models = available_models()
         self._unticked: set[str] = set()
@@ -118,22 +117,35 @@ class BenchmarkPanel(QWidget):
         self._estimate = ""
         self.report: dict | None = None
         self.bars: list = []  # the chart's items (GUI thread only)
+        self._build_inputs(get_image is not None)
+        self._build_results()
+        self.run_button.setToolTip("benchmark the ticked variants and the baseline on the image")
+        self.save_button = QPushButton("Save JSON…")
+        self.save_button.setToolTip("the whole report, as segstudio bench --json writes it")
+        self.progress_bar.setMaximumHeight(12)
+        self.status.setText("Ready")
+        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.notice.setStyleSheet("color: #e8a33f;")
+        layout = self.job_column(self._top(), self.save_button)
+        for w in (self.table, self.skipped, self.legend):
+            layout.addWidget(w)
+        layout.addWidget(self.chart, 1)
+        layout.addStretch(0)  # the inputs at the top until there are results
+        self.model_combo.currentIndexChanged.connect(self._fill_variants)
+        self.variant_list.itemChanged.connect(self._on_variant_toggled)
+        self.save_button.clicked.connect(self._ask_json)
+        self._fill_variants()
+        self._set_idle()
 
-        self.runner = JobRunner(self)
-        self.runner.progress.connect(self._on_progress)
-        self.runner.finished.connect(self._on_finished)
-        self.runner.failed.connect(self._on_failed)
-        self.runner.cancelled.connect(self._on_cancelled)
-        self.runner.stopped.connect(self._set_idle)
-
-        # ------------------------------------------------------------ inputs
+    def _build_inputs(self, has_layer: bool) -> None:
+        """Model, image source, tile and batch, Quick, the variants."""
         self.model_combo = QComboBox()
         for model in self._models.values():
             self.model_combo.addItem(model.name, model.name)
             self.model_combo.setItemData(self.model_combo.count() - 1, model.spec.title or model.name,
                                          Qt.ItemDataRole.ToolTipRole)
         self.image_combo = QComboBox()
-        if get_image is not None:
+        if has_layer:
             self.image_combo.addItem("current image layer", LAYER)
             self.image_combo.setItemData(0, "the selected image layer, else the top one (its first plane)",
                                          Qt.ItemDataRole.ToolTipRole)
@@ -163,25 +175,8 @@ class BenchmarkPanel(QWidget):
                                      "the naive baseline always runs")
         self.variant_list.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
 
-        self.run_button = QPushButton("Run")
-        self.run_button.setToolTip("benchmark the ticked variants and the baseline on the image")
-        self.cancel_button = QPushButton("Cancel")
-        self.save_button = QPushButton("Save JSON…")
-        self.save_button.setToolTip("the whole report, as segstudio bench --json writes it")
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1000)
-        self.progress_bar.setTextVisible(False)
-        self.progress_bar.setMaximumHeight(12)
-        self.status = QLabel("Ready")
-        self.status.setWordWrap(True)
-        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.notice = QLabel("")
-        self.notice.setWordWrap(True)
-        self.notice.setStyleSheet("color: #e8a33f;")
-        self.notice.setVisible(False)
-        self.error_view = ErrorView()
-
-        # ------------------------------------------------------------ results
+    def _build_results(self) -> None:
+        """The results table, the skipped variants and the throughput chart (hidden until there are results)."""
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels([title for title, _ in COLUMNS])
         for i, (_, tip) in enumerate(COLUMNS):
@@ -211,7 +206,7 @@ class BenchmarkPanel(QWidget):
         self.chart.setVisible(False)
         self.legend.setVisible(False)
 
-        # ------------------------------------------------------------ layout
+    def _top(self) -> QGridLayout:
         form = QFormLayout()
         form.setContentsMargins(0, 0, 0, 0)
         form.addRow("Model", self.model_combo)
@@ -232,30 +227,7 @@ class BenchmarkPanel(QWidget):
         top.addLayout(variants, 0, 1)
         top.setColumnStretch(0, 3)
         top.setColumnStretch(1, 2)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        buttons.addWidget(self.save_button)
-        layout = QVBoxLayout(self)
-        layout.addLayout(top)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress_bar)
-        layout.addWidget(self.status)
-        layout.addWidget(self.notice)
-        layout.addWidget(self.error_view)
-        layout.addWidget(self.table)
-        layout.addWidget(self.skipped)
-        layout.addWidget(self.legend)
-        layout.addWidget(self.chart, 1)
-        layout.addStretch(0)  # the inputs at the top until there are results
-
-        self.model_combo.currentIndexChanged.connect(self._fill_variants)
-        self.variant_list.itemChanged.connect(self._on_variant_toggled)
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.save_button.clicked.connect(self._ask_json)
-        self._fill_variants()
-        self._set_idle()
+        return top
 
     # ------------------------------------------------------------------ public
 
@@ -292,9 +264,6 @@ class BenchmarkPanel(QWidget):
             self._models[model.name] = model
             self.model_combo.addItem(model.name, model.name)
 
-    def is_running(self) -> bool:
-        return self.runner.is_running()
-
     def run(self) -> None:
         """Start the benchmark in the background (errors of the inputs are shown in the panel)."""
         if self.runner.is_running():
@@ -318,28 +287,10 @@ class BenchmarkPanel(QWidget):
         tile, batch_size, quick = self.tile_spin.value(), self.batch_spin.value(), self.quick_check.isChecked()
         self._t_start = time.perf_counter()
         self._estimate = ""
-        self.progress_bar.setValue(0)
-        self.notice.clear()
-        self.notice.setVisible(False)
-        self.status.setText(f"Starting: {model.name}, {len(variants)} variant(s) and the baseline"
-                            + (" (quick)" if quick else ""))
-        self._set_busy()
+        self._starting(f"Starting: {model.name}, {len(variants)} variant(s) and the baseline"
+                       + (" (quick)" if quick else ""))
         self.runner.start(lambda cancel: benchmark_page_job(model, variants, image, tile=tile, batch_size=batch_size,
                                                             quick=quick, cancel=cancel))
-
-    def cancel(self) -> None:
-        """Stop at the next step of the run (the variant that runs finishes its call first)."""
-        if self.runner.is_running():
-            self.runner.cancel()
-            self.cancel_button.setEnabled(False)
-            self.status.setText("Cancelling...")
-
-    def shutdown(self, timeout_ms: int | None = None) -> bool:
-        """Cancel a running benchmark and join its thread; True if no thread is left running."""
-        return self.runner.shutdown(timeout_ms)
-
-    def error_text(self) -> str:
-        return self.error_view.text()
 
     def save_json(self, path: str | Path) -> Path:
         """Write the last report as JSON at ``path``, atomically (readers never see half a file)."""
@@ -407,23 +358,9 @@ class BenchmarkPanel(QWidget):
         self.show_report(report, time.perf_counter() - self._t_start)
         self.finished.emit(report)
 
-    def _on_failed(self, exc: BaseException) -> None:
-        self.status.setText("Failed")
-        self._show_error(exc)
-
     def _on_cancelled(self) -> None:
         self.progress_bar.setValue(0)
-        self.status.setText("Cancelled")
-
-    def _add_notice(self, text: str) -> None:
-        current = self.notice.text()
-        if text in current.splitlines():
-            return
-        self.notice.setText(f"{current}\n{text}" if current else text)
-        self.notice.setVisible(True)
-
-    def _show_error(self, exc: BaseException) -> None:
-        self.error_view.show_report(with_crash_log(describe_error(exc)))
+        super()._on_cancelled()
 
     # ------------------------------------------------------------------ results
 
@@ -550,23 +487,14 @@ class BenchmarkPanel(QWidget):
         if not self.runner.is_running():
             self.run_button.setEnabled(bool(self.variants()))
 
-    def _set_busy(self) -> None:
-        for w in (self.run_button, self.model_combo, self.image_combo, self.tile_spin, self.batch_spin,
-                  self.quick_check, self.variant_list, self.save_button):
-            w.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+    def _inputs(self) -> list[QWidget]:
+        return [self.model_combo, self.image_combo, self.tile_spin, self.batch_spin, self.quick_check,
+                self.variant_list, self.save_button]
 
     def _set_idle(self) -> None:
-        for w in (self.model_combo, self.image_combo, self.tile_spin, self.batch_spin, self.quick_check,
-                  self.variant_list):
-            w.setEnabled(True)
-        self.cancel_button.setEnabled(False)
+        super()._set_idle()
         self.save_button.setEnabled(self.report is not None)
         self._update_run_button()
         if not self._models:
             self.run_button.setEnabled(False)
             self.status.setText("No built-in model is installed")
-
-    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
-        self.shutdown()
-        super().closeEvent(event)

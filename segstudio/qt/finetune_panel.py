@@ -18,44 +18,33 @@ from typing import Callable
 import numpy as np
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QPixmap
-from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QSpinBox, QVBoxLayout, QWidget
 
 from ..core.backends import installed, torch_hint
 from ..core.jobs import Progress, Stage
-from .worker import JobRunner, describe_error, with_crash_log
+from .job_panel import JobPanel
+from .worker import describe_error, with_crash_log
 
 GetData = Callable[[], tuple[str, list[tuple[np.ndarray, np.ndarray]], str]]
 
 NO_TORCH = f"Fine-tuning trains the network, which needs PyTorch; this installation has none ({torch_hint()})."
 
 
-class FinetunePanel(QWidget):
+class FinetunePanel(JobPanel):
     """Button, step budget, progress, curve and status of a fine-tune."""
 
     model_ready = Signal(str)
+    CANCELLED = "Cancelled (run again to resume)"
 
     def __init__(self, get_data: GetData, parent: QWidget | None = None):
-        super().__init__(parent)
+        super().__init__("Fine-tune on these labels", parent)
         self._get_data = get_data
-        self.runner = JobRunner(self)
-        self.runner.progress.connect(self._on_progress)
-        self.runner.finished.connect(self._on_finished)
-        self.runner.failed.connect(self._on_failed)
-        self.runner.cancelled.connect(lambda: self.status.setText("Cancelled (run again to resume)"))
-        self.runner.stopped.connect(self._set_idle)
-
-        self.run_button = QPushButton("Fine-tune on these labels")
         self.run_button.setToolTip("train the chosen model further on this image and its (corrected) labels")
-        self.cancel_button = QPushButton("Cancel")
         self.steps = QSpinBox()
         self.steps.setRange(25, 5000)
         self.steps.setSingleStep(25)
         self.steps.setValue(300)
         self.steps.setToolTip("training steps at most (it stops earlier when validation stops improving)")
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setTextVisible(False)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
         self.curve = QLabel()
         self.curve.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.curve.setVisible(False)
@@ -70,13 +59,8 @@ class FinetunePanel(QWidget):
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.status)
         layout.addWidget(self.curve)
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button.clicked.connect(self.runner.cancel)
         self.last_result: dict | None = None
         self._set_idle()
-
-    def is_running(self) -> bool:
-        return self.runner.is_running()
 
     def run(self) -> None:
         from ..core.finetune import FinetuneConfig, finetune_job
@@ -94,13 +78,9 @@ class FinetunePanel(QWidget):
         self.progress_bar.setRange(0, cfg.steps)
         self.progress_bar.setValue(0)
         self.status.setText(f"Fine-tuning {base_name} on {image_name}...")
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+        self._set_busy()
         self.runner.start(lambda cancel: finetune_job(get_model(base_name), None, out, cfg, name=name,
                                                       arrays=arrays, cancel=cancel))
-
-    def shutdown(self, timeout_ms: int | None = None) -> bool:
-        return self.runner.shutdown(timeout_ms)
 
     def _on_progress(self, event: Progress) -> None:
         if event.stage is not Stage.FINETUNE:
@@ -132,15 +112,18 @@ class FinetunePanel(QWidget):
     def _on_failed(self, exc: BaseException) -> None:
         self._show_error(exc)
 
+    def _inputs(self) -> list[QWidget]:
+        return [self.steps]
+
     def _show_error(self, exc: BaseException) -> None:
         report = with_crash_log(describe_error(exc))
         self.status.setText(f"Fine-tuning failed: {report.message}" + (f"\n{report.hint}" if report.hint else ""))
 
     def _set_idle(self) -> None:
+        super()._set_idle()
         can_train = installed("torch")
         self.run_button.setEnabled(can_train)
         self.steps.setEnabled(can_train)
-        self.cancel_button.setEnabled(False)
         if not can_train:
             self.run_button.setToolTip(NO_TORCH)
             self.status.setText(NO_TORCH)

@@ -161,7 +161,10 @@ class JobPanel(QWidget):
         self._set_busy()
 
     def _add_notice(self, text: str) -> None:
+        """Add ``text`` to the notices (once: a notice already shown is not repeated)."""
         old = self.notice.text()
+        if text in old.splitlines():
+            return
         self.notice.setText(f"{old}\n{text}" if old else text)
         self.notice.setVisible(True)
 
