@@ -663,15 +663,16 @@ def cmd_train(args) -> int:
 def cmd_models(args) -> int:
     from .core.backends import runnable_variants
     from .core.models.catalog import builtin_models
-    from .core.models.user import import_model, user_models
+    from .core.models.user import ImportHints, import_model, user_models
 
     if args.action == "import":
         if not args.path:
             raise InputError("segstudio models import needs the model file or package", hint="segstudio models import PATH")
         norm = args.normalize
-        model = import_model(args.path, name=args.name, representation=args.representation,
-                             output_kind=args.output_kind, diameter=args.diameter, normalization=norm,
-                             overwrite=args.overwrite, trust_code=args.trust_code)
+        hints = ImportHints(representation=args.representation, output_kind=args.output_kind,
+                            diameter=args.diameter, normalization=norm)
+        model = import_model(args.path, name=args.name, hints=hints, overwrite=args.overwrite,
+                             trust_code=args.trust_code)
         print(model.spec.card())
         print(f"imported as {model.name!r} ({model.card_path}); use it with --model {model.name}")
         return 0
@@ -802,7 +803,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="segstudio", description="Fast microscopy segmentation.")
     parser.add_argument("--version", action="version", version=f"segstudio {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_segment_command(sub)
+    _add_batch_command(sub)
+    _add_eval_command(sub)
+    _add_bench_command(sub)
+    _add_optimize_command(sub)
+    _add_train_command(sub)
+    _add_models_command(sub)
+    _add_gui_command(sub)
+    _add_start_command(sub)
+    _add_self_test_command(sub)
+    return parser
 
+
+def _add_segment_command(sub) -> None:
+    """``segstudio segment``'s arguments."""
     p = sub.add_parser("segment", help="segment images: labels (.tif) and measurements (.csv) per image")
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder")
@@ -813,6 +828,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics_opt(p)
     p.set_defaults(func=cmd_segment)
 
+
+def _add_batch_command(sub) -> None:
+    """``segstudio batch``'s arguments."""
     p = sub.add_parser("batch", help="segment every image of a folder (resumable; one machine or a Dask cluster)")
     p.add_argument("in_dir", help="folder of images (never modified)")
     p.add_argument("--out", required=True, help="output folder: the input tree mirrored, batch_summary.csv")
@@ -826,6 +844,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics_opt(p)
     p.set_defaults(func=cmd_batch)
 
+
+def _add_eval_command(sub) -> None:
+    """``segstudio eval``'s arguments."""
     p = sub.add_parser("eval", help="accuracy against ground-truth labels (AP50, AP75, F1, Dice)")
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--labels", default=None, help="folder of label images (default: the images folder)")
@@ -839,6 +860,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_opts(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_bench_command(sub) -> None:
+    """``segstudio bench``'s arguments."""
     p = sub.add_parser("bench", help="benchmark backends side by side (and the naive baseline) on one image")
     p.add_argument("--model", default="nuclei")
     p.add_argument("--image", required=True, help="image file (the first plane is used)")
@@ -862,6 +886,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics_opt(p)
     p.set_defaults(func=cmd_bench)
 
+
+def _add_optimize_command(sub) -> None:
+    """``segstudio optimize``'s arguments."""
     p = sub.add_parser("optimize", help="make a model faster step by step, measuring what each step costs")
     p.add_argument("--model", default="nuclei")
     p.add_argument("--calib", default=None, help="folder of your images (unlabeled) for calibration and distillation")
@@ -893,6 +920,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_metrics_opt(p)
     p.set_defaults(func=cmd_optimize)
 
+
+def _add_train_command(sub) -> None:
+    """``segstudio train``'s arguments."""
     p = sub.add_parser("train", help="fine-tune a model on your own labelled images")
     p.add_argument("--from", dest="base", default="nuclei", help="the model to start from (default: nuclei)")
     p.add_argument("--images", required=True, help="folder of images")
@@ -911,6 +941,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_opt(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_models_command(sub) -> None:
+    """``segstudio models``'s arguments."""
     p = sub.add_parser("models", help="list the built-in and imported models; import one of your own")
     p.add_argument("action", nargs="?", choices=["list", "import"], default="list")
     p.add_argument("path", nargs="?", help="import: an ONNX, TorchScript or state-dict file, or a BioImage.IO package")
@@ -927,16 +960,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_opt(p)
     p.set_defaults(func=cmd_models)
 
+
+def _add_gui_command(sub) -> None:
+    """``segstudio gui``'s arguments."""
     p = sub.add_parser("gui", help="open the standalone app")
     p.add_argument("paths", nargs="*", help="images to open")
     p.set_defaults(func=cmd_gui)
 
+
+def _add_start_command(sub) -> None:
+    """``segstudio start``'s arguments."""
     p = sub.add_parser("start", help="open the app on the sample (or segment the sample when there is no display)")
     p.add_argument("--out", default="segstudio_output", help="output folder without a display")
     p.add_argument("--no-gui", action="store_true", help="segment the sample from the command line")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_start)
 
+
+def _add_self_test_command(sub) -> None:
+    """``segstudio self-test``'s arguments."""
     p = sub.add_parser("self-test", help="segment the sample with every installed backend and check accuracy")
     # nuclei v2.0 scores a mean AP50 of 0.683 on the four samples (0.746 on the first, which --gui segments) with
     # every backend; a backend that runs wrongly scores near 0
@@ -948,7 +990,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="with --gui: the timings (start to window, first "
                    "segmentation) and the accuracy as JSON")
     p.set_defaults(func=cmd_self_test)
-    return parser
 
 
 def _run_command(args) -> int:

@@ -112,3 +112,32 @@ def test_no_import_cycles():
     grimp = pytest.importorskip("grimp")
     graph = grimp.build_graph("segstudio", exclude_type_checking_imports=True)
     assert _cycles(graph, "segstudio") == []
+
+
+MAX_LINES, MAX_PARAMS = 80, 8
+
+
+def _functions():
+    """``(path:line name, lines, parameters)`` of every function and method in ``segstudio/`` (``self`` / ``cls`` not counted)."""
+    import ast
+
+    for path in sorted((ROOT / "segstudio").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [x.arg for x in a.posonlyargs + a.args]
+                n = len(names) + len(a.kwonlyargs) + (a.vararg is not None) + (a.kwarg is not None)
+                if names and names[0] in ("self", "cls"):
+                    n -= 1
+                where = f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"
+                yield where, node.end_lineno - node.lineno + 1, n
+
+
+def test_functions_are_short_and_take_few_parameters():
+    """No function over 80 lines (docstring included) or with over 8 parameters: options travel as typed objects."""
+    functions = list(_functions())
+    assert len(functions) > 500  # the walk saw the package
+    long = [f"{w} ({n} lines)" for w, n, _ in functions if n > MAX_LINES]
+    wide = [f"{w} ({p} parameters)" for w, _, p in functions if p > MAX_PARAMS]
+    assert not long and not wide, "\n".join(long + wide)

@@ -8,7 +8,7 @@ import pytest
 from segstudio.core.backends import available_backends, create_backend
 from segstudio.core.datasets import find_pairs
 from segstudio.core.errors import IncompatibleArtifactError, InputError
-from segstudio.core.evaluate import evaluate_job, score
+from segstudio.core.evaluate import evaluate_job
 from segstudio.core.sources import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import builtin_models, get_model, load_card

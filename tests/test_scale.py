@@ -235,7 +235,7 @@ def test_engine_profiles_follow_the_requested_tile_and_batch(monkeypatch):
         def model_file(cls, device, precision):
             return "onnx"
 
-        def __init__(self, model, *, device, precision, options, tile_shape, batch_size):
+        def __init__(self, model, variant, *, tile_shape, batch_size):
             built.update(tile_shape=tile_shape, batch_size=batch_size)
 
     img = read_image(SAMPLE / "6fe2df6de1d9_img.tif")

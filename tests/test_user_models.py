@@ -20,7 +20,7 @@ from segstudio.core.sources import read_image  # noqa: E402
 from segstudio.core.models.catalog import get_model  # noqa: E402
 from segstudio.core.models.onnx_export import export_onnx  # noqa: E402
 from segstudio.core.models.unet import build_unet  # noqa: E402
-from segstudio.core.models.user import ModelRefusedError, import_model, safe_extract  # noqa: E402
+from segstudio.core.models.user import ImportHints, ModelRefusedError, import_model, safe_extract  # noqa: E402
 from segstudio.core.preprocess import normalize  # noqa: E402
 from segstudio.core.options import SegmentOptions
 
@@ -93,7 +93,7 @@ def test_named_import_is_listed_and_found_by_name(tmp_path, home, nuclei_net):
 
     model, net = nuclei_net
     f = export_onnx(net, tmp_path / "x.onnx", in_channels=1, multiple=model.spec.multiple)
-    m = import_model(f, name="my-nuclei", diameter=20)
+    m = import_model(f, name="my-nuclei", hints=ImportHints(diameter=20))
     assert m.card_path.parent == home / "models" / "my-nuclei"
     assert [u.name for u in user_models()] == ["my-nuclei"]
     found = get_model("my-nuclei")

@@ -603,10 +603,7 @@ def batch_job(
         manifest = Manifest(out_dir / MANIFEST)
         try:
             if manifest.damaged:
-                lines = ", ".join(str(n) for n in manifest.damaged[:10]) + (", ..." if len(manifest.damaged) > 10 else "")
-                yield Progress("notice", 0, 0, f"{manifest.path}: skipped {len(manifest.damaged)} damaged line(s) "
-                               f"({lines}); the files they named are segmented again",
-                               info={"warning": True})
+                yield _damaged_notice(manifest)
             rows, todo = _plan(items, manifest, out_dir, model_id, files.retry_failed)
             yield Progress("batch", len(items) - len(todo), len(items), f"{len(todo)} of {len(items)} file(s) to process",
                            info={"files": {it.rel: rows.get(it.rel, {}).get("status", "pending") for it in items},
@@ -635,6 +632,12 @@ def batch_job(
     if cancelled:
         raise Cancelled(f"batch cancelled: {counts.get('done', 0)} of {len(items)} done; run it again to resume")
     return report
+
+
+def _damaged_notice(manifest: Manifest) -> Progress:
+    lines = ", ".join(str(n) for n in manifest.damaged[:10]) + (", ..." if len(manifest.damaged) > 10 else "")
+    return Progress("notice", 0, 0, f"{manifest.path}: skipped {len(manifest.damaged)} damaged line(s) "
+                    f"({lines}); the files they named are segmented again", info={"warning": True})
 
 
 def _plan(items: list[BatchItem], manifest: Manifest, out_dir: Path, model_id: str,

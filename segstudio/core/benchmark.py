@@ -443,6 +443,16 @@ def bench_job(model: Model, image: str | Path, variants: list[str], options: Ben
     return bench.report()
 
 
+def _on_gpu(variant: str) -> bool:
+    """Whether ``variant`` runs on a GPU (False for one that cannot be parsed: it is reported when created)."""
+    from .backends import parse_variant
+
+    try:
+        return parse_variant(variant).on_gpu
+    except SegStudioError:
+        return False
+
+
 class _Bench:
     """The state and phases of one :func:`bench_job`: tiles, runners, the estimate, the rounds, the report."""
 
@@ -494,7 +504,7 @@ class _Bench:
         """The baseline and each variant's backend (a variant that cannot run here is skipped, with the reason)."""
         from .backends import create_backend
 
-        use_gpu_baseline = any("cuda" in v or v.startswith(("trt", "tensorrt")) for v in variants)
+        use_gpu_baseline = any(_on_gpu(v) for v in variants)
         yield Progress("bench", 0, 0, f"loading {BASELINE}")
         try:
             eager = EagerTorch(self.model, "cuda" if use_gpu_baseline else "cpu")
@@ -504,10 +514,8 @@ class _Bench:
         for v in variants:
             self.cancel.raise_if_cancelled()
             yield Progress("bench", 0, 0, f"loading {v}")
-            extra = ({"tile_shape": self.plan.tile_shape, "batch_size": self.options.batch_size}
-                     if v.startswith(("trt", "tensorrt")) else {})
-            try:
-                b = create_backend(v, self.model, **extra)
+            try:  # a fixed-shape engine (TensorRT) is built for this tile and batch
+                b = create_backend(v, self.model, tile=self.options.tile, batch_size=self.options.batch_size)
             except SegStudioError as e:
                 self.skipped[v] = str(e)
                 continue

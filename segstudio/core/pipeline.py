@@ -235,12 +235,7 @@ class _PlaneRun:
         self.failure = _Failure()
         self.q_tiles: queue.Queue = queue.Queue(maxsize=2 * settings.batch_size)
         self.q_out: queue.Queue = queue.Queue(maxsize=2 * settings.batch_size)
-        source = plane.source
-        self.post = _PostStage(
-            self.plan, spec, plane, write_rows, first_id=state.next_id, context=settings.context,
-            measure_cells=settings.measure_cells, names=source.channel_names, pixel_size=source.pixel_size,
-            clock=state.clock, workers=settings.post_workers,
-        )
+        self.post = _PostStage(self.plan, spec, plane, write_rows, settings, state)
         self.bad_pixels = 0
 
     def read(self) -> None:
@@ -365,11 +360,12 @@ class _PostStage:
     label writes, table), so the output does not depend on the thread count.
     """
 
-    def __init__(self, plan, spec, view, write_rows, *, first_id, context, measure_cells, names, pixel_size, clock,
-                 workers: int = 1):
+    def __init__(self, plan: TilePlan, spec: ModelSpec, view: PlaneView, write_rows, settings: PlaneSettings,
+                 state: StackState):
         self.plan, self.spec, self.view, self.write_rows = plan, spec, view, write_rows
-        self.context, self.measure_cells = context, measure_cells
-        self.names, self.pixel_size, self.clock = names, pixel_size, clock
+        self.context, self.measure_cells = settings.context, settings.measure_cells
+        self.names, self.pixel_size = view.source.channel_names, view.source.pixel_size
+        self.clock, first_id, workers = state.clock, state.next_id, settings.post_workers
         self.h, self.w = plan.shape
         self.rows = _tile_rows(plan)
         self.row_starts = [r[0].out[0].start for r in self.rows]

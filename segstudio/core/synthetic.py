@@ -117,8 +117,7 @@ def viability_image(
 
     labels = np.zeros((h, w), np.int32)
     classes = [0]
-    live_ch = np.zeros((h, w), np.float32)
-    dead_ch = np.zeros((h, w), np.float32)
+    channels = np.zeros((2, h, w), np.float32)  # the live stain's and the dead stain's signal
     texture = 1.0 + 0.25 * _smooth_field(rng, (h, w), 2.0)
     for _ in range(n_target):
         dead = rng.random() >= live_fraction
@@ -131,38 +130,58 @@ def viability_image(
             cy, cx = centres[int(rng.integers(len(centres)))] + rng.normal(0, spread, 2)
         else:
             cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-        r = mask.shape[0] // 2
-        y0, x0 = int(round(cy)) - r, int(round(cx)) - r
-        ys, xs = slice(max(y0, 0), min(y0 + mask.shape[0], h)), slice(max(x0, 0), min(x0 + mask.shape[1], w))
-        if ys.start >= ys.stop or xs.start >= xs.stop:
-            continue
-        m = mask[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
-        if m.sum() < 12:
-            continue
-        taken = labels[ys, xs] > 0
-        if (m & taken).sum() > params.max_overlap * m.sum():
-            continue
-        new = m & ~taken
-        idx = len(classes)
-        labels[ys, xs][new] = idx
-        classes.append(DEAD if dead else LIVE)
-        if assay == "live-dead":
-            live_level = rng.uniform(0.0, 0.06) if dead else rng.uniform(0.45, 1.0)
-            dead_level = rng.uniform(0.5, 1.0) if dead else rng.uniform(0.0, 0.04)
-        else:
-            live_level = rng.uniform(0.6, 1.0) if dead else rng.uniform(0.3, 0.65)
-            dead_level = rng.uniform(0.5, 1.0) if dead else rng.uniform(0.0, 0.04)
-        # cells are domes: the stain's signal follows the cell's height, highest at its centre,
-        # so touching cells meet at a dimmer seam
-        depth = ndi.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
-        dome = np.sqrt(depth / max(depth.max(), 1.0))[new]
-        live_ch[ys, xs][new] = live_level * (0.45 + 0.55 * dome)
-        dead_ch[ys, xs][new] = dead_level * (0.6 + 0.4 * dome)
+        if _paint_cell(rng, params, assay, (labels, channels), mask, (cy, cx), dead, len(classes)):
+            classes.append(DEAD if dead else LIVE)
 
     # live cells carry texture (cytoplasm, chromatin); dead cells are uniform
     is_live = np.asarray(classes, np.uint8)[labels] == LIVE
-    live_ch = np.where(is_live, live_ch * texture, live_ch)
-    # bleed-through, then optics and camera
+    live_ch, dead_ch = np.where(is_live, channels[0] * texture, channels[0]), channels[1]
+    image, optics = _viability_optics(rng, params, live_ch, dead_ch)
+    info = {"assay": assay, "live_fraction": live_fraction, **optics, "cells": len(classes) - 1}
+    return image, labels, np.asarray(classes, np.uint8), info
+
+
+def _paint_cell(rng: np.random.Generator, params: ViabilityParams, assay: str,
+                canvas: tuple[np.ndarray, np.ndarray], mask: np.ndarray, centre: tuple[float, float], dead: bool,
+                idx: int) -> bool:
+    """Paint cell ``idx`` (its ``mask`` at ``centre``) into the ``canvas``: the labels and both stains' channels.
+
+    True if painted (not off the image, not too small, not overlapping others too much).
+    """
+    labels, channels = canvas
+    h, w = labels.shape
+    r = mask.shape[0] // 2
+    y0, x0 = int(round(centre[0])) - r, int(round(centre[1])) - r
+    ys, xs = slice(max(y0, 0), min(y0 + mask.shape[0], h)), slice(max(x0, 0), min(x0 + mask.shape[1], w))
+    if ys.start >= ys.stop or xs.start >= xs.stop:
+        return False
+    m = mask[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
+    if m.sum() < 12:
+        return False
+    taken = labels[ys, xs] > 0
+    if (m & taken).sum() > params.max_overlap * m.sum():
+        return False
+    new = m & ~taken
+    labels[ys, xs][new] = idx
+    if assay == "live-dead":
+        live_level = rng.uniform(0.0, 0.06) if dead else rng.uniform(0.45, 1.0)
+        dead_level = rng.uniform(0.5, 1.0) if dead else rng.uniform(0.0, 0.04)
+    else:
+        live_level = rng.uniform(0.6, 1.0) if dead else rng.uniform(0.3, 0.65)
+        dead_level = rng.uniform(0.5, 1.0) if dead else rng.uniform(0.0, 0.04)
+    # cells are domes: the stain's signal follows the cell's height, highest at its centre,
+    # so touching cells meet at a dimmer seam
+    depth = ndi.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
+    dome = np.sqrt(depth / max(depth.max(), 1.0))[new]
+    channels[0, ys, xs][new] = live_level * (0.45 + 0.55 * dome)
+    channels[1, ys, xs][new] = dead_level * (0.6 + 0.4 * dome)
+    return True
+
+
+def _viability_optics(rng: np.random.Generator, params: ViabilityParams, live_ch: np.ndarray,
+                      dead_ch: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Bleed-through between the stains, then optics and camera: a (2, H, W) uint16 image."""
+    h, w = live_ch.shape
     b01, b10 = rng.uniform(*params.bleed), rng.uniform(*params.bleed)
     ch = np.stack([live_ch + b10 * dead_ch, dead_ch + b01 * live_ch])
     sigma = rng.uniform(*params.psf_sigma)
@@ -175,9 +194,7 @@ def viability_image(
     ch = rng.poisson(np.clip(ch, 0, None) * photons) / photons
     ch = ch + rng.normal(0, rng.uniform(*params.read_noise), ch.shape)
     image = np.clip(np.round(ch * 3800 + 100), 0, 4095).astype(np.uint16)
-    info = {"assay": assay, "live_fraction": live_fraction, "psf_sigma": sigma, "photons": photons,
-            "illumination": amp, "bleed": (b01, b10), "cells": len(classes) - 1}
-    return image, labels, np.asarray(classes, np.uint8), info
+    return image, {"psf_sigma": sigma, "photons": photons, "illumination": amp, "bleed": (b01, b10)}
 
 
 # ------------------------------------------------------------------ hard nuclei
@@ -233,47 +250,7 @@ def hard_nuclei_image(rng: np.random.Generator, params: HardNucleiParams = HardN
     centres = rng.uniform([0, 0], [h, w], size=(int(rng.integers(1, 4)), 2))
     spread_px = d * rng.uniform(1.0, 3.0)
     b_spread = _log_uniform(rng, *params.brightness_spread)
-    chromatin = rng.uniform(*params.chromatin)
-    labels = np.zeros((h, w), np.int32)
-    signal = np.zeros((h, w), np.float32)
-    speckle = _smooth_field(rng, (h, w), max(0.7, d / 14))
-    count = [0]
-
-    def paint(mask: np.ndarray, cy: float, cx: float, level: float, textured: bool) -> bool:
-        r0, r1 = mask.shape[0] // 2, mask.shape[1] // 2
-        y0, x0 = int(round(cy)) - r0, int(round(cx)) - r1
-        ys = slice(max(y0, 0), min(y0 + mask.shape[0], h))
-        xs = slice(max(x0, 0), min(x0 + mask.shape[1], w))
-        if ys.start >= ys.stop or xs.start >= xs.stop:
-            return False
-        m = mask[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
-        if m.sum() < 6:
-            return False
-        taken = labels[ys, xs] > 0
-        if (m & taken).sum() > params.max_overlap * m.sum():
-            return False
-        new = m & ~taken
-        count[0] += 1
-        labels[ys, xs][new] = count[0]
-        depth = ndi.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
-        dome = np.sqrt(depth / max(depth.max(), 1.0))
-        profile = level * (rng.uniform(0.5, 0.9) + (1 - 0.7) * dome)
-        if textured:
-            profile = profile * np.clip(1 + chromatin * speckle[ys, xs], 0.15, None)
-            if mask.shape[0] > 24 and rng.random() < params.nucleoli:
-                # dark nucleoli: 1-4 round holes in the chromatin, 6-14 % of the diameter across
-                inside = np.argwhere(depth > depth.max() * 0.35)
-                for _ in range(int(rng.integers(1, 5))):
-                    if not len(inside):
-                        break
-                    py, px = inside[int(rng.integers(len(inside)))]
-                    rr = mask.shape[0] * rng.uniform(0.03, 0.07)
-                    yy, xx = np.ogrid[: m.shape[0], : m.shape[1]]
-                    blob = np.exp(-((yy - py) ** 2 + (xx - px) ** 2) / (2 * rr * rr))
-                    profile = profile * (1 - rng.uniform(0.35, 0.75) * blob)
-        signal[ys, xs][new] = profile[new]
-        return True
-
+    canvas = _NucleiCanvas(rng, params, side, d, chromatin=rng.uniform(*params.chromatin))
     placed = 0
     for _ in range(n_target * 3):
         if placed >= n_target:
@@ -285,21 +262,88 @@ def hard_nuclei_image(rng: np.random.Generator, params: HardNucleiParams = HardN
         else:
             cy, cx = rng.uniform(0, h), rng.uniform(0, w)
         level = 1.0 / _log_uniform(rng, 1.0, b_spread)
-        placed += paint(mask, cy, cx, level, textured=True)
-    n_micro = 0
-    if d >= 16 and rng.random() < params.micronuclei:
+        placed += canvas.paint(mask, cy, cx, level, textured=True)
+    n_micro = canvas.micronuclei(placed) if d >= 16 and rng.random() < params.micronuclei else 0
+    image, optics = _hard_optics(rng, params, canvas.signal, d)
+    info = {"diameter": d, "nuclei": placed, "micronuclei": n_micro, "brightness_spread": b_spread,
+            "chromatin": canvas.chromatin, **optics, "side": side}
+    return image, canvas.labels, info
+
+
+class _NucleiCanvas:
+    """The labels and the (noise-free) signal of a hard-nuclei image, painted nucleus by nucleus."""
+
+    def __init__(self, rng: np.random.Generator, params: HardNucleiParams, side: int, d: float, chromatin: float):
+        self.rng, self.params, self.side, self.d, self.chromatin = rng, params, side, d, chromatin
+        self.labels = np.zeros((side, side), np.int32)
+        self.signal = np.zeros((side, side), np.float32)
+        self.speckle = _smooth_field(rng, (side, side), max(0.7, d / 14))
+        self.count = 0
+
+    def paint(self, mask: np.ndarray, cy: float, cx: float, level: float, textured: bool) -> bool:
+        """Paint one nucleus (``mask`` centred at ``cy, cx``) where it does not overlap too much; True if painted."""
+        rng, params, h = self.rng, self.params, self.side
+        r0, r1 = mask.shape[0] // 2, mask.shape[1] // 2
+        y0, x0 = int(round(cy)) - r0, int(round(cx)) - r1
+        ys = slice(max(y0, 0), min(y0 + mask.shape[0], h))
+        xs = slice(max(x0, 0), min(x0 + mask.shape[1], h))
+        if ys.start >= ys.stop or xs.start >= xs.stop:
+            return False
+        m = mask[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
+        if m.sum() < 6:
+            return False
+        taken = self.labels[ys, xs] > 0
+        if (m & taken).sum() > params.max_overlap * m.sum():
+            return False
+        new = m & ~taken
+        self.count += 1
+        self.labels[ys, xs][new] = self.count
+        depth = ndi.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
+        dome = np.sqrt(depth / max(depth.max(), 1.0))
+        profile = level * (rng.uniform(0.5, 0.9) + (1 - 0.7) * dome)
+        if textured:
+            profile = profile * np.clip(1 + self.chromatin * self.speckle[ys, xs], 0.15, None)
+            if mask.shape[0] > 24 and rng.random() < params.nucleoli:
+                profile = self._nucleoli(profile, m, depth, mask.shape[0])
+        self.signal[ys, xs][new] = profile[new]
+        return True
+
+    def _nucleoli(self, profile: np.ndarray, m: np.ndarray, depth: np.ndarray, size: int) -> np.ndarray:
+        """Dark nucleoli: 1-4 round holes in the chromatin, 6-14 % of the diameter across."""
+        rng = self.rng
+        inside = np.argwhere(depth > depth.max() * 0.35)
+        for _ in range(int(rng.integers(1, 5))):
+            if not len(inside):
+                break
+            py, px = inside[int(rng.integers(len(inside)))]
+            rr = size * rng.uniform(0.03, 0.07)
+            yy, xx = np.ogrid[: m.shape[0], : m.shape[1]]
+            blob = np.exp(-((yy - py) ** 2 + (xx - px) ** 2) / (2 * rr * rr))
+            profile = profile * (1 - rng.uniform(0.35, 0.75) * blob)
+        return profile
+
+    def micronuclei(self, placed: int) -> int:
+        """Small untextured nuclei beside random nuclei; returns how many were painted."""
+        rng, d, n_micro = self.rng, self.d, 0
         for _ in range(int(rng.integers(2, 3 + placed // 4))):
             a = max(1.5, d / 2 * rng.uniform(0.15, 0.3))
-            ids = np.unique(labels)[1:]
+            ids = np.unique(self.labels)[1:]
             if not len(ids):
                 break
-            ys, xs = np.nonzero(labels == ids[int(rng.integers(len(ids)))])
+            ys, xs = np.nonzero(self.labels == ids[int(rng.integers(len(ids)))])
             ang = rng.uniform(0, 2 * math.pi)
             cy = ys.mean() + math.sin(ang) * (d * 0.7)
             cx = xs.mean() + math.cos(ang) * (d * 0.7)
-            n_micro += paint(_cell_mask(rng, a, rng.uniform(0.7, 1.0), 0.02), cy, cx,
-                             rng.uniform(0.5, 1.0), textured=False)
+            n_micro += self.paint(_cell_mask(rng, a, rng.uniform(0.7, 1.0), 0.02), cy, cx,
+                                  rng.uniform(0.5, 1.0), textured=False)
+        return n_micro
 
+
+def _hard_optics(rng: np.random.Generator, params: HardNucleiParams, signal: np.ndarray,
+                 d: float) -> tuple[np.ndarray, dict]:
+    """Blur (and defocus), uneven illumination, background ramp, Poisson-Gaussian noise, 8 or 16 bits."""
+    h, w = signal.shape
+    side = h
     sigma = rng.uniform(*params.psf_sigma)
     if rng.random() < params.defocus:
         sigma = math.hypot(sigma, rng.uniform(0.02, 0.06) * d)
@@ -320,7 +364,4 @@ def hard_nuclei_image(rng: np.random.Generator, params: HardNucleiParams = HardN
         image = np.clip(np.round(img / max(float(np.percentile(img, 99.9)), 1e-6) * top), 0, 255).astype(np.uint8)
     else:
         image = np.clip(np.round(img * 3800 + 100), 0, 4095).astype(np.uint16)
-    info = {"diameter": d, "nuclei": placed, "micronuclei": n_micro, "brightness_spread": b_spread,
-            "chromatin": chromatin, "psf_sigma": sigma, "photons": photons, "eight_bit": bool(eight_bit),
-            "side": side}
-    return image, labels, info
+    return image, {"psf_sigma": sigma, "photons": photons, "eight_bit": bool(eight_bit)}

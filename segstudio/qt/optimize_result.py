@@ -132,7 +132,20 @@ class ResultPage(QWidget):
         self.chosen: StepReport | None = None
         self.comparison: CompareResult | None = None
         self._rows: list[StepReport] = []
+        self._connect_runners()
+        self._build_report_view()
+        grid = self._build_actions()
+        self._lay_out(grid)
+        self.rollback_button.clicked.connect(self.roll_back_to_selected)
+        self.use_button.clicked.connect(self.use_model)
+        self.compare_button.clicked.connect(self.compare)
+        self.report_button.clicked.connect(self.open_report)
+        self.export_folder_button.clicked.connect(self._choose_export_folder)
+        self.export_onnx_button.clicked.connect(self._choose_export_onnx)
+        self._set_idle()
 
+    def _connect_runners(self) -> None:
+        """The comparison's and the export's background runners."""
         self.compare_runner = JobRunner(self)
         self.compare_runner.progress.connect(self._on_compare_progress)
         self.compare_runner.finished.connect(self._on_compared)
@@ -144,6 +157,8 @@ class ResultPage(QWidget):
         self.export_runner.failed.connect(self._show_error)
         self.export_runner.stopped.connect(self._set_idle)
 
+    def _build_report_view(self) -> None:
+        """The summary line, the steps' table, the selected row's details and the chosen model."""
         self.summary = QLabel("No result yet")
         self.summary.setWordWrap(True)
         self.summary.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
@@ -162,6 +177,8 @@ class ResultPage(QWidget):
         self.chosen_label.setWordWrap(True)
         self.chosen_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
 
+    def _build_actions(self) -> QGridLayout:
+        """The action buttons (in a grid), the comparison's progress and legend, the export status, errors."""
         self.rollback_button = QPushButton("Roll back to selected")
         self.rollback_button.setToolTip("make the selected kept step (or the original) the chosen model")
         self.use_button = QPushButton("Use this model")
@@ -197,7 +214,10 @@ class ResultPage(QWidget):
         self.export_status.setWordWrap(True)
         self.export_status.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.error_view = ErrorView()
+        return grid
 
+    def _lay_out(self, grid: QGridLayout) -> None:
+        """The summary above a splitter: the table on top, details and actions below."""
         top = QWidget()
         top_layout = QVBoxLayout(top)
         top_layout.setContentsMargins(0, 0, 0, 0)
@@ -224,14 +244,6 @@ class ResultPage(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.summary)
         layout.addWidget(self.splitter, 1)
-
-        self.rollback_button.clicked.connect(self.roll_back_to_selected)
-        self.use_button.clicked.connect(self.use_model)
-        self.compare_button.clicked.connect(self.compare)
-        self.report_button.clicked.connect(self.open_report)
-        self.export_folder_button.clicked.connect(self._choose_export_folder)
-        self.export_onnx_button.clicked.connect(self._choose_export_onnx)
-        self._set_idle()
 
     # ------------------------------------------------------------------ the report
 

@@ -345,7 +345,17 @@ class RunPage(QWidget):
         self._timer.setSingleShot(True)
         self._timer.setInterval(REDRAW_MS)
         self._timer.timeout.connect(self._flush)
+        self._build_progress()
+        self._build_steps_view()
+        self._build_plots()
+        self._lay_out(self._build_sensitivity())
+        self.start_button.clicked.connect(self.start)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.resume_button.clicked.connect(self.resume)
+        self.reset()
 
+    def _build_progress(self) -> None:
+        """The headline, the run's and the step's bars, Start / Cancel / Resume and the error view."""
         self.headline = QLabel("Not started")
         self.headline.setWordWrap(True)
         self.headline.setObjectName("segstudioRunHeadline")
@@ -368,6 +378,8 @@ class RunPage(QWidget):
         self.resume_button.setToolTip("continue the stopped run in the same folder without redoing finished steps")
         self.error_view = ErrorView()
 
+    def _build_steps_view(self) -> None:
+        """The steps' table and the selected step's reason."""
         self.steps_table = table(self.STEP_COLUMNS, {
             "AP50": "accuracy on the validation images (or agreement with the original without labels)",
             "Speed-up": "against PyTorch eager FP32 of the original, measured on this machine",
@@ -380,7 +392,8 @@ class RunPage(QWidget):
         self.reason.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.reason.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
 
-        self._build_plots()
+    def _build_sensitivity(self) -> QWidget:
+        """The INT8 layers' tab: how sensitive each layer is and which stay in float."""
         self.sensitivity_title = QLabel("No INT8 step has measured its layers yet.")
         self.sensitivity_title.setWordWrap(True)
         self.sensitivity_table = table(["Layer", "Error removed in float", "Stays in float"], {
@@ -392,7 +405,10 @@ class RunPage(QWidget):
         sens_layout.setContentsMargins(0, 0, 0, 0)
         sens_layout.addWidget(self.sensitivity_title)
         sens_layout.addWidget(self.sensitivity_table, 1)
+        return sens
 
+    def _lay_out(self, sens: QWidget) -> None:
+        """Progress and buttons on top; below, a splitter: the steps' table over the tabs of charts."""
         self.tabs = QTabWidget()
         self.tabs.addTab(self.chart, "Accuracy vs speed")
         self.tabs.addTab(self.loss_plot, "Training loss")
@@ -424,11 +440,6 @@ class RunPage(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.error_view)
         layout.addWidget(self.splitter, 1)
-
-        self.start_button.clicked.connect(self.start)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.resume_button.clicked.connect(self.resume)
-        self.reset()
 
     def _build_plots(self) -> None:
         import pyqtgraph as pg

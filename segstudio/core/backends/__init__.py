@@ -57,7 +57,7 @@ def create_backend(variant: str, model: Model, **options) -> Backend:
     the backend (``threads``...).  GPU variants are created on, and called
     through, their device thread.
     """
-    if resolve_name(variant.split("@")[0].split(":")[0].split("+")[0]) == "auto":
+    if variant.strip().lower() == "auto":
         variant = auto_variant(model, **{k: v for k, v in options.items() if k in ("tile", "batch_size") and v})
     return create_variant(variant, model, **options)
 

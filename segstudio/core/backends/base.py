@@ -15,9 +15,32 @@ resources are taken in ``__init__`` and released by :meth:`close`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A backend request, parsed and checked once (:func:`~segstudio.core.backends.registry.parse_variant`).
+
+    ``name``: the registry name; ``device``: ``cpu``, ``cuda``, ...;
+    ``precision``: ``fp32``, ``fp16``, ``bf16``, ``int8``; ``options``:
+    the backend's switches (``graph``, ``cl``...); ``on_gpu``: it runs on
+    a GPU device (through the device thread).
+    """
+
+    name: str
+    device: str
+    precision: str
+    options: frozenset[str] = frozenset()
+    on_gpu: bool = False
+
+    @property
+    def text(self) -> str:
+        """``name@device:precision+option...``, as the command line takes it."""
+        return f"{self.name}@{self.device}:{self.precision}" + "".join(f"+{o}" for o in sorted(self.options))
 
 
 @runtime_checkable
@@ -61,6 +84,11 @@ class BackendBase:
     def model_file(cls, device: str, precision: str) -> str:
         """The model-card file format this device / precision runs from."""
         return "onnx"
+
+    @classmethod
+    def default_variant(cls) -> Variant:
+        """The backend on its default device in FP32 (what a backend created without a variant runs)."""
+        return Variant(cls.name, cls.devices[0], "fp32", on_gpu=cls.devices[0] in cls.gpu_devices)
 
     def __enter__(self):
         return self

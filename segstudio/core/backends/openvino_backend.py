@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, IncompatibleArtifactError
 from ..models.catalog import Model
-from .base import BackendBase
+from .base import BackendBase, Variant
 from .ort_backend import default_threads
 
 
@@ -63,8 +63,9 @@ class OpenVinoBackend(BackendBase):
     def model_file(cls, device: str, precision: str) -> str:
         return "onnx_int8" if precision == "int8" else "onnx"
 
-    def __init__(self, model: Model, *, device: str = "cpu", precision: str = "fp32",
-                 options: frozenset[str] = frozenset(), threads: int | None = None):
+    def __init__(self, model: Model, variant: Variant | None = None, *, threads: int | None = None):
+        variant = variant or self.default_variant()
+        device, precision = variant.device, variant.precision
         ov = _ov()
         self._ov = ov
         self.core = ov.Core()

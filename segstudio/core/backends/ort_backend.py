@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, IncompatibleArtifactError
 from ..models.catalog import Model
-from .base import BackendBase
+from .base import BackendBase, Variant
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -72,9 +72,10 @@ class OrtBackend(BackendBase):
             return "onnx_fp16"
         return "onnx"
 
-    def __init__(self, model: Model, *, device: str = "cpu", precision: str = "fp32",
-                 options: frozenset[str] = frozenset(), threads: int | None = None,
+    def __init__(self, model: Model, variant: Variant | None = None, *, threads: int | None = None,
                  cache_dir: str | Path | None = None):
+        variant = variant or self.default_variant()
+        device, precision = variant.device, variant.precision
         ort = _ort()
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -10,12 +10,11 @@ import importlib
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass
 from functools import lru_cache
 
 from ..errors import BackendUnavailableError, InputError
 from ..models.catalog import Model
-from .base import Backend, BackendBase
+from .base import Backend, BackendBase, Variant
 
 # name -> (module, class)
 REGISTRY = {
@@ -25,24 +24,6 @@ REGISTRY = {
     "tensorrt": (".tensorrt_backend", "TensorRTBackend"),
 }
 ALIASES = {"ort": "onnxruntime", "pytorch": "torch", "ov": "openvino", "trt": "tensorrt"}
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A parsed backend request."""
-
-    name: str
-    device: str
-    precision: str
-    options: frozenset[str] = frozenset()
-
-    @property
-    def text(self) -> str:
-        return f"{self.name}@{self.device}:{self.precision}" + "".join(f"+{o}" for o in sorted(self.options))
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device in backend_class(self.name).gpu_devices
 
 
 def resolve_name(name: str) -> str:
@@ -79,7 +60,7 @@ def parse_variant(text: str) -> Variant:
     if unknown:
         offered = ", ".join(sorted(cls.options)) or "none"
         raise InputError(f"{name} has no option {', '.join(sorted(unknown))} (options: {offered})")
-    return Variant(name, device, precision, options)
+    return Variant(name, device, precision, options, on_gpu=device in cls.gpu_devices)
 
 
 def installed(package: str) -> bool:
@@ -184,7 +165,7 @@ def create_variant(variant: str, model: Model, *, tile: int | None = None, batch
         )
 
     def factory():
-        return cls(model, device=v.device, precision=v.precision, options=v.options, **options)
+        return cls(model, v, **options)
 
     if v.on_gpu:
         from .device import DeviceBound, DeviceThread

@@ -25,7 +25,7 @@ from ..errors import BackendUnavailableError, Cancelled, DeviceOutOfMemoryError,
 from ..jobs import CancelToken
 from ..models.catalog import Model
 from ..models.spec import file_sha256
-from .base import BackendBase
+from .base import BackendBase, Variant
 from .engine_cache import EngineCache, EngineKey, Profile, default_profile
 
 
@@ -148,10 +148,11 @@ class TensorRTBackend(BackendBase):
 
     takes_profile = True  # create_variant sizes tile_shape and batch_size from the segmentation's tiling
 
-    def __init__(self, model: Model, *, device: str = "cuda", precision: str = "fp32",
-                 options: frozenset[str] = frozenset(), threads: int | None = None,
+    def __init__(self, model: Model, variant: Variant | None = None, *, threads: int | None = None,
                  tile_shape: tuple[int, int] = (640, 640), batch_size: int = 4,
                  cache_dir: str | Path | None = None, engine: str | Path | None = None):
+        variant = variant or self.default_variant()
+        device, precision = variant.device, variant.precision
         trt, torch = _trt(), _torch_cuda()
         from ..errors import log_dir
         from .engine_cache import check_engine_file

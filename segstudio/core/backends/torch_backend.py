@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import BackendUnavailableError, DeviceOutOfMemoryError
 from ..models.catalog import Model
 from ..threads import torch_threads
-from .base import BackendBase
+from .base import BackendBase, Variant
 from .registry import torch_hint
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -47,8 +47,9 @@ class TorchBackend(BackendBase):
     def model_file(cls, device: str, precision: str) -> str:
         return "torch"
 
-    def __init__(self, model: Model, *, device: str = "cpu", precision: str = "fp32",
-                 options: frozenset[str] = frozenset(), threads: int | None = None):
+    def __init__(self, model: Model, variant: Variant | None = None, *, threads: int | None = None):
+        variant = variant or self.default_variant()
+        device, precision, options = variant.device, variant.precision, variant.options
         torch = _torch()
         from ..models.unet import build_unet, fold_batchnorm
 

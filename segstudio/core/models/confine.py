@@ -302,22 +302,7 @@ def run_confined(
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="segstudio-confine-"))
     try:
-        for sub in ("in", "out", "home", "tmp", "cwd"):
-            (work / sub).mkdir(mode=0o700)
-        copies = {}
-        for name, src in (inputs or {}).items():
-            parts = Path(name).parts
-            if not parts or Path(name).is_absolute() or any(p in ("..", ".") for p in parts):
-                raise ValueError(f"bad input name {name!r}")
-            dst = work / "in" / name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
-            os.chmod(dst, 0o444)
-            copies[name] = str(dst)
-        for root, dirs, _ in os.walk(work / "in", topdown=False):
-            for d in dirs:
-                os.chmod(os.path.join(root, d), 0o555)
-        os.chmod(work / "in", 0o555)
+        copies = _stage_inputs(work, inputs or {})
         read_paths = _read_paths()
         job = {"target": target, "args": args or {}, "inputs": copies, "out": str(work / "out"),
                "write": [str(work / d) for d in ("out", "home", "tmp", "cwd")], "read": read_paths,
@@ -327,28 +312,9 @@ def run_confined(
         python = [sys.executable, "-I", "-B", "-m", __name__, str(work / "job.json")]
         cmd = (_bwrap_command(work, read_paths) if chosen == "bwrap" else []) + python
         log_path = work / "child.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=work / "cwd", env=_clean_env(work), close_fds=True,
-                                    start_new_session=True)
-            try:
-                rc = proc.wait(timeout=limits.wall_seconds)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                raise ConfinedRunError(
-                    f"{label}: stopped after {limits.wall_seconds:g} s (the time limit of a confined run)",
-                    hint="the model may loop forever; if it is just slow, convert it to ONNX yourself") from None
-            finally:
-                _kill_group(proc)  # nothing of the child outlives it
+        rc, pid = _spawn(cmd, work, log_path, limits, label)
         log_text = _tail(log_path)
-        result = _read_result(work / "out" / RESULT_NAME, label)
-        if result is None:
-            raise ConfinedRunError(f"{label}: {_death(rc, limits)}" + (f" ({_last_line(log_text)})" if log_text else ""))
-        if not result.get("ok"):
-            message = _one_line(str(result.get("error", "failed")).replace(str(work / "in") + os.sep, ""))
-            if re.search(r"alloc|MemoryError|out of memory", message, re.IGNORECASE):
-                message += f" (a confined run may use at most {limits.memory_bytes / (1 << 30):.1f} GiB)"
-            raise ConfinedRunError(f"{label}: {message}")
+        result = _checked_result(work, rc, log_text, limits, label)
         files = {}
         if outputs:
             dest = Path(dest)
@@ -356,11 +322,63 @@ def run_confined(
             for name in outputs:
                 files[name] = _take_output(work / "out", name, dest, limits, label)
         applied = result.get("applied") if isinstance(result.get("applied"), dict) else {}
-        return ConfinedResult(value=result.get("value"), files=files, method=chosen, applied=applied, pid=proc.pid,
+        return ConfinedResult(value=result.get("value"), files=files, method=chosen, applied=applied, pid=pid,
                               child_pid=int(result.get("pid") or 0), seconds=time.perf_counter() - t0, log=log_text,
                               memory=result.get("memory") if isinstance(result.get("memory"), dict) else {})
     finally:
         _remove(work)
+
+
+def _stage_inputs(work: Path, inputs: dict[str, Path]) -> dict[str, str]:
+    """The work folders, and read-only copies of ``inputs`` under ``work/in`` (name -> copy's path)."""
+    for sub in ("in", "out", "home", "tmp", "cwd"):
+        (work / sub).mkdir(mode=0o700)
+    copies = {}
+    for name, src in inputs.items():
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or any(p in ("..", ".") for p in parts):
+            raise ValueError(f"bad input name {name!r}")
+        dst = work / "in" / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        os.chmod(dst, 0o444)
+        copies[name] = str(dst)
+    for root, dirs, _ in os.walk(work / "in", topdown=False):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o555)
+    os.chmod(work / "in", 0o555)
+    return copies
+
+
+def _spawn(cmd: list[str], work: Path, log_path: Path, limits: Limits, label: str) -> tuple[int, int]:
+    """Run the child to its end (killed with its whole group at the time limit); its exit status and pid."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                cwd=work / "cwd", env=_clean_env(work), close_fds=True,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=limits.wall_seconds)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise ConfinedRunError(
+                f"{label}: stopped after {limits.wall_seconds:g} s (the time limit of a confined run)",
+                hint="the model may loop forever; if it is just slow, convert it to ONNX yourself") from None
+        finally:
+            _kill_group(proc)  # nothing of the child outlives it
+    return rc, proc.pid
+
+
+def _checked_result(work: Path, rc: int, log_text: str, limits: Limits, label: str) -> dict:
+    """The child's result record; :class:`ConfinedRunError` when it died or its function failed."""
+    result = _read_result(work / "out" / RESULT_NAME, label)
+    if result is None:
+        raise ConfinedRunError(f"{label}: {_death(rc, limits)}" + (f" ({_last_line(log_text)})" if log_text else ""))
+    if not result.get("ok"):
+        message = _one_line(str(result.get("error", "failed")).replace(str(work / "in") + os.sep, ""))
+        if re.search(r"alloc|MemoryError|out of memory", message, re.IGNORECASE):
+            message += f" (a confined run may use at most {limits.memory_bytes / (1 << 30):.1f} GiB)"
+        raise ConfinedRunError(f"{label}: {message}")
+    return result
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

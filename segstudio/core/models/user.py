@@ -50,7 +50,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -167,17 +167,30 @@ def detect_kind(path: Path) -> str:
 # ------------------------------------------------------------------ importing
 
 
+@dataclass(frozen=True)
+class ImportHints:
+    """What the user says about an imported model that its file does not (each ``None``: found out or default).
+
+    ``representation``: ``fg_dist`` or ``fg``, and ``output_kind``:
+    ``logit`` or ``probability`` (default: what a trial run's outputs look
+    like); ``diameter``: the nuclei size in pixels the model expects
+    (enables rescaling); ``normalization``: its input normalization.
+    """
+
+    representation: str | None = None
+    output_kind: str | None = None
+    diameter: float | None = None
+    normalization: Normalization | None = None
+
+
 def import_model(
     path: str | Path, *, name: str | None = None, out_dir: str | Path | None = None,
-    representation: str | None = None, output_kind: str | None = None, diameter: float | None = None,
-    normalization: Normalization | None = None, overwrite: bool = False, trust_code: bool = False,
+    hints: ImportHints = ImportHints(), overwrite: bool = False, trust_code: bool = False,
 ) -> Model:
     """Import a user's model file or package; returns the new model (its card written under ``out_dir``).
 
-    ``out_dir`` defaults to ``<user models>/<name>``.  ``representation``
-    (``fg_dist`` or ``fg``) and ``output_kind`` (``logit`` or
-    ``probability``) default to what the outputs look like; ``diameter``
-    (nuclei size in pixels the model expects) enables rescaling.
+    ``out_dir`` defaults to ``<user models>/<name>``; ``hints``: what the
+    file does not say (:class:`ImportHints`).
     ``trust_code``: convert a TorchScript archive (or a BioImage.IO
     package's ``torchscript`` weights) to ONNX in a confined child process
     instead of refusing it.  With ``overwrite`` an existing model of that
@@ -210,12 +223,13 @@ def import_model(
                              description=f"imported from {path.name}", architecture="unet" if config else "onnx")
             if config is not None:
                 spec.config = config
-        test_report = _fill_from_onnx(spec, files["onnx"], representation=representation or extra.get("representation"),
-                                      output_kind=output_kind or extra.get("output_kind"), test=extra.get("test"))
-        if normalization is not None:
-            spec.normalization = normalization
-        if diameter:
-            spec.diameter = float(diameter)
+        test_report = _fill_from_onnx(spec, files["onnx"],
+                                      representation=hints.representation or extra.get("representation"),
+                                      output_kind=hints.output_kind or extra.get("output_kind"), test=extra.get("test"))
+        if hints.normalization is not None:
+            spec.normalization = hints.normalization
+        if hints.diameter:
+            spec.diameter = float(hints.diameter)
         provenance = {"imported_from": str(path), "kind": kind,
                       "source_sha256": file_sha256(path) if path.is_file() else None, **extra.get("provenance", {})}
         if test_report is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..models.catalog import Model, load_card, model_digest, write_card
@@ -56,24 +56,30 @@ def load_torch(model: Model):
     return net.eval()
 
 
+@dataclass(frozen=True)
+class OnnxExport:
+    """How an artifact's ONNX graph is exported: ``net`` (default: the network saved) at ``opset``."""
+
+    net: object = None
+    opset: int = 18
+
+
 def new_artifact(
     out_dir: Path,
     spec: ModelSpec,
     *,
     net=None,
-    export_net=None,
+    export: OnnxExport = OnnxExport(),
     copy: dict[str, Path] | None = None,
     new_files: dict[str, Path] | None = None,
     prov: dict,
-    export: bool = True,
-    opset: int = 18,
     cancel=None,
 ) -> Model:
     """Write an artifact folder and return it as a model.
 
-    ``net``: a PyTorch module to save (state dict) and, with ``export``, to
-    export to ONNX (``export_net`` when the exported graph differs, e.g.
-    with BatchNorm folded); ``copy``: files of the parent kept as they are;
+    ``net``: a PyTorch module to save (state dict) and to export to ONNX
+    as ``export`` says (another graph when it differs, e.g. with BatchNorm
+    folded; the opset); ``copy``: files of the parent kept as they are;
     ``new_files``: files a step already wrote (moved in); ``cancel``: a
     :class:`~segstudio.core.jobs.CancelToken` that stops the wait for the
     export (which has no cancellation point of its own) at once.
@@ -87,15 +93,13 @@ def new_artifact(
         pt = out_dir / f"{spec.name}.pt"
         torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, pt)
         files["torch"] = pt
-        if export:
-            from ..models.onnx_export import export_onnx
+        from ..jobs import run_interruptible
+        from ..models.onnx_export import export_onnx
 
-            from ..jobs import run_interruptible
-
-            target = export_net if export_net is not None else net
-            files["onnx"] = run_interruptible(
-                lambda: export_onnx(target, out_dir / f"{spec.name}.onnx", in_channels=spec.config.in_channels,
-                                    multiple=spec.multiple, opset=opset), cancel)
+        target = export.net if export.net is not None else net
+        files["onnx"] = run_interruptible(
+            lambda: export_onnx(target, out_dir / f"{spec.name}.onnx", in_channels=spec.config.in_channels,
+                                multiple=spec.multiple, opset=export.opset), cancel)
     for fmt, src in (copy or {}).items():
         dst = out_dir / Path(src).name
         if Path(src).resolve() != dst.resolve():

@@ -109,10 +109,13 @@ def calibrate(onnx_in: str | Path, tiles: list[np.ndarray], cache: str | Path, *
 
 
 def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, tiles: list[np.ndarray] | None = None, *,
-                  method: str = "percentile", per_channel: bool = True, exclude: list[str] | tuple[str, ...] = (),
+                  method: str = "percentile", exclude: list[str] | tuple[str, ...] = (),
                   cache: str | Path | None = None, percentile: float = 99.999,
                   cancel: CancelToken | None = None) -> Path:
     """Write a Q/DQ INT8 model of ``onnx_in``; ``exclude`` (node names) stays float.
+
+    Weights are quantized per output channel (signed, symmetric), activations
+    per tensor (unsigned, with the calibrated ranges).
 
     The activation ranges come from ``cache`` when it exists (see
     :func:`calibrate`), else they are measured on ``tiles`` (and kept in
@@ -131,7 +134,7 @@ def quantize_int8(onnx_in: str | Path, onnx_out: str | Path, tiles: list[np.ndar
             cancel.raise_if_cancelled()
         pre = _preprocess(onnx_in, Path(tmp) / "pre.onnx")
         quantize_static(
-            str(pre), str(onnx_out), None, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            str(pre), str(onnx_out), None, quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=_method(method),
             nodes_to_exclude=list(exclude), calibration_cache_path=str(cache),
         )

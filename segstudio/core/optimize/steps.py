@@ -24,7 +24,7 @@ from ..backends import installed, torch_hint
 from ..errors import InputError
 from ..jobs import CancelToken, Job, Progress
 from ..models.catalog import Model
-from .artifact import load_torch, new_artifact, provenance, renamed
+from .artifact import OnnxExport, load_torch, new_artifact, provenance, renamed
 from .calibration import CalibrationSource
 from .options import OptionSpec, StepSpec
 
@@ -359,9 +359,9 @@ class ExportStep(Step):
 
         net = load_torch(parent)
         ctx.cancel.raise_if_cancelled()  # the export cannot be stopped half-way
-        child = new_artifact(out, replace(parent.spec), net=net, export_net=fold_batchnorm(load_torch(parent)),
-                             prov=provenance(parent, self.name, self.params()), opset=int(self.opts["opset"]),
-                             cancel=ctx.cancel)
+        child = new_artifact(out, replace(parent.spec), net=net,
+                             export=OnnxExport(fold_batchnorm(load_torch(parent)), int(self.opts["opset"])),
+                             prov=provenance(parent, self.name, self.params()), cancel=ctx.cancel)
         x = np.random.default_rng(0).standard_normal((2, parent.spec.input_channels, 96, 128)).astype(np.float32)
         with torch.no_grad():
             ref = net(torch.from_numpy(x)).numpy()
