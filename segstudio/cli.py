@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from .core.errors import Cancelled, InputError, OutputError, SegStudioError, naming, write_crash_log
+from .core.jobs import Stage
 from .core.options import DIAMETER_PX, Diameter, SegmentOptions
 
 EXIT_FAILED = 1  # some inputs failed, the rest were processed
@@ -251,9 +252,9 @@ def cmd_segment(args) -> int:
             t0 = time.perf_counter()
 
             def on_progress(event, name=path.name):
-                if event.stage == "notice" and event.info.get("warning"):
+                if event.stage is Stage.NOTICE and event.info.get("warning"):
                     bar.bar.write(f"segstudio: warning: {name}: {event.message}", file=sys.stderr)
-                elif event.stage == "notice" and not args.quiet:
+                elif event.stage is Stage.NOTICE and not args.quiet:
                     bar.write(f"{name}: {event.message}")
                 else:
                     bar.update(event)
@@ -312,9 +313,9 @@ def cmd_batch(args) -> int:
 
     def on_progress(event):
         nonlocal bar
-        if event.stage == "notice" and event.info.get("warning"):
+        if event.stage is Stage.NOTICE and event.info.get("warning"):
             print(f"segstudio: warning: {event.message}", file=sys.stderr)
-        if event.stage != "batch":
+        if event.stage is not Stage.BATCH:
             return
         if bar is None:
             bar = _Bar("batch", event.total, args.quiet)
@@ -377,7 +378,7 @@ def cmd_eval(args) -> int:
     bar = _Bar("eval", len(pairs), args.quiet)
 
     def on_progress(event):
-        if event.stage == "eval" and event.done:
+        if event.stage is Stage.EVAL and event.done:
             bar.step()
 
     try:
@@ -446,7 +447,7 @@ class _BenchProgress:
 
         if self.quiet:
             return
-        if str(event.stage) == "estimate":
+        if event.stage is Stage.ESTIMATE:
             self._line(f"bench: {event.message}")
             if self.tty:
                 from tqdm import tqdm
@@ -455,7 +456,7 @@ class _BenchProgress:
                                 # our ETA (from the estimate), not tqdm's rate: rounds differ by variant
                                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
             return
-        if str(event.stage) != "bench":
+        if event.stage is not Stage.BENCH:
             return
         info = event.info
         if not event.total:  # setup
@@ -644,7 +645,7 @@ def cmd_train(args) -> int:
     t0 = time.perf_counter()
 
     def on_progress(event):
-        if event.stage == "finetune":
+        if event.stage is Stage.FINETUNE:
             bar.goto(event.done)
             if event.message and not args.quiet and ("AP50" in event.message or "resumed" in event.message):
                 bar.write(f"  step {event.done}: {event.message}")

@@ -311,16 +311,16 @@ class BenchmarkPanel(JobPanel):
     # ------------------------------------------------------------------ slots (GUI thread)
 
     def _on_progress(self, event: Progress) -> None:
-        stage, info = str(event.stage), event.info
+        info = event.info
         if event.stage is Stage.NOTICE:
             self._add_notice(event.message)
             return
-        if stage == "estimate":
+        if event.stage is Stage.ESTIMATE:
             self._estimate = info.get("text") or format_seconds(info.get("estimate_s", 0.0))
             self.status.setText(f"Estimate: about {self._estimate} on this machine\n{info.get('settings', '')}")
             self.status.setToolTip(event.message)
             return
-        if stage != "bench":
+        if event.stage is not Stage.BENCH:
             return
         if info.get("quick"):
             self._add_notice(QUICK_NOTE)
