@@ -37,14 +37,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from segstudio.sample_data import sample_pairs  # noqa: E402
+
 from segstudio.core.backends import create_backend  # noqa: E402
-from segstudio.core.batch import Compute, batch_job  # noqa: E402
-from segstudio.core.benchmark import BASELINE, BenchOptions, bench_job, machine_info  # noqa: E402
-from segstudio.core.sources import read_image  # noqa: E402
+from segstudio.core.image.sources import read_image  # noqa: E402
 from segstudio.core.jobs import run_sync  # noqa: E402
 from segstudio.core.models.catalog import get_model  # noqa: E402
-from segstudio.core.segment import warm_up  # noqa: E402
-from segstudio.sample_data import sample_pairs  # noqa: E402
+from segstudio.core.segment.job import warm_up  # noqa: E402
+from segstudio.core.tasks.batch import Compute, batch_job  # noqa: E402
+from segstudio.core.tasks.benchmark import BASELINE, BenchOptions, bench_job, machine_info  # noqa: E402
 
 
 def make_folder(folder: Path, n: int, only: list[str] | None = None) -> tuple[list[Path], list[int]]:

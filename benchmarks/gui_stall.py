@@ -99,10 +99,10 @@ def segment_scenario(viewer, beat, perf, size: int, root: Path) -> dict:
 
 def batch_scenario(viewer, beat, perf, root: Path, n: int = 50) -> dict:
     import tifffile
+    from segstudio.sample_data import sample_pairs
 
     from segstudio.app.main_window import batch_widget
-    from segstudio.core.sources import read_image
-    from segstudio.sample_data import sample_pairs
+    from segstudio.core.image.sources import read_image
 
     src = root / "plate"
     src.mkdir()

@@ -60,7 +60,7 @@ def make_folder(folder: Path, n: int, *, seed: int = 0, max_pixels: int = 1_500_
     """``n`` transformed copies of DSB2018 images (train + val, all kinds) in ``folder``; one record per file."""
     import tifffile
 
-    from segstudio.core.scale import resize
+    from segstudio.core.segment.scale import resize
 
     sources = sorted((DSB / "train").glob("*_img.tif")) + sorted((DSB / "val").glob("*_img.tif"))
     if not sources:
@@ -274,7 +274,7 @@ def main() -> int:
                     "command": "python benchmarks/memory.py " + " ".join(sys.argv[1:]),
                     "date": time.strftime("%Y-%m-%d %H:%M"), "runs": []}
     sys.path.insert(0, str(ROOT))
-    from segstudio.core.benchmark import machine_info
+    from segstudio.core.tasks.benchmark import machine_info
 
     report["machine"] = machine_info()
     try:

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from segstudio.core.options import SegmentOptions
+
+from segstudio.core.segment.options import SegmentOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -44,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from segstudio.core import metrics
     from segstudio.core.backends import create_backend
-    from segstudio.core.sources import read_image
+    from segstudio.core.image.sources import read_image
     from segstudio.core.jobs import run_sync
     from segstudio.core.models.catalog import get_model
-    from segstudio.core.segment import segment_job, warm_up
+    from segstudio.core.segment.job import segment_job, warm_up
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mosaic.tif"

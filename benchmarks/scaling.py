@@ -32,7 +32,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 
 # the test image: a mirrored mosaic of the crowded sample (also the Benchmark page's bundled image)
-from segstudio.core.benchmark import make_mosaic as make_image, mosaic_rows  # noqa: E402,F401
+from segstudio.core.tasks.benchmark import make_mosaic as make_image, mosaic_rows  # noqa: E402,F401
 
 
 def run_segment(path: Path, out: Path, backend: str, tree: Path = ROOT) -> dict:
@@ -102,7 +102,7 @@ def main() -> int:
     ref = mine[0]["ns_per_px"]
     for r in rows:
         r["time_per_px_vs_smallest"] = r["ns_per_px"] / ref
-    from segstudio.core.benchmark import machine_info
+    from segstudio.core.tasks.benchmark import machine_info
 
     report = {
         "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:]),

@@ -57,11 +57,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from memory import make_folder
 
 from segstudio.core.backends.openvino_backend import OpenVinoBackend
-from segstudio.core.benchmark import machine_info
-from segstudio.core.sources import read_image
+from segstudio.core.image.sources import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import get_model
-from segstudio.core.segment import segment_job
+from segstudio.core.segment.job import segment_job
+from segstudio.core.tasks.benchmark import machine_info
 
 CANONICAL_STEP = 64
 CANONICAL_MIN = 256

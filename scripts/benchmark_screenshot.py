@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from segstudio.app.main_window import application, benchmark_widget, build_window
-    from segstudio.core.benchmark import MOSAIC_SIZE, make_mosaic
+    from segstudio.core.tasks.benchmark import MOSAIC_SIZE, make_mosaic
     from segstudio.qt.binding import check_qt_binding
 
     check_qt_binding()

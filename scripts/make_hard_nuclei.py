@@ -2,7 +2,7 @@
 
     python scripts/make_hard_nuclei.py --out tests/data/hard_nuclei --first-seed 900000 --count 30
 
-The images come from :func:`segstudio.core.synthetic.hard_nuclei_image`
+The images come from :func:`segstudio.core.training.synthetic.hard_nuclei_image`
 (nuclei 8-100 px across, dim beside bright, nucleoli and chromatin texture,
 touching, micronuclei, 8-bit with a small range, uneven background,
 defocus). A seed gives the same image on every machine. The held-out set
@@ -22,8 +22,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from segstudio.core.io import write_labels  # noqa: E402
-from segstudio.core.synthetic import hard_nuclei_image  # noqa: E402
+from segstudio.core.image.io import write_labels  # noqa: E402
+from segstudio.core.training.synthetic import hard_nuclei_image  # noqa: E402
 
 
 def main() -> int:

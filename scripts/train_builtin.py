@@ -46,14 +46,20 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from segstudio.core.datasets import find_pairs  # noqa: E402
-from segstudio.core.evaluate import evaluate_job  # noqa: E402
 from segstudio.core.jobs import run_sync  # noqa: E402
 from segstudio.core.models.catalog import BUILTIN_DIR, get_model, write_card  # noqa: E402
-from segstudio.core.scale import object_diameters  # noqa: E402
 from segstudio.core.models.spec import ModelSpec, PostprocessParams, UNetConfig  # noqa: E402
-from segstudio.core.train import (  # noqa: E402
-    TrainConfig, config_dict, load_samples, predict_outputs, save_model, train_job, tune_postprocess,
+from segstudio.core.segment.scale import object_diameters  # noqa: E402
+from segstudio.core.tasks.evaluate import evaluate_job  # noqa: E402
+from segstudio.core.training.datasets import find_pairs  # noqa: E402
+from segstudio.core.training.train import (  # noqa: E402
+    TrainConfig,
+    config_dict,
+    load_samples,
+    predict_outputs,
+    save_model,
+    train_job,
+    tune_postprocess,
 )
 
 
@@ -80,7 +86,7 @@ def main() -> int:
     ap.add_argument("--zoom", type=float, nargs=2, default=(0.7, 1.4))
     ap.add_argument("--augment", choices=("basic", "hard"), default="basic",
                     help="hard: also dim nuclei beside bright ones, texture, background ramps, defocus, "
-                    "Poisson noise, few grey levels (segstudio.core.train.hard_photometric)")
+                    "Poisson noise, few grey levels (segstudio.core.training.train.hard_photometric)")
     ap.add_argument("--hard-share", type=float, default=1.0,
                     help="with --augment hard: the share of crops that get it (the others: basic)")
     ap.add_argument("--synthetic", type=int, default=0, metavar="N",
@@ -145,8 +151,8 @@ def main() -> int:
 
     teacher = None
     if args.distill_from:
-        from segstudio.core.optimize.distill import KDConfig, distill_job
         from segstudio.core.models.unet import build_unet
+        from segstudio.core.optimize.distill import KDConfig, distill_job
 
         teacher_model = get_model(args.distill_from)
         teacher = build_unet(teacher_model.spec.config)
@@ -179,7 +185,7 @@ def main() -> int:
         diameter=cfg.diameter,
         trained_on=f"DSB2018 stage 1 (BBBC038, CC0), fluorescence train split: {len(train_pairs)} images "
         f"({len(tune_pairs)} more held out to tune thresholds)"
-        + (f"; {args.synthetic} synthetic hard-nuclei images (segstudio.core.synthetic, seeds 0-{args.synthetic - 1})"
+        + (f"; {args.synthetic} synthetic hard-nuclei images (segstudio.core.training.synthetic, seeds 0-{args.synthetic - 1})"
            if args.synthetic else ""),
         license="CC0 training data; model weights released with segstudio",
     )
@@ -252,9 +258,9 @@ def main() -> int:
 
 
 def synthetic_samples(seeds, cfg: TrainConfig, diameter: float | None) -> list:
-    """Training samples of synthetic hard-nuclei images (:func:`segstudio.core.synthetic.hard_nuclei_image`)."""
-    from segstudio.core.synthetic import hard_nuclei_image
-    from segstudio.core.train import make_sample
+    """Training samples of synthetic hard-nuclei images (:func:`segstudio.core.training.synthetic.hard_nuclei_image`)."""
+    from segstudio.core.training.synthetic import hard_nuclei_image
+    from segstudio.core.training.train import make_sample
 
     out = []
     for seed in seeds:

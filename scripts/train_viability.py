@@ -2,7 +2,7 @@
 
     python scripts/train_viability.py
 
-Images come from :mod:`segstudio.core.synthetic` (two channels: a live or
+Images come from :mod:`segstudio.core.training.synthetic` (two channels: a live or
 nuclear stain and a dead stain; 1:20 to 20:1 live:dead; see its docstring
 for every parameter).  Training seeds 0..N-1; threshold tuning on seeds from
 100000; the held-out test set (seeds from 200000) has fixed live fractions
@@ -26,16 +26,22 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from segstudio.core.evaluate import class_counts, f1_from_counts, mean_scores, score  # noqa: E402
-from segstudio.core.io import ImageData  # noqa: E402
+from segstudio.core.image.io import ImageData  # noqa: E402
 from segstudio.core.jobs import run_sync  # noqa: E402
 from segstudio.core.models.catalog import BUILTIN_DIR, get_model, write_card  # noqa: E402
 from segstudio.core.models.spec import ModelSpec, PostprocessParams, UNetConfig  # noqa: E402
-from segstudio.core.preprocess import normalize  # noqa: E402
-from segstudio.core.scale import object_diameters  # noqa: E402
-from segstudio.core.synthetic import ASSAYS, CLASS_NAMES, DEAD, viability_image  # noqa: E402
-from segstudio.core.train import (  # noqa: E402
-    Sample, TrainConfig, config_dict, distance_target, save_model, train_job, tune_postprocess,
+from segstudio.core.segment.preprocess import normalize  # noqa: E402
+from segstudio.core.segment.scale import object_diameters  # noqa: E402
+from segstudio.core.tasks.evaluate import class_counts, f1_from_counts, mean_scores, score  # noqa: E402
+from segstudio.core.training.synthetic import ASSAYS, CLASS_NAMES, DEAD, viability_image  # noqa: E402
+from segstudio.core.training.train import (  # noqa: E402
+    Sample,
+    TrainConfig,
+    config_dict,
+    distance_target,
+    save_model,
+    train_job,
+    tune_postprocess,
 )
 
 TEST_FRACTIONS = (1 / 21, 1 / 6, 1 / 2, 5 / 6, 20 / 21)
@@ -60,7 +66,7 @@ def make_samples(seeds, norm) -> list[Sample]:
 def evaluate(model, backend_name: str = "onnxruntime") -> dict:
     """Per-cell live/dead F1 per (assay, ratio) and overall, and the segmentation metrics."""
     from segstudio.core.backends import create_backend
-    from segstudio.core.segment import segment_job
+    from segstudio.core.segment.job import segment_job
 
     rows, per = [], {}
     with create_backend(backend_name, model) as backend:
@@ -147,7 +153,7 @@ def main() -> int:
         representation="fg_dist_class", normalization=cfg.normalization, classes=CLASS_NAMES,
         diameter=round(diam, 1), median_diameter_px=round(diam, 1),
         pixel_scale=f"trained on cells about {diam:.0f} px across (median); other sizes are resampled to it",
-        trained_on=f"{args.images} synthetic images (segstudio.core.synthetic, seeds 0-{args.images - 1}): "
+        trained_on=f"{args.images} synthetic images (segstudio.core.training.synthetic, seeds 0-{args.images - 1}): "
         "live-dead and nuclear-dead assays, live:dead 1:20 to 20:1; no real annotated viability data",
         license="weights released with segstudio",
     )

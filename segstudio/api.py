@@ -70,12 +70,12 @@ def segment(
     True
     """
     from .core.backends import create_backend
-    from .core.io import ImageData, as_image
+    from .core.image.io import ImageData, as_image
+    from .core.image.sources import read_image
     from .core.jobs import run_sync
     from .core.models.catalog import Model, get_model
-    from .core.options import SegmentOptions
-    from .core.segment import segment_job
-    from .core.sources import read_image
+    from .core.segment.job import segment_job
+    from .core.segment.options import SegmentOptions
 
     if isinstance(image, (str, Path)):
         image = read_image(image)

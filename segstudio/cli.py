@@ -19,7 +19,7 @@ from pathlib import Path
 from . import __version__
 from .core.errors import Cancelled, InputError, OutputError, SegStudioError, naming, write_crash_log
 from .core.jobs import Stage
-from .core.options import DIAMETER_PX, Diameter, SegmentOptions
+from .core.segment.options import DIAMETER_PX, Diameter, SegmentOptions
 
 EXIT_FAILED = 1  # some inputs failed, the rest were processed
 EXIT_USAGE = 2  # bad input or options
@@ -85,7 +85,7 @@ def _diameter(value: str):
 
 
 def _segment_options(args):
-    """The :class:`~segstudio.core.options.SegmentOptions` the command line asked for."""
+    """The :class:`~segstudio.core.segment.options.SegmentOptions` the command line asked for."""
     return SegmentOptions(channel=args.channel, tile=args.tile, batch_size=getattr(args, "batch_size", None),
                           diameter=args.diameter, tta=args.tta)
 
@@ -129,7 +129,7 @@ def _normalization(value: str):
 
 def expand_inputs(paths: list[str], pattern: str | None = None) -> list[Path]:
     """Files named on the command line, and the image files inside named folders."""
-    from .core.io import IMAGE_SUFFIXES
+    from .core.image.io import IMAGE_SUFFIXES
 
     files: list[Path] = []
     for raw in paths:
@@ -199,7 +199,7 @@ def output_stems(files: list[Path], out: Path) -> list[str]:
     and ``img.png``) would write one pair of outputs: the first would be
     lost.  An output that would replace one of the inputs is refused too.
     """
-    from .core.io import check_output_file, check_replaceable, image_stem, safe_stem
+    from .core.image.io import check_output_file, check_replaceable, image_stem, safe_stem
 
     fold = str.casefold if sys.platform in ("win32", "darwin") else (lambda t: t)  # case-insensitive file systems
     seen: dict[str, Path] = {}
@@ -222,10 +222,10 @@ def output_stems(files: list[Path], out: Path) -> list[str]:
 
 
 def cmd_segment(args) -> int:
-    from .core.io import ensure_folder
+    from .core.image.io import ensure_folder
+    from .core.image.sources import open_source
     from .core.jobs import run_sync
-    from .core.segment import segment_to_files, warm_up
-    from .core.sources import open_source
+    from .core.segment.job import segment_to_files, warm_up
 
     files = list(dict.fromkeys(expand_inputs(args.paths, args.pattern)))  # a file named twice is done once
     out = Path(args.out)
@@ -292,11 +292,9 @@ def cmd_segment(args) -> int:
 def cmd_batch(args) -> int:
     import signal
 
-    from .core.batch import Compute, FileSelection, batch_job
     from .core.jobs import CancelToken, run_sync
     from .core.models.catalog import get_model
-
-    from .core.batch import check_folders
+    from .core.tasks.batch import Compute, FileSelection, batch_job, check_folders
 
     check_folders(args.in_dir, args.out)  # before the model loads
     cancel = CancelToken()
@@ -364,10 +362,10 @@ def cmd_batch(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .core.datasets import find_pairs
-    from .core.evaluate import evaluate_job
-    from .core.io import atomic_path, check_output_file
+    from .core.image.io import atomic_path, check_output_file
     from .core.jobs import run_sync
+    from .core.tasks.evaluate import evaluate_job
+    from .core.training.datasets import find_pairs
 
     pairs = find_pairs(args.images, args.labels or args.images, kind=args.kind)
     for target in (args.json, args.worst_png):
@@ -413,7 +411,7 @@ def cmd_eval(args) -> int:
         print(f"wrote {args.json}")
     png = args.worst_png or (str(Path(args.json).with_suffix("")) + "_worst.png" if args.json else None)
     if worst and png:
-        from .core.evaluate import worst_images_png
+        from .core.tasks.evaluate import worst_images_png
 
         worst_images_png(png, worst)
         print(f"wrote {png} (the {len(worst)} lowest-AP50 images: truth green, prediction magenta)")
@@ -481,11 +479,11 @@ class _BenchProgress:
 
 def cmd_bench(args) -> int:
     from .core.backends import runnable_variants
-    from .core.benchmark import QUICK_NOTE, BenchOptions, bench_job, write_chart
-    from .core.io import atomic_path, check_output_file
+    from .core.image.io import atomic_path, check_output_file
     from .core.jobs import run_sync
     from .core.models.catalog import get_model
     from .core.optimize.estimate import format_seconds
+    from .core.tasks.benchmark import QUICK_NOTE, BenchOptions, bench_job, write_chart
 
     for target in (args.json, args.png):
         if target:
@@ -626,10 +624,10 @@ def cmd_optimize(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .core.datasets import find_pairs
-    from .core.finetune import FinetuneConfig, finetune_job
     from .core.jobs import run_sync
     from .core.models.catalog import get_model
+    from .core.training.datasets import find_pairs
+    from .core.training.finetune import FinetuneConfig, finetune_job
 
     base = get_model(args.base, trust_code=args.trust_code)
     pairs = find_pairs(args.images, args.labels or args.images, kind=args.kind)
@@ -733,10 +731,10 @@ def cmd_self_test(args) -> int:
     if args.gui:
         return _gui_self_test(args)
     from .core.backends import create_backend, runnable_variants
-    from .core.datasets import find_pairs
-    from .core.evaluate import evaluate_job
     from .core.jobs import run_sync
     from .core.models.catalog import get_model
+    from .core.tasks.evaluate import evaluate_job
+    from .core.training.datasets import find_pairs
 
     model = get_model("nuclei")
     pairs = find_pairs(sample_folder(), sample_folder())

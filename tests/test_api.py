@@ -11,11 +11,11 @@ import tifffile
 
 import segstudio
 from segstudio.core.backends import create_backend
-from segstudio.core.evaluate import score
-from segstudio.core.sources import read_image
+from segstudio.core.image.sources import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import get_model
-from segstudio.core.segment import segment_job
+from segstudio.core.segment.job import segment_job
+from segstudio.core.tasks.evaluate import score
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 

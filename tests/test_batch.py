@@ -15,13 +15,22 @@ import numpy as np
 import pytest
 import tifffile
 
-from segstudio.core.batch import (
-    MANIFEST, SUMMARY, Compute, FileSelection, FolderLock, Manifest, batch_job, read_summary, remove_stale_temporaries, scan,
-)
 from segstudio.core.errors import Cancelled, InputError
-from segstudio.core.sources import read_image
+from segstudio.core.image.sources import read_image
 from segstudio.core.jobs import CancelToken, run_sync
-from segstudio.core.options import SegmentOptions
+from segstudio.core.segment.options import SegmentOptions
+from segstudio.core.tasks.batch import (
+    MANIFEST,
+    SUMMARY,
+    Compute,
+    FileSelection,
+    FolderLock,
+    Manifest,
+    batch_job,
+    read_summary,
+    remove_stale_temporaries,
+    scan,
+)
 
 pytest.importorskip("onnxruntime")
 
@@ -88,7 +97,7 @@ def _manifest_lines(out: Path) -> list[dict]:
 
 
 def _temporaries(out: Path) -> list[Path]:
-    from segstudio.core.io import TEMP_NAME
+    from segstudio.core.image.io import TEMP_NAME
 
     return [p for p in out.rglob("*") if TEMP_NAME.match(p.name) or p.name.endswith(".tmp")]
 
@@ -213,7 +222,7 @@ def test_manifest_ignores_and_cuts_a_line_cut_short(tmp_path):
 
 
 def test_stale_temporaries_are_removed_and_a_second_run_is_locked_out(tmp_path):
-    from segstudio.core.io import temporary_sibling
+    from segstudio.core.image.io import temporary_sibling
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "notes").mkdir()
@@ -275,7 +284,7 @@ def test_cancel_writes_the_summary_and_a_fixed_file_or_a_new_model_is_redone(tmp
 
 def test_viability_batch_counts_live_and_dead(tmp_path):
     from segstudio.core.models.catalog import get_model
-    from segstudio.core.synthetic import ViabilityParams, viability_image
+    from segstudio.core.training.synthetic import ViabilityParams, viability_image
 
     src = tmp_path / "in"
     src.mkdir()
@@ -297,8 +306,8 @@ def test_viability_batch_counts_live_and_dead(tmp_path):
 
 def test_a_file_replaced_while_it_is_segmented_is_redone(tmp_path, samples, monkeypatch):
     """The record holds the signature of the bytes segmented: a file replaced mid-run fails and is redone."""
-    import segstudio.core.segment as segment
-    from segstudio.core.io import file_signature
+    import segstudio.core.segment.job as segment
+    from segstudio.core.image.io import file_signature
 
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
@@ -342,8 +351,8 @@ def _ort(model):
 
 
 def test_signature_tells_apart_a_copy_with_the_same_size_and_time(tmp_path):
-    from segstudio.core.batch import BatchItem, is_finished, same_input
-    from segstudio.core.io import file_signature
+    from segstudio.core.image.io import file_signature
+    from segstudio.core.tasks.batch import BatchItem, is_finished, same_input
 
     def rewritten(path, pixels, where):
         """``pixels`` changed at ``where`` and written back with the old size and time stamp (cp -p, rsync -t)."""
@@ -377,7 +386,7 @@ def test_signature_tells_apart_a_copy_with_the_same_size_and_time(tmp_path):
 
 def test_batch_keeps_the_users_files_in_the_output_folder(tmp_path, samples):
     """Stale-file clean-up touches only segstudio's temporaries; outputs never replace a file it did not write."""
-    from segstudio.core.io import temporary_sibling
+    from segstudio.core.image.io import temporary_sibling
     from segstudio.core.models.catalog import get_model
 
     src, out = tmp_path / "in", tmp_path / "out"
@@ -430,7 +439,7 @@ def test_a_full_output_disk_stops_the_batch(tmp_path, samples, monkeypatch):
     """ENOSPC while writing one file is every later file's fate: the batch stops with one error."""
     import errno
 
-    import segstudio.core.measure as measure
+    import segstudio.core.segment.measure as measure
     from segstudio.core.errors import OutputError
     from segstudio.core.models.catalog import get_model
 
@@ -440,7 +449,7 @@ def test_a_full_output_disk_stops_the_batch(tmp_path, samples, monkeypatch):
         tifffile.imwrite(src / f"w{i}.tif", crop)
 
     def full(path, table):
-        from segstudio.core.io import atomic_path
+        from segstudio.core.image.io import atomic_path
 
         with atomic_path(path):
             raise OSError(errno.ENOSPC, "No space left on device")

@@ -16,11 +16,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from segstudio.core import benchmark
 from segstudio.core.backends import installed
-from segstudio.core.benchmark import BASELINE, QUICK, QUICK_NOTE, BenchOptions, bench_job, gemm_flops
 from segstudio.core.jobs import Progress, run_sync
 from segstudio.core.optimize.estimate import RunEstimate
+from segstudio.core.tasks import benchmark
+from segstudio.core.tasks.benchmark import BASELINE, QUICK, QUICK_NOTE, BenchOptions, bench_job, gemm_flops
 
 needs_backends = pytest.mark.skipif(not (installed("torch") and installed("onnxruntime")),
                                     reason="needs torch and ORT")

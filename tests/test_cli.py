@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from segstudio.core.sources import read_image
+from segstudio.core.image.sources import read_image
 
 pytest.importorskip("onnxruntime")
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import ndimage
-
-from segstudio.core.compare import Comparison, compare_job, disagreement
-from segstudio.core.sources import read_image
-from segstudio.core.jobs import run_sync
 from segstudio.sample_data import sample_pairs
+
+from segstudio.core.image.sources import read_image
+from segstudio.core.jobs import run_sync
+from segstudio.core.tasks.compare import Comparison, compare_job, disagreement
 
 
 def _cells() -> np.ndarray:

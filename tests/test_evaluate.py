@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segstudio.core.evaluate import mean_scores, overlaps, score
+from segstudio.core.tasks.evaluate import mean_scores, overlaps, score
 
 
 def _box(lab, i, y0, y1, x0, x1):
@@ -97,9 +97,9 @@ def test_mean_scores():
 def _pair_folder(folder, labels_shape=None, index=None):
     """A folder with one image / labels pair (the bundled sample), labels of ``labels_shape`` when given."""
     import tifffile
-
-    from segstudio.core.sources import read_image
     from segstudio.sample_data import sample_pairs
+
+    from segstudio.core.image.sources import read_image
 
     img, lab = sample_pairs()[0]
     folder.mkdir()
@@ -114,11 +114,11 @@ def _pair_folder(folder, labels_shape=None, index=None):
 
 def test_labels_of_another_shape_is_an_input_error_naming_both_files(tmp_path):
     from segstudio.core.backends import create_backend
-    from segstudio.core.datasets import find_pairs
     from segstudio.core.errors import InputError
-    from segstudio.core.evaluate import evaluate_job
     from segstudio.core.jobs import run_sync
     from segstudio.core.models.catalog import get_model
+    from segstudio.core.tasks.evaluate import evaluate_job
+    from segstudio.core.training.datasets import find_pairs
 
     folder = _pair_folder(tmp_path / "d", labels_shape=(100, 80))
     pairs = find_pairs(folder, folder)
@@ -152,8 +152,8 @@ def test_labels_of_another_shape_is_an_input_error_naming_both_files(tmp_path):
     (b"\xff\xfe\x00[", "not a readable JSON file"),
 ])
 def test_broken_index_json_is_an_input_error_naming_it(tmp_path, content, says):
-    from segstudio.core.datasets import find_images, find_pairs
     from segstudio.core.errors import InputError
+    from segstudio.core.training.datasets import find_images, find_pairs
 
     folder = _pair_folder(tmp_path / "d")
     index = folder / "index.json"
@@ -165,14 +165,14 @@ def test_broken_index_json_is_an_input_error_naming_it(tmp_path, content, says):
 
 
 def test_valid_index_json_still_filters_by_kind(tmp_path):
-    from segstudio.core.datasets import find_pairs
+    from segstudio.core.training.datasets import find_pairs
 
     folder = _pair_folder(tmp_path / "d", index='[{"file": "d/x", "kind": "fluorescence"}]')
     assert [p.name for p in find_pairs(folder, folder, kind="fluorescence")] == ["x"]
 
 
 def test_size_counts_bins_objects_by_diameter():
-    from segstudio.core.evaluate import SIZE_BINS, size_counts, size_table
+    from segstudio.core.tasks.evaluate import SIZE_BINS, size_counts, size_table
 
     t = np.zeros((100, 100), int)
     _box(t, 1, 0, 10, 0, 10)  # 100 px: diameter 11.3 -> bin 8-12, found

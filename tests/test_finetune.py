@@ -10,11 +10,11 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from segstudio.core.datasets import find_pairs  # noqa: E402
 from segstudio.core.errors import Cancelled, InputError  # noqa: E402
-from segstudio.core.finetune import FinetuneConfig, finetune_job, split_image, split_pairs  # noqa: E402
 from segstudio.core.jobs import CancelToken, run_sync  # noqa: E402
 from segstudio.core.models.catalog import get_model  # noqa: E402
+from segstudio.core.training.datasets import find_pairs  # noqa: E402
+from segstudio.core.training.finetune import FinetuneConfig, finetune_job, split_image, split_pairs  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 

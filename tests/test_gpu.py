@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from segstudio.core.backends import create_backend
-from segstudio.core.sources import read_image
+from segstudio.core.image.sources import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.onnx_export import compare_outputs
-from segstudio.core.preprocess import normalize
-from segstudio.core.segment import segment_job
-from segstudio.core.evaluate import score
+from segstudio.core.segment.job import segment_job
+from segstudio.core.segment.preprocess import normalize
+from segstudio.core.tasks.evaluate import score
 
 torch = pytest.importorskip("torch")
 pytestmark = [

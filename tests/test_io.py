@@ -8,8 +8,8 @@ import tifffile
 from PIL import Image
 
 from segstudio.core.errors import InputError
-from segstudio.core.io import as_image, write_labels
-from segstudio.core.sources import read_image
+from segstudio.core.image.io import as_image, write_labels
+from segstudio.core.image.sources import read_image
 
 
 @pytest.fixture

@@ -29,8 +29,8 @@ for m in pkgutil.walk_packages(core.__path__, "segstudio.core."):
     if m.name not in skip:
         importlib.import_module(m.name)
 import segstudio.cli
-from segstudio.core.io import as_image
-from segstudio.core.postprocess import fg_dist_to_labels
+from segstudio.core.image.io import as_image
+from segstudio.core.segment.postprocess import fg_dist_to_labels
 from segstudio.core.models.spec import PostprocessParams
 from segstudio.core.backends import available_backends, create_backend
 from segstudio.core.models.catalog import get_model

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segstudio.core.measure import measure, write_csv
+from segstudio.core.segment.measure import measure, write_csv
 
 
 def test_square_and_disc_measurements(tmp_path):
@@ -47,7 +47,7 @@ def test_matches_scikit_image_on_real_labels(samples):
     """Same numbers as regionprops for everything but solidity, whose hull is of pixel squares."""
     from skimage.measure import regionprops_table
 
-    from segstudio.core.sources import read_image
+    from segstudio.core.image.sources import read_image
 
     img, lab = (read_image(p).data for p in samples[-1])
     ours = measure(lab, np.stack([img, img[::-1]]), channel_names=["a", "b"])

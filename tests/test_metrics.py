@@ -9,9 +9,9 @@ import pytest
 
 from segstudio.core import metrics
 from segstudio.core.errors import Cancelled
-from segstudio.core.sources import read_image
+from segstudio.core.image.sources import read_image
 from segstudio.core.jobs import CancelToken, Progress, run_sync
-from segstudio.core.options import SegmentOptions
+from segstudio.core.segment.options import SegmentOptions
 
 
 class Counting:
@@ -38,7 +38,7 @@ def _metrics_threads():
 
 
 def test_one_event_per_network_batch_and_stage_totals_equal_the_timings(light, samples):
-    from segstudio.core.segment import segment_job
+    from segstudio.core.segment.job import segment_job
 
     model, backend = light
     counting = Counting(backend)
@@ -75,7 +75,7 @@ def test_one_event_per_network_batch_and_stage_totals_equal_the_timings(light, s
 
 
 def test_nobody_listening_costs_no_events_and_no_thread(light, samples):
-    from segstudio.core.segment import segment_job
+    from segstudio.core.segment.job import segment_job
 
     model, backend = light
     assert not metrics.listening()
@@ -150,7 +150,7 @@ def test_a_metrics_file_that_cannot_be_written_is_one_clear_error(tmp_path, samp
 
 
 def test_cancel_token_stops_a_monitored_batch_job_and_closes_the_run(light, samples, tmp_path):
-    from segstudio.core.batch import Compute, batch_job
+    from segstudio.core.tasks.batch import Compute, batch_job
 
     model, backend = light
     src = tmp_path / "in"

@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 
 from segstudio.core.backends import available_backends, create_backend
-from segstudio.core.datasets import find_pairs
 from segstudio.core.errors import IncompatibleArtifactError, InputError
-from segstudio.core.evaluate import evaluate_job
-from segstudio.core.sources import read_image
+from segstudio.core.image.sources import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import builtin_models, get_model, load_card
 from segstudio.core.models.onnx_export import compare_outputs
-from segstudio.core.preprocess import normalize
-from segstudio.core.segment import segment_job
-from segstudio.core.tiling import predict_tiled
-from segstudio.core.options import SegmentOptions
+from segstudio.core.segment.job import segment_job
+from segstudio.core.segment.options import SegmentOptions
+from segstudio.core.segment.preprocess import normalize
+from segstudio.core.segment.tiling import predict_tiled
+from segstudio.core.tasks.evaluate import evaluate_job
+from segstudio.core.training.datasets import find_pairs
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -112,7 +112,7 @@ def test_labels_do_not_depend_on_tile_size_at_any_diameter(nuclei, samples, diam
 
 
 def test_segment_stack_labels_unique_across_planes(nuclei, samples):
-    from segstudio.core.io import as_image
+    from segstudio.core.image.io import as_image
 
     plane = read_image(samples[1][0]).data
     stack = as_image(np.stack([plane, plane[::-1]]), "ZYX", pixel_size=(0.5, 0.5), name="stack")
@@ -178,7 +178,7 @@ def test_input_asinh_runs_inside_the_graph_on_every_backend_and_int8(tmp_path, s
     from segstudio.core.models.spec import ModelSpec, UNetConfig
     from segstudio.core.models.unet import build_unet
     from segstudio.core.optimize.quantize import quantize_int8
-    from segstudio.core.train import save_model
+    from segstudio.core.training.train import save_model
 
     cfg = UNetConfig(in_channels=1, out_channels=2, depth=2, width=4, input_asinh=0.1)
     torch.manual_seed(0)

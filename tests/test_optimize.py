@@ -19,7 +19,12 @@ from segstudio.core.models.unet import build_unet  # noqa: E402
 from segstudio.core.optimize.calibration import CalibrationSource  # noqa: E402
 from segstudio.core.optimize.distill import KDConfig, distill_job  # noqa: E402
 from segstudio.core.optimize.prune import (  # noqa: E402
-    channel_groups, compressed_size, importance, plan_pruning, prune_structured, prune_unstructured,
+    channel_groups,
+    compressed_size,
+    importance,
+    plan_pruning,
+    prune_structured,
+    prune_unstructured,
 )
 from segstudio.core.optimize.steps import parse_steps  # noqa: E402
 
@@ -147,7 +152,7 @@ def test_calibration_tiles_span_the_intensity_range(nuclei, sample_dir):
     with pytest.raises(InputError):
         CalibrationSource.from_folder(sample_dir / "nope", nuclei.spec)
     # napari layers: arrays with their axes; the same pixels give the same set
-    from segstudio.core.sources import read_image
+    from segstudio.core.image.sources import read_image
 
     imgs = [read_image(p) for p in sorted(sample_dir.glob("*_img.tif"))]
     layers = CalibrationSource.from_arrays([(im.data.reshape(im.data.shape[-2:]), "YX", im.name) for im in imgs],
@@ -373,7 +378,7 @@ def test_int8_artifact_keeps_accuracy_and_segments_through_the_cli(tmp_path, sam
     out = tmp_path / "seg"
     image = sorted(sample_dir.glob("*_img.tif"))[0]
     assert main(["segment", str(image), "--model", str(final_dir), "--out", str(out), "--quiet"]) == 0
-    from segstudio.core.sources import read_image
+    from segstudio.core.image.sources import read_image
 
     labels = read_image(out / f"{image.stem}_labels.tif").data
     assert len(np.unique(labels)) > 20
@@ -452,7 +457,7 @@ def test_cancelled_run_resumes_without_redoing_finished_steps(tmp_path, sample_d
 def test_find_images_leaves_out_labels_and_filters_by_kind(tmp_path):
     import tifffile
 
-    from segstudio.core.datasets import find_images
+    from segstudio.core.training.datasets import find_images
 
     for name in ("a_img", "a_labels", "b_img", "c"):
         tifffile.imwrite(tmp_path / f"{name}.tif", np.zeros((8, 8), np.uint8))
@@ -507,9 +512,9 @@ def test_run_time_estimate_is_measured_here_and_scales_with_the_work(sample_dir)
 
 
 def test_distillation_with_labels_gives_a_share_of_crops_hard_augmentation(nuclei, sample_dir, monkeypatch):
-    import segstudio.core.train as train
-    from segstudio.core.datasets import find_pairs
-    from segstudio.core.train import load_samples
+    import segstudio.core.training.train as train
+    from segstudio.core.training.datasets import find_pairs
+    from segstudio.core.training.train import load_samples
 
     calls = []
     real = train.hard_photometric

@@ -3,7 +3,7 @@
 import pytest
 
 from segstudio.core.errors import InputError
-from segstudio.core.options import Diameter, SegmentOptions
+from segstudio.core.segment.options import Diameter, SegmentOptions
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -9,19 +9,17 @@ import pytest
 import tifffile
 
 from segstudio.core.errors import Cancelled
-from segstudio.core.evaluate import score
-from segstudio.core.io import as_image
-from segstudio.core.sources import read_image
+from segstudio.core.image.io import as_image
+from segstudio.core.image.sinks import ArraySink, TiffSink
+from segstudio.core.image.sources import open_source, read_image, source_from_image
 from segstudio.core.jobs import CancelToken, run_sync
 from segstudio.core.models.spec import ModelSpec, Normalization, PostprocessParams, UNetConfig
-from segstudio.core.pipeline import PlaneSettings, PlaneView, segment_plane_job
-from segstudio.core.postprocess import fg_dist_to_labels
-from segstudio.core.preprocess import channel_percentiles, sample_percentiles
-from segstudio.core.sinks import ArraySink, TiffSink
-from segstudio.core.sources import open_source, source_from_image
-from segstudio.core.train import distance_target
-from segstudio.core.options import SegmentOptions
-
+from segstudio.core.segment.options import SegmentOptions
+from segstudio.core.segment.pipeline import PlaneSettings, PlaneView, segment_plane_job
+from segstudio.core.segment.postprocess import fg_dist_to_labels
+from segstudio.core.segment.preprocess import channel_percentiles, sample_percentiles
+from segstudio.core.tasks.evaluate import score
+from segstudio.core.training.train import distance_target
 
 # ------------------------------------------------------------------ sources
 
@@ -268,7 +266,7 @@ def test_read_image_reads_zarr_whole(tmp_path):
 
 @pytest.mark.parametrize("tile", [64, 512])
 def test_nonfinite_pixels_are_background_counted_once_and_change_nothing_else(light, samples, tile):
-    from segstudio.core.segment import segment_job
+    from segstudio.core.segment.job import segment_job
 
     model, backend = light
     clean = read_image(samples[0][0]).data.astype(np.float64)
@@ -291,7 +289,7 @@ def test_nonfinite_pixels_are_background_counted_once_and_change_nothing_else(li
 
 def test_a_model_that_outputs_nan_is_an_error_naming_it(light, samples):
     from segstudio.core.errors import IncompatibleArtifactError
-    from segstudio.core.segment import segment_job
+    from segstudio.core.segment.job import segment_job
 
     model, backend = light
 
@@ -316,7 +314,7 @@ def test_a_model_that_outputs_nan_is_an_error_naming_it(light, samples):
 
 def test_nonfinite_pixels_of_a_streamed_tiled_tiff_are_counted_once(light, samples, tmp_path):
     """The same count when the image is read tile by tile from a compressed file (the streaming path)."""
-    from segstudio.core.segment import segment_job
+    from segstudio.core.segment.job import segment_job
 
     model, backend = light
     image = read_image(samples[0][0]).data.astype(np.float32)
@@ -344,7 +342,7 @@ class _Recording:
 def test_warm_up_runs_one_small_tile_on_a_cpu_and_a_full_batch_on_a_gpu():
     """A full batch of 512 tiles took 4-5 s on a 2-core CPU before every first image and bought nothing there."""
     from segstudio.core.models.catalog import get_model
-    from segstudio.core.segment import CPU_WARM_TILE, GPU_BATCH, warm_up
+    from segstudio.core.segment.job import CPU_WARM_TILE, GPU_BATCH, warm_up
 
     model = get_model("nuclei")
     spec = model.spec

@@ -6,8 +6,8 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from segstudio.core.models.spec import PostprocessParams
-from segstudio.core.postprocess import fg_dist_to_labels, logit, relabel_sequential, remove_small
-from segstudio.core.train import distance_target
+from segstudio.core.segment.postprocess import fg_dist_to_labels, logit, relabel_sequential, remove_small
+from segstudio.core.training.train import distance_target
 
 
 def _discs(centres, radius, shape=(64, 96)):
@@ -70,11 +70,11 @@ def test_remove_small():
 def test_compiled_watershed_gives_scikit_image_labels(samples, nuclei):
     """The hierarchical-queue flood equals skimage's heap watershed on the real model's output."""
     from segstudio.core.backends import create_backend
-    from segstudio.core.benchmark import skimage_labels
-    from segstudio.core.sources import read_image
+    from segstudio.core.image.sources import read_image
     from segstudio.core.jobs import run_sync
-    from segstudio.core.preprocess import normalize
-    from segstudio.core.tiling import predict_tiled
+    from segstudio.core.segment.preprocess import normalize
+    from segstudio.core.segment.tiling import predict_tiled
+    from segstudio.core.tasks.benchmark import skimage_labels
 
     with create_backend("onnxruntime", nuclei) as backend:
         for image_path, _ in samples:
@@ -88,7 +88,7 @@ def test_compiled_watershed_gives_scikit_image_labels(samples, nuclei):
 
 
 def test_levels_flood_on_plateaus_is_complete_and_connected():
-    from segstudio.core._kernels import flood_levels
+    from segstudio.core.segment._kernels import flood_levels
 
     rng = np.random.default_rng(0)
     levels = rng.integers(0, 3, (50, 60)).astype(np.uint16)
@@ -102,7 +102,7 @@ def test_levels_flood_on_plateaus_is_complete_and_connected():
 
 
 def test_fill_enclosed_holes_fills_a_nucleolus_not_a_gap_between_nuclei():
-    from segstudio.core.postprocess import fill_enclosed_holes
+    from segstudio.core.segment.postprocess import fill_enclosed_holes
 
     lab = np.zeros((40, 40), np.int32)
     lab[2:14, 2:14] = 1

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from segstudio.core.backends import create_backend
-from segstudio.core.evaluate import score
-from segstudio.core.io import ImageData
-from segstudio.core.sources import read_image
+from segstudio.core.image.io import ImageData
+from segstudio.core.image.sources import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import get_model
-from segstudio.core.scale import (
+from segstudio.core.segment.job import segment_job
+from segstudio.core.segment.options import Diameter, SegmentOptions
+from segstudio.core.segment.scale import (
     GridScaling,
     median_diameter,
     resize,
@@ -21,8 +22,7 @@ from segstudio.core.scale import (
     scale_factor,
     scaled_shape,
 )
-from segstudio.core.segment import segment_job
-from segstudio.core.options import Diameter, SegmentOptions
+from segstudio.core.tasks.evaluate import score
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 
@@ -41,7 +41,7 @@ def test_resize_keeps_mean_and_constant_images():
 
 def test_resampling_matrices_are_cached_within_a_size_limit():
     """Every image size and scale brings new matrices: the cache keeps the recent ones, up to its byte limit."""
-    from segstudio.core.scale import _interpolation_matrix, _MatrixCache
+    from segstudio.core.segment.scale import _interpolation_matrix, _MatrixCache
 
     cache = _MatrixCache(max_bytes=4 * 2**20)
     rng = np.random.default_rng(1)
@@ -72,7 +72,7 @@ def test_resize_labels_and_factors():
 
 def _through_grid(x: np.ndarray, spec, factor: float, tile: int, predict=lambda b: b) -> np.ndarray:
     """``x`` ``(C, H, W)`` tile by tile through a :class:`GridScaling` and ``predict``, as the pipeline does."""
-    from segstudio.core.tiling import plan_tiles, read_region
+    from segstudio.core.segment.tiling import plan_tiles, read_region
 
     g = GridScaling(factor, spec, tile, x.shape[-2:])
     plan = plan_tiles(x.shape[-2:], tile=tile, halo=g.halo, multiple=spec.multiple, tile_shape=g.tile_shape)
@@ -164,8 +164,8 @@ def test_estimate_holds_from_small_to_big_dim_nuclei(nuclei, sample, zoom):
 
     (Before the coarse passes, the three big-nuclei cases came out at 0.19x, 0.40x and 0.58x.)
     """
-    from segstudio.core.preprocess import normalize, sample_percentiles, select_channels
-    from segstudio.core.scale import estimate_diameter
+    from segstudio.core.segment.preprocess import normalize, sample_percentiles, select_channels
+    from segstudio.core.segment.scale import estimate_diameter
 
     model, backend = nuclei
     spec = model.spec
@@ -206,8 +206,8 @@ def test_estimate_holds_on_large_textured_nuclei(nuclei, name):
     refused and the image barely resampled (a v3 training checkpoint: 0.38x-0.53x the truth; v2 fails
     two of the three).
     """
-    from segstudio.core.preprocess import normalize, select_channels
-    from segstudio.core.scale import estimate_diameter
+    from segstudio.core.segment.preprocess import normalize, select_channels
+    from segstudio.core.segment.scale import estimate_diameter
 
     model, backend = nuclei
     spec = model.spec

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segstudio.core.scale import object_diameters
-from segstudio.core.synthetic import ASSAYS, DEAD, LIVE, ViabilityParams, viability_image
+from segstudio.core.segment.scale import object_diameters
+from segstudio.core.training.synthetic import ASSAYS, DEAD, LIVE, ViabilityParams, viability_image
 
 
 def test_same_seed_same_image():
@@ -59,7 +59,7 @@ def test_parameters_are_respected():
 
 from pathlib import Path  # noqa: E402
 
-from segstudio.core.synthetic import HardNucleiParams, hard_nuclei_image  # noqa: E402
+from segstudio.core.training.synthetic import HardNucleiParams, hard_nuclei_image  # noqa: E402
 
 HARD_SET = Path(__file__).parent / "data" / "hard_nuclei"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segstudio.core.jobs import CancelToken, run_sync
 from segstudio.core.errors import Cancelled
-from segstudio.core.tiling import plan_tiles, predict_tiled, read_region, reflect_indices
+from segstudio.core.jobs import CancelToken, run_sync
+from segstudio.core.segment.tiling import plan_tiles, predict_tiled, read_region, reflect_indices
 
 
 def identity(batch):
@@ -81,7 +81,7 @@ def test_progress_events_count_tiles():
 
 
 def test_flip_average_flips_back_and_averages():
-    from segstudio.core.segment import FlipAverage
+    from segstudio.core.segment.job import FlipAverage
 
     ramp = np.arange(12, dtype=np.float32).reshape(3, 4) ** 1.5  # a network that is not flip-equivariant
     calls = []

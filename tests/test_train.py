@@ -7,11 +7,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from segstudio.core.datasets import find_pairs  # noqa: E402
 from segstudio.core.errors import InputError  # noqa: E402
 from segstudio.core.jobs import run_sync  # noqa: E402
 from segstudio.core.models.spec import UNetConfig  # noqa: E402
-from segstudio.core.train import TrainConfig, epoch_batches, load_samples, resolve_device, train_job  # noqa: E402
+from segstudio.core.training.datasets import find_pairs  # noqa: E402
+from segstudio.core.training.train import TrainConfig, epoch_batches, load_samples, resolve_device, train_job  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_finished_weights_finish_elsewhere_but_do_not_go_on(tmp_path, train_samp
 @pytest.mark.parametrize("steps", [1, 3, 10, 11, 400])
 def test_learning_rate_schedule_of_any_length(steps):
     """Warm up to the peak, anneal to ~0; 10 steps once divided by zero in torch's one-cycle schedule."""
-    from segstudio.core.loop import one_cycle
+    from segstudio.core.training.loop import one_cycle
 
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     sched = one_cycle(opt, 1e-3, steps)
@@ -110,7 +110,7 @@ def test_learning_rate_schedule_of_any_length(steps):
 
 
 def test_nearest_object_and_dimming_keep_the_background_and_one_nucleus():
-    from segstudio.core.train import dim_some_objects, nearest_object
+    from segstudio.core.training.train import dim_some_objects, nearest_object
 
     lab = np.zeros((30, 30), np.int32)
     lab[2:8, 2:8], lab[20:28, 20:28], lab[2:8, 22:28] = 7, 3, 9
@@ -127,7 +127,7 @@ def test_nearest_object_and_dimming_keep_the_background_and_one_nucleus():
 
 
 def test_hard_photometric_is_seeded_finite_and_sometimes_few_grey_levels(train_samples):
-    from segstudio.core.train import _augment_batch, hard_photometric
+    from segstudio.core.training.train import _augment_batch, hard_photometric
 
     s = train_samples[0]
     x, fg = s.image[:, :96, :96], s.fg[:96, :96]
@@ -144,7 +144,7 @@ def test_hard_photometric_is_seeded_finite_and_sometimes_few_grey_levels(train_s
 
 
 def test_hard_share_leaves_the_other_crops_to_basic_augmentation(train_samples, monkeypatch):
-    import segstudio.core.train as train
+    import segstudio.core.training.train as train
 
     calls = []
     real = train.hard_photometric
@@ -161,7 +161,7 @@ def test_hard_share_leaves_the_other_crops_to_basic_augmentation(train_samples, 
 
 def test_tuning_turns_hole_filling_on_when_the_network_leaves_holes():
     from segstudio.core.models.spec import PostprocessParams
-    from segstudio.core.train import distance_target, tune_postprocess
+    from segstudio.core.training.train import distance_target, tune_postprocess
 
     yy, xx = np.mgrid[:96, :96]
     lab = np.zeros((96, 96), np.int32)

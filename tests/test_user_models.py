@@ -13,16 +13,16 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from segstudio.core.datasets import find_pairs  # noqa: E402
 from segstudio.core.errors import IncompatibleArtifactError  # noqa: E402
-from segstudio.core.evaluate import score  # noqa: E402
-from segstudio.core.sources import read_image  # noqa: E402
+from segstudio.core.image.sources import read_image  # noqa: E402
 from segstudio.core.models.catalog import get_model  # noqa: E402
 from segstudio.core.models.onnx_export import export_onnx  # noqa: E402
 from segstudio.core.models.unet import build_unet  # noqa: E402
 from segstudio.core.models.user import ImportHints, ModelRefusedError, import_model, safe_extract  # noqa: E402
-from segstudio.core.preprocess import normalize  # noqa: E402
-from segstudio.core.options import SegmentOptions
+from segstudio.core.segment.options import SegmentOptions
+from segstudio.core.segment.preprocess import normalize  # noqa: E402
+from segstudio.core.tasks.evaluate import score  # noqa: E402
+from segstudio.core.training.datasets import find_pairs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
@@ -250,9 +250,9 @@ def test_real_bioimageio_package_imports_from_folder_and_zip_and_reproduces(tmp_
 
 def test_fixed_size_network_gets_exactly_its_size(tmp_path, home, nuclei_broad):
     from segstudio.core.backends import create_backend
-    from segstudio.core.io import ImageData
+    from segstudio.core.image.io import ImageData
     from segstudio.core.jobs import run_sync
-    from segstudio.core.segment import segment_job, warm_up
+    from segstudio.core.segment.job import segment_job, warm_up
 
     model = import_model(nuclei_broad["0.4"], name="broad")
     shapes = []

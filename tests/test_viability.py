@@ -10,14 +10,14 @@ import pytest
 from scipy import ndimage as ndi
 
 from segstudio.core.backends import create_backend
-from segstudio.core.evaluate import class_counts, f1_from_counts, match_pairs, overlaps
-from segstudio.core.io import ImageData, write_labels  # noqa: F401
-from segstudio.core.sources import read_image
+from segstudio.core.image.io import ImageData, write_labels  # noqa: F401
+from segstudio.core.image.sources import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import get_model
-from segstudio.core.segment import segment_job
-from segstudio.core.synthetic import CLASS_NAMES, viability_image
-from segstudio.core.options import SegmentOptions
+from segstudio.core.segment.job import segment_job
+from segstudio.core.segment.options import SegmentOptions
+from segstudio.core.tasks.evaluate import class_counts, f1_from_counts, match_pairs, overlaps
+from segstudio.core.training.synthetic import CLASS_NAMES, viability_image
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 
@@ -62,8 +62,9 @@ def test_generated_images_get_the_right_class(viability, assay, frac):
 
 def test_real_nuclei_with_a_dead_stain_on_some(viability, tmp_path):
     """A real DSB2018 nuclei image as the nuclear channel; a dead-stain channel painted on known nuclei."""
-    from segstudio.cli import main
     import tifffile
+
+    from segstudio.cli import main
 
     model, backend = viability
     img = read_image(SAMPLE / "0287e7ee5b00_img.tif")
@@ -101,7 +102,7 @@ def test_pages_without_axis_names_are_the_channels(viability, tmp_path):
     """A two-page TIFF that does not say its pages are channels (it reads as a Z stack) still segments."""
     import tifffile
 
-    from segstudio.core.sources import open_source
+    from segstudio.core.image.sources import open_source
 
     model, backend = viability
     img, lab, cls, _ = viability_image(np.random.default_rng(900_100), assay="live-dead", live_fraction=0.5)

@@ -5,7 +5,7 @@
 tests and scripts.
 
 Files given on the command line and files dropped onto the window are read
-with :func:`~segstudio.core.io.read_image`, so the pixel size becomes the
+with :func:`~segstudio.core.image.io.read_image`, so the pixel size becomes the
 layer scale and channels become one layer each, exactly as the command line
 reads them.  A dropped folder goes to the
 *Batch* dock, which processes every image in it (see
@@ -28,14 +28,14 @@ from qtpy.QtGui import QGuiApplication, QIcon
 from qtpy.QtWidgets import QApplication, QMainWindow
 
 from ..core.errors import SegStudioError
-from ..core.io import IMAGE_SUFFIXES
-from ..core.sources import read_image
-from ..napari_plugin._layers import image_layer_data
-from ..napari_plugin._sample_data import load_sample, sample_id
+from ..core.image.io import IMAGE_SUFFIXES
+from ..core.image.sources import read_image
 from ..napari_plugin._batch import BatchWidget
 from ..napari_plugin._benchmark import BenchmarkWidget
+from ..napari_plugin._layers import image_layer_data
 from ..napari_plugin._optimize import OptimizeWidget
 from ..napari_plugin._performance import PerformanceWidget
+from ..napari_plugin._sample_data import load_sample, sample_id
 from ..napari_plugin._widget import SegmentWidget
 from ..qt.batch_panel import dropped_folder
 from ..qt.binding import check_qt_binding

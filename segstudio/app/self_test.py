@@ -81,7 +81,7 @@ def run_gui_self_test(screenshot: Path | None = None, *, min_ap50: float = 0.65)
     """
     from napari.layers import Labels
 
-    from ..core.evaluate import score
+    from ..core.tasks.evaluate import score
     from ..qt.binding import check_qt_binding
     from ..qt.worker import shutdown_all
     from .main_window import application, build_window, segment_widget

@@ -364,7 +364,7 @@ class recording:
     def __enter__(self):
         if self.path is not None:
             from .errors import OutputError
-            from .io import check_output_file
+            from .image.io import check_output_file
 
             try:
                 self._writer = JsonlWriter(check_output_file(self.path))
@@ -481,7 +481,7 @@ class RunRecord:
         """Every event of the run, one row each (``kind`` says which), times since the run started."""
         import csv
 
-        from .io import atomic_path
+        from .image.io import atomic_path
 
         path = Path(path)
         columns = ["kind", "t_s", "image", "tiles", "pixels", "seconds", "rss_bytes", "peak_rss_bytes",

@@ -13,8 +13,8 @@ from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from ..core.errors import SegStudioError
-from ..core.sources import read_image
-from ..core.measure import read_csv
+from ..core.image.sources import read_image
+from ..core.segment.measure import read_csv
 from ..qt.batch_panel import BatchPanel
 from ._layers import image_layer_data, import_labels_support_in_background, labels_features
 

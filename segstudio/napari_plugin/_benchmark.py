@@ -12,7 +12,7 @@ from napari.layers import Image
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from ..core.errors import InputError
-from ..core.io import ImageData
+from ..core.image.io import ImageData
 from ..qt.benchmark_page import BenchmarkPanel
 from ._layers import layer_to_image
 

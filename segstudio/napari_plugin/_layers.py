@@ -1,7 +1,7 @@
 """Conversions between segstudio's data and napari layers.
 
-* :func:`image_layer_data` turns an :class:`~segstudio.core.io.ImageData`
-  (from :func:`~segstudio.core.io.read_image`) into napari layer-data tuples:
+* :func:`image_layer_data` turns an :class:`~segstudio.core.image.io.ImageData`
+  (from :func:`~segstudio.core.image.io.read_image`) into napari layer-data tuples:
   one image layer, or one layer per channel (napari's ``channel_axis``
   convention) for multi-channel images, or an RGB layer for 8-bit colour
   images.  The pixel size becomes the layer scale, and each layer remembers
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.io import ImageData, as_image
+from ..core.image.io import ImageData, as_image
 
 META_KEY = "segstudio"
 RGB_NAMES = ["red", "green", "blue"]

@@ -18,7 +18,7 @@ from napari.layers import Image, Labels
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from ..core.errors import InputError
-from ..core.io import ImageData
+from ..core.image.io import ImageData
 from ..core.models.catalog import Model
 from ..qt.optimize_state import WizardState
 from ..qt.optimize_wizard import OptimizeWizard

@@ -1,7 +1,7 @@
 """Sample data contributions: each bundled sample image with its ground truth.
 
 Every sample in :mod:`segstudio.sample_data` has one contribution (see
-``napari.yaml``): the image, read with :func:`~segstudio.core.io.read_image`
+``napari.yaml``): the image, read with :func:`~segstudio.core.image.io.read_image`
 like any file the app opens, and its ground-truth instance labels as a
 hidden labels layer named ``"<sample> ground truth"``.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.sources import read_image
+from ..core.image.sources import read_image
 from ..sample_data import sample_pairs
 from ._layers import LayerData, image_layer_data, labels_layer_data
 

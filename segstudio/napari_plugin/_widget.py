@@ -12,17 +12,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-
 from napari.layers import Image, Labels
 from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QVBoxLayout, QWidget
 
 from ..core.errors import InputError
-from ..core.io import ImageData
-from ..core.segment import SegmentationResult
+from ..core.image.io import ImageData
+from ..core.segment.job import SegmentationResult
 from ..qt.finetune_panel import FinetunePanel
 from ..qt.segment_panel import SegmentPanel
-from ._layers import (META_KEY, import_labels_support_in_background, labels_features, labels_geometry, layer_axes,
-                      layer_to_image)
+from ._layers import (
+    META_KEY,
+    import_labels_support_in_background,
+    labels_features,
+    labels_geometry,
+    layer_axes,
+    layer_to_image,
+)
 
 if TYPE_CHECKING:
     import napari

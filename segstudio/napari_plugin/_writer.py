@@ -1,6 +1,6 @@
 """Labels writer: a napari labels layer to an instance-label TIFF.
 
-Uses :func:`~segstudio.core.io.write_labels` (zlib-compressed, written
+Uses :func:`~segstudio.core.image.io.write_labels` (zlib-compressed, written
 atomically), so the file is what ``segstudio segment`` writes: uint16 while
 the labels fit, uint32 beyond, and the pixel size (from the layer scale, when
 it is not 1) as the TIFF resolution.
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.io import labels_dtype, write_labels
+from ..core.image.io import labels_dtype, write_labels
 
 
 def write_labels_tif(path: str, data: Any, meta: dict) -> list[str]:

@@ -5,7 +5,7 @@ every file with its live status (pending, running, done, failed, skipped),
 cells, seconds and the reason of a failure; a progress bar with the ETA runs
 below.  Cancel stops after the current image; Resume (the same button, when
 the output folder holds a manifest) carries on where the last run, this one
-or a killed one, stopped: :func:`segstudio.core.batch.batch_job` does the
+or a killed one, stopped: :func:`segstudio.core.tasks.batch.batch_job` does the
 work on a :class:`~segstudio.qt.worker.JobRunner` thread.  Clicking a
 finished row emits :attr:`BatchPanel.open_requested` with the image and its
 labels file; the napari widget and the standalone window open both.
@@ -21,15 +21,25 @@ from pathlib import Path
 
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
-    QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QHeaderView, QLineEdit,
-    QPushButton, QTableWidget, QTableWidgetItem, QWidget,
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLineEdit,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QWidget,
 )
 
-from ..core.batch import MANIFEST, BatchReport, Compute, FileSelection, batch_job
-from ..core.metrics import monitored
-from ..core.options import SegmentOptions
-from ..core.service import INFERENCE
 from ..core.jobs import Progress, Stage
+from ..core.metrics import monitored
+from ..core.segment.options import SegmentOptions
+from ..core.service import INFERENCE
+from ..core.tasks.batch import MANIFEST, BatchReport, Compute, FileSelection, batch_job
 from .job_panel import JobPanel
 from .segment_panel import AUTO, BackendCache, available_models, fill_backends
 

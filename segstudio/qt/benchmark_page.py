@@ -6,8 +6,8 @@ batch size, *Quick* (on by default: a full run takes tens of minutes on a
 2-core CPU) and the image: the current image layer (given by
 ``get_image``, written to a temporary TIFF because the benchmark reads a
 file) or the bundled 2048 x 2048 mosaic of the crowded sample
-(:func:`~segstudio.core.benchmark.make_mosaic`).  Run starts
-:func:`~segstudio.core.benchmark.bench_image_job` on a
+(:func:`~segstudio.core.tasks.benchmark.make_mosaic`).  Run starts
+:func:`~segstudio.core.tasks.benchmark.bench_image_job` on a
 :class:`~segstudio.qt.worker.JobRunner` thread, as one run of the inference
 queue (:data:`~segstudio.core.service.INFERENCE`) and as a ``bench`` run of
 the metrics hub; the progress bar and the status line show the job's
@@ -32,19 +32,34 @@ import numpy as np
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QColor, QFont, QFontMetrics
 from qtpy.QtWidgets import (
-    QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout, QHeaderView, QLabel,
-    QListWidget, QListWidgetItem, QPushButton, QSizePolicy, QSpinBox, QTableWidget, QTableWidgetItem,
-    QVBoxLayout, QWidget,
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGridLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QSizePolicy,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
 )
 
 from ..core.backends import runnable_variants
-from ..core.benchmark import BASELINE, MOSAIC_SIZE, BenchOptions, bench_image_job
-from ..core.io import ImageData, atomic_path
+from ..core.image.io import ImageData, atomic_path
 from ..core.jobs import CancelToken, Job, Progress, Stage
 from ..core.metrics import monitored
 from ..core.models.catalog import Model
 from ..core.optimize.estimate import format_seconds
 from ..core.service import INFERENCE
+from ..core.tasks.benchmark import BASELINE, MOSAIC_SIZE, BenchOptions, bench_image_job
 from .charts import plot_widget
 from .job_panel import JobPanel
 from .segment_panel import available_models

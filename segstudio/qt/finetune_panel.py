@@ -3,7 +3,7 @@
 :class:`FinetunePanel` knows neither napari nor files: the shell gives it
 ``get_data() -> (base model name, [(plane (C, Y, X), labels (Y, X)), ...], name)``
 (called on the GUI thread when the user presses the button).  The job
-(:func:`segstudio.core.finetune.finetune_job`) runs on a background thread;
+(:func:`segstudio.core.training.finetune.finetune_job`) runs on a background thread;
 the panel shows progress, the loss / validation-AP50 curve as it is drawn,
 and can cancel.  The new model is written to the user's model folder and
 announced with :attr:`FinetunePanel.model_ready` (the card's path).  A
@@ -63,9 +63,9 @@ class FinetunePanel(JobPanel):
         self._set_idle()
 
     def run(self) -> None:
-        from ..core.finetune import FinetuneConfig, finetune_job
         from ..core.models.catalog import get_model
         from ..core.models.user import safe_name, user_models_dir
+        from ..core.training.finetune import FinetuneConfig, finetune_job
 
         try:
             base_name, arrays, image_name = self._get_data()

@@ -12,10 +12,10 @@
 * **Compare on this image**: the original and the chosen model segment the
   current image on a worker thread (backends from the shared
   :class:`~segstudio.qt.segment_panel.BackendCache`, so the second compare
-  loads nothing) with :func:`~segstudio.core.compare.compare_job`; the counts
+  loads nothing) with :func:`~segstudio.core.tasks.compare.compare_job`; the counts
   (only in the original, only in the optimized model, matched with IoU <
   0.8) and both latencies are shown and ``comparison_ready`` carries the
-  :class:`~segstudio.core.compare.Comparison`; the overlay goes to the
+  :class:`~segstudio.core.tasks.compare.Comparison`; the overlay goes to the
   shell's ``state.add_labels`` hook as a three-colour labels layer
   (:data:`OVERLAY_COLOURS`);
 * **Use this model** calls the wizard's ``state.use_model`` hook (keep it
@@ -52,13 +52,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.compare import Comparison, compare_job
 from ..core.errors import InputError
 from ..core.jobs import CancelToken, Job, Progress
 from ..core.models.catalog import Model, load_card
 from ..core.optimize.report import OptimizeReport, StepReport, StepStatus
-from .optimize_run import STATUS_COLOURS, fit_rows, fmt, fmt_duration, set_cell, status_words, table
+from ..core.tasks.compare import Comparison, compare_job
 from .job_panel import ErrorView
+from .optimize_run import STATUS_COLOURS, fit_rows, fmt, fmt_duration, set_cell, status_words, table
 from .segment_panel import AUTO, BackendCache
 from .worker import JobRunner, describe_error, with_crash_log
 

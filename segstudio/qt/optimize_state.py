@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..core.errors import log_dir
-from ..core.io import ImageData
+from ..core.image.io import ImageData
 from ..core.models.catalog import Model
 from ..core.optimize.calibration import CalibrationSource
 from ..core.optimize.estimate import RunEstimate

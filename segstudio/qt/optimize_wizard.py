@@ -80,8 +80,8 @@ from ..core.optimize.options import OptionSpec
 from ..core.optimize.presets import PRESETS, Preset
 from ..core.optimize.steps import STEP_SPECS, Step, format_steps, parse_steps
 from ..core.optimize.validate import ValidationSet
-from .optimize_state import WizardState, optimize_root
 from .job_panel import ErrorView
+from .optimize_state import WizardState, optimize_root
 from .segment_panel import available_models
 from .worker import JobRunner, describe_error, with_crash_log
 
@@ -455,7 +455,7 @@ def thumbnail(tile: np.ndarray, size: int = THUMB_PX) -> np.ndarray:
 
 
 def _build_calibration(what: str, value: Any, model: Model, n_tiles: int) -> Job[CalibrationBuild]:
-    from ..core.sources import read_image
+    from ..core.image.sources import read_image
     from ..core.optimize.calibration import calibration_warnings
 
     yield Progress("calibration", 0, 2, "reading the images")
@@ -716,7 +716,7 @@ class CalibrationPage(WizardPage):
             self.set_folder(folder)
 
     def _choose_files(self) -> None:
-        from ..core.io import IMAGE_SUFFIXES
+        from ..core.image.io import IMAGE_SUFFIXES
 
         pattern = " ".join(f"*{s}" for s in sorted(IMAGE_SUFFIXES))
         paths, _ = QFileDialog.getOpenFileNames(self, "Calibration images", "", f"Images ({pattern});;All files (*)")
@@ -783,8 +783,8 @@ def _plane_shape(data, axes) -> tuple[int, int]:
 
 
 def _build_validation(kind: str, value: Any) -> Job[ValidationSet]:
-    from ..core.io import as_image
-    from ..core.sources import read_image
+    from ..core.image.io import as_image
+    from ..core.image.sources import read_image
 
     yield Progress("validation", 0, 1, "reading the validation images")
     if kind == "pairs":

@@ -42,13 +42,13 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.backends import Backend, auto_variant, create_backend, runnable_variants
-from ..core.io import ImageData
+from ..core.image.io import ImageData
 from ..core.jobs import CancelToken, Job, Progress, Stage
+from ..core.metrics import monitored
 from ..core.models.catalog import Model, builtin_models, get_model
 from ..core.models.user import user_models
-from ..core.metrics import monitored
-from ..core.options import SegmentOptions
-from ..core.segment import SegmentationResult, segment_job, warm_up
+from ..core.segment.job import SegmentationResult, segment_job, warm_up
+from ..core.segment.options import SegmentOptions
 from ..core.service import INFERENCE
 from .job_panel import JobPanel
 from .worker import JobRunner

@@ -7,12 +7,19 @@ import pytest
 from qtpy.QtCore import QMimeData, QPointF, Qt, QUrl
 from qtpy.QtGui import QDragEnterEvent, QDropEvent, QIcon
 from qtpy.QtWidgets import QApplication, QDockWidget
-
-from segstudio.app.main_window import TITLE, batch_widget, benchmark_widget, build_window, optimize_widget, segment_widget
-from segstudio.core.sources import read_image
-from segstudio.napari_plugin._sample_data import sample_id, sample_paths
 from segstudio.resources import ICON
 from segstudio.sample_data import sample_pairs
+
+from segstudio.app.main_window import (
+    TITLE,
+    batch_widget,
+    benchmark_widget,
+    build_window,
+    optimize_widget,
+    segment_widget,
+)
+from segstudio.core.image.sources import read_image
+from segstudio.napari_plugin._sample_data import sample_id, sample_paths
 
 pytestmark = pytest.mark.gui
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
+from segstudio.sample_data import sample_pairs
+from test_app import drop  # noqa: E402 - tests/gui is on sys.path (rootdir-relative test modules)
 
 from segstudio.app.main_window import batch_widget, build_window
-from segstudio.core.batch import MANIFEST
-from segstudio.core.sources import read_image
-from segstudio.sample_data import sample_pairs
-
-from test_app import drop  # noqa: E402 - tests/gui is on sys.path (rootdir-relative test modules)
+from segstudio.core.image.sources import read_image
+from segstudio.core.tasks.batch import MANIFEST
 
 pytestmark = pytest.mark.gui
 

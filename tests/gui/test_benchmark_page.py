@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from segstudio.sample_data import sample_pairs
 
 from segstudio.core.backends import installed, runnable_variants
-from segstudio.core.benchmark import BASELINE
-from segstudio.core.sources import read_image
+from segstudio.core.image.sources import read_image
 from segstudio.core.models.catalog import get_model
-from segstudio.sample_data import sample_pairs
+from segstudio.core.tasks.benchmark import BASELINE
 
 pytestmark = [pytest.mark.gui, pytest.mark.skipif(not (installed("torch") and installed("onnxruntime")),
                                                   reason="needs torch (the baseline) and ONNX Runtime")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segstudio.core.io import as_image
+from segstudio.core.image.io import as_image
 from segstudio.qt.segment_panel import SegmentPanel
 
 torch = pytest.importorskip("torch")

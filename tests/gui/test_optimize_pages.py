@@ -18,7 +18,12 @@ from segstudio.core.errors import Cancelled
 from segstudio.core.jobs import Progress
 from segstudio.core.models.catalog import get_model
 from segstudio.core.optimize.report import (
-    EventKind, LayerSensitivity, OptimizeEvent, OptimizeReport, StepReport, StepStatus,
+    EventKind,
+    LayerSensitivity,
+    OptimizeEvent,
+    OptimizeReport,
+    StepReport,
+    StepStatus,
 )
 
 pytestmark = pytest.mark.gui
@@ -187,10 +192,11 @@ def test_run_page_cancel_keeps_finished_steps_and_resume_reruns_with_resume(
 
 
 def test_result_page_table_rollback_use_export_and_compare(qtbot, tmp_path, no_thread_left_running):
-    from segstudio.core.compare import disagreement
-    from segstudio.core.sources import read_image
-    from segstudio.qt.optimize_result import ResultPage
     from segstudio.sample_data import sample_pairs
+
+    from segstudio.core.image.sources import read_image
+    from segstudio.core.tasks.compare import disagreement
+    from segstudio.qt.optimize_result import ResultPage
 
     light, full = get_model("nuclei-light"), get_model("nuclei")
     base = _row(-1, StepStatus.KEPT, 0.80, 3.0, artifact=light.card_path, size_mb=1.5, params=120_000,

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from segstudio.sample_data import sample_pairs
 
 from segstudio.app.main_window import build_window, segment_widget
-from segstudio.core.sources import read_image
+from segstudio.core.image.sources import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import get_model, load_card
 from segstudio.core.optimize.calibration import CalibrationSource
@@ -30,8 +31,7 @@ from segstudio.core.optimize.estimate import RunEstimate
 from segstudio.core.optimize.report import EventKind, OptimizeEvent, OptimizeReport, StepStatus
 from segstudio.core.optimize.steps import parse_steps
 from segstudio.core.optimize.validate import ValidationSet
-from segstudio.sample_data import sample_pairs
-from segstudio.core.options import SegmentOptions
+from segstudio.core.segment.options import SegmentOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_compare import independent_counts  # noqa: E402 - the count that shares no code with core/compare.py
@@ -186,7 +186,7 @@ def test_the_wizard_runs_int8_then_compares_and_uses_the_result(make_napari_view
         result.compare_button.click()
     c = other.args[0].comparison
     from segstudio.core.backends import auto_variant, create_backend
-    from segstudio.core.segment import segment_job
+    from segstudio.core.segment.job import segment_job
 
     image = wizard.state.current_image()
     labels = []

@@ -8,11 +8,11 @@ import threading
 import numpy as np
 import pytest
 import tifffile
+from segstudio.sample_data import sample_pairs
 
 from segstudio.app.main_window import batch_widget, build_window, performance_widget, segment_widget
 from segstudio.core import metrics
-from segstudio.core.sources import read_image
-from segstudio.sample_data import sample_pairs
+from segstudio.core.image.sources import read_image
 
 pytestmark = pytest.mark.gui
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.gui
 @pytest.fixture
 def pipeline_batches(monkeypatch):
     """The network calls the streaming pipeline makes, counted per image (the charts must show as many)."""
-    import segstudio.core.segment as segment
+    import segstudio.core.segment.job as segment
 
     counts: list[int] = []
     real = segment.segment_plane_job

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from napari.layers import Image, Labels
 from npe2 import PluginManager
-
-from segstudio.core.sources import read_image
-from segstudio.napari_plugin._sample_data import sample_id
 from segstudio.sample_data import sample_pairs
+
+from segstudio.core.image.sources import read_image
+from segstudio.napari_plugin._sample_data import sample_id
 
 pytestmark = pytest.mark.gui
 

@@ -11,8 +11,8 @@ from napari.layers import Image, Labels
 from qtpy.QtCore import QTimer
 
 from segstudio.core.errors import InputError
-from segstudio.core.evaluate import score
-from segstudio.core.sources import read_image
+from segstudio.core.image.sources import read_image
+from segstudio.core.tasks.evaluate import score
 from segstudio.napari_plugin._layers import layer_to_image
 from segstudio.napari_plugin._sample_data import sample_paths
 from segstudio.napari_plugin._widget import SegmentWidget

@@ -10,7 +10,7 @@ import pytest
 from qtpy.QtCore import QThread
 
 from segstudio.core.errors import InputError
-from segstudio.core.io import as_image
+from segstudio.core.image.io import as_image
 from segstudio.core.jobs import Progress
 from segstudio.core.models.catalog import get_model
 from segstudio.qt import segment_panel

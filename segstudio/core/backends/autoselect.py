@@ -131,7 +131,7 @@ def measure_variants(model: Model, names: list[str], tile_shape: tuple[int, int]
 
 def auto_variant(model: Model, *, tile: int = 512, batch_size: int = 4) -> str:
     """The fastest variant of ``model``'s precision on this machine (measured once, then cached)."""
-    from ..tiling import plan_tiles
+    from ..segment.tiling import plan_tiles
 
     names = candidates(model)
     if not names:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import IncompatibleArtifactError
-from ..io import atomic_path
+from ..image.io import atomic_path
 
 Shape = tuple[int, int, int, int]
 

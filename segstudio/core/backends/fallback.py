@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import DeviceOutOfMemoryError
 from ..jobs import run_sync
 from ..models.catalog import Model
-from ..tiling import predict_tiled
+from ..segment.tiling import predict_tiled
 
 
 class OomFallback:

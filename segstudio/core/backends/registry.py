@@ -136,7 +136,7 @@ def create_variant(variant: str, model: Model, *, tile: int | None = None, batch
         4 on a CPU, 16 on a GPU) the segmentation will use: a backend that
         builds for fixed shapes (``takes_profile``: TensorRT) builds its
         profile for the largest input that tiling sends
-        (:meth:`~segstudio.core.scale.GridScaling.bound`) and that batch.
+        (:meth:`~segstudio.core.segment.scale.GridScaling.bound`) and that batch.
     **options
         Passed to the backend (``threads``...).
 
@@ -148,7 +148,7 @@ def create_variant(variant: str, model: Model, *, tile: int | None = None, batch
     v = parse_variant(variant)
     cls = backend_class(v.name)
     if getattr(cls, "takes_profile", False):
-        from ..scale import GridScaling
+        from ..segment.scale import GridScaling
 
         options.setdefault("tile_shape", GridScaling.bound(model.spec, tile or 512))
         options.setdefault("batch_size", batch_size or (GPU_BATCH if v.on_gpu else CPU_BATCH))

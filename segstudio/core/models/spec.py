@@ -249,7 +249,7 @@ class ModelSpec:
 
         None when the network takes any multiple of :attr:`multiple` (the
         tiler then sizes tiles itself, see
-        :func:`segstudio.core.tiling.plan_tiles`); otherwise the smallest size
+        :func:`segstudio.core.segment.tiling.plan_tiles`); otherwise the smallest size
         the network takes that holds what the tiler would read.
         """
         if self.input_min is None:

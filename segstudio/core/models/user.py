@@ -798,7 +798,7 @@ def _as_bcyx(doc: _Doc, a: np.ndarray, axes: str, what: str) -> np.ndarray:
 
 
 def _normalize_test_input(x: np.ndarray, norm: Normalization) -> np.ndarray:
-    from ..preprocess import normalize
+    from ..segment.preprocess import normalize
 
     return np.stack([normalize(b, norm) for b in x]).astype(np.float32)
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..io import ImageData
-from ..sources import read_image
+from ..image.io import ImageData
+from ..image.sources import read_image
 from ..models.spec import ModelSpec
-from ..preprocess import normalize, select_channels
+from ..segment.preprocess import normalize, select_channels
 
 DEFAULT_TILES = 64
 
@@ -57,7 +57,7 @@ class CalibrationSource:
         self.labels: list[tuple[np.ndarray, np.ndarray]] | None = None  # (foreground, distance) targets
         self.instances: list[np.ndarray] | None = None  # the instance labels themselves
         if labels is not None:
-            from ..train import distance_target
+            from ..training.train import distance_target
 
             self.instances = [np.asarray(lb).reshape(lb.shape[-2:]).astype(np.int32) for lb in labels]
             self.labels = [((lb > 0).astype(np.float32), distance_target(lb)) for lb in self.instances]
@@ -81,7 +81,7 @@ class CalibrationSource:
         them (``X_img`` / ``X_labels``), and the labels are kept for
         fine-tuning.
         """
-        from ..datasets import find_images, find_pairs, read_pair
+        from ..training.datasets import find_images, find_pairs, read_pair
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -95,7 +95,7 @@ class CalibrationSource:
     @classmethod
     def from_arrays(cls, arrays: list[tuple[np.ndarray, str | None, str]], spec: ModelSpec, **kwargs) -> "CalibrationSource":
         """From in-memory images (napari layers): ``(data, axes or None, name)`` each."""
-        from ..io import as_image
+        from ..image.io import as_image
 
         return cls([as_image(a, axes, name=name) for a, axes, name in arrays], spec, **kwargs)
 

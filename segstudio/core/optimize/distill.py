@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..jobs import CancelToken, Job, Progress
-from ..loop import TrainLoop
 from ..threads import keeps_torch_threads
+from ..training.loop import TrainLoop
 
 
 @dataclass
@@ -48,7 +48,7 @@ class KDConfig:
     seed: int = 0
     threads: int = 0
     precompute_teacher: bool = True
-    # the share of crops the student sees with "hard" intensity augmentation (segstudio.core.train's
+    # the share of crops the student sees with "hard" intensity augmentation (segstudio.core.training.train's
     # hard_photometric; needs labels) while its targets stay the teacher's outputs on the clean image
     hard_share: float = 0.0
 
@@ -133,7 +133,7 @@ class _Distillation:
 
     def batches(self, stacks: list[np.ndarray]):
         """``cfg.steps`` batches of augmented crops of the image (+ labels, + teacher logits) stacks."""
-        from ..train import augment_crops
+        from ..training.train import augment_crops
 
         cfg, rng = self.cfg, self.rng
         for _ in range(cfg.steps):
@@ -147,7 +147,7 @@ class _Distillation:
         import torch
         import torch.nn.functional as F
 
-        from ..train import segmentation_loss
+        from ..training.train import segmentation_loss
 
         T, a, n_img = self.cfg.temperature, self.cfg.alpha, self.n_img
         x = batch[:, :n_img]
@@ -175,7 +175,7 @@ def _outputs(net, images: list[np.ndarray], cancel: CancelToken | None = None) -
     import torch
 
     from ..jobs import run_sync
-    from ..tiling import predict_tiled
+    from ..segment.tiling import predict_tiled
 
     def run(batch):
         with torch.no_grad():
@@ -202,9 +202,9 @@ def retune_postprocess(student, images: list[np.ndarray], params, *, instances: 
     for the best agreement with the teacher's instances.  The current
     thresholds are kept unless others score better.
     """
-    from ..evaluate import score
-    from ..postprocess import fg_dist_to_labels
-    from ..train import tune_postprocess
+    from ..segment.postprocess import fg_dist_to_labels
+    from ..tasks.evaluate import score
+    from ..training.train import tune_postprocess
 
     pick = sorted(set(np.linspace(0, len(images) - 1, min(max_images, len(images))).round().astype(int).tolist()))
     imgs = [images[i] for i in pick]

@@ -65,8 +65,8 @@ def estimate_job(model: Model, steps: list[Step], calib: CalibrationSource | Non
         batch_s = time.perf_counter() - t0
         yield Progress("estimate", 1, 3, "segmenting a validation image")
         image = min(vset.images, key=lambda im: int(np.prod(im.data.shape)))
-        from ..options import SegmentOptions
-        from ..segment import segment_job
+        from ..segment.job import segment_job
+        from ..segment.options import SegmentOptions
 
         t0 = time.perf_counter()
         run_sync(segment_job(image, model, backend, SegmentOptions(measure_cells=False)))

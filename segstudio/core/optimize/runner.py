@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, SegStudioError
-from ..io import atomic_path
+from ..image.io import atomic_path
 from ..jobs import Job, Progress, Stage
 from ..models.catalog import Model, load_card
 from .estimate import EtaTracker, RunEstimate, estimate_job, format_seconds

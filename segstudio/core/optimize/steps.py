@@ -529,7 +529,7 @@ class EngineStep(Step):
         from ..backends.tensorrt_backend import build_engine, machine_key
         from ..errors import log_dir
         from ..models.spec import file_sha256
-        from ..tiling import plan_tiles
+        from ..segment.tiling import plan_tiles
 
         spec = parent.spec
         fmt = self._source(parent)

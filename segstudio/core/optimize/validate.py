@@ -18,18 +18,18 @@ from pathlib import Path
 import numpy as np
 
 from ..backends import create_backend, installed
-from ..datasets import find_images, find_pairs, read_pair
 from ..errors import SegStudioError
-from ..evaluate import mean_scores, score
-from ..io import ImageData
-from ..sources import read_image
+from ..image.io import ImageData
+from ..image.sources import read_image
 from ..jobs import CancelToken, Job, Progress
 from ..models.catalog import Model
 from ..models.onnx_export import compare_outputs
-from ..preprocess import normalize, select_channels
-from ..options import SegmentOptions
-from ..segment import segment_job
-from ..tiling import plan_tiles, read_region
+from ..segment.job import segment_job
+from ..segment.options import SegmentOptions
+from ..segment.preprocess import normalize, select_channels
+from ..segment.tiling import plan_tiles, read_region
+from ..tasks.evaluate import mean_scores, score
+from ..training.datasets import find_images, find_pairs, read_pair
 
 
 @dataclass

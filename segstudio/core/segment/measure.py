@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_path
+from ..image.io import atomic_path
 
 Table = dict[str, np.ndarray]
 
@@ -28,7 +28,7 @@ def measure(
 ) -> Table:
     """Measure every object of ``labels`` ``(Y, X)`` over ``plane`` ``(C, Y, X)``.
 
-    One compiled pass over the pixels (:func:`segstudio.core._kernels.region_stats`).
+    One compiled pass over the pixels (:func:`segstudio.core.segment._kernels.region_stats`).
     Eccentricity follows scikit-image (from the eigenvalues of the pixel
     coordinates' covariance); solidity is the pixel area over the area of
     the convex hull of the object's pixel squares (1 for a rectangle).

@@ -10,9 +10,9 @@ Readers:
   compressed TIFFs through imagecodecs);
 * PNG and JPEG via Pillow;
 * ``.npy`` arrays (no pickles);
-* zarr stores, including OME-Zarr (see :mod:`segstudio.core.sources`).
+* zarr stores, including OME-Zarr (see :mod:`segstudio.core.image.sources`).
 
-:func:`segstudio.core.sources.read_image` reads any of them whole; this
+:func:`segstudio.core.image.sources.read_image` reads any of them whole; this
 module holds the format readers and checks below it (it never imports
 :mod:`.sources`, which reads region by region on top of them).
 
@@ -47,7 +47,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import InputError, OutputError, naming
+from ..errors import InputError, OutputError, naming
 
 TIFF_SUFFIXES = {".tif", ".tiff"}
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -791,7 +791,7 @@ def write_labels(path: str | Path, labels: np.ndarray, *, pixel_size: tuple[floa
     """Write an instance-label image as a zlib-compressed TIFF, atomically.
 
     The pixel size, when known, is stored as a centimetre resolution, which
-    :func:`~segstudio.core.sources.read_image` reads back.
+    :func:`~segstudio.core.image.sources.read_image` reads back.
     """
     import tifffile
 

@@ -3,7 +3,7 @@
 For every YX plane of the image (Z and T stacks are segmented plane by
 plane): pick the model's channels, normalize them with percentiles of the
 whole plane (sampled when the plane is large), then stream the plane through
-the stage pipeline of :mod:`segstudio.core.pipeline` (read, normalize,
+the stage pipeline of :mod:`segstudio.core.segment.pipeline` (read, normalize,
 network, post-process, measure and write overlap, memory bounded by the
 tile size).  Labels go to a sink: an array in memory (default) or a tiled
 TIFF on disk (``labels_path``), so images of any size can be segmented.
@@ -18,20 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
-from .backends import CPU_BATCH, GPU_BATCH, Backend
-from .errors import IncompatibleArtifactError
-from .io import ImageData
-from .jobs import CancelToken, Job, Progress
+from .. import metrics
+from ..backends import CPU_BATCH, GPU_BATCH, Backend
+from ..errors import IncompatibleArtifactError
+from ..image.io import ImageData
+from ..image.sinks import ArraySink, TiffSink
+from ..image.sources import ImageSource, planes_as_channels, source_from_image
+from ..jobs import CancelToken, Job, Progress
+from ..models.catalog import Model
 from .measure import Table, concat_tables
-from .models.catalog import Model
 from .options import SegmentOptions
 from .pipeline import STAGES, PlaneSettings, PlaneView, StackState, segment_plane_job
 from .preprocess import background_nonfinite, normalize, sample_percentiles, select_channels
 from .scale import GridScaling, estimate_diameter, scale_factor
-from .sinks import ArraySink, TiffSink
-from .sources import ImageSource, planes_as_channels, source_from_image
-
 
 
 @dataclass
@@ -144,7 +143,7 @@ def segment_job(
 
     Scale: a model trained at a nucleus diameter (``spec.diameter``) sees
     every image resampled so its nuclei are that size (one grid per plane,
-    :class:`~segstudio.core.scale.GridScaling`); the diameter is estimated
+    :class:`~segstudio.core.segment.scale.GridScaling`); the diameter is estimated
     from the first plane unless ``options.diameter`` gives it (in pixels or
     micrometres) or says ``native`` (the image as it is).  Labels and
     measurements are always in image pixels.
@@ -199,7 +198,7 @@ class _ImageRun:
             self.post_workers = max(1, min(8, (os.cpu_count() or 2) - 1)) if gpu else 1
         predict = backend.predict
         if gpu:
-            from .backends.fallback import OomFallback
+            from ..backends.fallback import OomFallback
 
             predict = OomFallback(backend, model, self.notices.append)
         self.predict = FiniteOutputs(predict, model, source.name, getattr(predict, "describe", backend.describe)())
@@ -322,9 +321,9 @@ def segment_to_files(source: ImageData | ImageSource, model: Model, backend: Bac
 
     What ``segstudio segment`` and ``segstudio batch`` do with each image.
     Files of those names that segstudio did not write are never replaced
-    (:func:`~segstudio.core.io.check_replaceable`).
+    (:func:`~segstudio.core.image.io.check_replaceable`).
     """
-    from .io import check_replaceable
+    from ..image.io import check_replaceable
     from .measure import write_csv
 
     for path in (labels_path, csv_path):

@@ -1,7 +1,7 @@
 """Lazy image sources: read a region of one plane without loading the image.
 
 :func:`open_source` gives an :class:`ImageSource` for a file or an in-memory
-:class:`~segstudio.core.io.ImageData`.  Its :meth:`ImageSource.read` returns
+:class:`~segstudio.core.image.io.ImageData`.  Its :meth:`ImageSource.read` returns
 ``(C, h, w)`` for a stack index and a row / column range, touching only the
 bytes it needs:
 
@@ -14,17 +14,17 @@ bytes it needs:
   axes and pixel size), large ``.npy`` files (memory-mapped) and NumPy
   arrays (``ImageData``) are sliced directly.
 
-A file is opened once: its signature (:func:`~segstudio.core.io.file_signature`)
+A file is opened once: its signature (:func:`~segstudio.core.image.io.file_signature`)
 is taken from the same open descriptor the pixels are read from, so a file
 replaced while it is being segmented is either read whole in its old version
 (with the old version's signature) or detected afterwards (its signature
 changed), never recorded with the new file's signature and the old cells.
-The limits of :mod:`segstudio.core.io` (pixel budget, the size of one decoded
+The limits of :mod:`segstudio.core.image.io` (pixel budget, the size of one decoded
 chunk) are checked from the header before any pixel is decoded.
 
 Axes follow the same rules as :func:`read_image`
 (canonical ``TZCYX``), computed once from the metadata by
-:func:`~segstudio.core.io.axes_plan` and applied per read.
+:func:`~segstudio.core.image.io.axes_plan` and applied per read.
 """
 
 from __future__ import annotations
@@ -37,22 +37,22 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, naming
+from ..errors import InputError, naming
 from .io import (
     TIFF_SUFFIXES,
     ImageData,
     _canonicalize,
     _short,
-    image_stem,
     _tiff_metadata,
     axes_plan,
     check_decode_bytes,
-    checked_pixel_size,
     check_pixel_budget,
     check_plane_size,
     check_tiff_limits,
+    checked_pixel_size,
     compute_dtype,
     file_signature,
+    image_stem,
     native_pixels,
     npy_header,
     open_image_file,
@@ -70,7 +70,7 @@ class ImageSource:
 
     ``raw`` is any object with ``shape``, ``dtype`` and NumPy-style basic
     slicing in the file's own axis order ``raw_axes``; ``plan`` maps it to the
-    canonical axes (see :func:`~segstudio.core.io.axes_plan`).
+    canonical axes (see :func:`~segstudio.core.image.io.axes_plan`).
     """
 
     raw: Any
@@ -411,7 +411,7 @@ def read_image(path: str | Path) -> ImageData:
     ----------
     path : str or pathlib.Path
         A TIFF / OME-TIFF / ImageJ TIFF, PNG, JPEG, ``.npy`` or zarr / OME-Zarr
-        (see :mod:`segstudio.core.io` for the formats and limits).
+        (see :mod:`segstudio.core.image.io` for the formats and limits).
 
     Returns
     -------

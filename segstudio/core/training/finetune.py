@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
+from ..jobs import CancelToken, Job, Progress
+from ..models.catalog import Model, model_digest
+from ..threads import keeps_torch_threads
 from .datasets import Pair, read_pair
-from .errors import InputError
-from .jobs import CancelToken, Job, Progress
 from .loop import TrainLoop, save_checkpoint
-from .models.catalog import Model, model_digest
-from .threads import keeps_torch_threads
 
 
 @dataclass
@@ -77,9 +77,9 @@ def split_image(plane: np.ndarray, labels: np.ndarray, parts: int = 5, min_side:
 
 
 def _val_ap50(net, samples, params) -> float:
-    from .evaluate import score
-    from .optimize.distill import _outputs
-    from .postprocess import fg_dist_to_labels
+    from ..optimize.distill import _outputs
+    from ..segment.postprocess import fg_dist_to_labels
+    from ..tasks.evaluate import score
 
     outs = _outputs(net, [s.image for s in samples])
     return float(np.mean([score(s.labels, fg_dist_to_labels(o[0], o[1], params), thresholds=(0.5,)).ap[0.5]
@@ -137,8 +137,8 @@ def finetune_job(
 
 def _samples(spec, raw: list[tuple[np.ndarray, np.ndarray]]) -> list:
     """The labelled images as training samples at the model's scale (one image is cut into strips)."""
-    from .preprocess import normalize, select_channels
-    from .scale import median_diameter, rescale_sample, scale_factor
+    from ..segment.preprocess import normalize, select_channels
+    from ..segment.scale import median_diameter, rescale_sample, scale_factor
     from .train import Sample, distance_target
 
     if len(raw) == 1:
@@ -164,7 +164,7 @@ class _FinetuneRun:
                  cancel: CancelToken | None):
         import torch
 
-        from .models.unet import build_unet
+        from ..models.unet import build_unet
         from .train import TrainConfig
 
         self.base, self.spec, self.samples, self.out_dir, self.cfg, self.name = (

@@ -23,8 +23,7 @@ from scipy import sparse
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 
-from .options import SegmentOptions
-
+from ..segment.options import SegmentOptions
 
 DEFAULT_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
 
@@ -241,11 +240,10 @@ def evaluate_job(pairs, model, backend, options: SegmentOptions | None = None, *
     """
     import heapq
 
-    from .datasets import mismatch_error
-    from .sources import read_image
-    from .jobs import Progress
-    from .segment import segment_job
-    from .sources import open_source
+    from ..image.sources import open_source, read_image
+    from ..jobs import Progress
+    from ..segment.job import segment_job
+    from ..training.datasets import mismatch_error
 
     options = (options or SegmentOptions()).but(measure_cells=False)
     rows, worst = [], []
@@ -294,10 +292,10 @@ def worst_images_png(path, worst, *, columns: int = 4, size: int = 320) -> None:
     """
     from PIL import Image, ImageDraw
 
-    from .io import atomic_path
-    from .sources import read_image
-    from .preprocess import normalize, select_channels
-    from .models.spec import Normalization
+    from ..image.io import atomic_path
+    from ..image.sources import read_image
+    from ..models.spec import Normalization
+    from ..segment.preprocess import normalize, select_channels
 
     if not worst:
         return

@@ -16,8 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
-from .io import IMAGE_SUFFIXES
+from ..errors import InputError
+from ..image.io import IMAGE_SUFFIXES
 
 IMG_TAG = "_img"
 LABEL_TAG = "_labels"
@@ -124,7 +124,7 @@ def mismatch_error(pair: Pair, labels_shape, image_shape) -> InputError:
 
 def read_pair(pair: Pair):
     """``(ImageData, labels)`` of a pair, refusing labels whose height and width are not the image's."""
-    from .sources import read_image
+    from ..image.sources import read_image
 
     image = read_image(pair.image)
     labels = read_image(pair.labels).data

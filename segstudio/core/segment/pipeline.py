@@ -33,16 +33,16 @@ from typing import Callable
 
 import numpy as np
 
-from . import metrics
+from .. import metrics
+from ..errors import Cancelled
+from ..image.sources import ImageSource
+from ..jobs import CancelToken, Job, Progress
+from ..models.spec import ModelSpec
 from ._kernels import first_pixels
-from .errors import Cancelled
-from .jobs import CancelToken, Job, Progress
 from .measure import Table, cell_classes, measure
-from .models.spec import ModelSpec
 from .postprocess import network_instances
 from .preprocess import background_nonfinite
 from .scale import GridScaling
-from .sources import ImageSource
 from .tiling import TilePlan, plan_tiles, read_region, round_up
 
 STAGES = ("read", "normalize", "network", "post", "measure", "write")
@@ -123,7 +123,7 @@ class PlaneSettings:
     in image pixels, halo included (default: the one the model takes,
     :meth:`ModelSpec.tile_shape`, for a network of fixed or stepped input
     sizes; else sized by the tiler); ``scaling``: the network runs on the
-    plane resampled by this grid (:class:`~segstudio.core.scale.GridScaling`),
+    plane resampled by this grid (:class:`~segstudio.core.segment.scale.GridScaling`),
     which then sets the tiles and the halo.
     """
 

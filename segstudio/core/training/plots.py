@@ -14,7 +14,7 @@ def training_curves_png(path: str | Path, history: list[dict], *, title: str = "
     """
     from PIL import Image, ImageDraw
 
-    from .io import atomic_path
+    from ..image.io import atomic_path
 
     w, h = size
     left, right, top, bottom = 56, 56, 28, 36

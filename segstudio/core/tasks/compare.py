@@ -2,7 +2,7 @@
 
 :func:`disagreement` matches the objects of a *reference* label image (the
 original model's) one-to-one with those of an *other* one (the optimized
-model's), with the matching of :mod:`segstudio.core.evaluate` (the pairs of
+model's), with the matching of :mod:`segstudio.core.tasks.evaluate` (the pairs of
 IoU at least ``match``, 0.5 as in AP50, maximum cardinality), and sorts every
 object into one of four kinds:
 
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..jobs import CancelToken, Job, Progress
+from ..segment.options import SegmentOptions
 from .evaluate import match_pairs, overlaps
-from .jobs import CancelToken, Job, Progress
-from .options import SegmentOptions
 
 ONLY_REFERENCE, ONLY_OTHER, LOW_IOU = 1, 2, 3
 
@@ -143,7 +143,7 @@ def compare_job(image, model_a, backend_a, model_b, backend_b, cancel: CancelTok
     segmentations' progress and ``Progress("compare", k, 2)`` after each;
     returns a :class:`Comparison`.
     """
-    from .segment import segment_job
+    from ..segment.job import segment_job
 
     options = (options or SegmentOptions()).but(measure_cells=False)
 

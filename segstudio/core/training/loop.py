@@ -1,7 +1,7 @@
 """The one training loop: AdamW, an optional one-cycle schedule, cancel, atomic checkpoints.
 
-Training from scratch (:func:`~segstudio.core.train.train_job`),
-fine-tuning (:func:`~segstudio.core.finetune.finetune_job`) and
+Training from scratch (:func:`~segstudio.core.training.train.train_job`),
+fine-tuning (:func:`~segstudio.core.training.finetune.finetune_job`) and
 distillation (:func:`~segstudio.core.optimize.distill.distill_job`) differ
 in their batches, their loss and when they evaluate; the optimizer step,
 its schedule, cancelling and checkpointing are this module's.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .jobs import CancelToken
+from ..jobs import CancelToken
 
 
 def one_cycle(opt, lr: float, total_steps: int):

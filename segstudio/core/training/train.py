@@ -24,17 +24,17 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..errors import InputError
+from ..jobs import CancelToken, Job, Progress
+from ..models.spec import Normalization, PostprocessParams, UNetConfig
+from ..segment.postprocess import fg_dist_to_labels
+from ..segment.preprocess import normalize, select_channels
+from ..segment.scale import median_diameter, rescale_sample, scale_factor
+from ..tasks.evaluate import DEFAULT_THRESHOLDS, score
+from ..threads import keeps_torch_threads
 from .datasets import Pair, read_pair
-from .errors import InputError
-from .evaluate import DEFAULT_THRESHOLDS, score
-from .jobs import CancelToken, Job, Progress
 from .loop import TrainLoop, save_checkpoint
-from .models.spec import Normalization, PostprocessParams, UNetConfig
-from .postprocess import fg_dist_to_labels
-from .preprocess import normalize, select_channels
-from .scale import median_diameter, rescale_sample, scale_factor
 from .synthetic import _log_uniform
-from .threads import keeps_torch_threads
 
 
 @dataclass
@@ -399,7 +399,7 @@ class _TrainRun:
     def __init__(self, train: list[Sample], cfg: TrainConfig, workdir: Path, cancel: CancelToken | None):
         import torch
 
-        from .models.unet import build_unet
+        from ..models.unet import build_unet
 
         self.train, self.cfg = train, cfg
         self.device = device = resolve_device(cfg.device)
@@ -470,9 +470,9 @@ def predict_outputs(net, samples: list[Sample], diameter: float | None, tile: in
     """
     import torch
 
-    from .jobs import run_sync
-    from .scale import resize, scaled_shape
-    from .tiling import predict_tiled
+    from ..jobs import run_sync
+    from ..segment.scale import resize, scaled_shape
+    from ..segment.tiling import predict_tiled
 
     def run(batch):
         with torch.inference_mode():
@@ -535,8 +535,8 @@ def save_model(net, spec, out_dir: str | Path, example: np.ndarray | None = None
     """
     import torch
 
-    from .models.catalog import write_card
-    from .models.onnx_export import compare_outputs, export_onnx
+    from ..models.catalog import write_card
+    from ..models.onnx_export import compare_outputs, export_onnx
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import OutputError
+from ..errors import OutputError
 from .io import SOFTWARE, atomic_path, labels_dtype, temporary_sibling
 
 _END = object()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .models.spec import Normalization
+from ..models.spec import Normalization
 
 SAMPLE_PIXELS = 4_000_000
 
@@ -92,7 +92,7 @@ def select_channels(plane: np.ndarray, n_model: int, channel: int | str | None) 
     (the only channel; the mean of an RGB-like image; the first ``n_model``
     channels otherwise).
     """
-    from .errors import InputError
+    from ..errors import InputError
 
     c = plane.shape[0]
     if n_model != 1:

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from .jobs import CancelToken, Job, Progress
+from ..jobs import CancelToken, Job, Progress
 
 
 def round_up(n: int, m: int) -> int:

@@ -186,7 +186,7 @@ class GridScaling:
     """
 
     def __init__(self, factor: float, spec, tile: int, plane: tuple[int, int]):
-        from .errors import InputError
+        from ..errors import InputError
         from .tiling import round_up
 
         f = self.factor = float(factor)
@@ -341,7 +341,7 @@ def estimate_diameter(
     blobs at a coarse scale would pass for big ones.)  ``None`` when no
     object is found.
     """
-    from .jobs import run_sync
+    from ..jobs import run_sync
     from .postprocess import network_instances
     from .tiling import predict_tiled
 

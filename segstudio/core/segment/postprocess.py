@@ -10,7 +10,7 @@ Sigmoid is monotonic, so thresholds are applied to logits directly
 (``p > t``  <=>  ``logit > log(t / (1 - t))``) and the watershed runs on the
 logit; no sigmoid is ever computed.  The watershed floods 65,536 levels of
 the distance logit over [-8, 8] with a hierarchical queue
-(:func:`segstudio.core._kernels.flood_levels`): the same labels as
+(:func:`segstudio.core.segment._kernels.flood_levels`): the same labels as
 scikit-image's watershed on the built-in model's output, six times faster.
 """
 
@@ -21,8 +21,8 @@ import math
 import numpy as np
 from scipy import ndimage as ndi
 
-from .io import labels_dtype
-from .models.spec import PostprocessParams
+from ..image.io import labels_dtype
+from ..models.spec import PostprocessParams
 
 
 def logit(p: float) -> float:

@@ -41,11 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends.eager import BASELINE, EagerTorch
-from .errors import SegStudioError
-from .jobs import CancelToken, Job, Progress
-from .models.catalog import Model
-from .tiling import plan_tiles, read_region
+from ..backends.eager import BASELINE, EagerTorch
+from ..errors import SegStudioError
+from ..jobs import CancelToken, Job, Progress
+from ..models.catalog import Model
+from ..segment.tiling import plan_tiles, read_region
 
 BASELINE_TITLE = "baseline: PyTorch eager FP32 + scikit-image, sequential"
 
@@ -140,7 +140,7 @@ class PeakSampler:
 
 
 def skimage_labels(fg_logit: np.ndarray, dist_logit: np.ndarray, params) -> np.ndarray:
-    """The post-processing of :mod:`segstudio.core.postprocess` with scikit-image's watershed.
+    """The post-processing of :mod:`segstudio.core.segment.postprocess` with scikit-image's watershed.
 
     The plain way (a heap watershed); the reference the compiled
     hierarchical-queue watershed is checked against (same labels) and timed
@@ -149,7 +149,7 @@ def skimage_labels(fg_logit: np.ndarray, dist_logit: np.ndarray, params) -> np.n
     from scipy import ndimage as ndi
     from skimage.segmentation import watershed
 
-    from .postprocess import logit, relabel_sequential, remove_small
+    from ..segment.postprocess import logit, relabel_sequential, remove_small
 
     mask = fg_logit > logit(params.fg_threshold)
     markers, n = ndi.label(mask & (dist_logit > logit(params.seed_threshold)))
@@ -164,10 +164,10 @@ def baseline_segment(path: Path, model: Model, net: EagerTorch, out: Path, *, ti
     import tifffile
     from skimage.measure import regionprops_table
 
-    from .jobs import run_sync
-    from .measure import write_csv
-    from .preprocess import normalize
-    from .tiling import predict_tiled
+    from ..jobs import run_sync
+    from ..segment.measure import write_csv
+    from ..segment.preprocess import normalize
+    from ..segment.tiling import predict_tiled
 
     spec = model.spec
     t = {}
@@ -200,8 +200,8 @@ MOSAIC_SIZE = 2048
 
 def _mosaic_unit() -> np.ndarray:
     """The crowded sample and its three mirror images, 2 x 2 (float32): the mosaic's repeating unit."""
-    from ..sample_data import SAMPLE_DIR
-    from .sources import read_image
+    from ...sample_data import SAMPLE_DIR
+    from ..image.sources import read_image
 
     tile = read_image(SAMPLE_DIR / f"{MOSAIC_SAMPLE}_img.tif").data.astype(np.float32)
     return np.block([[tile, tile[:, ::-1]], [tile[::-1], tile[::-1, ::-1]]])
@@ -285,7 +285,7 @@ def _gpu_peak() -> int:
 
 
 def machine_info() -> dict:
-    from .backends.autoselect import _machine, package_versions
+    from ..backends.autoselect import _machine, package_versions
 
     info = {"machine": _machine(), "python": platform.python_version(), "versions": package_versions()}
     try:
@@ -364,8 +364,8 @@ def _post_seconds_per_pixel(logits: np.ndarray, plane: np.ndarray, spec, baselin
             labels = skimage_labels(logits[0], logits[1], spec.postprocess)
             regionprops_table(labels, intensity_image=plane[0], properties=("label", "area", "intensity_mean"))
         else:
-            from .measure import measure
-            from .postprocess import network_instances, relabel_sequential
+            from ..segment.measure import measure
+            from ..segment.postprocess import network_instances, relabel_sequential
 
             labels = relabel_sequential(network_instances(logits, spec)[0])
             measure(labels, plane)
@@ -445,7 +445,7 @@ def bench_job(model: Model, image: str | Path, variants: list[str], options: Ben
 
 def _on_gpu(variant: str) -> bool:
     """Whether ``variant`` runs on a GPU (False for one that cannot be parsed: it is reported when created)."""
-    from .backends import parse_variant
+    from ..backends import parse_variant
 
     try:
         return parse_variant(variant).on_gpu
@@ -467,9 +467,9 @@ class _Bench:
 
     def read_tiles(self) -> None:
         """The network's tiles (normalized as segmentation does) and the end-to-end region of the first plane."""
-        from .pipeline import PlaneView
-        from .preprocess import normalize, sample_percentiles, select_channels
-        from .sources import open_source
+        from ..image.sources import open_source
+        from ..segment.pipeline import PlaneView
+        from ..segment.preprocess import normalize, sample_percentiles, select_channels
 
         spec, tile, options = self.spec, self.options.tile, self.options
 
@@ -502,7 +502,7 @@ class _Bench:
 
     def load(self, variants: list[str]) -> Job[None]:
         """The baseline and each variant's backend (a variant that cannot run here is skipped, with the reason)."""
-        from .backends import create_backend
+        from ..backends import create_backend
 
         use_gpu_baseline = any(_on_gpu(v) for v in variants)
         yield Progress("bench", 0, 0, f"loading {BASELINE}")
@@ -541,10 +541,10 @@ class _Bench:
 
     def end_to_end(self, run: _Runner) -> dict:
         """Stage seconds of one end-to-end run of ``run`` on the e2e image (and its object count)."""
-        from .jobs import run_sync
-        from .options import SegmentOptions
-        from .segment import segment_job
-        from .sources import open_source
+        from ..image.sources import open_source
+        from ..jobs import run_sync
+        from ..segment.job import segment_job
+        from ..segment.options import SegmentOptions
 
         tile, batch_size = self.options.tile, self.options.batch_size
         if run.name == BASELINE:
@@ -581,7 +581,7 @@ class _Bench:
 
     def estimate(self) -> Job[None]:
         """The run's duration from the warm-up calls and one end-to-end run of the first variant."""
-        from .optimize.estimate import EtaTracker, RunEstimate, format_seconds
+        from ..optimize.estimate import EtaTracker, RunEstimate, format_seconds
 
         e2e, runners, n_batch = self.options.e2e, self.runners, len(self.batches[0])
         # segment_job does more per image than the tiles (a first look at the image, threads): one run says how much
@@ -772,7 +772,7 @@ def write_chart(report: dict, path: str | Path) -> Path:
 
 
 def write_plane(image, path: Path) -> tuple[int, int]:
-    """Write the first plane of ``image`` (an :class:`~segstudio.core.io.ImageData`, all its channels) as a TIFF; its (Y, X)."""
+    """Write the first plane of ``image`` (an :class:`~segstudio.core.image.io.ImageData`, all its channels) as a TIFF; its (Y, X)."""
     import tifffile
 
     _, plane = next(image.planes())
@@ -785,7 +785,7 @@ def write_plane(image, path: Path) -> tuple[int, int]:
 
 def bench_image_job(model: Model, variants: list[str], image=None, options: BenchOptions | None = None, *,
                     cancel: CancelToken | None = None) -> Job[dict]:
-    """:func:`bench_job` on an image in memory (an :class:`~segstudio.core.io.ImageData`; its first plane), written
+    """:func:`bench_job` on an image in memory (an :class:`~segstudio.core.image.io.ImageData`; its first plane), written
     to a temporary TIFF because the benchmark reads a file.
 
     ``image`` None: the bundled mosaic.  The report's ``image`` says where

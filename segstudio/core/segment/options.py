@@ -78,7 +78,7 @@ class Diameter:
         if self.kind == "px":
             return self.value
         if self.kind == "um":
-            from .errors import InputError
+            from ..errors import InputError
             from .scale import diameter_from_microns
 
             if pixel_size is None:

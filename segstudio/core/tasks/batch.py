@@ -11,12 +11,12 @@
 Guarantees (``tests/test_batch.py`` kills the CLI with ``kill -9`` to check them):
 
 * **Atomic outputs.**  Every file is written under a temporary name in its
-  own folder and renamed into place (:func:`segstudio.core.io.atomic_path`),
+  own folder and renamed into place (:func:`segstudio.core.image.io.atomic_path`),
   so a reader never sees half a file.  Temporary files a killed run left
   behind are removed when the next run starts: only files named as
   segstudio names them (``.<name>.<8 random>.segstudio-tmp``), and only in
   the folders this batch writes to; a file segstudio did not write is never
-  replaced (:func:`segstudio.core.io.check_replaceable`).
+  replaced (:func:`segstudio.core.image.io.check_replaceable`).
 * **Manifest.**  After an image's outputs are in place one JSON line is
   appended (flushed and fsynced) to ``batch_manifest.jsonl``.  A re-run skips
   every image whose last record is ``done`` (when its input file is
@@ -39,7 +39,7 @@ Guarantees (``tests/test_batch.py`` kills the CLI with ``kill -9`` to check them
 Execution:
 
 Where it runs is a :class:`Compute`; how each image is segmented, a
-:class:`~segstudio.core.options.SegmentOptions`; which files, a
+:class:`~segstudio.core.segment.options.SegmentOptions`; which files, a
 :class:`FileSelection`.
 
 * ``Compute(workers=1)`` (default): in this process.  A reader thread opens and
@@ -71,10 +71,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import Cancelled, InputError, OutputError, SegStudioError
-from .io import IMAGE_SUFFIXES, TEMP_NAME, atomic_path, check_output_file, ensure_folder, file_signature
-from .jobs import CancelToken, Job, Progress
-from .options import SegmentOptions
+from ..errors import Cancelled, InputError, OutputError, SegStudioError
+from ..image.io import IMAGE_SUFFIXES, TEMP_NAME, atomic_path, check_output_file, ensure_folder, file_signature
+from ..jobs import CancelToken, Job, Progress
+from ..segment.options import SegmentOptions
 
 MANIFEST = "batch_manifest.jsonl"
 SUMMARY = "batch_summary.csv"
@@ -100,7 +100,7 @@ class BatchItem:
         return out_dir / f"{self.out_stem}_labels.tif", out_dir / f"{self.out_stem}_cells.csv"
 
     def signature(self) -> list:
-        """:func:`~segstudio.core.io.file_signature` of the input as it is now."""
+        """:func:`~segstudio.core.image.io.file_signature` of the input as it is now."""
         return file_signature(self.path)
 
 
@@ -163,7 +163,7 @@ def scan(in_dir: str | Path, *, pattern: str | None = None, recursive: bool = Fa
 def remove_stale_temporaries(folders) -> int:
     """Delete the temporary files a killed run left in ``folders`` (not below them); their count.
 
-    Only names made by :func:`segstudio.core.io.temporary_sibling` are
+    Only names made by :func:`segstudio.core.image.io.temporary_sibling` are
     touched: a user's own ``.x.tmp`` is never removed.
     """
     n = 0
@@ -329,9 +329,9 @@ def process_image(item: BatchItem, out_dir: Path, model, backend, source=None, *
 
     ``source``: the already opened :class:`ImageSource`, or the exception opening it raised.
     """
-    from .jobs import run_sync
-    from .segment import segment_to_files
-    from .sources import open_source
+    from ..image.sources import open_source
+    from ..jobs import run_sync
+    from ..segment.job import segment_to_files
 
     t0 = time.perf_counter()
     labels_path, csv_path = item.outputs(out_dir)
@@ -367,7 +367,7 @@ def process_image(item: BatchItem, out_dir: Path, model, backend, source=None, *
     except Exception as e:  # noqa: BLE001 - one bad file must not stop the batch; a bug is logged
         import traceback
 
-        from .errors import write_crash_log
+        from ..errors import write_crash_log
 
         try:
             where = f"; details in {write_crash_log(''.join(traceback.format_exception(e)))}"
@@ -411,7 +411,7 @@ class _Prefetch:
         self._thread.start()
 
     def _run(self, items) -> None:
-        from .sources import open_source
+        from ..image.sources import open_source
 
         for item in items:
             if self._stop.is_set():
@@ -459,8 +459,8 @@ def _worker_backend(model_ref: str, backend_name: str, threads: int):
     key = (model_ref, backend_name, threads)
     with _WORKER_LOCK:
         if key not in _WORKER_CACHE:
-            from .backends import create_backend
-            from .models.catalog import get_model
+            from ..backends import create_backend
+            from ..models.catalog import get_model
 
             model = get_model(model_ref)
             backend = create_backend(backend_name, model, **({"threads": threads} if threads else {}))
@@ -514,7 +514,7 @@ def check_folders(in_dir: str | Path, out_dir: str | Path) -> None:
 
 
 def model_identity(model) -> str:
-    from .models.catalog import model_digest
+    from ..models.catalog import model_digest
 
     return f"{model.name}@{model.spec.version}:{model_digest(model)[:12]}"
 
@@ -707,7 +707,7 @@ def _run_local(todo, out_dir, model, compute: Compute, options: SegmentOptions, 
     backend, total = compute.backend, record.total
     own = backend is None
     if own:
-        from .backends import create_backend
+        from ..backends import create_backend
 
         backend = create_backend(compute.backend_name, model, tile=options.tile,
                                  **({"threads": compute.threads} if compute.threads else {}))
