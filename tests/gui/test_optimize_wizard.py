@@ -34,7 +34,7 @@ from segstudio.core.optimize.validate import ValidationSet
 from segstudio.core.segment.options import SegmentOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_compare import independent_counts  # noqa: E402 - the count that shares no code with core/compare.py
+from test_compare import independent_counts  # noqa: E402 - the count that shares no code with core/tasks/compare.py
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
