@@ -9,8 +9,10 @@ Each backend class declares what it supports (devices, precisions per
 device, options) as plain class attributes, so a request can be checked and
 refused with a clear message *before* the backend's library is imported;
 ``model_file(device, precision)`` says which file of the model card it
-needs.  Backends are context managers (Polygraphy's runner pattern):
-resources are taken in ``__init__`` and released by :meth:`close`.
+needs.  Backends follow Polygraphy's runner shape: :meth:`BackendBase.predict`
+checks the batch once and calls the backend's ``_infer``; they are context
+managers whose resources are taken in ``__init__`` and released by
+:meth:`close`.
 """
 
 from __future__ import annotations
@@ -79,6 +81,28 @@ class BackendBase:
 
     device = "cpu"
     precision = "fp32"
+    channels = 1  # input channels of the model (set by the backend's __init__)
+
+    def predict(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
+        """Raw model output of a ``(B, C, h, w)`` batch: the batch checked once here, then the backend's ``_infer``.
+
+        Parameters
+        ----------
+        batch : numpy.ndarray
+            ``(B, C, h, w)`` normalized tiles; ``C`` must be the model's input channels.
+        crop : tuple of slice, optional
+            The (rows, columns) window of the output to keep (the tiles' cores).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(B, K, h', w')`` float32 outputs (the ``crop`` window when given).
+        """
+        return self._infer(self.check_batch(batch, self.channels), crop)
+
+    def _infer(self, batch: np.ndarray, crop: tuple[slice, slice] | None) -> np.ndarray:
+        """The backend's network call on a checked, contiguous float32 batch (Polygraphy's ``infer``)."""
+        raise NotImplementedError
 
     @classmethod
     def model_file(cls, device: str, precision: str) -> str:

@@ -103,8 +103,7 @@ class OpenVinoBackend(BackendBase):
                 raise IncompatibleArtifactError(f"OpenVINO cannot compile {self.file}: {e}") from None
         return self._request
 
-    def predict(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
-        batch = self.check_batch(batch, self.channels)
+    def _infer(self, batch: np.ndarray, crop: tuple[slice, slice] | None) -> np.ndarray:
         if any(n is not None and n != m for n, m in zip(self.input_shape[1:], batch.shape[1:])):
             raise IncompatibleArtifactError(
                 f"{self.file} takes inputs of {'x'.join(str(n or 'any') for n in self.input_shape[2:])} px only, "

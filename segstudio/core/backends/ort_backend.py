@@ -128,8 +128,7 @@ class OrtBackend(BackendBase):
         """
         opts.enable_mem_pattern = False
 
-    def predict(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
-        batch = self.check_batch(batch, self.channels)
+    def _infer(self, batch: np.ndarray, crop: tuple[slice, slice] | None) -> np.ndarray:
         out = self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)
         return self.cropped(out, crop)
 

@@ -194,8 +194,7 @@ class TensorRTBackend(BackendBase):
         trt, torch = self._trt, self._torch
         return {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}[trt_dtype]
 
-    def predict(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
-        batch = self.check_batch(batch, self.channels)
+    def _infer(self, batch: np.ndarray, crop: tuple[slice, slice] | None) -> np.ndarray:
         if not self.profile.covers(batch.shape):
             raise BackendUnavailableError(
                 f"a batch of shape {batch.shape} is outside the engine's profile {self.profile.max}",

@@ -99,8 +99,7 @@ class TorchBackend(BackendBase):
             self._graphs[shape] = (graph, static_in, static_out)
         return self._graphs[shape]
 
-    def predict(self, batch: np.ndarray, crop: tuple[slice, slice] | None = None) -> np.ndarray:
-        batch = self.check_batch(batch, self.channels)
+    def _infer(self, batch: np.ndarray, crop: tuple[slice, slice] | None) -> np.ndarray:
         torch = self._torch
         try:
             with torch.inference_mode():
