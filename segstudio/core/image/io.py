@@ -143,7 +143,29 @@ def axes_plan(raw_axes: str, shape: tuple[int, ...], source: str) -> AxesPlan:
     """Map raw axes (``S`` = samples is an alias of ``C``) to canonical ``TZCYX``.
 
     Length-1 axes other than Y and X are dropped; one axis of unknown meaning
-    becomes Z (a stack); more are refused as ambiguous.
+    becomes Z (a stack) when there is no Z axis; more are refused as ambiguous.
+
+    Parameters
+    ----------
+    raw_axes : str
+        One letter per dimension, in the file's order (e.g. tifffile's ``"QYXS"``); case-insensitive.
+    shape : tuple of int
+        The array's shape in that order.
+    source : str
+        Name of the image or file, for error messages.
+
+    Returns
+    -------
+    AxesPlan
+        The canonical ``axes``, the raw axis of each canonical letter (``where``), and the raw
+        length-1 axes indexed away (``dropped``).
+
+    Raises
+    ------
+    InputError
+        When ``raw_axes`` and ``shape`` differ in length, when the axes cannot be interpreted (two
+        unknown axes, or one besides a Z axis), when an axis repeats (``S`` and ``C`` both kept), or
+        when there is no Y or no X axis.
     """
     raw_axes = raw_axes.upper().replace("S", "C")
     if len(raw_axes) != len(shape):
@@ -181,13 +203,40 @@ def _canonicalize(data: np.ndarray, axes: str, source: str) -> tuple[np.ndarray,
 
 
 def check_plane_size(plane_shape: tuple[int, int], name: str) -> None:
+    """Refuse a plane too small to segment.
+
+    Parameters
+    ----------
+    plane_shape : tuple of int
+        ``(Y, X)`` size of one plane, in pixels.
+    name : str
+        Name of the image, for the error message.
+
+    Raises
+    ------
+    InputError
+        When either side is under :data:`MIN_SIDE` (8) pixels.
+    """
     h, w = plane_shape
     if h < MIN_SIDE or w < MIN_SIDE:
         raise InputError(f"{name}: image is {h}x{w} pixels, too small to segment (at least {MIN_SIDE}x{MIN_SIDE})")
 
 
 def max_pixels() -> int:
-    """Pixels one plane may hold: :data:`DEFAULT_MAX_PIXELS`, or ``SEGSTUDIO_MAX_PIXELS``."""
+    """Pixels one plane may hold: :data:`DEFAULT_MAX_PIXELS`, or ``SEGSTUDIO_MAX_PIXELS``.
+
+    Returns
+    -------
+    int
+        The limit in pixels per plane (``2**32`` unless the environment variable sets it; a whole
+        stack may hold four times as many).
+
+    Raises
+    ------
+    InputError
+        When ``SEGSTUDIO_MAX_PIXELS`` is set but is not a finite number of at least
+        ``MIN_SIDE * MIN_SIDE`` (64) pixels.
+    """
     raw = os.environ.get("SEGSTUDIO_MAX_PIXELS", "").strip()
     if not raw:
         return DEFAULT_MAX_PIXELS
@@ -202,7 +251,22 @@ def max_pixels() -> int:
 
 
 def check_pixel_budget(plane_shape: tuple[int, ...], planes: int, name: str) -> None:
-    """Refuse a plane larger than :func:`max_pixels` or a stack larger than four times that."""
+    """Refuse a plane larger than :func:`max_pixels` or a stack larger than four times that.
+
+    Parameters
+    ----------
+    plane_shape : tuple of int
+        Shape ending in ``(Y, X)`` (any leading entries are ignored), in pixels.
+    planes : int
+        Number of planes in the stack (T x Z; channels not counted).
+    name : str
+        Name of the image or file, for the error message.
+
+    Raises
+    ------
+    InputError
+        When ``Y * X`` exceeds :func:`max_pixels`, or ``Y * X * planes`` exceeds four times it.
+    """
     h, w = int(plane_shape[-2]), int(plane_shape[-1])
     limit = max_pixels()
     hint = "crop or downsample it, or raise the limit with SEGSTUDIO_MAX_PIXELS (pixels per plane)"
@@ -215,7 +279,22 @@ def check_pixel_budget(plane_shape: tuple[int, ...], planes: int, name: str) -> 
 
 
 def check_decode_bytes(nbytes: int, name: str, what: str) -> None:
-    """Refuse to decode more than :data:`MAX_DECODE_BYTES` in one piece (``what``: "its pixels", "one tile")."""
+    """Refuse to decode more than :data:`MAX_DECODE_BYTES` in one piece (``what``: "its pixels", "one tile").
+
+    Parameters
+    ----------
+    nbytes : int
+        Size of the piece once decoded, in bytes.
+    name : str
+        Name of the image or file, for the error message.
+    what : str
+        What the piece is, as it reads in the message after ``name``.
+
+    Raises
+    ------
+    InputError
+        When ``nbytes`` exceeds :data:`MAX_DECODE_BYTES` (2 GiB).
+    """
     if nbytes > MAX_DECODE_BYTES:
         raise InputError(
             f"{name}: {what} would take {nbytes / 2**30:.1f} GiB of memory decoded in one piece "
@@ -229,7 +308,20 @@ def _gpx(n: int) -> str:
 
 
 def checked_pixel_size(size, notices: list[str]) -> tuple[float, float] | None:
-    """``size`` ``(y, x)`` in µm when both are finite and in :data:`PIXEL_SIZE_RANGE_UM`; else ``None``, with a notice."""
+    """``size`` ``(y, x)`` in µm when both are finite and in :data:`PIXEL_SIZE_RANGE_UM`; else ``None``, with a notice.
+
+    Parameters
+    ----------
+    size : sequence of two float, optional
+        ``(y, x)`` pixel size in micrometres, as a file states it; ``None`` when it states none.
+    notices : list of str
+        Appended to (one message) when ``size`` is given but not usable.
+
+    Returns
+    -------
+    tuple of float or None
+        ``(y, x)`` in micrometres, as floats; ``None`` when ``size`` is ``None`` or not usable.
+    """
     if size is None:
         return None
     lo, hi = PIXEL_SIZE_RANGE_UM
@@ -248,9 +340,26 @@ def checked_pixel_size(size, notices: list[str]) -> tuple[float, float] | None:
 def guess_axes(shape: tuple[int, ...]) -> str:
     """Axes of an array that came without metadata.
 
-    2-D is ``YX``; 3-D is ``YXC`` or ``CYX`` when one end has 2..4 entries
-    (colour / channels), else ``ZYX``; 4-D is ``ZCYX`` or ``ZYXC`` on the same
-    rule.  Anything else is ambiguous and refused.
+    2-D is ``YX``; 3-D is ``YXC`` when the last axis has at most 4 entries and
+    the first more than 4, ``CYX`` when the first has at most 4 (colour /
+    channels), else ``ZYX``; 4-D is ``ZCYX`` or ``ZYXC`` on the same rule
+    (second axis first).  Anything else is ambiguous and refused.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The array's shape.
+
+    Returns
+    -------
+    str
+        One axis letter per dimension, in the array's order (not canonical: ``"YXC"`` is possible).
+
+    Raises
+    ------
+    InputError
+        For arrays of other than 2 to 4 dimensions, or 4-D ones with no axis of at most 4 entries in
+        second or last place.
     """
     nd = len(shape)
     small = lambda n: 1 <= n <= 4  # noqa: E731
@@ -286,6 +395,33 @@ def as_image(
 
     ``axes`` may use ``S`` (samples, e.g. RGB) as an alias of ``C``; when it
     is ``None`` the axes are guessed with :func:`guess_axes`.
+
+    Parameters
+    ----------
+    data : numpy.ndarray or array_like
+        The pixels, integers, floats or bool (converted by :func:`native_pixels`).
+    axes : str, optional
+        One letter per dimension of ``data``, in its order (e.g. ``"YXC"``, ``"ZCYX"``).
+    pixel_size : tuple of float, optional
+        ``(y, x)`` in micrometres; a value outside :data:`PIXEL_SIZE_RANGE_UM` or not finite is
+        dropped, with a notice.
+    name : str
+        Short name of the image (for messages and ``ImageData.name``).
+    channel_names : list of str, optional
+        One name per channel; ignored (``"ch0"``... used) when the count does not match.
+
+    Returns
+    -------
+    ImageData
+        ``data`` transposed to canonical axes (a subset of ``"TZCYX"`` ending in ``"YX"``, length-1
+        axes other than Y and X dropped), a view of the input where no conversion was needed.
+
+    Raises
+    ------
+    InputError
+        When the array is empty, of an unsupported pixel type, has axes that cannot be interpreted,
+        a plane under :data:`MIN_SIDE` pixels a side, more pixels than :func:`check_pixel_budget`
+        allows, or more than :data:`MAX_CHANNELS` channels.
     """
     data = np.asarray(data) if not isinstance(data, np.ndarray) else data
     data = native_pixels(data, name)
@@ -317,6 +453,23 @@ def native_pixels(data: np.ndarray, name: str) -> np.ndarray:
     """Pixels in a type the pipeline computes with: bool as uint8, float16 as float32, native byte order.
 
     Anything but integers and floats (complex, strings, objects) is refused.
+
+    Parameters
+    ----------
+    data : numpy.ndarray
+        Pixels of any shape.
+    name : str
+        Name of the image, for the error message.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape; ``data`` itself when its type already fits, else a converted copy.
+
+    Raises
+    ------
+    InputError
+        When the dtype is neither bool, integer nor float.
     """
     if data.dtype == bool:
         return data.astype(np.uint8)
@@ -330,7 +483,19 @@ def native_pixels(data: np.ndarray, name: str) -> np.ndarray:
 
 
 def compute_dtype(dtype: np.dtype) -> np.dtype:
-    """The type pixels of ``dtype`` are read as (see :func:`native_pixels`)."""
+    """The type pixels of ``dtype`` are read as (see :func:`native_pixels`).
+
+    Parameters
+    ----------
+    dtype : numpy.dtype or dtype-like
+        Pixel type as stored (any byte order).
+
+    Returns
+    -------
+    numpy.dtype
+        uint8 for bool, float32 for floats under 4 bytes, else ``dtype`` in native byte order
+        (unsupported kinds are not refused here).
+    """
     dtype = np.dtype(dtype)
     if dtype == bool:
         return np.dtype(np.uint8)
@@ -362,6 +527,21 @@ def open_image_file(path: str | Path) -> Iterator:
 
     Only regular, non-empty files are opened: a named pipe would block the
     reader forever and a device such as ``/dev/zero`` never ends.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The image file.
+
+    Yields
+    ------
+    file object
+        ``path`` open in ``"rb"`` mode, closed when the ``with`` block ends.
+
+    Raises
+    ------
+    InputError
+        When ``path`` is missing, unreadable, a folder, not a regular file, or empty (0 bytes).
     """
     path = Path(path)
     try:
@@ -390,7 +570,28 @@ def open_image_file(path: str | Path) -> Iterator:
 
 @_named
 def read_open_file(path: Path, f) -> ImageData:
-    """Read the image file ``path`` from its open binary handle ``f``."""
+    """Read the image file ``path`` from its open binary handle ``f``.
+
+    The format is chosen by the suffix of ``path``: TIFF (``.tif``, ``.tiff``),
+    PNG / JPEG, or ``.npy``.  Error messages name ``path``.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The file's path (for its suffix, its name and messages).
+    f : file object
+        ``path`` open for binary reading (e.g. from :func:`open_image_file`), positioned at the start.
+
+    Returns
+    -------
+    ImageData
+        The whole image in canonical axes, named by :func:`image_stem`.
+
+    Raises
+    ------
+    InputError
+        For an unsupported suffix, or a file that cannot be read or used as an image.
+    """
     suffix = path.suffix.lower()
     name = image_stem(path)
     if suffix in TIFF_SUFFIXES:
@@ -422,7 +623,30 @@ class NpyHeader:
 
 
 def npy_header(path: Path, f) -> NpyHeader:
-    """The header of the ``.npy`` file open as ``f``, checked against the file's size and the limits."""
+    """The header of the ``.npy`` file open as ``f``, checked against the file's size.
+
+    Only the header is read (``f`` is left after it).  The pixel budget and
+    :data:`MAX_DECODE_BYTES` are not checked here.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The file's path, for error messages.
+    f : file object
+        The file open for binary reading; read from its start.
+
+    Returns
+    -------
+    NpyHeader
+        ``shape``, ``dtype``, ``fortran`` (column-major order) and ``offset`` (bytes from the start
+        of the file to the pixels).
+
+    Raises
+    ------
+    InputError
+        When the header cannot be read, the array holds Python objects, has fewer than 2
+        dimensions, or the file holds fewer bytes than the header declares.
+    """
     fmt = np.lib.format
     try:
         f.seek(0)
@@ -445,6 +669,18 @@ def npy_header(path: Path, f) -> NpyHeader:
 
 
 def image_stem(path: Path) -> str:
+    """Short name of an image file: its name without the suffix (``.ome.tif`` / ``.ome.tiff`` whole).
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The file's path.
+
+    Returns
+    -------
+    str
+        ``"a"`` for ``dir/a.ome.tif`` (suffix matched case-insensitively), ``"a.b"`` for ``a.b.png``.
+    """
     name = path.name
     for suf in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suf):
@@ -484,7 +720,25 @@ def _read_tiff(path: Path, name: str, f) -> ImageData:
 
 
 def check_tiff_limits(tif, series, name: str) -> None:
-    """The pixel budget of the series' planes, and the size of one decoded tile or strip."""
+    """The pixel budget of the series' planes, and the size of one decoded tile or strip.
+
+    Checked from the header only; the tile or strip size is that of the first page.
+
+    Parameters
+    ----------
+    tif : tifffile.TiffFile
+        The open TIFF.
+    series : tifffile.TiffPageSeries
+        The series to be read (its ``shape`` and ``axes``).
+    name : str
+        Name of the file, for error messages.
+
+    Raises
+    ------
+    InputError
+        When a plane or the stack is over :func:`check_pixel_budget`'s limits, or one tile or strip
+        would decode to more than :data:`MAX_DECODE_BYTES`.
+    """
     shape, axes = tuple(series.shape), series.axes
     yx = [shape[i] for i, a in enumerate(axes) if a in "YX"]
     if len(yx) == 2:
@@ -610,7 +864,23 @@ TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
 
 
 def ensure_folder(path: str | Path) -> Path:
-    """Create the output folder ``path`` (and its parents); an :class:`OutputError` when it cannot be one."""
+    """Create the output folder ``path`` (and its parents); an :class:`OutputError` when it cannot be one.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The folder; it may exist already.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    OutputError
+        When ``path`` (or a parent) is a file, or the folder cannot be created.
+    """
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -626,7 +896,24 @@ def ensure_folder(path: str | Path) -> Path:
 
 
 def check_output_file(path: str | Path) -> Path:
-    """Refuse an output file ``path`` that exists as something else than a regular file (a folder, a device)."""
+    """Refuse an output file ``path`` that exists as something else than a regular file (a folder, a device).
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The file to be written; it need not exist.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    OutputError
+        When ``path`` exists (or is a dangling link) and is not a regular file, or its nearest
+        existing parent is not a folder.
+    """
     path = Path(path)
     if (path.exists() or path.is_symlink()) and not path.is_file():
         raise OutputError(f"cannot write {path}: it exists and is not a regular file (a folder or a device)",
@@ -641,7 +928,23 @@ def check_output_file(path: str | Path) -> Path:
 
 
 def temporary_sibling(path: str | Path) -> Path:
-    """A new, empty file beside ``path`` named ``.<name>.<8 random>.segstudio-tmp`` (:data:`TEMP_NAME`)."""
+    """A new, empty file beside ``path`` named ``.<name>.<8 random>.segstudio-tmp`` (:data:`TEMP_NAME`).
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The file the temporary one will replace; its folder must exist.
+
+    Returns
+    -------
+    pathlib.Path
+        The temporary file (created, closed; the caller removes or renames it).
+
+    Raises
+    ------
+    OutputError
+        When the file cannot be created.
+    """
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
@@ -661,6 +964,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     only kind of file stale-file clean-up removes.  ``path`` must be a
     regular file or not exist (a device such as ``/dev/null`` or a folder is
     never replaced).  Errors of the file system are :class:`OutputError`.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The output file; its folder is created when missing.
+
+    Yields
+    ------
+    pathlib.Path
+        An empty temporary file in the same folder, to write in the ``with`` block.
+
+    Raises
+    ------
+    OutputError
+        When ``path`` cannot be written or replaced (see :func:`check_output_file`), or an
+        ``OSError`` about the temporary file or ``path`` (or naming no file) ends the block.
     """
     path = check_output_file(path)
     ensure_folder(path.parent)
@@ -685,7 +1004,22 @@ _PREAD_LOCK = None
 
 
 def pread(fd: int, n: int, offset: int) -> bytes:
-    """``n`` bytes at ``offset`` of ``fd`` without moving its position (``os.pread``; a locked seek on Windows)."""
+    """``n`` bytes at ``offset`` of ``fd`` without moving its position (``os.pread``; a locked seek on Windows).
+
+    Parameters
+    ----------
+    fd : int
+        An open file descriptor.
+    n : int
+        Number of bytes to read.
+    offset : int
+        Position in the file, in bytes.
+
+    Returns
+    -------
+    bytes
+        At most ``n`` bytes (fewer at the end of the file).
+    """
     if hasattr(os, "pread"):
         return os.pread(fd, n, offset)
     global _PREAD_LOCK
@@ -714,6 +1048,20 @@ def file_signature(path: str | Path, fd: int | None = None) -> list:
     a copy that kept the size and time stamp of the file it replaced is told
     apart too.  A zarr store (a folder) hashes the names, sizes and time
     stamps of its files.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The file, or a zarr store's folder.
+    fd : int, optional
+        A descriptor of the file, open for reading; when given it is hashed (and not closed) and
+        ``path`` is not used.
+
+    Returns
+    -------
+    list
+        ``[size, mtime_ns, hash]``: size in bytes (int), modification time in nanoseconds (int) and
+        the hash as 16 hex digits (str); for a folder, its files' total size and latest time.
     """
     path = Path(path)
     h = hashlib.blake2b(digest_size=8)
@@ -756,6 +1104,17 @@ def check_replaceable(path: str | Path) -> None:
     the ``label`` column.  Anything else under that name (a ground truth
     ``X_labels.tif`` beside the images, a colleague's file) is the user's, and
     segstudio never writes over it.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The output file about to be written.
+
+    Raises
+    ------
+    OutputError
+        When ``path`` exists and is not a regular file recognised as segstudio's (``.tif`` /
+        ``.tiff`` with that Software tag, or ``.csv`` starting with the ``label`` column).
     """
     path = Path(path)
     if not path.exists():
@@ -783,7 +1142,18 @@ def _written_by_segstudio(path: Path) -> bool:
 
 
 def labels_dtype(n_objects: int) -> np.dtype:
-    """uint16 while the labels fit, uint32 past 65,535 objects."""
+    """uint16 while the labels fit, uint32 past 65,535 objects.
+
+    Parameters
+    ----------
+    n_objects : int
+        The largest label (the number of objects).
+
+    Returns
+    -------
+    numpy.dtype
+        ``uint16`` for at most 65,535 objects, else ``uint32``.
+    """
     return np.dtype(np.uint16) if n_objects <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
 
 
@@ -792,6 +1162,25 @@ def write_labels(path: str | Path, labels: np.ndarray, *, pixel_size: tuple[floa
 
     The pixel size, when known, is stored as a centimetre resolution, which
     :func:`~segstudio.core.image.sources.read_image` reads back.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The TIFF to write (replaced when it exists; see :func:`atomic_path`).
+    labels : numpy.ndarray
+        ``(Y, X)`` (or a stack) of integer labels, 0 background; written in its own dtype.
+    pixel_size : tuple of float, optional
+        ``(y, x)`` in micrometres; no resolution is written when ``None``.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    OutputError
+        When the file cannot be written.
     """
     import tifffile
 
@@ -806,5 +1195,17 @@ def write_labels(path: str | Path, labels: np.ndarray, *, pixel_size: tuple[floa
 
 
 def safe_stem(name: str) -> str:
-    """A file-name-safe version of ``name``."""
+    """A file-name-safe version of ``name``.
+
+    Parameters
+    ----------
+    name : str
+        Any name (an image's name, a layer's).
+
+    Returns
+    -------
+    str
+        ``name`` with each run of characters other than letters, digits, ``_``, ``.`` and ``-``
+        replaced by ``_``, leading and trailing ``.`` / ``_`` stripped; ``"image"`` when nothing is left.
+    """
     return re.sub(r"[^\w.\-]+", "_", name).strip("._") or "image"

@@ -167,7 +167,24 @@ def _from_plan(raw, raw_axes: str, **kwargs) -> ImageSource:
 
 
 def planes_as_channels(source: ImageSource) -> ImageSource:
-    """The same pixels with the Z axis read as the channel axis (a file that holds channels as pages)."""
+    """The same pixels with the Z axis read as the channel axis (a file that holds channels as pages).
+
+    Parameters
+    ----------
+    source : ImageSource
+        A source with a Z axis and no C axis.
+
+    Returns
+    -------
+    ImageSource
+        A copy reading the same ``raw`` array (and sharing its ``closer``), with axes such as ``"CYX"``
+        or ``"TCYX"`` and channel names ``"ch0"``, ``"ch1"``...
+
+    Raises
+    ------
+    ValueError
+        When ``source`` has a C axis or no Z axis.
+    """
     if "C" in source.axes or "Z" not in source.axes:
         raise ValueError(f"axes {source.axes!r}: need a Z axis and no C axis")
     sizes = dict(zip(source.axes, source.shape))
@@ -179,7 +196,24 @@ def planes_as_channels(source: ImageSource) -> ImageSource:
 
 
 def source_from_image(image: ImageData) -> ImageSource:
-    """Wrap an in-memory image (already in canonical axes)."""
+    """Wrap an in-memory image (already in canonical axes).
+
+    Parameters
+    ----------
+    image : ImageData
+        The image; its array is read in place, not copied.
+
+    Returns
+    -------
+    ImageSource
+        With the image's name, pixel size, channel names and notices, and no ``signature``.
+
+    Raises
+    ------
+    InputError
+        When a plane is under :data:`~segstudio.core.image.io.MIN_SIDE` pixels a side or the image is
+        over the pixel budget (:func:`~segstudio.core.image.io.check_pixel_budget`).
+    """
     return _from_plan(
         image.data, image.axes, name=image.name, pixel_size=image.pixel_size, channel_names=list(image.channel_names),
         notices=list(image.notices),
@@ -299,10 +333,28 @@ def _ome_zarr_level(group, path: Path):
 def open_source(path: str | Path, *, eager_bytes: int = EAGER_BYTES) -> ImageSource:
     """Open an image file (or zarr store) for region reads.
 
-    Files that decode to less than ``eager_bytes`` are read whole (fastest);
+    Files that decode to at most ``eager_bytes`` are read whole (fastest);
     larger TIFFs and ``.npy`` files, and zarr stores always, are read lazily.
     Errors are :class:`InputError` as in :func:`read_image`.
     The source's ``signature`` identifies the bytes it reads.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        A TIFF / OME-TIFF / ImageJ TIFF, PNG, JPEG, ``.npy`` file or ``.zarr`` store (plain or OME-Zarr).
+    eager_bytes : int
+        Decoded size in bytes up to which a TIFF or ``.npy`` file is read into memory
+        (:data:`EAGER_BYTES`, 256 MiB, by default); PNG and JPEG are always read whole.
+
+    Returns
+    -------
+    ImageSource
+        Close it (or use it as a context manager) to release the file a lazy source reads from.
+
+    Raises
+    ------
+    InputError
+        When the file cannot be read or used as an image; the message names ``path``.
     """
     try:
         return _open_source(Path(path), eager_bytes)

@@ -42,7 +42,34 @@ def zip_members(path: Path, *, max_bytes: int = MAX_ZIP_BYTES,
                 infos: list[zipfile.ZipInfo] | None = None) -> list[zipfile.ZipInfo]:
     """The entries of a zip, refused (with the numbers) when they are too many, too big or too compressed.
 
-    Read from the central directory only: nothing is decompressed.
+    Read from the central directory only: nothing is decompressed, so the
+    sizes checked are the ones the entries declare (:func:`safe_extract`
+    then holds each entry to its declared size).
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The zip file (its name is used in the messages).
+    max_bytes : int
+        The most that all entries together may declare once extracted, in
+        bytes (default :data:`MAX_ZIP_BYTES`, 1 GiB).
+    infos : list of zipfile.ZipInfo, optional
+        The entries, already read from ``path``; read from it when None.
+
+    Returns
+    -------
+    list of zipfile.ZipInfo
+        The entries, as read (or as given).
+
+    Raises
+    ------
+    ModelRefusedError
+        More than :data:`MAX_ZIP_ENTRIES` (10,000) entries; more than
+        ``max_bytes`` declared in total; or an entry that declares more than
+        :data:`ZIP_RATIO_FLOOR` (16 MiB) and more than :data:`MAX_ZIP_RATIO`
+        (200) times its compressed size.
+    IncompatibleArtifactError
+        ``path`` is not a readable zip (only when ``infos`` is None).
     """
     infos = _zip_infolist(path) if infos is None else infos
     if len(infos) > MAX_ZIP_ENTRIES:
@@ -80,7 +107,32 @@ def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, sink, zip_name: str)
 
 def safe_extract(zip_path: Path, target: Path) -> None:
     """Extract ``zip_path`` into ``target``, refusing zips that are too big (:func:`zip_members`),
-    members that would land outside it (or are links), and entries that yield more than they declare."""
+    members that would land outside it (or are links), and entries that yield more than they declare.
+
+    Parameters
+    ----------
+    zip_path : pathlib.Path
+        The zip; checked with :func:`zip_members` at its default limit (1 GiB
+        in all) before anything is written.
+    target : pathlib.Path
+        The folder to extract into (it and the entries' folders are created
+        as needed).
+
+    Raises
+    ------
+    ModelRefusedError
+        The zip's limits (:func:`zip_members`); an entry whose name starts
+        with ``/``, a backslash or a drive letter, resolves outside
+        ``target``, or is a symbolic link (all checked before anything is
+        written, so the whole zip is refused); an entry that yields more
+        bytes than it declares (extraction stops there, what was written
+        stays).
+    InputError
+        ``target`` cannot be written (an operating-system error).
+    IncompatibleArtifactError
+        A damaged zip, or an entry it cannot decompress (encrypted, unknown
+        compression).
+    """
     target = target.resolve()
     infos = zip_members(zip_path)
     for info in infos:
@@ -125,6 +177,31 @@ def is_torchscript_archive(path: Path, infos: list[zipfile.ZipInfo] | None = Non
     ``constants.pkl`` / ``*.debug_pkl`` records; their pickles name
     ``__torch__`` classes.  Any of these marks one, whatever the file is
     called and whichever records were removed.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The zip file.
+    infos : list of zipfile.ZipInfo, optional
+        Its entries, already checked; when None they are read and checked
+        with :func:`zip_members` at the weights' limit
+        (:data:`MAX_WEIGHTS_ZIP_BYTES`, 2 GiB).
+
+    Returns
+    -------
+    bool
+        True when an entry sits in a ``code`` folder or is named
+        ``constants.pkl``, ``model.json`` or ``*.debug_pkl``, or when a
+        ``.pkl`` entry of at most :data:`PICKLE_SCAN_BYTES` (64 MiB) contains
+        the bytes ``__torch__`` (larger pickles are not scanned).
+
+    Raises
+    ------
+    ModelRefusedError
+        The zip's limits (when ``infos`` is None), or a scanned pickle that
+        yields more than it declares.
+    IncompatibleArtifactError
+        A damaged zip.
     """
     infos = zip_members(path, max_bytes=MAX_WEIGHTS_ZIP_BYTES) if infos is None else infos
     for info in infos:
@@ -145,5 +222,20 @@ def is_torchscript_archive(path: Path, infos: list[zipfile.ZipInfo] | None = Non
 
 
 def refuse_code(path: Path, what: str = "a TorchScript archive") -> ModelRefusedError:
+    """The error refusing a model file that holds code (the caller raises it).
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The refused file (its name is in the message).
+    what : str
+        What the file is, completing "it is ...".
+
+    Returns
+    -------
+    ModelRefusedError
+        With :data:`TRUST_HINT` as its hint (export to ONNX, or allow code
+        with ``--trust-code``).
+    """
     return ModelRefusedError(f"refused {path.name}: it is {what}, which holds code that runs when it is loaded",
                              hint=TRUST_HINT)

@@ -56,6 +56,30 @@ def load_card(card: str | Path, *, verify: bool = True) -> Model:
     (:func:`~segstudio.core.models.onnx_check.check_onnx_file`: external
     data inside the folder, no custom operators, bounded loops) before any
     backend opens them.
+
+    Parameters
+    ----------
+    card : str or pathlib.Path
+        The card (``<name>.json``); every file it names must sit in its folder.
+    verify : bool
+        Check each file against the SHA-256 the card records (if any) and,
+        for a card outside the built-in folder, check its ``onnx*`` files
+        and refuse a ``torch`` file that is a TorchScript archive.  Whether
+        the files exist next to the card is checked either way.
+
+    Returns
+    -------
+    Model
+        The spec, the files (format -> path) and the card's provenance.
+
+    Raises
+    ------
+    IncompatibleArtifactError
+        An unreadable or damaged card; a file that is missing or not next to
+        the card; with ``verify``, a checksum mismatch or an ONNX file that
+        :func:`~segstudio.core.models.onnx_check.check_onnx_file` refuses.
+    ModelRefusedError
+        With ``verify``, a ``torch`` file that is a TorchScript archive (code).
     """
     card = Path(card)
     try:
@@ -107,6 +131,27 @@ def write_card(spec: ModelSpec, files: dict[str, Path], card: str | Path, proven
 
     ``provenance`` (what the model was made from, how, with what) is kept
     in the card as it is.
+
+    Parameters
+    ----------
+    spec : ModelSpec
+    files : dict of str to pathlib.Path
+        Format (``"onnx"``, ``"torch"``...) -> file in the card's folder; each
+        file's name, SHA-256 and size are recorded.
+    card : str or pathlib.Path
+        The card file to write (replaced if it exists).
+    provenance : dict, optional
+        Stored under ``"provenance"``; left out when None or empty.
+
+    Returns
+    -------
+    pathlib.Path
+        ``card``.
+
+    Raises
+    ------
+    ValueError
+        A file that is not in the card's folder.
     """
     card = Path(card)
     entries = {}
@@ -123,7 +168,18 @@ def write_card(spec: ModelSpec, files: dict[str, Path], card: str | Path, proven
 
 
 def model_digest(model: Model) -> str:
-    """A short hash identifying a model by its files' contents."""
+    """A short hash identifying a model by its files' contents.
+
+    Parameters
+    ----------
+    model : Model
+
+    Returns
+    -------
+    str
+        16 hex digits of a SHA-256 over each format name and its file's
+        SHA-256, in format order (the card's spec and provenance do not count).
+    """
     import hashlib
 
     h = hashlib.sha256()

@@ -23,7 +23,14 @@ DEFAULT_MODEL = "nuclei"
 
 
 def builtin_models() -> list[Model]:
-    """All models shipped with segstudio: the default (``nuclei``) first, then by name."""
+    """All models shipped with segstudio: the default (``nuclei``) first, then by name.
+
+    Returns
+    -------
+    list of Model
+        One per card in the built-in folder, loaded without verifying
+        checksums (``verify=False``).
+    """
     cards = sorted(BUILTIN_DIR.glob("*.json"), key=lambda p: (p.stem != DEFAULT_MODEL, p.stem))
     return [load_card(p, verify=False) for p in cards]
 
@@ -35,6 +42,32 @@ def get_model(name_or_path: str | Path, *, trust_code: bool = False) -> Model:
     imported once (:func:`segstudio.core.models.user.import_cached`) and
     reused while its contents do not change.  TorchScript (code) is refused
     unless ``trust_code`` (then converted to ONNX in a confined process).
+
+    Parameters
+    ----------
+    name_or_path : str or pathlib.Path
+        Tried in this order: a ``.json`` card file; a folder holding exactly
+        one card; a model file, or a BioImage.IO package (zip, or folder with
+        ``rdf.yaml`` / ``bioimageio.yaml``); a built-in model's name; an
+        imported model's name (``<user models>/<name>/<name>.json``).
+    trust_code : bool
+        For a model file or package only: convert TorchScript instead of
+        refusing it.
+
+    Returns
+    -------
+    Model
+        Loaded with :func:`load_card` (checksums verified).
+
+    Raises
+    ------
+    InputError
+        An unknown name, or a folder holding several cards.
+    ModelRefusedError
+        A TorchScript file or package without ``trust_code``, or another
+        refusal of :func:`segstudio.core.models.user.import_model`.
+    IncompatibleArtifactError
+        A card that does not load, or a model file that does not import.
     """
     candidate = Path(name_or_path)
     if candidate.suffix == ".json" and candidate.is_file():

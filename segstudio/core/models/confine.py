@@ -134,7 +134,25 @@ class ConfinedRunError(IncompatibleArtifactError):
 
 
 def requested_method(method: str | None = None) -> str:
-    """``method``, else ``$SEGSTUDIO_SANDBOX``, else ``auto`` (checked)."""
+    """``method``, else ``$SEGSTUDIO_SANDBOX``, else ``auto`` (checked).
+
+    Parameters
+    ----------
+    method : str, optional
+        ``"auto"``, ``"bwrap"``, ``"unshare"`` or ``"plain"`` (any case,
+        surrounding spaces ignored); None or empty: the environment variable.
+
+    Returns
+    -------
+    str
+        The method, in lower case; whether it can run here is not checked
+        (:func:`choose_method` does).
+
+    Raises
+    ------
+    InputError
+        Not one of the four.
+    """
     method = (method or os.environ.get("SEGSTUDIO_SANDBOX") or "auto").strip().lower()
     if method not in ("auto", *METHODS):
         raise InputError(f"unknown sandbox {method!r}", hint=f"SEGSTUDIO_SANDBOX is one of auto, {', '.join(METHODS)}")
@@ -169,7 +187,15 @@ def _unshare_works() -> bool:
 
 
 def available_methods() -> list[str]:
-    """The sandboxes that can run here, strongest first (``plain`` always can)."""
+    """The sandboxes that can run here, strongest first (``plain`` always can).
+
+    Returns
+    -------
+    list of str
+        ``"bwrap"`` when ``bwrap`` is on the ``PATH`` and a test sandbox runs,
+        ``"unshare"`` when a child process can create user, network and IPC
+        namespaces (Linux only; each tried once per process), then ``"plain"``.
+    """
     out = []
     if _bwrap_works():
         out.append("bwrap")
@@ -179,7 +205,25 @@ def available_methods() -> list[str]:
 
 
 def choose_method(method: str | None = None) -> str:
-    """The sandbox a run would use: the strongest available for ``auto``, else the one asked for."""
+    """The sandbox a run would use: the strongest available for ``auto``, else the one asked for.
+
+    Parameters
+    ----------
+    method : str, optional
+        As for :func:`requested_method` (None: ``$SEGSTUDIO_SANDBOX``, else
+        ``auto``).
+
+    Returns
+    -------
+    str
+        ``"bwrap"``, ``"unshare"`` or ``"plain"``.
+
+    Raises
+    ------
+    InputError
+        An unknown method, or one asked for that cannot run here (never a
+        silent downgrade).
+    """
     asked = requested_method(method)
     available = available_methods()
     if asked == "auto":
@@ -193,7 +237,14 @@ def choose_method(method: str | None = None) -> str:
 
 
 def landlock_abi() -> int:
-    """The kernel's Landlock ABI version (0: none)."""
+    """The kernel's Landlock ABI version (0: none).
+
+    Returns
+    -------
+    int
+        0 also off Linux, on a CPU other than x86_64 / aarch64, or when the
+        kernel refuses the call.
+    """
     nr = _SYSCALLS.get(platform.machine(), {}).get("landlock_create_ruleset")
     if nr is None or not sys.platform.startswith("linux"):
         return 0
@@ -204,7 +255,25 @@ def landlock_abi() -> int:
 
 
 def describe_confinement(method: str | None = None) -> str:
-    """One sentence: the confinement a child gets on this machine."""
+    """One sentence: the confinement a child gets on this machine.
+
+    Parameters
+    ----------
+    method : str, optional
+        The sandbox asked for, as for :func:`choose_method` (not looked at on
+        macOS and Windows).
+
+    Returns
+    -------
+    str
+        The platform, then the sandbox, Landlock ABI, process blocking,
+        limits and timeout that apply, in words.
+
+    Raises
+    ------
+    InputError
+        Outside macOS and Windows, as :func:`choose_method`.
+    """
     if sys.platform == "darwin":
         return ("macOS: a separate process with resource limits, a clean environment, temporary folders and a "
                 "timeout; no file-system or network sandbox")
@@ -292,6 +361,50 @@ def run_confined(
     names the files of ``out_dir`` that come back, moved into ``dest``
     (required when ``outputs`` is not empty).  Any failure, timeout or limit
     raises :class:`ConfinedRunError` whose message starts with ``label``.
+    The temporary work folder is removed in every case.
+
+    Parameters
+    ----------
+    target : str
+        ``"module:function"``; the module must start with ``segstudio.``.
+    args : dict, optional
+        Keyword arguments of the function (JSON values).
+    inputs : dict of str to pathlib.Path, optional
+        Name (a relative path without ``.`` or ``..``) -> file; each is copied
+        read-only under the child's ``in`` folder.
+    outputs : tuple of str
+        Names of files in ``out_dir`` to bring back; each must be a regular
+        file (not a link) of at most ``limits.file_bytes``.
+    dest : str or pathlib.Path, optional
+        The folder (created if needed) the outputs are copied into.
+    limits : Limits
+        Address space, CPU seconds, file size, open files and wall-clock
+        timeout (default: 4 GiB, 600 s, 2 GiB, 512, 300 s).
+    method : str, optional
+        The sandbox, as for :func:`choose_method`.
+    label : str
+        What is run, in words: the start of every error message.
+
+    Returns
+    -------
+    ConfinedResult
+        The function's JSON value (untrusted), the outputs (name -> path in
+        ``dest``), the sandbox, what the child applied, pids, time, the tail
+        of its log (at most 4000 bytes) and its peak memory.
+
+    Raises
+    ------
+    ConfinedRunError
+        The child ran past ``limits.wall_seconds`` (its process group is
+        killed), died or ended without a result, its function raised, its
+        result is not a regular file of at most :data:`MAX_RESULT_BYTES`
+        (1 MiB) holding a JSON mapping, or an output is missing, not a
+        regular file, or larger than ``limits.file_bytes``.
+    InputError
+        The sandbox asked for is unknown or cannot run here.
+    ValueError
+        ``target`` outside segstudio, ``outputs`` without ``dest``, or a bad
+        input name.
     """
     module, _, func = target.partition(":")
     if not module.startswith(TARGET_PREFIX) or not func:
@@ -539,7 +652,34 @@ def apply_landlock(read: list[str], write: list[str], devices: tuple[str, ...] =
     everything else on the file system is denied, and with ABI >= 4 TCP
     bind / connect, with ABI >= 6 abstract Unix sockets and signals out.
     Threads already running are not restricted: call before starting any
-    that run untrusted work.
+    that run untrusted work.  A path that cannot be opened is skipped; a
+    path that is not a folder gets file rights only.  Sets
+    ``PR_SET_NO_NEW_PRIVS`` on the way.
+
+    Parameters
+    ----------
+    read : list of str
+        Paths (and, for folders, everything beneath) that may be read,
+        listed and executed.
+    write : list of str
+        Folders beneath which every handled right is granted (create, write,
+        remove, rename, truncate) except making character or block devices
+        and device ioctls.
+    devices : tuple of str
+        Files that may be opened for reading and writing (default
+        :data:`DEVICES`: ``/dev/null``, ``/dev/zero``, ``/dev/urandom``,
+        ``/dev/random``).
+
+    Returns
+    -------
+    int
+        The Landlock ABI applied; 0 when the kernel has none (then nothing
+        is restricted).
+
+    Raises
+    ------
+    OSError
+        A Landlock call or ``prctl(PR_SET_NO_NEW_PRIVS)`` failed.
     """
     abi = landlock_abi()
     if abi <= 0:
@@ -603,6 +743,23 @@ def apply_no_new_processes() -> bool:
     ``clone3`` fails with ENOSYS, so that the C library falls back to
     ``clone``, whose flags the filter can read.  False on a CPU this filter
     does not know.
+
+    Denied with EPERM: ``fork``, ``vfork``, ``execve``, ``execveat`` (x86_64;
+    ``execve`` and ``execveat`` on aarch64) and ``clone`` without
+    ``CLONE_THREAD``.  A system call of another architecture (and, on
+    x86_64, an x32 one) kills the process.  Sets ``PR_SET_NO_NEW_PRIVS``;
+    applies to this process and everything it starts, for good.
+
+    Returns
+    -------
+    bool
+        True once the filter is installed; False off Linux or on a CPU other
+        than x86_64 / aarch64 (nothing installed).
+
+    Raises
+    ------
+    OSError
+        ``prctl`` refused the filter or ``PR_SET_NO_NEW_PRIVS``.
     """
     spec = _SECCOMP.get(platform.machine())
     if spec is None or not sys.platform.startswith("linux"):
@@ -665,6 +822,32 @@ def probe(inputs: dict[str, Path], out: Path, *, read: tuple[str, ...] = (), wri
     process, to allocate ``allocate_bytes``; returns, per attempt, ``"ok"``
     or the error.  Writes ``marker.txt`` into ``out``, ``$HOME`` and the
     working folder.
+
+    Parameters
+    ----------
+    inputs : dict of str to pathlib.Path
+        The input copies: each is read, and opened for appending (which the
+        confinement should refuse).
+    out : pathlib.Path
+        The child's output folder.
+    read : tuple of str
+        Paths to open for reading.
+    write : tuple of str
+        Files to create (or truncate) for writing.
+    connect : tuple of (str, int), optional
+        A TCP ``(host, port)`` to connect to (5 s timeout); None: not tried.
+    spawn : bool
+        Also try to run ``/bin/true`` and to ``fork``.
+    allocate_bytes : int
+        Bytes to allocate at once (0: not tried).
+
+    Returns
+    -------
+    dict
+        ``home``, ``cwd``, ``pid``, and ``"ok"`` or ``"<ErrorType>: <message>"``
+        under ``inputs``, ``input_writable``, ``read``, ``write`` (per path)
+        and ``connect``, ``spawn``, ``fork``, ``allocate`` (when tried) and
+        ``thread`` (always tried).
     """
     def attempt(fn) -> str:
         try:

@@ -79,7 +79,13 @@ def _onnx():
 
 @lru_cache(maxsize=1)
 def ort_contrib_ops() -> frozenset[str]:
-    """The ``com.microsoft`` operators the installed ONNX Runtime implements (empty without it)."""
+    """The ``com.microsoft`` operators the installed ONNX Runtime implements (empty without it).
+
+    Returns
+    -------
+    frozenset of str
+        Operator names, read once per process.
+    """
     try:
         from onnxruntime.capi import onnxruntime_pybind11_state as C
     except ImportError:
@@ -238,7 +244,40 @@ class _Walker:
 
 
 def check_onnx_file(path: str | Path, *, name: str | None = None) -> OnnxSummary:
-    """Refuse an ONNX file segstudio should not run (see the module docstring); its summary otherwise."""
+    """Refuse an ONNX file segstudio should not run (see the module docstring); its summary otherwise.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The ONNX file; external data files must sit in its folder.
+    name : str, optional
+        The name the messages use (default: the file's name).
+
+    Returns
+    -------
+    OnnxSummary
+        The graph's inputs (initializers left out) and outputs as ``(name,
+        dims, ONNX element type)``, dims ints where fixed and None where
+        symbolic; the weight bytes declared; the default domain's opset (0
+        if none); the external data files (resolved paths).
+
+    Raises
+    ------
+    OnnxRefusedError
+        A file of 2 GiB or more; external data outside the folder, through
+        a symbolic link, or outside its file's bytes; an operator of a custom
+        domain, or a ``com.microsoft`` one the installed ONNX Runtime lacks;
+        a subgraph outside ``If`` / ``Loop`` / ``Scan``; a ``Loop`` whose trip
+        count is missing, not a constant or above :data:`MAX_LOOP_TRIPS`
+        (100,000); more than :data:`MAX_NODES` (1,000,000) operators; a
+        negative dimension; more than :data:`MAX_WEIGHT_BYTES` (2 GiB) of
+        weights.
+    IncompatibleArtifactError
+        An unreadable file, not an ONNX model, one ``onnx.checker`` rejects,
+        or a missing external data file.
+    BackendUnavailableError
+        The ``onnx`` package is not installed.
+    """
     onnx = _onnx()
     path = Path(path)
     name = name or path.name
@@ -285,6 +324,34 @@ def trial_run(inputs: dict[str, Path], out: Path, *, model: str, feeds: list[str
 
     Writes ``out_<feed>`` per feed; returns the session's input and output
     declarations.  An ONNX Runtime error is this model's.
+
+    Parameters
+    ----------
+    inputs : dict of str to pathlib.Path
+        The child's input copies: the ONNX file, its external data files and
+        the feeds.
+    out : pathlib.Path
+        The child's output folder.
+    model : str
+        The key of the ONNX file in ``inputs``.
+    feeds : list of str
+        Keys of ``.npy`` arrays in ``inputs`` (loaded without pickles), each
+        a whole input of the network, e.g. float32 ``(1, C, H, W)``.
+    threads : int
+        ONNX Runtime's intra-op threads (inter-op: 1).
+
+    Returns
+    -------
+    dict
+        ``{"inputs": [[name, dims, type], ...], "outputs": [...]}``, dims None
+        where symbolic.  A session with other than one input is returned
+        as it is, no feed run.  Each feed's first output is saved as float32
+        to ``out / "out_<feed>"``.
+
+    Raises
+    ------
+    IncompatibleArtifactError
+        ONNX Runtime cannot load the model, or fails on a feed.
     """
     import numpy as np
     import onnxruntime as ort

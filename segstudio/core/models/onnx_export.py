@@ -14,6 +14,22 @@ def ir_version_for_opset(opset: int) -> int:
 
     onnx writes its newest IR version by default, which older ONNX Runtime
     releases refuse; the lowest one that fits the opset loads everywhere.
+
+    Parameters
+    ----------
+    opset : int
+        The default (``ai.onnx``) domain's opset version.
+
+    Returns
+    -------
+    int
+        The lowest IR version among the installed onnx's
+        ``onnx.helper.VERSION_TABLE`` rows of that opset.
+
+    Raises
+    ------
+    ValueError
+        The installed onnx package does not know ``opset``.
     """
     import onnx.helper
 
@@ -25,7 +41,31 @@ def ir_version_for_opset(opset: int) -> int:
 
 
 def export_onnx(net, path: str | Path, *, in_channels: int, multiple: int, opset: int = DEFAULT_OPSET) -> Path:
-    """Export ``net`` (eval mode) to one ONNX file with dynamic batch, H and W."""
+    """Export ``net`` (eval mode) to one ONNX file with dynamic batch, H and W.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        Put in eval mode (in place); its ``forward`` takes one float tensor
+        ``x`` of shape ``(B, in_channels, H, W)``.
+    path : str or pathlib.Path
+        The ONNX file to write; the exporter first writes
+        ``path.with_suffix(".export.onnx")``, removed by :func:`finalize_onnx`.
+    in_channels : int
+        Input channels of the traced example (zeros of ``(1, in_channels,
+        4 * multiple, 4 * multiple)``).
+    multiple : int
+        H and W are exported as multiples of this (the network's stride), up
+        to ``4096 * multiple``; the batch from 1 to 1024.
+    opset : int
+        The ONNX opset (default :data:`DEFAULT_OPSET`, 18).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``, checked, at the lowest IR version of its opset
+        (:func:`finalize_onnx`).
+    """
     import torch
 
     path = Path(path)
@@ -45,7 +85,28 @@ def export_onnx(net, path: str | Path, *, in_channels: int, multiple: int, opset
 
 
 def finalize_onnx(tmp: Path, path: Path) -> Path:
-    """Load a freshly exported ONNX file, give it the IR version ONNX Runtime accepts, check and save it as ``path``."""
+    """Load a freshly exported ONNX file, give it the IR version ONNX Runtime accepts, check and save it as ``path``.
+
+    Parameters
+    ----------
+    tmp : pathlib.Path
+        The exporter's file; deleted once loaded (any external data it names
+        is loaded with it).
+    path : pathlib.Path
+        Where the model is saved, as one file.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Raises
+    ------
+    ValueError
+        Its opset is unknown to the installed onnx (:func:`ir_version_for_opset`).
+    onnx.checker.ValidationError
+        The model fails ``onnx.checker``.
+    """
     import onnx
 
     model = onnx.load(str(tmp))
@@ -58,7 +119,22 @@ def finalize_onnx(tmp: Path, path: Path) -> Path:
 
 
 def compare_outputs(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
-    """Max abs error, mean abs error and cosine similarity of two outputs."""
+    """Max abs error, mean abs error and cosine similarity of two outputs.
+
+    Parameters
+    ----------
+    reference : numpy.ndarray
+        The reference output, any numeric dtype.
+    other : numpy.ndarray
+        The output compared with it, with as many elements; both are
+        flattened and compared in float64.
+
+    Returns
+    -------
+    dict of str to float
+        ``max_abs_error``, ``mean_abs_error`` and ``cosine`` (1.0 when either
+        array is all zeros).
+    """
     a = reference.astype(np.float64).ravel()
     b = other.astype(np.float64).ravel()
     denom = np.linalg.norm(a) * np.linalg.norm(b)

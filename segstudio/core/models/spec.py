@@ -339,6 +339,17 @@ class ModelSpec:
 
 
 def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's contents (read in 1 MiB chunks).
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+
+    Returns
+    -------
+    str
+        64 lower-case hex digits.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

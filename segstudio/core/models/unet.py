@@ -82,6 +82,18 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
 
     The BatchNorm becomes an Identity, so the module no longer matches a
     :class:`UNetConfig` state dict: fold copies meant for inference or export.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        In eval mode (folding a module in training mode fails); every Conv2d
+        directly followed by a BatchNorm2d among one parent's children is
+        folded.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``net`` itself, modified.
     """
     for module in net.modules():
         children = list(module.named_children())
@@ -93,4 +105,23 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
 
 
 def build_unet(config: UNetConfig) -> UNet:
+    """The :class:`UNet` that ``config`` describes, with torch's default initial weights.
+
+    Parameters
+    ----------
+    config : UNetConfig
+        Depth, widths (or every layer's, for a pruned network), channels,
+        separable convolutions, input compression (``input_asinh``).
+
+    Returns
+    -------
+    UNet
+        In training mode; input ``(B, in_channels, H, W)`` with H and W
+        multiples of ``2 ** depth``, output ``(B, out_channels, H, W)`` logits.
+
+    Raises
+    ------
+    ValueError
+        ``config.input_asinh`` is not a finite number >= 0.
+    """
     return UNet(config)

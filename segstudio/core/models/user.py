@@ -83,11 +83,27 @@ CONVERT_LIMITS = Limits(memory_bytes=4 << 30, cpu_seconds=600, wall_seconds=300.
                         open_files=512)
 
 def user_models_dir() -> Path:
+    """The folder of the user's imported and kept models.
+
+    Returns
+    -------
+    pathlib.Path
+        ``$SEGSTUDIO_HOME/models`` when that variable is set and not empty,
+        else ``~/.segstudio/models``; not created here.
+    """
     return Path(os.environ.get("SEGSTUDIO_HOME") or Path.home() / ".segstudio") / "models"
 
 
 def user_models() -> list[Model]:
-    """Every model imported into the user's model folder (unreadable ones are skipped)."""
+    """Every model imported into the user's model folder (unreadable ones are skipped).
+
+    Returns
+    -------
+    list of Model
+        The cards ``<user models>/*/*.json``, by path, loaded without
+        verifying checksums; folders whose name starts with ``.`` (imports in
+        progress, the cache of :func:`import_cached`) are left out.
+    """
     out = []
     for card in sorted(user_models_dir().glob("*/*.json")):
         if card.parent.name.startswith("."):  # an import in progress (or one that was interrupted)
@@ -104,6 +120,26 @@ def import_cached(path: str | Path, *, trust_code: bool = False) -> Model:
 
     ``trust_code``: see :func:`import_model`.  A file imported once with it
     is reused as the ONNX it became.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        A model file, or a package folder (its key covers every file's
+        relative path and SHA-256).
+    trust_code : bool
+        Passed to :func:`import_model`; not looked at when the content was
+        imported before.
+
+    Returns
+    -------
+    Model
+        The earlier import (loaded with checksums verified), else a new one
+        named after ``path``.
+
+    Raises
+    ------
+    ModelRefusedError, OnnxRefusedError, ConfinedRunError, InputError, IncompatibleArtifactError
+        As :func:`import_model`, for content not imported before.
     """
     path = Path(path)
     if path.is_dir():
@@ -121,7 +157,23 @@ def import_cached(path: str | Path, *, trust_code: bool = False) -> Model:
 
 
 def safe_name(name: str) -> str:
-    """``name`` made fit for a folder and file name (letters, digits, '-', '_', '.')."""
+    """``name`` made fit for a folder and file name (letters, digits, '-', '_', '.').
+
+    Parameters
+    ----------
+    name : str
+
+    Returns
+    -------
+    str
+        Each run of other characters replaced by ``-``, then leading and
+        trailing ``-`` and ``.`` removed (no hidden or ``..`` names).
+
+    Raises
+    ------
+    InputError
+        Nothing is left.
+    """
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")
     if not name:
         raise InputError("the model needs a name of letters, digits, '-', '_' or '.'")
@@ -132,7 +184,36 @@ def safe_name(name: str) -> str:
 
 
 def detect_kind(path: Path) -> str:
-    """``onnx``, ``torchscript``, ``state_dict`` or ``bioimageio`` from the file's contents."""
+    """``onnx``, ``torchscript``, ``state_dict`` or ``bioimageio`` from the file's contents.
+
+    Nothing is parsed or loaded but a zip's central directory and, to spot
+    TorchScript, its small pickles (:func:`is_torchscript_archive`).
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        A model file, or a BioImage.IO package folder.
+
+    Returns
+    -------
+    str
+        ``"bioimageio"``: a folder with ``rdf.yaml`` / ``bioimageio.yaml``, or
+        a zip holding one anywhere; ``"torchscript"``: another zip that is a
+        TorchScript archive; ``"state_dict"``: another zip, a bare pickle
+        stream (first byte ``0x80``) or a ``.pt`` / ``.pth`` file; ``"onnx"``: a
+        ``.onnx`` file that is not a zip (not checked here).
+
+    Raises
+    ------
+    InputError
+        ``path`` is missing, unreadable, a folder without a description, or
+        none of the above.
+    ModelRefusedError
+        A zip past :func:`zip_members`' limits (1 GiB extracted for a
+        package, 2 GiB for weights; 10,000 entries; 200:1 compression).
+    IncompatibleArtifactError
+        A file starting with ``PK`` that is not a readable zip.
+    """
     if path.is_dir():
         if any((path / n).is_file() for n in RDF_NAMES):
             return "bioimageio"
@@ -194,7 +275,52 @@ def import_model(
     ``trust_code``: convert a TorchScript archive (or a BioImage.IO
     package's ``torchscript`` weights) to ONNX in a confined child process
     instead of refusing it.  With ``overwrite`` an existing model of that
-    name is replaced only once the new one has imported.
+    name is replaced only once the new one has imported.  The import is
+    built in a temporary folder next to ``out_dir``, removed on failure.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        An ONNX file, a TorchScript archive, a state dict of segstudio's
+        U-Net (``.pt``; or a training checkpoint's ``"model"`` entry), or a
+        BioImage.IO package (zip or folder); the kind is read off the
+        contents (:func:`detect_kind`).
+    name : str, optional
+        Made safe (:func:`safe_name`); default: the file's stem or the
+        folder's name, without ``.bioimageio``.
+    out_dir : str or pathlib.Path, optional
+        Must be missing or empty, unless ``overwrite``.
+    hints : ImportHints
+    overwrite : bool
+    trust_code : bool
+
+    Returns
+    -------
+    Model
+        Loaded from ``out_dir / "<name>.json"`` (verified), with the ONNX
+        file, the ``.pt`` of a state dict, and the provenance (source,
+        kind, SHA-256, conversion, test-tensor report).
+
+    Raises
+    ------
+    ModelRefusedError
+        TorchScript without ``trust_code``; a pickle holding more than
+        tensors; a package with only ``pytorch_state_dict`` weights; a zip
+        past its limits or with entries that leave its folder.
+    OnnxRefusedError
+        An ONNX file :func:`~segstudio.core.models.onnx_check.check_onnx_file`
+        refuses.
+    ConfinedRunError
+        The confined trial run (under ``TRIAL_LIMITS`` plus twice the
+        weights) or TorchScript conversion (``CONVERT_LIMITS``) failed.
+    InputError
+        ``name`` taken (without ``overwrite``), a path that is missing or of
+        no known kind, an unknown representation or output kind.
+    IncompatibleArtifactError
+        A network segstudio cannot run (not one ``(B, C, H, W)`` input, a
+        fixed batch above 1, outputs not ``(1, K, H, W)`` at the input's
+        size), a description it cannot use, or test tensors that do not
+        reproduce.  A package's errors name the package.
     """
     path = Path(path)
     kind = detect_kind(path)
@@ -303,7 +429,27 @@ def _import_state_dict(path: Path, out_dir: Path, name: str):
 
 
 def unet_config_from_state(state: dict) -> UNetConfig:
-    """The :class:`UNetConfig` whose network has these tensors (depth, widths, channels, separable)."""
+    """The :class:`UNetConfig` whose network has these tensors (depth, widths, channels, separable).
+
+    Parameters
+    ----------
+    state : dict of str to torch.Tensor
+        A state dict of segstudio's :class:`~segstudio.core.models.unet.UNet`
+        (``encoders.<k>...``, ``head.weight``...).
+
+    Returns
+    -------
+    UNetConfig
+        Channels in and out, depth (encoder levels - 1), width (the head's
+        input channels), separable, and ``max_width``: for a dense network
+        whose widths are capped, the deepest encoder's, else 256.  Pruned
+        (per-layer) widths are not recovered.
+
+    Raises
+    ------
+    IncompatibleArtifactError
+        No encoder or head tensors.
+    """
     keys = list(state)
     enc = sorted({int(m.group(1)) for k in keys if (m := re.match(r"encoders\.(\d+)\.", k))})
     if not enc or "head.weight" not in state or "encoders.0.0.0.weight" not in state:
@@ -326,7 +472,26 @@ def unet_config_from_state(state: dict) -> UNetConfig:
 
 
 def copy_onnx(src: Path, dst: Path) -> Path:
-    """Copy an ONNX file (checked first, :func:`check_onnx_file`) and its external data files to ``dst``."""
+    """Copy an ONNX file (checked first, :func:`check_onnx_file`) and its external data files to ``dst``.
+
+    Parameters
+    ----------
+    src : pathlib.Path
+        The ONNX file.
+    dst : pathlib.Path
+        The copy, in an existing folder; external data files go next to it
+        at their paths relative to ``src``'s folder.
+
+    Returns
+    -------
+    pathlib.Path
+        ``dst``.
+
+    Raises
+    ------
+    OnnxRefusedError, IncompatibleArtifactError
+        As :func:`~segstudio.core.models.onnx_check.check_onnx_file`.
+    """
     from .onnx_check import check_onnx_file
 
     summary = check_onnx_file(src)
@@ -358,7 +523,31 @@ def _torchscript_to_onnx(path: Path, onnx_path: Path, shape: tuple[int, ...] | N
 
 
 def convert_torchscript(inputs: dict[str, Path], out: Path, *, shape: list[int] | None = None) -> dict:
-    """TorchScript archive ``inputs["model.pt"]`` -> ``out / "model.onnx"``.  Runs in a confined child only."""
+    """TorchScript archive ``inputs["model.pt"]`` -> ``out / "model.onnx"``.  Runs in a confined child only.
+
+    Loading the archive runs its code; the export traces it (opset 17,
+    dynamic batch, height and width, lowest IR version).
+
+    Parameters
+    ----------
+    inputs : dict of str to pathlib.Path
+        ``"model.pt"``: the archive's read-only copy.
+    out : pathlib.Path
+        The child's output folder.
+    shape : list of int, optional
+        The example input traced; default ``(1, C, 64, 64)``, C the input
+        channels of the module's first 4-D parameter (1 without one).
+
+    Returns
+    -------
+    dict
+        ``{"channels": C, "torch": torch.__version__}``.
+
+    Raises
+    ------
+    IncompatibleArtifactError
+        The archive does not load, or does not export to ONNX.
+    """
     import torch
 
     from .onnx_export import finalize_onnx
@@ -502,7 +691,31 @@ def _trial(onnx_path: Path, summary, trial: np.ndarray, test_in: np.ndarray | No
 
 
 def load_npy(path: Path, what: str, max_bytes: int = MAX_TEST_TENSOR_BYTES) -> np.ndarray:
-    """A ``.npy`` file of numbers, its header checked before its data is read (no pickles, bounded size)."""
+    """A ``.npy`` file of numbers, its header checked before its data is read (no pickles, bounded size).
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The ``.npy`` file (format 1.0, 2.0 or 3.0).
+    what : str
+        What the array is, for the messages.
+    max_bytes : int
+        The most data the header may declare, in bytes (default
+        :data:`MAX_TEST_TENSOR_BYTES`, 256 MiB).
+
+    Returns
+    -------
+    numpy.ndarray
+        Of a boolean, integer or floating dtype, loaded with
+        ``allow_pickle=False``.
+
+    Raises
+    ------
+    IncompatibleArtifactError
+        An unreadable file, another format version or a bad header; any
+        other dtype (an object dtype is a pickle); declared data above
+        ``max_bytes`` or beyond the file's end.
+    """
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -537,6 +750,31 @@ def check_reproduction(got: np.ndarray, expected: np.ndarray, *, sigmoid: bool, 
     |expected|``; the test passes when at most ``mismatched_ppm`` elements per
     million do.  ``sigmoid``: the package's output is after a sigmoid, the
     network's before.
+
+    Parameters
+    ----------
+    got : numpy.ndarray
+        The network's output on the test input.
+    expected : numpy.ndarray
+        The package's test output, of the same shape.
+    sigmoid : bool
+        Apply a sigmoid to ``got`` first.
+    relative, absolute : float
+        The tolerances of the formula above.
+    mismatched_ppm : float
+        Mismatching elements allowed per million.
+
+    Returns
+    -------
+    dict
+        ``max_abs_error``, ``max_rel_error`` (against ``|expected| + 1e-6``),
+        ``mismatched``, ``mismatched_ppm``, ``elements`` and the ``tolerance``.
+
+    Raises
+    ------
+    IncompatibleArtifactError
+        The shapes differ, or more than ``mismatched_ppm`` elements per
+        million mismatch.
     """
     if sigmoid:
         got = 1.0 / (1.0 + np.exp(-got.astype(np.float64)))
@@ -952,6 +1190,26 @@ def keep_model(card_path: str | Path, name: str | None = None) -> Model:
     ``kept_from`` (where it came from) and, for an optimize result, the
     ``lineage`` (the steps of its run, from the run's ``report.json``).
     A model already kept (same files) is returned as it is, not copied again.
+
+    Parameters
+    ----------
+    card_path : str or pathlib.Path
+        The model's card (loaded with checksums verified).
+    name : str, optional
+        Made safe (:func:`safe_name`); default: the model's name.
+
+    Returns
+    -------
+    Model
+        The new copy, an earlier copy with the same files, or the model
+        itself when it is built in or already at ``<user models>/<name>/``.
+
+    Raises
+    ------
+    InputError
+        ``name`` and ``name-2`` to ``name-999`` are all taken.
+    IncompatibleArtifactError
+        The card does not load.
     """
     from dataclasses import replace as _replace
 

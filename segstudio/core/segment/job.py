@@ -61,6 +61,18 @@ class SegmentationResult:
 
 
 def on_gpu(backend: Backend) -> bool:
+    """Whether ``backend`` runs its network on a CUDA device.
+
+    Parameters
+    ----------
+    backend : Backend
+        The network runner; one without a ``device`` attribute counts as a CPU.
+
+    Returns
+    -------
+    bool
+        True when ``str(backend.device)`` starts with ``"cuda"``.
+    """
     return str(getattr(backend, "device", "cpu")).startswith("cuda")
 
 
@@ -68,7 +80,18 @@ CPU_WARM_TILE = 128  # px: the tile a CPU backend warms up on (one, not a batch)
 
 
 def default_batch_size(backend: Backend) -> int:
-    """Tiles per network call: a GPU needs big batches to amortise the copies; a CPU does not."""
+    """Tiles per network call: a GPU needs big batches to amortise the copies; a CPU does not.
+
+    Parameters
+    ----------
+    backend : Backend
+        The network runner (see :func:`on_gpu`).
+
+    Returns
+    -------
+    int
+        ``GPU_BATCH`` (16) on a CUDA device, ``CPU_BATCH`` (4) otherwise.
+    """
     return GPU_BATCH if on_gpu(backend) else CPU_BATCH
 
 
@@ -84,6 +107,23 @@ def warm_up(model: Model, backend: Backend, *, tile: int = 512, batch_size: int 
     dynamic model) have nothing shape-specific worth a full batch, which took
     4-5 s on a 2-core CPU while the first image after either warm-up took the
     same time (``benchmarks/README.md``, *Warm-up*).
+
+    Parameters
+    ----------
+    model : Model
+        The model about to run (its card gives the halo, stride, input sizes and batch limit).
+    backend : Backend
+        The network runner the images will go through.
+    tile : int
+        Tile side in network pixels, as the segmentation will use it; a CPU warms up on at most 128.
+    batch_size : int, optional
+        Tiles in the warm-up call on a GPU (default: :func:`default_batch_size`); ignored on a CPU (one
+        tile).  Capped at ``spec.max_batch`` for a network of fixed batch size.
+
+    Returns
+    -------
+    float
+        Seconds the warm-up took (wall clock).
     """
     from ._kernels import first_pixels, region_stats
     from .postprocess import network_instances
@@ -322,6 +362,34 @@ def segment_to_files(source: ImageData | ImageSource, model: Model, backend: Bac
     What ``segstudio segment`` and ``segstudio batch`` do with each image.
     Files of those names that segstudio did not write are never replaced
     (:func:`~segstudio.core.image.io.check_replaceable`).
+
+    Parameters
+    ----------
+    source : ImageData or ImageSource
+        The image, in memory or opened lazily (read region by region).
+    model : Model
+    backend : Backend
+        The network runner (:func:`~segstudio.core.backends.create_backend`).
+    labels_path : str or pathlib.Path
+        The labels TIFF, streamed while segmenting.
+    csv_path : str or pathlib.Path
+        The per-cell table (:func:`~segstudio.core.segment.measure.write_csv`), written once segmentation ends;
+        with ``options.measure_cells`` off the table is empty and the file has no columns.
+    options : SegmentOptions, optional
+        As for :func:`segment_job` (defaults: the recommended settings).
+    cancel : CancelToken, optional
+
+    Returns
+    -------
+    SegmentationResult
+        As from :func:`segment_job`, with ``labels`` None and ``labels_path`` set.
+
+    Yields the :class:`Progress` events of :func:`segment_job`.
+
+    Raises
+    ------
+    OutputError
+        Before any work, when either path holds a file segstudio did not write.
     """
     from ..image.io import check_replaceable
     from .measure import write_csv

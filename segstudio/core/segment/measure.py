@@ -34,6 +34,27 @@ def measure(
     the convex hull of the object's pixel squares (1 for a rectangle).
     Labels should be compact (ids up to about the number of objects): the
     work arrays are indexed by id.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        (Y, X) integer labels, 0 background.
+    plane : numpy.ndarray
+        (C, Y, X) intensities of the original image (any real dtype), on the grid of ``labels``.
+    pixel_size : tuple of float, optional
+        (y, x) pixel size in micrometres; adds the ``area_um2``, ``centroid_y_um`` and ``centroid_x_um``
+        columns.
+    channel_names : list of str, optional
+        One name per channel of ``plane`` for the intensity columns; ``ch0``, ``ch1``, ... when not given
+        or not one per channel.
+
+    Returns
+    -------
+    Table
+        One row per id present in ``labels``, ascending: ``label`` and ``area_px`` (int64), ``area_um2``,
+        ``centroid_y`` / ``centroid_x`` (pixels of ``labels``), ``centroid_y_um`` / ``centroid_x_um``,
+        ``eccentricity``, ``solidity``, then ``mean_<name>`` and ``max_<name>`` per channel (float64).
+        The columns of :func:`empty_table`, with no rows, when there is no object.
     """
     from ._kernels import region_stats
 
@@ -78,6 +99,23 @@ def cell_classes(labels: np.ndarray, class_logit: np.ndarray, n: int, classes: t
     The object's probability is the sigmoid of its mean logit; above 0.5 it
     is ``classes[1]`` (e.g. dead), else ``classes[0]``.  Columns ``class``
     and ``p_<classes[1]>``, in label order.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        (H, W) non-negative integer labels, objects ``1..n``, 0 background.
+    class_logit : numpy.ndarray
+        (H, W) network logit of ``classes[1]`` (output channel 2), on the grid of ``labels``.
+    n : int
+        Number of objects; ids above ``n`` are ignored.
+    classes : tuple of str
+        The model's class names (``spec.classes``, e.g. ``("live", "dead")``); the first two are used.
+
+    Returns
+    -------
+    Table
+        ``n`` rows: ``class`` (object array of class names) and ``p_<classes[1]>`` (float64).  An id
+        absent from ``labels`` gets probability 0.5, so ``classes[0]``.
     """
     lab = labels.ravel()
     count = np.bincount(lab, minlength=n + 1)[1 : n + 1]
@@ -88,6 +126,20 @@ def cell_classes(labels: np.ndarray, class_logit: np.ndarray, n: int, classes: t
 
 
 def empty_table(channel_names: list[str], physical: bool) -> Table:
+    """The columns of :func:`measure`, with no rows.
+
+    Parameters
+    ----------
+    channel_names : list of str
+        One name per channel, for the ``mean_<name>`` and ``max_<name>`` columns.
+    physical : bool
+        Include the micrometre columns (``area_um2``, ``centroid_y_um``, ``centroid_x_um``).
+
+    Returns
+    -------
+    Table
+        Zero-length columns: int64 for ``label`` and ``area_px``, float64 for the rest.
+    """
     cols = ["label", "area_px"] + (["area_um2"] if physical else []) + ["centroid_y", "centroid_x"]
     cols += (["centroid_y_um", "centroid_x_um"] if physical else []) + ["eccentricity", "solidity"]
     for name in channel_names:
@@ -96,7 +148,21 @@ def empty_table(channel_names: list[str], physical: bool) -> Table:
 
 
 def concat_tables(tables: list[Table], extra: list[dict[str, int]]) -> Table:
-    """Stack per-plane tables, adding constant columns (e.g. ``{"z": 3}``) to each."""
+    """Stack per-plane tables, adding constant columns (e.g. ``{"z": 3}``) to each.
+
+    Parameters
+    ----------
+    tables : list of Table
+        Per-plane tables with the same columns (the first table's are used).
+    extra : list of dict of str to int
+        For each table, the constant columns to add (the first dict's keys); empty for none.
+
+    Returns
+    -------
+    Table
+        The ``extra`` columns (int64) first, then the tables' columns, rows in table order; ``{}`` when
+        ``tables`` is empty.
+    """
     if not tables:
         return {}
     out: Table = {}
@@ -108,7 +174,21 @@ def concat_tables(tables: list[Table], extra: list[dict[str, int]]) -> Table:
 
 
 def write_csv(path: str | Path, table: Table) -> Path:
-    """Write a table as CSV (one row per cell), atomically."""
+    """Write a table as CSV (one row per cell), atomically.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The CSV file (replaced only once the new one is complete).
+    table : Table
+        Columns of equal length; the header row is their names, in order.  Floats are written with 6
+        significant digits, everything else as ``str``.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
     path = Path(path)
     cols = list(table)
     n = len(table[cols[0]]) if cols else 0
@@ -123,7 +203,19 @@ def write_csv(path: str | Path, table: Table) -> Path:
 
 
 def read_csv(path: str | Path) -> Table:
-    """A table written by :func:`write_csv`: numeric columns as float arrays, the rest as strings."""
+    """A table written by :func:`write_csv`: numeric columns as float arrays, the rest as strings.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        A CSV file with a header row.
+
+    Returns
+    -------
+    Table
+        One column per header name: float64 when every value parses as a number (``label`` included),
+        otherwise an object array of ``str``; ``{}`` when the file has no data rows.
+    """
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     table: Table = {}

@@ -26,6 +26,18 @@ from ..models.spec import PostprocessParams
 
 
 def logit(p: float) -> float:
+    """The logit ``log(p / (1 - p))`` of a probability (a threshold compared with logits).
+
+    Parameters
+    ----------
+    p : float
+        A probability, clamped to ``[1e-6, 1 - 1e-6]`` so that 0 and 1 give finite logits (about +-13.8).
+
+    Returns
+    -------
+    float
+        The logit of the clamped ``p``.
+    """
     p = min(max(p, 1e-6), 1 - 1e-6)
     return math.log(p / (1 - p))
 
@@ -40,6 +52,24 @@ def instances(fg_logit: np.ndarray, dist_logit: np.ndarray, params: PostprocessP
     Foreground regions that hold no seed become one object each, so no
     foreground is silently dropped; objects smaller than ``params.min_size``
     pixels are removed.
+
+    Parameters
+    ----------
+    fg_logit : numpy.ndarray
+        (H, W) foreground logit.
+    dist_logit : numpy.ndarray
+        (H, W) logit of the distance to the nucleus border, normalized per nucleus (seeds where it is high;
+        flooded over [-8, 8], values beyond clipped).
+    params : PostprocessParams
+        Foreground and seed thresholds (probabilities), ``min_size`` (pixels) and ``fill_holes``.
+
+    Returns
+    -------
+    labels : numpy.ndarray
+        (H, W) int32 ids, 0 background; not renumbered, so ids of removed objects are missing.
+    n : int
+        The number of ids given (seeds, then seedless regions), before small objects are removed: no id
+        exceeds it.
     """
     from ._kernels import flood_levels
 
@@ -68,6 +98,16 @@ def fill_enclosed_holes(labels: np.ndarray) -> np.ndarray:
     it; a gap between several touching nuclei (background bordered by more
     than one object) and background reaching the array's edge stay
     background, so it is safe on crowded fields and at tile borders.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        (H, W) integer instance labels, 0 background.
+
+    Returns
+    -------
+    numpy.ndarray
+        Labels of the same shape and dtype: ``labels`` itself when no hole is filled, otherwise a copy.
     """
     bg, n_bg = ndi.label(labels == 0)
     if n_bg == 0:
@@ -105,6 +145,21 @@ def network_instances(out: np.ndarray, spec) -> tuple[np.ndarray, int]:
     only: the distance comes from the mask's distance transform, normalized
     per connected region).  ``spec.output_kind == "probability"``: the
     outputs are sigmoids already and are turned back into logits.
+
+    Parameters
+    ----------
+    out : numpy.ndarray
+        (K, H, W) network output of a tile or plane (logits, or probabilities as above); channels after
+        those are not read (e.g. the class logit).
+    spec : ModelSpec
+        The model's card: ``representation``, ``output_kind`` and ``postprocess``.
+
+    Returns
+    -------
+    labels : numpy.ndarray
+        (H, W) int32 ids, 0 background, not renumbered.
+    n : int
+        No id exceeds it (see :func:`instances`).
     """
     x = out[:2] if spec.representation != "fg" else out[:1]
     if spec.output_kind == "probability":
@@ -116,7 +171,19 @@ def network_instances(out: np.ndarray, spec) -> tuple[np.ndarray, int]:
 
 
 def mask_distance_logit(mask: np.ndarray) -> np.ndarray:
-    """Distance to the mask's border normalized to 1 at each region's deepest point, as a logit."""
+    """Distance to the mask's border normalized to 1 at each region's deepest point, as a logit.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        (H, W) bool foreground mask.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) float32 logit of the relative distance, clipped to ``[1e-4, 1 - 1e-4]`` first (so about
+        +-9.2; background about -9.2); -8 everywhere for an empty mask.
+    """
     regions, n = ndi.label(mask)
     if n == 0:
         return np.full(mask.shape, -LOGIT_RANGE, np.float32)
@@ -132,11 +199,39 @@ def fg_dist_to_labels(fg_logit: np.ndarray, dist_logit: np.ndarray, params: Post
 
     uint16 (uint32 past 65,535 objects), 0 for background, numbered in
     raster order of each object's first pixel; see :func:`instances`.
+
+    Parameters
+    ----------
+    fg_logit : numpy.ndarray
+        (H, W) foreground logit.
+    dist_logit : numpy.ndarray
+        (H, W) logit of the normalized distance to the nucleus border.
+    params : PostprocessParams
+        Thresholds, minimum size and hole filling.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) uint16 or uint32 labels ``1..N``, 0 background.
     """
     return relabel_sequential(instances(fg_logit, dist_logit, params)[0])
 
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """``labels`` with every object of fewer than ``min_size`` pixels made background.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        Non-negative integer labels (any shape, not empty), 0 background.
+    min_size : int
+        Smallest object kept, in pixels; 1 or less keeps every object.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape and dtype, not renumbered; ``labels`` itself when nothing is removed.
+    """
     if min_size <= 1 or labels.max() == 0:
         return labels
     sizes = np.bincount(labels.ravel())
@@ -151,6 +246,16 @@ def relabel_sequential(labels: np.ndarray) -> np.ndarray:
     """Renumber labels to ``1..N`` in order of first appearance (raster order).
 
     The result is uint16, or uint32 when there are more than 65,535 objects.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        Non-negative integer labels (any shape), 0 background.
+
+    Returns
+    -------
+    numpy.ndarray
+        Labels of the same shape, ``1..N`` (uint16 or uint32), 0 background.
     """
     ids, first = np.unique(labels.ravel(), return_index=True)
     keep = ids != 0

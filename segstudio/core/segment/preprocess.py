@@ -29,7 +29,21 @@ NORMALIZED_LIMIT = 1e4
 def channel_percentiles(plane: np.ndarray, norm: Normalization) -> np.ndarray:
     """Per-channel ``(low, high)`` percentiles of a ``(C, Y, X)`` plane (mean, mean + std in ``meanstd`` mode).
 
-    Returns an array of shape ``(C, 2)``; non-finite pixels are left out.
+    Non-finite pixels are left out; a plane of more than :data:`SAMPLE_PIXELS` pixels is subsampled on a
+    regular grid.
+
+    Parameters
+    ----------
+    plane : numpy.ndarray
+        (C, Y, X) intensities, any real dtype.
+    norm : Normalization
+        ``mode`` (``"percentile"``, ``"meanstd"`` or ``"none"``) and the ``low`` / ``high`` percentiles.
+
+    Returns
+    -------
+    numpy.ndarray
+        (C, 2) float64: per channel the values :func:`normalize` maps to 0 and 1; ``(0, 1)`` in ``none``
+        mode and for a channel without finite pixels.
     """
     c, h, w = plane.shape
     step = max(1, int(np.ceil(np.sqrt(h * w / SAMPLE_PIXELS))))
@@ -57,6 +71,22 @@ def normalize(plane: np.ndarray, norm: Normalization, percentiles: np.ndarray | 
     """Map each channel's low/high percentile to 0/1 (float32, not clipped).
 
     A constant channel maps to zeros rather than dividing by zero.
+
+    Parameters
+    ----------
+    plane : numpy.ndarray
+        (C, Y, X) intensities (a plane or a tile of one), any real dtype.
+    norm : Normalization
+        The model's normalization; ``norm.eps`` is added to the span between the two values.
+    percentiles : numpy.ndarray, optional
+        (C, 2) values to map to 0 and 1, e.g. :func:`sample_percentiles` of the whole plane so that every
+        tile shares them; None computes them from ``plane`` (:func:`channel_percentiles`).
+
+    Returns
+    -------
+    numpy.ndarray
+        (C, Y, X) float32 normalized planes; non-finite pixels stay non-finite (see
+        :func:`background_nonfinite`).
     """
     if percentiles is None:
         percentiles = channel_percentiles(plane, norm)
@@ -74,6 +104,19 @@ def background_nonfinite(x: np.ndarray, core: tuple[slice, slice] | None = None)
 
     Returns how many pixels (of the ``core`` window, when given) had a
     non-finite value in any channel.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        (C, h, w) float normalized block, changed in place: non-finite values become 0 wherever they are,
+        then every value is clipped to +-:data:`NORMALIZED_LIMIT`.
+    core : tuple of slice, optional
+        (y, x) window of the block whose pixels are counted (a tile's kept core); None counts the whole block.
+
+    Returns
+    -------
+    int
+        Pixels of the window with a non-finite value in any channel.
     """
     bad = ~np.isfinite(x)
     n = 0
@@ -88,9 +131,31 @@ def background_nonfinite(x: np.ndarray, core: tuple[slice, slice] | None = None)
 def select_channels(plane: np.ndarray, n_model: int, channel: int | str | None) -> np.ndarray:
     """Pick the ``n_model`` channels the model reads from a ``(C, Y, X)`` plane.
 
-    ``channel`` is an index, ``"mean"`` (average all channels) or ``None``
-    (the only channel; the mean of an RGB-like image; the first ``n_model``
-    channels otherwise).
+    A one-channel model gets the channel at index ``channel``, ``"mean"``
+    (the average of all channels) or, for ``None``, the only channel or the
+    mean of several.  A model of several channels gets the first
+    ``n_model`` channels (``channel`` must be ``None``).
+
+    Parameters
+    ----------
+    plane : numpy.ndarray
+        (C, Y, X) image plane or block, in the image's dtype.
+    n_model : int
+        Channels the model reads (``spec.input_channels``).
+    channel : int, str or None
+        An index (an int, or a string of one; negative counts from the end), ``"mean"`` or None.  Channel
+        names are not resolved here.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n_model, Y, X): a view of ``plane`` in its dtype, or a float32 mean.
+
+    Raises
+    ------
+    InputError
+        When ``channel`` is given to a model of several channels, the image has fewer channels than such a
+        model reads, or ``channel`` is neither ``"mean"`` nor the index of an existing channel.
     """
     from ..errors import InputError
 
@@ -121,9 +186,31 @@ def sample_percentiles(
     """Per-channel percentiles of a plane too large to hold, from a regular sample.
 
     ``read_rows(y0, y1) -> (C, y1 - y0, W)`` reads full-width row blocks;
-    ``select`` picks the model's channels.  Small planes are read whole;
-    large ones through ``blocks`` evenly spaced blocks of ``block_rows`` rows,
-    every ``step``-th column, about :data:`SAMPLE_PIXELS` pixels in all.
+    ``select`` picks the model's channels.  Small planes (at most
+    :data:`SAMPLE_PIXELS` pixels, or at most ``blocks * block_rows`` rows,
+    whatever their width) are read whole; large ones through ``blocks``
+    evenly spaced blocks of ``block_rows`` rows, every ``step``-th column,
+    about :data:`SAMPLE_PIXELS` pixels in all.
+
+    Parameters
+    ----------
+    read_rows : callable
+        ``read_rows(y0, y1)`` -> (C, y1 - y0, W) full-width rows of the plane.
+    shape : tuple of int
+        (H, W) of the plane, in image pixels.
+    norm : Normalization
+        As for :func:`channel_percentiles`.
+    select : callable
+        (C, rows, W) -> (C', rows, W): the model's channels (e.g. :func:`select_channels`).
+    blocks : int
+        Row blocks sampled from a large plane.
+    block_rows : int
+        Rows in each sampled block.
+
+    Returns
+    -------
+    numpy.ndarray
+        (C', 2) float64 values :func:`normalize` maps to 0 and 1, from the finite pixels.
     """
     h, w = shape
     with np.errstate(over="ignore"):  # values beyond float32 become infinite, and are left out

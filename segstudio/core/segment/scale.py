@@ -89,7 +89,21 @@ def _interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 
 def resize(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resample the last two axes of a float array to ``shape`` (float32)."""
+    """Resample the last two axes of a float array to ``shape`` (float32).
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        (..., H, W) array of any real dtype (cast to float32).
+    shape : tuple of int
+        (H', W') output size.
+
+    Returns
+    -------
+    numpy.ndarray
+        (..., H', W') float32, linearly interpolated with pixel centres aligned (averaging when shrinking);
+        ``arr`` itself when it is float32 of that size already.
+    """
     h, w = arr.shape[-2:]
     if (h, w) == tuple(shape):
         return arr.astype(np.float32, copy=False)
@@ -99,7 +113,20 @@ def resize(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resampling of a label image (pixel centres aligned)."""
+    """Nearest-neighbour resampling of a label image (pixel centres aligned).
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        (..., H, W) labels, any dtype.
+    shape : tuple of int
+        (H', W') output size.
+
+    Returns
+    -------
+    numpy.ndarray
+        (..., H', W') in the dtype of ``labels``; ``labels`` itself when of that size already.
+    """
     h, w = labels.shape[-2:]
     if (h, w) == tuple(shape):
         return labels
@@ -109,18 +136,54 @@ def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def scaled_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
+    """The size of a plane of ``shape`` resampled by ``factor``.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        (H, W) in pixels.
+    factor : float
+        Scale factor (above 1 enlarges).
+
+    Returns
+    -------
+    tuple of int
+        ``(round(H * factor), round(W * factor))``, each at least 1.
+    """
     return max(1, int(round(shape[0] * factor))), max(1, int(round(shape[1] * factor)))
 
 
 def object_diameters(labels: np.ndarray) -> np.ndarray:
-    """Equivalent-circle diameter ``2 sqrt(area / pi)`` of every object, in pixels."""
+    """Equivalent-circle diameter ``2 sqrt(area / pi)`` of every object, in pixels.
+
+    Parameters
+    ----------
+    labels : array_like
+        Non-negative integer labels (any shape), 0 background.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 diameters, one per id present, in id order.
+    """
     areas = np.bincount(np.asarray(labels).ravel().astype(np.int64))[1:]
     areas = areas[areas > 0]
     return 2.0 * np.sqrt(areas / np.pi)
 
 
 def median_diameter(labels: np.ndarray) -> float | None:
-    """Median equivalent-circle diameter of the objects, ``None`` when there are none."""
+    """Median equivalent-circle diameter of the objects, ``None`` when there are none.
+
+    Parameters
+    ----------
+    labels : array_like
+        Non-negative integer labels (any shape), 0 background.
+
+    Returns
+    -------
+    float or None
+        The median of :func:`object_diameters`, in pixels of ``labels``.
+    """
     d = object_diameters(labels)
     return float(np.median(d)) if len(d) else None
 
@@ -130,6 +193,19 @@ def scale_factor(model_diameter: float | None, image_diameter: float | None) -> 
 
     Clamped to ``[1/8, 8]``; corrections within :data:`TOLERANCE` are dropped; the
     rest are rounded to steps of 2^(1/16).
+
+    Parameters
+    ----------
+    model_diameter : float or None
+        Nucleus diameter the model was trained at (``spec.diameter``, network pixels); None or 0 for a
+        model without one.
+    image_diameter : float or None
+        Nucleus diameter in image pixels (given or estimated); None or 0 when unknown.
+
+    Returns
+    -------
+    float
+        Factor to resample the image by (above 1 enlarges): 1.0, or a power of 2^(1/16) in ``[1/8, 8]``.
     """
     if not model_diameter or not image_diameter:
         return 1.0
@@ -142,14 +218,49 @@ def scale_factor(model_diameter: float | None, image_diameter: float | None) -> 
 
 
 def diameter_from_microns(diameter_um: float, pixel_size_um: float) -> float:
-    """Diameter in pixels of an object ``diameter_um`` across at ``pixel_size_um`` per pixel."""
+    """Diameter in pixels of an object ``diameter_um`` across at ``pixel_size_um`` per pixel.
+
+    Parameters
+    ----------
+    diameter_um : float
+        Object diameter in micrometres.
+    pixel_size_um : float
+        Pixel size in micrometres.
+
+    Returns
+    -------
+    float
+        Diameter in image pixels.
+
+    Raises
+    ------
+    ValueError
+        When either is zero or negative.
+    """
     if diameter_um <= 0 or pixel_size_um <= 0:
         raise ValueError("diameter and pixel size must be positive")
     return diameter_um / pixel_size_um
 
 
 def rescale_sample(image: np.ndarray, labels: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
-    """An image ``(C, H, W)`` and its labels resampled by ``factor`` (for training)."""
+    """An image ``(C, H, W)`` and its labels resampled by ``factor`` (for training).
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        (C, H, W) normalized image.
+    labels : numpy.ndarray
+        (H, W) integer labels, 0 background.
+    factor : float
+        Scale factor (above 1 enlarges), e.g. from :func:`scale_factor`.
+
+    Returns
+    -------
+    image : numpy.ndarray
+        (C, H', W') float32, linearly interpolated (:func:`resize`); ``image`` itself when ``factor`` is 1.0.
+    labels : numpy.ndarray
+        (H', W') nearest-neighbour labels, in the dtype of ``labels``; ``labels`` itself when ``factor`` is 1.0.
+    """
     if factor == 1.0:
         return image, labels
     shape = scaled_shape(labels.shape, factor)
@@ -340,6 +451,23 @@ def estimate_diameter(
     says, wins.  (Without the last condition, small cells that blur into
     blobs at a coarse scale would pass for big ones.)  ``None`` when no
     object is found.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        (C, H, W) float32 normalized image, as the network reads it (non-finite pixels made background).
+    spec : ModelSpec
+        The model's card: ``diameter`` (the training size in network pixels; must be set), ``halo``,
+        ``multiple``, input sizes and post-processing.
+    predict : callable
+        ``predict(batch, crop)`` -> (B, K, h, w) outputs of a (B, C, h, w) batch; called with ``crop=None``.
+    tile : int
+        Tile side of each look, in network pixels.
+
+    Returns
+    -------
+    float or None
+        The median nucleus diameter in image pixels, or None.
     """
     from ..jobs import run_sync
     from .postprocess import network_instances

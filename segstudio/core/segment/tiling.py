@@ -29,6 +29,20 @@ from ..jobs import CancelToken, Job, Progress
 
 
 def round_up(n: int, m: int) -> int:
+    """``n`` rounded up to a multiple of ``m``.
+
+    Parameters
+    ----------
+    n : int
+        The value to round.
+    m : int
+        The step, positive (e.g. the network's stride).
+
+    Returns
+    -------
+    int
+        The smallest multiple of ``m`` not below ``n``.
+    """
     return -(-n // m) * m
 
 
@@ -61,6 +75,29 @@ def plan_tiles(shape: tuple[int, int], *, tile: int = 512, halo: int = 64, multi
     enough.
     ``tile_shape`` (halo included) gives every tile exactly that shape
     instead, whatever ``tile`` and the plane's size.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        (H, W) of the plane, in pixels.
+    tile : int
+        Wanted core side in pixels; not used (only checked) when ``tile_shape`` is given.
+    halo : int
+        Pixels read around each core on every side.
+    multiple : int
+        The network's stride: the halo, and cores planned from ``tile``, are multiples of it.
+    tile_shape : tuple of int, optional
+        (h, w) of every tile, halo included, for a network that takes only some input sizes.
+
+    Returns
+    -------
+    TilePlan
+        Tiles in raster order, all of ``plan.tile_shape``; their cores (``Tile.out``) cover the plane once.
+
+    Raises
+    ------
+    ValueError
+        When ``tile < 1``, ``halo < 0`` or ``multiple < 1``, or ``tile_shape`` leaves no core inside the halo.
     """
     if tile < 1 or halo < 0 or multiple < 1:
         raise ValueError("tile >= 1, halo >= 0 and multiple >= 1 are required")
@@ -88,7 +125,23 @@ def plan_tiles(shape: tuple[int, int], *, tile: int = 512, halo: int = 64, multi
 
 
 def reflect_indices(start: int, stop: int, n: int) -> np.ndarray:
-    """Indices ``start..stop-1`` mirrored into ``0..n-1`` (numpy's ``reflect``)."""
+    """Indices ``start..stop-1`` mirrored into ``0..n-1`` (numpy's ``reflect``).
+
+    Parameters
+    ----------
+    start : int
+        First index; may be negative.
+    stop : int
+        One past the last index; may exceed ``n``.
+    n : int
+        Length of the axis, at least 1.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``stop - start`` integer indices, mirrored about the edge pixels without repeating them (all 0 when
+        ``n`` is 1).
+    """
     idx = np.arange(start, stop)
     if n == 1:
         return np.zeros_like(idx)
@@ -102,6 +155,19 @@ def read_region(source: np.ndarray, region: tuple[tuple[int, int], tuple[int, in
 
     ``source`` may be any array-like with NumPy slicing (a memory map, a zarr
     array); only the bounding box of the needed pixels is read.
+
+    Parameters
+    ----------
+    source : array_like
+        (..., H, W) array, e.g. a (C, H, W) plane.
+    region : tuple of tuple of int
+        ``((y0, y1), (x0, x1))`` in pixels of the plane; may reach outside it.
+
+    Returns
+    -------
+    numpy.ndarray
+        (..., y1 - y0, x1 - x0).  For a region inside the plane, ``np.asarray`` of the slice (a view, not
+        a copy, of an in-memory ``source``).
     """
     (y0, y1), (x0, x1) = region
     h, w = source.shape[-2:]
@@ -129,6 +195,36 @@ def predict_tiled(
     ``predict`` maps a batch ``(B, C, h, w)`` to ``(B, K, h, w)``.  Yields a
     :class:`Progress` per batch of tiles; returns ``(K, H, W)`` float32.
     ``tile_shape``: see :func:`plan_tiles`.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        (C, H, W) normalized image (or an array-like that :func:`read_region` reads).
+    predict : callable
+        (B, C, h, w) batch -> (B, K, h, w) outputs of the same ``h``, ``w``.
+    tile : int
+        Core side in pixels (see :func:`plan_tiles`).
+    halo : int
+        Pixels of context around each core; at least the network's receptive radius for results that do
+        not depend on ``tile``.
+    multiple : int
+        The network's stride.
+    batch_size : int
+        Tiles per ``predict`` call (the last batch may hold fewer).
+    tile_shape : tuple of int, optional
+        Every tile's exact (h, w), halo included.
+    cancel : CancelToken, optional
+        Checked before each batch.
+
+    Returns
+    -------
+    numpy.ndarray
+        (K, H, W) float32 outputs, each pixel from the tile whose core holds it.
+
+    Raises
+    ------
+    Cancelled
+        When ``cancel`` is set.
     """
     plan = plan_tiles(image.shape[-2:], tile=tile, halo=halo, multiple=multiple, tile_shape=tile_shape)
     out = None
