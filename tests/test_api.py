@@ -7,10 +7,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 
 import segstudio
 from segstudio.core.backends import create_backend
+from segstudio.core.errors import InputError
+from segstudio.core.image.io import ImageData
 from segstudio.core.image.sources import read_image
 from segstudio.core.jobs import run_sync
 from segstudio.core.models.catalog import get_model
@@ -36,6 +39,12 @@ def test_segment_from_a_path_and_an_array_matches_the_job_and_the_truth():
     two = np.stack([np.zeros_like(plane), plane])
     from_array, _ = segstudio.segment(two, model, backend="onnxruntime", axes="CYX", channel=1)
     np.testing.assert_array_equal(from_array, labels)
+    # the channel by its name, as the docstring promises (any case); a name the image lacks is refused by name
+    named = ImageData(two, "CYX", name="two", channel_names=["GFP", "DAPI"])
+    by_name, _ = segstudio.segment(named, model, backend="onnxruntime", channel="dapi")
+    np.testing.assert_array_equal(by_name, labels)
+    with pytest.raises(InputError, match=r"no channel named 'Hoechst' \(its channels: GFP, DAPI\)"):
+        segstudio.segment(named, model, backend="onnxruntime", channel="Hoechst")
 
 
 def test_import_segstudio_stays_light():

@@ -416,12 +416,7 @@ def run_confined(
     work = Path(tempfile.mkdtemp(prefix="segstudio-confine-"))
     try:
         copies = _stage_inputs(work, inputs or {})
-        read_paths = _read_paths()
-        job = {"target": target, "args": args or {}, "inputs": copies, "out": str(work / "out"),
-               "write": [str(work / d) for d in ("out", "home", "tmp", "cwd")], "read": read_paths,
-               "read_only": [str(work / "in")], "limits": asdict(limits), "unshare": chosen == "unshare",
-               "parent_netns": _netns()}
-        (work / "job.json").write_text(json.dumps(job))
+        read_paths = _write_job(work, target, args or {}, copies, limits, chosen)
         python = [sys.executable, "-I", "-B", "-m", __name__, str(work / "job.json")]
         cmd = (_bwrap_command(work, read_paths) if chosen == "bwrap" else []) + python
         log_path = work / "child.log"
@@ -440,6 +435,17 @@ def run_confined(
                               memory=result.get("memory") if isinstance(result.get("memory"), dict) else {})
     finally:
         _remove(work)
+
+
+def _write_job(work: Path, target: str, args: dict, copies: dict[str, str], limits: Limits, method: str) -> list[str]:
+    """``work/job.json``: what the child runs, what it may read and write, its limits; returns the read paths."""
+    read_paths = _read_paths()
+    job = {"target": target, "args": args, "inputs": copies, "out": str(work / "out"),
+           "write": [str(work / d) for d in ("out", "home", "tmp", "cwd")], "read": read_paths,
+           "read_only": [str(work / "in")], "limits": asdict(limits), "unshare": method == "unshare",
+           "parent_netns": _netns()}
+    (work / "job.json").write_text(json.dumps(job))
+    return read_paths
 
 
 def _stage_inputs(work: Path, inputs: dict[str, Path]) -> dict[str, str]:

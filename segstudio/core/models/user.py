@@ -333,22 +333,7 @@ def import_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}.importing-", dir=out_dir.parent))
     try:
-        if kind == "bioimageio":
-            spec, files, extra = _import_bioimageio(path, name, work, trust_code=trust_code)
-        else:
-            extra: dict = {}
-            config = None
-            if kind == "onnx":
-                files = {"onnx": copy_onnx(path, work / f"{name}.onnx")}
-            elif kind == "torchscript":
-                onnx_path, extra["provenance"] = _torchscript_to_onnx(path, work / f"{name}.onnx")
-                files = {"onnx": onnx_path}
-            else:
-                files, config = _import_state_dict(path, work, name)
-            spec = ModelSpec(name=name, version="user", title=f"{name} (imported {kind})",
-                             description=f"imported from {path.name}", architecture="unet" if config else "onnx")
-            if config is not None:
-                spec.config = config
+        spec, files, extra = _import_files(path, kind, name, work, trust_code)
         test_report = _fill_from_onnx(spec, files["onnx"],
                                       representation=hints.representation or extra.get("representation"),
                                       output_kind=hints.output_kind or extra.get("output_kind"), test=extra.get("test"))
@@ -368,6 +353,26 @@ def import_model(
         raise naming(e, path) if kind == "bioimageio" else e from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _import_files(path: Path, kind: str, name: str, work: Path, trust_code: bool) -> tuple[ModelSpec, dict, dict]:
+    """The spec, the files written into ``work`` and what the import learnt (``extra``) for one kind of file."""
+    if kind == "bioimageio":
+        return _import_bioimageio(path, name, work, trust_code=trust_code)
+    extra: dict = {}
+    config = None
+    if kind == "onnx":
+        files = {"onnx": copy_onnx(path, work / f"{name}.onnx")}
+    elif kind == "torchscript":
+        onnx_path, extra["provenance"] = _torchscript_to_onnx(path, work / f"{name}.onnx")
+        files = {"onnx": onnx_path}
+    else:
+        files, config = _import_state_dict(path, work, name)
+    spec = ModelSpec(name=name, version="user", title=f"{name} (imported {kind})",
+                     description=f"imported from {path.name}", architecture="unet" if config else "onnx")
+    if config is not None:
+        spec.config = config
+    return spec, files, extra
 
 
 def _move_into_place(work: Path, out_dir: Path) -> None:

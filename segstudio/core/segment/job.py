@@ -225,6 +225,7 @@ class _ImageRun:
             self.notices.append(f"the image's {spec.input_channels} planes are read as its {spec.input_channels} "
                                 "channels (the model reads that many channels)")
         self.source = source
+        self.channel = _channel_index(options.channel, source)
         self.sink = (
             TiffSink(labels_path, source.stack_shape, source.plane_shape, pixel_size=source.pixel_size)
             if labels_path is not None else ArraySink(source.stack_shape, source.plane_shape)
@@ -258,7 +259,7 @@ class _ImageRun:
         self.told = len(self.notices)
 
     def _select(self, block: np.ndarray) -> np.ndarray:
-        return select_channels(block, self.spec.input_channels, self.options.channel)
+        return select_channels(block, self.spec.input_channels, self.channel)
 
     def _preparer(self, index):
         """The plane's ``prepare`` (channels, then the plane's percentiles), and one that also blanks NaNs."""
@@ -399,6 +400,21 @@ def segment_to_files(source: ImageData | ImageSource, model: Model, backend: Bac
     result = yield from segment_job(source, model, backend, options, labels_path=labels_path, cancel=cancel)
     write_csv(csv_path, result.table)
     return result
+
+
+def _channel_index(channel: int | str | None, source: ImageSource) -> int | str | None:
+    """``channel`` as :func:`select_channels` takes it: a channel's name becomes its index in ``source``."""
+    if not isinstance(channel, str) or channel == "mean":
+        return channel
+    names = [str(n) for n in (source.channel_names or ())]
+    folded = [n.casefold() for n in names]
+    if channel.casefold() in folded:
+        return folded.index(channel.casefold())
+    from ..errors import InputError
+
+    raise InputError(f"{source.name}: no channel named {channel!r}"
+                     + (f" (its channels: {', '.join(names)})" if names else " (the file names no channels)"),
+                     hint="give the channel's index (0, 1, ...) or one of its names")
 
 
 class FiniteOutputs:
