@@ -24,7 +24,7 @@ sys.meta_path.insert(0, Block())
 CORE_USE = """
 import pkgutil, importlib, numpy as np
 import segstudio.core as core
-skip = {"segstudio.core.models.unet"}  # imports torch by definition
+skip = {"segstudio.core.models.unet", "segstudio.core.optimize.qat"}  # import torch by definition
 for m in pkgutil.walk_packages(core.__path__, "segstudio.core."):
     if m.name not in skip:
         importlib.import_module(m.name)
