@@ -180,13 +180,20 @@ def test_estimate_holds_from_small_to_big_dim_nuclei(nuclei, sample, zoom):
     assert d is not None and abs(np.log(d / true_d)) < np.log(1.5), (d, true_d)
 
 
-def test_diameter_in_micrometres_needs_a_pixel_size(nuclei):
+def test_diameter_in_micrometres_needs_a_pixel_size(nuclei, tmp_path):
+    import threading
+
     from segstudio.core.errors import InputError
 
     model, backend = nuclei
     image, truth, _ = _upscaled(1)
     with pytest.raises(InputError, match="pixel size"):
         run_sync(segment_job(image, model, backend, SegmentOptions(measure_cells=False, diameter=Diameter("um", 8.0))))
+    threads = threading.active_count()
+    with pytest.raises(InputError, match="pixel size"):  # refused before the labels file is opened
+        run_sync(segment_job(image, model, backend, SegmentOptions(diameter=Diameter("um", 8.0)),
+                             labels_path=tmp_path / "labels.tif"))
+    assert list(tmp_path.iterdir()) == [] and threading.active_count() == threads
     if not model.spec.diameter:
         return
     sized = ImageData(image.data, image.axes, pixel_size=(0.5, 0.5), name="sized")

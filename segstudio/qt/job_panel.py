@@ -17,7 +17,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout, QLabel, QLayout, QPlainTextEdit, QProgressBar, QPushButton, QToolButton, QVBoxLayout, QWidget,
 )
 
-from ..core.jobs import Progress
 from .worker import ErrorReport, JobRunner, describe_error, with_crash_log
 
 
@@ -77,6 +76,12 @@ class ErrorView(QWidget):
 class JobPanel(QWidget):
     """Runner, Run / Cancel, progress, status, notices and errors of a panel that runs one job at a time.
 
+    A subclass defines ``run()`` (the Run button's slot: start the job with
+    ``self.runner.start``), ``_on_progress(event)`` and
+    ``_on_finished(result)``; the runner's signals and the buttons are
+    connected to them here.  Qt's metaclass rules out ``abc``, so a
+    subclass without them fails at construction with the missing name.
+
     Parameters
     ----------
     run_text : str
@@ -126,10 +131,6 @@ class JobPanel(QWidget):
 
     # ------------------------------------------------------------------ public
 
-    def run(self) -> None:
-        """Start the panel's job (the subclass's)."""
-        raise NotImplementedError
-
     def is_running(self) -> bool:
         """True while a job runs."""
         return self.runner.is_running()
@@ -170,12 +171,6 @@ class JobPanel(QWidget):
 
     def _show_error(self, exc: BaseException) -> None:
         self.error_view.show_report(with_crash_log(describe_error(exc)))
-
-    def _on_progress(self, event: Progress) -> None:
-        raise NotImplementedError
-
-    def _on_finished(self, result) -> None:
-        raise NotImplementedError
 
     def _on_failed(self, exc: BaseException) -> None:
         self.status.setText("Failed")

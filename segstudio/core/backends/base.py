@@ -17,6 +17,7 @@ managers whose resources are taken in ``__init__`` and released by
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Protocol, runtime_checkable
 
@@ -68,7 +69,7 @@ class Backend(Protocol):
         ...
 
 
-class BackendBase:
+class BackendBase(ABC):
     """Shared plumbing: capability table, context manager, input checks."""
 
     name: ClassVar[str] = "base"
@@ -100,9 +101,9 @@ class BackendBase:
         """
         return self._infer(self.check_batch(batch, self.channels), crop)
 
+    @abstractmethod
     def _infer(self, batch: np.ndarray, crop: tuple[slice, slice] | None) -> np.ndarray:
         """The backend's network call on a checked, contiguous float32 batch (Polygraphy's ``infer``)."""
-        raise NotImplementedError
 
     @classmethod
     def model_file(cls, device: str, precision: str) -> str:

@@ -225,7 +225,10 @@ class _ImageRun:
             self.notices.append(f"the image's {spec.input_channels} planes are read as its {spec.input_channels} "
                                 "channels (the model reads that many channels)")
         self.source = source
+        # what can be refused is checked before the sink opens its file
         self.channel = _channel_index(options.channel, source)
+        d = options.diameter
+        self.diameter = spec.diameter if d.kind == "native" else d.pixels(source.pixel_size, name=source.name)
         self.sink = (
             TiffSink(labels_path, source.stack_shape, source.plane_shape, pixel_size=source.pixel_size)
             if labels_path is not None else ArraySink(source.stack_shape, source.plane_shape)
@@ -249,8 +252,6 @@ class _ImageRun:
         self.t_start = time.perf_counter()
         self.factor, self.scaling = 1.0, None
         self.context = options.context
-        d = options.diameter
-        self.diameter = spec.diameter if d.kind == "native" else d.pixels(source.pixel_size, name=source.name)
 
     def tell(self) -> Job[None]:
         """Progress events for the notices not yet told (``info["warning"]`` for warnings)."""

@@ -68,7 +68,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import Cancelled, InputError, OutputError, SegStudioError
@@ -469,10 +469,10 @@ def _worker_backend(model_ref: str, backend_name: str, threads: int):
         return _WORKER_CACHE[key]
 
 
-def _worker_process(path: str, rel: str, out_stem: str, out_dir: str, model_ref: str, runner: tuple[str, int],
+def _worker_process(path: str, rel: str, out_stem: str, out_dir: str, model_ref: str, compute: Compute,
                     options: SegmentOptions) -> dict:
-    """A Dask task: one image (runs in a worker process); ``runner``: the backend's name and thread count."""
-    backend_name, threads = runner
+    """A Dask task: one image (runs in a worker process, which creates ``compute``'s backend once)."""
+    backend_name, threads = compute.backend_name, compute.threads or 1
     model, backend = _worker_backend(model_ref, backend_name, threads)
     row = process_image(BatchItem(Path(path), rel, out_stem), Path(out_dir), model, backend, options=options)
     row["worker"] = os.getpid()
@@ -740,8 +740,8 @@ def _run_dask(todo, out_dir, model, compute: Compute, options: SegmentOptions, c
                        f"{client.scheduler.address}")
         for item in todo:
             fut = client.submit(_worker_process, str(item.path.resolve()), item.rel, item.out_stem,
-                                str(out_dir.resolve()), model_ref, (compute.backend_name, compute.threads or 1),
-                                options, pure=False)
+                                str(out_dir.resolve()), model_ref, replace(compute, backend=None), options,
+                                pure=False)
             by_key[fut.key] = item
             futures.append(fut)
         for fut in _poll(as_completed(futures), cancel):
