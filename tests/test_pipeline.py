@@ -131,7 +131,7 @@ def _pointwise_predict(batch, crop=None):
     return out if crop is None else out[(Ellipsis, *crop)]
 
 
-@pytest.mark.parametrize("tile,workers", [(64, 1), (96, 1), (160, 1), (64, 3)])
+@pytest.mark.parametrize("tile,workers", [(64, 1), (96, 1), (160, 1), (64, 3), (32, 1), (24, 3)])  # 32, 24: under the context
 def test_objects_straddling_seams_come_out_whole(tile, workers):
     truth = _synthetic_nuclei()
     dist = distance_target(truth)

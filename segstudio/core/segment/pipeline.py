@@ -412,16 +412,25 @@ class _PostStage:
         self._commit(wait=True, all_=True)
         self.close()
 
+    def _box(self, r: int, c: int) -> tuple[int, int, int, int]:
+        """Block ``(r, c)``: its tile's core and ``context`` pixels around it, within the plane."""
+        tile = self.rows[r][c]
+        cy0, cy1 = tile.out[0].start, tile.out[0].stop
+        cx0, cx1 = tile.out[1].start, tile.out[1].stop
+        return (max(0, cy0 - self.context), min(self.h, cy1 + self.context),
+                max(0, cx0 - self.context), min(self.w, cx1 + self.context))
+
     def _ready(self, r: int, c: int, final: bool) -> bool:
+        """Has every tile the block's box overlaps arrived?  (Tiles come in raster order; a tile row or
+        column narrower than the context makes the box reach more than one tile further.)"""
         if final:
             return True
-        nr = min(r + 1, len(self.rows) - 1)
-        need_c = min(c + 1, self.ncols - 1)
-        if nr == r:
-            return self.arrived.get(r, 0) >= need_c + 1
-        if self.arrived.get(r, 0) < self.ncols:
+        by0, by1, bx0, bx1 = self._box(r, c)
+        last_row = max(rr for rr, row in enumerate(self.rows) if row[0].out[0].start < by1)
+        last_col = max(cc for cc, t in enumerate(self.rows[0]) if t.out[1].start < bx1)
+        if any(self.arrived.get(rr, 0) < self.ncols for rr in range(r, last_row)):
             return False
-        return self.arrived.get(nr, 0) >= need_c + 1
+        return self.arrived.get(last_row, 0) >= last_col + 1
 
     def _submit_ready(self, final: bool = False) -> None:
         while self.next_submit is not None:
@@ -471,8 +480,7 @@ class _PostStage:
         tile = self.rows[r][c]
         cy0, cy1 = tile.out[0].start, tile.out[0].stop
         cx0, cx1 = tile.out[1].start, tile.out[1].stop
-        by0, by1 = max(0, cy0 - self.context), min(self.h, cy1 + self.context)
-        bx0, bx1 = max(0, cx0 - self.context), min(self.w, cx1 + self.context)
+        by0, by1, bx0, bx1 = self._box(r, c)
         out = self._gather(self.net, by0, by1, bx0, bx1, lead=(slice(None),))
         lab, n = network_instances(out, self.spec)
         first = first_pixels(lab, n)
@@ -561,7 +569,9 @@ class _PostStage:
         self._renumber_row(r)
         for rr in sorted(k for k in self.labels if k <= r):
             self.write_rows(self.row_starts[rr], self.labels.pop(rr))
-        for rr in [k for k in self.net if k < r]:
+        # the network output no later block reaches (its box starts at most `context` rows above its tile row)
+        keep_from = self.row_starts[r + 1] - self.context if r + 1 < len(self.rows) else self.h
+        for rr in [k for k in self.net if self.row_starts[k] + self.net[k].shape[-2] <= keep_from]:
             del self.net[rr]
         self.clock.add("write", time.perf_counter() - t0)
 
