@@ -2,6 +2,7 @@
 # The recorded `segstudio optimize` runs of benchmarks/README.md ("Optimization"), on DSB2018 fluorescence:
 # calibration and recovery on the train split, accuracy on the val split.
 #   bash benchmarks/optimize.sh [NAME STEPS]...   (default: the runs in the README)
+#   MODEL=nuclei bash benchmarks/optimize.sh NAME STEPS   (another model than nuclei-v1)
 #   bash benchmarks/optimize.sh int8-minmax quantize:int8:method=minmax int8-entropy quantize:int8:method=entropy
 # Each run writes /tmp/segstudio-opt/NAME/ (models) and copies report.json / report.html to
 # benchmarks/results/optimize-NAME-<machine>-<date>.{json,html}.
@@ -19,7 +20,7 @@ while [ $# -ge 2 ]; do
   name=$1 steps=$2; shift 2
   out=/tmp/segstudio-opt/$name
   rm -rf "$out"; mkdir -p "$(dirname "$out")"
-  /usr/bin/time -v "$PY" -m segstudio.cli optimize --model nuclei-v1 \
+  /usr/bin/time -v "$PY" -m segstudio.cli optimize --model "${MODEL:-nuclei-v1}" \
       --calib "$DATA/train" --calib-labels --kind fluorescence \
       --val-images "$DATA/val" --val-labels "$DATA/val" \
       --steps "$steps" --max-drop 0.01 --out "$out" 2>&1 | tee "$out.log"

@@ -549,7 +549,7 @@ def cmd_optimize(args) -> int:
     from .core.optimize.estimate import format_seconds
     from .core.optimize.report import EventKind, OptimizeEvent, StepStatus
     from .core.optimize.runner import OptimizeOptions, optimize_job, read_state
-    from .core.optimize.steps import Context, parse_steps
+    from .core.optimize.steps import Context, parse_budget, parse_steps
     from .core.optimize.validate import ValidationSet
 
     if args.resume:
@@ -560,11 +560,13 @@ def cmd_optimize(args) -> int:
                              hint="it was not started by segstudio optimize; run it again with --out")
         for k in _OPTIMIZE_INPUTS:
             setattr(args, k, recorded[k])
+        args.budget = recorded.get("budget")  # runs recorded before --budget existed have none
         args.out = args.resume
     elif not args.out:
         raise InputError("give an output folder (--out), or --resume a run's folder")
     model = get_model(args.model, trust_code=args.trust_code)
     steps = parse_steps(args.steps)
+    budget = parse_budget(args.budget)
     calib = None
     if args.calib:
         calib = CalibrationSource.from_folder(args.calib, model.spec, kind=args.calib_kind or args.kind,
@@ -581,6 +583,7 @@ def cmd_optimize(args) -> int:
           f"{' with labels' if vset.has_labels else ' (no labels: agreement with the original)'}"
           + (f"; calibration {len(calib.entries)} image(s)" if calib else ""))
     inputs = {k: getattr(args, k) for k in _OPTIMIZE_INPUTS}
+    inputs["budget"] = args.budget
     for k in ("calib", "val_images", "val_labels"):
         if inputs[k]:
             inputs[k] = str(Path(inputs[k]).resolve())
@@ -601,7 +604,8 @@ def cmd_optimize(args) -> int:
 
     report = run_sync(optimize_job(model, steps, ctx, vset,
                                    OptimizeOptions(max_drop=args.max_drop, min_speedup=args.min_speedup,
-                                                   speed_tile=args.speed_tile, resume=bool(args.resume)),
+                                                   speed_tile=args.speed_tile, resume=bool(args.resume),
+                                                   budget=budget),
                                    inputs=inputs),
                       on_progress)
     b = report.baseline
@@ -616,6 +620,11 @@ def cmd_optimize(args) -> int:
             print(f"{r.name:<34} {r.status.words:<12} {r.reason}")
         if r.status is StepStatus.ROLLED_BACK:
             print(f"{'':<34} why: {r.reason}")
+        if r.budget_used is not None:
+            own = f", its allowance {r.allowance:g}" if r.allowance is not None else ""
+            print(f"{'':<34} budget: used {r.budget_used:+.4f} AP50 of --max-drop {report.max_drop:g}{own}")
+        for name, c in r.compare.items():
+            print(f"{'':<34} {name:<12} AP50 {c['ap50']:.4f}, {c['speedup_vs_baseline']:.2f}x, {c['backend']}")
     f = report.final
     print(f"final: AP50 {f.ap50:.4f} ({f.ap50_delta:+.4f}), {f.speedup_vs_baseline:.2f}x PyTorch eager FP32, "
           f"{f.artifact}")
@@ -907,6 +916,10 @@ def _add_optimize_command(sub) -> None:
     p.add_argument("--min-speedup", type=_float_opt(0.0, 1000.0), default=1.05,
                    help="a step must make the model at least this many times faster than its parent on this "
                         "machine, or it is rolled back (default 1.05; 0: no speed guardrail)")
+    p.add_argument("--budget", default=None, metavar="KIND=AP50,...",
+                   help="where to spend --max-drop: per-step allowances by kind (prune, int8, fp16, distill, ...), "
+                        "e.g. prune=0.006,int8=0.004; a recovery spends the allowance of the pruning before it "
+                        "(and int8's with qat=true)")
     p.add_argument("--target", default="cpu", choices=["cpu", "gpu"])
     p.add_argument("--threads", type=_int_opt(0, 1024), default=0)
     p.add_argument("--speed-tile", type=_int_opt(32, 8192), default=512, help="tile size of the latency measurement (default 512)")

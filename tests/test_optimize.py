@@ -297,7 +297,7 @@ def _small_run(tmp_path, sample_dir, steps, max_drop=0.01, target="cpu", min_spe
         n = len(parse_steps(steps))
         kw["estimate"] = RunEstimate(total_s=60.0, per_step_s=(20.0,) * n, measure_s=20.0, basis="given by the test")
     options = OptimizeOptions(max_drop=max_drop, min_speedup=min_speedup, speed_tile=128,
-                              resume=kw.pop("resume", False))
+                              resume=kw.pop("resume", False), budget=kw.pop("budget", {}))
     return run_sync(optimize_job(nuclei, parse_steps(steps), ctx, vset, options, **kw), on_progress)
 
 

@@ -9,6 +9,7 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from segstudio.core.image.sources import read_image  # noqa: E402
+from segstudio.core.models.catalog import load_card  # noqa: E402
 from segstudio.core.optimize.calibration import CalibrationSource  # noqa: E402
 from segstudio.core.optimize.qat import fake_quant, qdq_net  # noqa: E402
 from segstudio.core.optimize.quantize import quantize_int8  # noqa: E402
@@ -77,3 +78,73 @@ def test_fake_quant_network_is_the_int8_model_on_real_tiles(nuclei, samples, tmp
             quant_error = np.mean([np.abs(a - f).mean() for a, f in zip(int8, float_out)])
             assert diff.max() <= 3 * step + 1e-6, (label, runtime, diff.max(), step)
             assert diff.mean() < 0.05 * quant_error, (label, runtime, diff.mean(), quant_error)
+
+
+def test_qat_recipes_and_budgets_are_typed_and_checked():
+    from segstudio.core.errors import InputError
+    from segstudio.core.optimize.presets import preset
+    from segstudio.core.optimize.steps import STEP_SPECS, format_steps, parse_budget, parse_steps
+
+    steps = parse_steps("prune:0.5:keep=none,recover:steps=30:qat=true:qat_steps=7,quantize:int8,qat:steps=9")
+    assert format_steps(steps) == "prune:0.5:keep=none,recover:steps=30:qat=true:qat_steps=7,quantize:int8,qat:steps=9"
+    assert [s.budget_keys() for s in steps] == [("prune",), ("int8",), ("int8",), ("int8",)]
+    assert parse_steps("recover")[0].budget_keys() == ()  # a plain recovery spends its pruning's allowance
+    assert "qat" in STEP_SPECS and STEP_SPECS["qat"].option("lr").default == 4e-5
+    with pytest.raises(InputError, match="qat must be true or false"):
+        parse_steps("recover:qat=maybe")
+    assert parse_budget("prune=0.006, int8=0.004") == {"prune": 0.006, "int8": 0.004}
+    assert parse_budget(None) == {}
+    for bad, words in (("speed=0.1", "not KIND=AP50"), ("int8", "not KIND=AP50"), ("int8=-0.1", "from 0 to 1"),
+                       ("int8=lots", "must be a number")):
+        with pytest.raises(InputError, match=words):
+            parse_budget(bad)
+    p = preset("prune-qat")
+    assert p.title == "Maximum speed (prune + QAT)" and parse_steps(p.steps)[1].opts["qat"] is True
+
+
+def test_short_qat_of_a_pruned_network_beats_its_ptq_and_the_report_shows_both(tmp_path, sample_dir):
+    """prune, recover, then QAT on the sample images: the exported INT8 model is judged, its PTQ twin (the same
+    recovered network, calibrated only) is measured beside it, and QAT scores higher on the same images."""
+    from segstudio.core.optimize.report import OptimizeReport, StepStatus
+    from test_optimize import _small_run
+
+    report = _small_run(tmp_path, sample_dir, "prune:0.5,recover:steps=20:qat=true:qat_steps=20",
+                        max_drop=0.5)
+    prune, recover = report.steps
+    assert recover.status is StepStatus.KEPT and prune.status is StepStatus.KEPT
+    assert recover.backend.endswith(":int8")  # the guardrail judged the exported INT8 model
+    child = load_card(recover.artifact)
+    assert "onnx_int8" in child.files and child.files["onnx_int8"].name.endswith("_qat_int8.onnx")
+    ptq, qat = recover.compare["ptq"], recover.compare["this step"]
+    assert qat["ap50"] == recover.ap50 and ptq["backend"].endswith(":int8")
+    assert qat["ap50"] > ptq["ap50"], f"QAT {qat['ap50']:.4f} is not above PTQ {ptq['ap50']:.4f} (same network)"
+    assert load_card(ptq["artifact"]).files["onnx_int8"].name.endswith("_int8.onnx")
+    assert ptq["speedup_vs_baseline"] == pytest.approx(report.eager_fp32_ms / ptq["latency_ms"])  # round-robin
+    layers = recover.layer_error
+    assert len(layers) >= 10 and all(set(v) == {"this step", "ptq"} and min(v.values()) >= 0 for v in layers.values())
+    steps = [s for s, _ in recover.loss_curve]  # one curve over both phases: float recovery, then QAT
+    assert steps == sorted(steps) and steps[-1] == 40 and len(steps) == 4
+    assert recover.details["qat"]["steps"] == 20 and recover.details["steps"] == 20
+    assert recover.budget_used == pytest.approx(report.baseline.ap50 - recover.ap50)  # with the pruning it recovers
+    page = (tmp_path / "opt" / "report.html").read_text()
+    assert "ptq of the same network" in page and "Per-layer error" in page
+    loaded = OptimizeReport.load(tmp_path / "opt")
+    assert loaded.steps[1].compare["ptq"]["ap50"] == ptq["ap50"] and loaded.steps[1].layer_error == layers
+
+
+def test_budget_per_step_rolls_back_what_overspends_and_qat_repairs_ptq(tmp_path, sample_dir):
+    """--budget prune=0: the pruning loses AP50 and is rolled back though --max-drop would allow it; INT8 and
+    its QAT repair spend their own allowance, and the QAT row compares itself with the PTQ model before it."""
+    from segstudio.core.optimize.report import StepStatus
+    from test_optimize import _small_run
+
+    report = _small_run(tmp_path, sample_dir, "prune:0.7,recover:steps=2:retune=off,quantize:int8:fallback=off,"
+                        "qat:steps=10:crop=96", max_drop=1.0, budget={"prune": 0.0, "int8": 0.5})
+    prune, recover, ptq, qat = report.steps
+    assert recover.status is StepStatus.ROLLED_BACK and "allowance of 0 (--budget)" in recover.reason
+    assert prune.status is StepStatus.ROLLED_BACK and recover.budget_used > 0 and recover.allowance == 0.0
+    assert ptq.status is StepStatus.KEPT and ptq.allowance == 0.5 and qat.status is StepStatus.KEPT
+    assert qat.allowance == 0.5 and qat.budget_used == pytest.approx(ptq.ap50 - qat.ap50)
+    assert qat.compare["ptq"]["ap50"] == ptq.ap50 and qat.compare["ptq"]["artifact"] == str(ptq.artifact)
+    assert report.budget == {"prune": 0.0, "int8": 0.5}
+    assert "allowance 0.5" in (tmp_path / "opt" / "report.html").read_text()

@@ -310,6 +310,13 @@ class ResultPage(QWidget):
             parts.append(f"took {fmt_duration(row.seconds)}")
         if row.sensitivity:
             parts.append("in float: " + (", ".join(row.float_layers) or "no layer"))
+        if row.budget_used is not None and self.report is not None:
+            parts.append(f"used {row.budget_used:+.4f} of the {self.report.max_drop:g} AP50 budget"
+                         + (f" (its allowance {row.allowance:g})" if row.allowance is not None else ""))
+        if row.compare:  # the same network made two ways (PTQ beside QAT)
+            parts.append("side by side: " + "; ".join(
+                f"{name} AP50 {fmt(c.get('ap50'), '.4f')} at {fmt(c.get('speedup_vs_baseline'), '.2f')}x"
+                for name, c in row.compare.items()))
         self.details.setText(". ".join(parts))
 
     def _can_roll_back(self, row: StepReport | None) -> bool:

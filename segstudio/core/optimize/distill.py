@@ -51,6 +51,10 @@ class KDConfig:
     # the share of crops the student sees with "hard" intensity augmentation (segstudio.core.training.train's
     # hard_photometric; needs labels) while its targets stay the teacher's outputs on the clean image
     hard_share: float = 0.0
+    weight_decay: float = 1e-4
+    # gain, offset, gamma and noise on the student's input (off for quantization-aware training, whose
+    # activation ranges are learned on the intensities the model will see)
+    photometric: bool = True
 
 
 def _last_features(net):
@@ -67,11 +71,13 @@ def _last_features(net):
 @keeps_torch_threads
 def distill_job(student, teacher, images: list[np.ndarray], cfg: KDConfig, *,
                 labels: list[tuple[np.ndarray, np.ndarray]] | None = None,
-                cancel: CancelToken | None = None) -> Job[dict]:
+                cancel: CancelToken | None = None, teacher_logits: list[np.ndarray] | None = None) -> Job[dict]:
     """Train ``student`` (in place) to match ``teacher`` on crops of ``images``.
 
     ``images`` are normalized ``(C, H, W)`` planes; ``labels``, when given,
-    are ``(foreground, distance)`` targets for the same images.  Yields a
+    are ``(foreground, distance)`` targets for the same images;
+    ``teacher_logits``: the teacher's :func:`tiled_outputs` on ``images``
+    when already computed (a second phase of the same run).  Yields a
     :class:`Progress` every few steps; returns the loss history.
     """
     import torch
@@ -83,9 +89,11 @@ def distill_job(student, teacher, images: list[np.ndarray], cfg: KDConfig, *,
     stacks = list(images)
     if labels is not None:
         stacks = [np.concatenate([st, fg[None], d[None]]) for st, (fg, d) in zip(stacks, labels)]
-    if cfg.precompute_teacher:
-        yield Progress("distill", 0, cfg.steps, "running the teacher on every image")
-        logits = _outputs(teacher, images, cancel)
+    if cfg.precompute_teacher or teacher_logits is not None:
+        logits = teacher_logits
+        if logits is None:
+            yield Progress("distill", 0, cfg.steps, "running the teacher on every image")
+            logits = tiled_outputs(teacher, images, cancel)
         kd.n_teacher = logits[0].shape[0]
         stacks = [np.concatenate([st, lg]) for st, lg in zip(stacks, logits)]
     history = []
@@ -127,7 +135,7 @@ class _Distillation:
             cs, ct = student.head.in_channels, self.teacher.head.in_channels
             self.adapter = torch.nn.Conv2d(cs, ct, 1) if cs != ct else torch.nn.Identity()
         params = list(student.parameters()) + (list(self.adapter.parameters()) if self.adapter is not None else [])
-        self.loop = TrainLoop(params, cfg.lr, weight_decay=1e-4, total_steps=cfg.steps, cancel=cancel)
+        self.loop = TrainLoop(params, cfg.lr, weight_decay=cfg.weight_decay, total_steps=cfg.steps, cancel=cancel)
         self.n_img = images[0].shape[0]
         self.n_teacher = 0  # channels of precomputed teacher logits at the end of each stack
 
@@ -140,7 +148,8 @@ class _Distillation:
             idx = rng.integers(0, len(stacks), cfg.batch_size)
             hard = [bool(self.labels is not None and cfg.hard_share > 0 and rng.random() < cfg.hard_share)
                     for _ in idx]
-            yield augment_crops([stacks[i] for i in idx], self.n_img, cfg.crop, cfg.zoom, rng, hard=hard)
+            yield augment_crops([stacks[i] for i in idx], self.n_img, cfg.crop, cfg.zoom, rng, hard=hard,
+                                photometric=cfg.photometric)
 
     def loss(self, batch):
         """``alpha * KD_T + (1 - alpha) * hard`` (+ the feature term) on one batch."""
@@ -171,7 +180,8 @@ class _Distillation:
         return loss
 
 
-def _outputs(net, images: list[np.ndarray], cancel: CancelToken | None = None) -> list[np.ndarray]:
+def tiled_outputs(net, images: list[np.ndarray], cancel: CancelToken | None = None) -> list[np.ndarray]:
+    """The network's output on each whole image (tiled at 512 px with its halo; exact)."""
     import torch
 
     from ..jobs import run_sync
@@ -211,9 +221,9 @@ def retune_postprocess(student, images: list[np.ndarray], params, *, instances: 
     if instances is not None:
         refs, against = [instances[i] for i in pick], "labels"
     else:
-        refs = [fg_dist_to_labels(o[0], o[1], teacher_params) for o in _outputs(teacher, imgs, cancel)]
+        refs = [fg_dist_to_labels(o[0], o[1], teacher_params) for o in tiled_outputs(teacher, imgs, cancel)]
         against = "the teacher's instances"
-    outs = _outputs(student, imgs, cancel)
+    outs = tiled_outputs(student, imgs, cancel)
     before = float(np.mean([score(r, fg_dist_to_labels(o[0], o[1], params), thresholds=(0.5,)).ap[0.5]
                             for o, r in zip(outs, refs)]))
     steps = [round(0.05 * k, 2) for k in range(-3, 4)]  # +-0.15 around the current thresholds

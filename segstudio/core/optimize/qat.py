@@ -18,8 +18,13 @@ are learned (LSQ: the gradient reaches the scale through the rounding).
 scales; every INT8 backend here then runs what was trained.  No second
 description of where quantization happens exists, so the two cannot drift
 (``tests/test_qat.py`` checks ONNX Runtime and OpenVINO against it on real
-tiles).  Not yet used by an optimization step: the ``qat`` step, its
-training loop and recipes are issue 19's next part.
+tiles).
+
+:func:`qat_job` trains it against a teacher with the distillation of
+:mod:`.distill` (the ``qat`` step and ``recover:qat=true`` of
+:mod:`.steps`); :func:`layer_errors` says, layer by layer, how far an INT8
+graph's activations are from the float network's (PTQ against QAT in the
+report).
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ def _safe(name: str) -> str:
     return name.replace(".", "__")
 
 
-def qdq_net(int8_onnx: str | Path, float_onnx: str | Path | None = None):
+def qdq_net(int8_onnx: str | Path, float_onnx: str | Path | None = None, config=None):
     """The Q/DQ graph of ``int8_onnx`` as a trainable ``torch.nn.Module`` (see the module docstring).
 
     Parameters
@@ -96,6 +101,9 @@ def qdq_net(int8_onnx: str | Path, float_onnx: str | Path | None = None):
     float_onnx : str or pathlib.Path, optional
         The float model it was quantized from: its float weights and biases
         start the training (default: the INT8 model's dequantized values).
+    config : UNetConfig, optional
+        The network's configuration, kept as ``.config`` (halo and size
+        multiple for tiled prediction, as a U-Net has).
 
     Returns
     -------
@@ -109,7 +117,9 @@ def qdq_net(int8_onnx: str | Path, float_onnx: str | Path | None = None):
     ValueError
         An op this interpreter does not know.
     """
-    return QDQNet(Path(int8_onnx), Path(float_onnx) if float_onnx else None)
+    net = QDQNet(Path(int8_onnx), Path(float_onnx) if float_onnx else None)
+    net.config = config
+    return net
 
 
 class QDQNet(torch.nn.Module):
@@ -141,6 +151,8 @@ class QDQNet(torch.nn.Module):
         self.log_scales = torch.nn.ParameterDict()  # activation scale initializer -> log(scale)
         self.float_inits = torch.nn.ParameterDict()  # float initializers a node reads (ConvTranspose bias)
         self.names: dict[str, tuple[str, ...]] = {}  # parameter key -> the initializers it is written to
+        self.quantized = True  # False: the same graph and weights in float (no rounding, no clipping)
+        self.config = None
         self._collect(floats)
 
     def _collect(self, floats: dict) -> None:
@@ -196,12 +208,26 @@ class QDQNet(torch.nn.Module):
         return fake_quant(b, s, 0.0, *INT32)
 
     def forward(self, x):
+        return self._env(x)[self.output_name]
+
+    def _env(self, x) -> dict:
         env = {self.input_name: x}
         for op, ins, outs, attrs in self.nodes:
             env[outs[0]] = self._run(op, ins, outs, attrs, env)
-        return env[self.output_name]
+        return env
+
+    def activations(self, x) -> dict:
+        """The output of every Conv and ConvTranspose node on ``x``, by node output name."""
+        env = self._env(x)
+        return {outs[0]: env[outs[0]] for op, ins, outs, _ in self.nodes if op in ("Conv", "ConvTranspose")}
 
     def _run(self, op, ins, outs, attrs, env):
+        if not self.quantized and op in ("QuantizeLinear", "DequantizeLinear"):
+            if _safe(outs[0]) in self.weights:
+                return self.weights[_safe(outs[0])]
+            if outs[0] in self.bias_of:
+                return self.biases[_safe(outs[0])]
+            return env[ins[0]]
         if op == "QuantizeLinear":
             zp = float(self.inits[ins[2]])
             qmin, qmax = (0, 255) if self.inits[ins[2]].dtype == np.uint8 else (-128, 127)
@@ -300,3 +326,61 @@ def _export(net, path: Path) -> Path:
     tmp = path.with_suffix(".tmp.onnx")
     onnx.save(model, str(tmp))
     return finalize_onnx(tmp, path)
+
+
+def qat_job(int8_onnx: str | Path, float_onnx: str | Path, config, teacher, images: list[np.ndarray], kd, *,
+            labels=None, teacher_logits=None, cancel=None):
+    """Quantization-aware training of the INT8 graph ``int8_onnx`` (a job returning ``(net, info)``).
+
+    ``float_onnx``'s weights start it (with ``int8_onnx``'s calibrated
+    activation scales); it then learns, weights and scales together, to
+    match ``teacher`` on crops of ``images`` with the distillation loss of
+    :func:`~segstudio.core.optimize.distill.distill_job` (``kd``: its
+    :class:`~segstudio.core.optimize.distill.KDConfig`; ``labels`` as there).
+    The returned :class:`QDQNet` exports with :meth:`QDQNet.export`.
+    """
+    from .distill import distill_job
+
+    net = qdq_net(int8_onnx, float_onnx, config)
+    info = yield from distill_job(net, teacher, images, kd, labels=labels, cancel=cancel,
+                                  teacher_logits=teacher_logits)
+    net.eval()
+    return net, info
+
+
+def layer_errors(int8_onnx: dict[str, str | Path], float_onnx: str | Path, tiles: list[np.ndarray]) -> dict:
+    """How far each INT8 graph's layer outputs are from the float network's, layer by layer.
+
+    Parameters
+    ----------
+    int8_onnx : dict
+        Name (``"ptq"``, ``"qat"``) -> a Q/DQ graph of the same network
+        (the same nodes, other weights and scales).
+    float_onnx : str or pathlib.Path
+        The float network they approximate (the reference for all of them).
+    tiles : list of numpy.ndarray
+        ``(1, C, H, W)`` float32 tiles.
+
+    Returns
+    -------
+    dict
+        Conv node output -> name -> relative error
+        ``mean |int8 - float| / mean |float|`` over the tiles.
+    """
+    names = list(int8_onnx)
+    ref = qdq_net(next(iter(int8_onnx.values())), float_onnx)
+    ref.quantized = False
+    nets = [qdq_net(int8_onnx[n]) for n in names]
+    err: dict[str, np.ndarray] = {}
+    scale: dict[str, float] = {}
+    with torch.no_grad():
+        for t in tiles:
+            x = torch.from_numpy(np.ascontiguousarray(t, np.float32))
+            r = ref.activations(x)
+            outs = [net.activations(x) for net in nets]
+            for layer, v in r.items():
+                scale[layer] = scale.get(layer, 0.0) + float(v.abs().mean())
+                e = err.setdefault(layer, np.zeros(len(names)))
+                e += [float((o[layer] - v).abs().mean()) for o in outs]
+    return {layer: {n: float(e[k] / max(scale[layer], 1e-12)) for k, n in enumerate(names)}
+            for layer, e in err.items()}

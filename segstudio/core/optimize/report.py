@@ -73,6 +73,15 @@ class StepReport:
     validation: dict = field(default_factory=dict)
     attempts: list = field(default_factory=list)
     details: dict = field(default_factory=dict)
+    # how much of the accuracy budget this step (with the pruning it recovers) used: AP50 of the model it
+    # started from minus its own; and its own allowance (--budget), None when only --max-drop applies
+    budget_used: float | None = None
+    allowance: float | None = None
+    # other models of the same network made by the step, measured beside it: name -> ap50, latency_ms,
+    # speedup_vs_baseline, backend, artifact (e.g. "ptq" beside quantization-aware training)
+    compare: dict = field(default_factory=dict)
+    # per-layer relative error of each INT8 variant against the float network: layer -> name -> error
+    layer_error: dict = field(default_factory=dict)
 
     @property
     def measured(self) -> bool:
@@ -132,6 +141,7 @@ class OptimizeReport:
     final_from: int | None = None
     calibration: dict | None = None
     seconds: float = 0.0
+    budget: dict = field(default_factory=dict)  # the per-step allowances (--budget), by step kind
 
     @property
     def guardrail_ap50(self) -> float:
@@ -169,8 +179,8 @@ class OptimizeReport:
             "model": self.model, "out_dir": str(self.out_dir), "baseline": baseline,
             "validation": {"images": self.images, "labels": self.labelled, "metric": self.metric},
             "calibration": self.calibration, "target": self.target, "max_drop": self.max_drop,
-            "min_speedup": self.min_speedup, "steps": [r.to_dict() for r in self.steps], "final": final,
-            "seconds": self.seconds,
+            "min_speedup": self.min_speedup, "budget": dict(self.budget), "steps": [r.to_dict() for r in self.steps],
+            "final": final, "seconds": self.seconds,
         }
 
     @classmethod
@@ -185,7 +195,7 @@ class OptimizeReport:
                 steps=[StepReport.from_dict(r) for r in d["steps"]],
                 final=StepReport.from_dict(final) if final else None,
                 final_from=final.get("from_index") if final else None, calibration=d.get("calibration"),
-                seconds=float(d.get("seconds") or 0.0))
+                seconds=float(d.get("seconds") or 0.0), budget=dict(d.get("budget") or {}))
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"not a segstudio optimization report ({type(e).__name__}: {e})") from None
 

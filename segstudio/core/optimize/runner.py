@@ -45,7 +45,7 @@ import json
 import shutil
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -128,13 +128,18 @@ class OptimizeOptions:
     ``min_speedup``: how much faster than its parent a step must be (0: not
     judged on speed); ``speed_tile``: the tile side latencies are measured
     on; ``resume``: continue the run recorded in the output folder (same
-    steps).
+    steps); ``budget``: per-step allowances by kind (``{"prune": 0.006,
+    "int8": 0.004}``, :func:`~.steps.parse_budget`): a step whose kinds all
+    have one may lose at most their sum against the model it started from
+    (a recovery together with the pruning it follows); ``max_drop`` still
+    bounds the whole run.
     """
 
     max_drop: float = 0.01
     min_speedup: float = 1.05
     speed_tile: int = 512
     resume: bool = False
+    budget: dict = field(default_factory=dict)
 
 
 def optimize_job(model: Model, steps: list[Step], ctx: Context, vset: ValidationSet,
@@ -202,7 +207,7 @@ class _Optimizer:
             images=len(vset.images), max_drop=options.max_drop, min_speedup=options.min_speedup, target=ctx.target,
             eager_fp32_ms=self.eager_ms, baseline=baseline,
             steps=[StepReport(index=i, name=s.label, doc=s.doc) for i, s in enumerate(self.steps)],
-            calibration=ctx.calib.describe() if ctx.calib is not None else None)
+            calibration=ctx.calib.describe() if ctx.calib is not None else None, budget=dict(options.budget))
         yield run.event(EventKind.BASELINE, None, f"original: AP50 {self.base_metric:.4f}, "
                         f"{base['latency_ms']:.1f} ms on {base['variant']}", row=replace(baseline),
                         report=self.report.copy())
@@ -247,7 +252,7 @@ class _Optimizer:
             "before_prune": card(self.before_prune[0]) if self.before_prune is not None else None,
             "pending": [r.index for r in self.pending], "inputs": self.inputs or {},
             "max_drop": self.options.max_drop, "min_speedup": self.options.min_speedup,
-            "speed_tile": self.options.speed_tile, "target": report.target,
+            "speed_tile": self.options.speed_tile, "target": report.target, "budget": dict(self.options.budget),
             "seconds": sum(r.seconds or 0.0 for r in report.steps[:done]),
         }
         with atomic_path(self.out / STATE) as tmp:
@@ -313,6 +318,8 @@ class _Optimizer:
             yield from self._finished(i, row, f"{step.label}: failed ({e})")
             return
         child, details, meas, attempts = yield from self._with_retries(i, step, row, folder, child, details)
+        if details.get("compare"):
+            yield from self._compare(i, row, child, meas, details)
         self._fill(row, meas)
         row.seconds = time.perf_counter() - t0
         row.artifact = Path(child.card_path)
@@ -328,6 +335,49 @@ class _Optimizer:
         verdict = "measured, judged after its recovery" if row.reason == PENDING else row.status.words
         yield from self._finished(i, row, f"{step.label}: {verdict} (AP50 {metric:.4f})")
 
+    def _compare(self, i: int, row: StepReport, child: Model, meas: dict, details: dict) -> Job[None]:
+        """Measure the models a step made beside its child (PTQ beside QAT) and their per-layer INT8 error."""
+        row.compare = {"this step": self._summary(child, meas)}
+        int8 = {"this step": child.files.get("onnx_int8")}
+        for name, card in details["compare"].items():
+            if card == "parent":
+                other, other_meas = self.current, self.cur_meas
+            else:
+                other = load_card(card)
+                yield self.run.event(EventKind.STEP_PROGRESS, i, f"measuring the {name} model beside it",
+                                     phase="validating")
+                other_meas = yield from self._measure(i, other, self.cur_meas)
+            row.compare[name] = self._summary(other, other_meas)
+            int8[name] = other.files.get("onnx_int8")
+        float_onnx = details.get("float_onnx")
+        if float_onnx and all(int8.values()):
+            from .qat import layer_errors
+
+            yield self.run.event(EventKind.STEP_PROGRESS, i, "per-layer INT8 error on validation tiles",
+                                 phase="validating")
+            row.layer_error = layer_errors(int8, float_onnx, [t[None] for t in self.batch])
+
+    def _summary(self, model: Model, meas: dict) -> dict:
+        return {"ap50": _metric(meas, self.labelled), "latency_ms": meas["latency_ms"],
+                "speedup_vs_baseline": self.eager_ms / meas["latency_ms"], "backend": meas["variant"],
+                "artifact": str(model.card_path) if model.card_path else None}
+
+    def _allowance(self, step: Step) -> float | None:
+        """The step's own AP50 allowance (with the pruning it recovers), or None when only max_drop applies."""
+        budget = self.options.budget
+        keys = list(step.budget_keys()) + [k for r in self.pending for k in self.steps[r.index].budget_keys()]
+        if not budget or not keys or any(k not in budget for k in keys):
+            return None
+        return float(sum(budget[k] for k in dict.fromkeys(keys)))
+
+    def _over_budget(self, step: Step, meas: dict) -> bool:
+        metric = _metric(meas, self.labelled)
+        if self.base_metric - metric > self.options.max_drop:
+            return True
+        allowance = self._allowance(step)
+        start = (self.before_prune or (self.current, self.cur_meas))[1]
+        return allowance is not None and _metric(start, self.labelled) - metric > allowance
+
     def _awaits_recovery(self, i: int, step: Step) -> bool:
         return step.needs_recovery and i + 1 < len(self.steps) and self.steps[i + 1].name == "recover"
 
@@ -336,8 +386,7 @@ class _Optimizer:
         meas = yield from self._measure(i, child, self.cur_meas)
         yield self._point(i, row, step, meas)
         attempts = []
-        while (self.base_metric - _metric(meas, self.labelled) > self.options.max_drop
-               and not self._awaits_recovery(i, step)):
+        while self._over_budget(step, meas) and not self._awaits_recovery(i, step):
             attempts.append({"ap50": _metric(meas, self.labelled), "details": details})
             retry = yield from self.run.relay(step.retry(self.current, self.ctx, folder), i)
             if not retry:
@@ -357,6 +406,9 @@ class _Optimizer:
             self.before_prune = self.before_prune or (self.current, self.cur_meas)
             self.current, self.cur_meas = child, meas
             return
+        start_meas = (self.before_prune or (self.current, self.cur_meas))[1]
+        row.budget_used = _metric(start_meas, self.labelled) - metric
+        row.allowance = allowance = self._allowance(step)
         if base_metric - metric > max_drop:
             row.status = StepStatus.ROLLED_BACK
             row.reason = (f"AP50 {metric:.4f} is {base_metric - metric:.4f} below the original's "
@@ -364,6 +416,14 @@ class _Optimizer:
             if self.before_prune is not None:
                 row.reason += "; the pruning it was recovering is rolled back too"
             self._roll_back_pruning("its recovery did not bring the accuracy back within the budget")
+            return
+        if allowance is not None and row.budget_used > allowance:
+            row.status = StepStatus.ROLLED_BACK
+            row.reason = (f"it lost {row.budget_used:.4f} AP50 against the model it started from, more than its "
+                          f"allowance of {allowance:g} (--budget)")
+            if self.before_prune is not None:
+                row.reason += "; the pruning it was recovering is rolled back too"
+            self._roll_back_pruning("its recovery used more than its allowance")
             return
         speed_parent, speed_meas = self.before_prune or (self.current, self.cur_meas)
         faster = None
@@ -494,14 +554,21 @@ def _remeasure_interleaved(report: OptimizeReport, model: Model, batch: np.ndarr
     from ..backends.eager import EagerTorch
 
     rows = [r for r in report.steps if r.artifact is not None and Path(r.artifact).is_file() and r.backend]
+    known = {str(r.artifact) for r in rows} | {str(model.card_path)}
+    extras = list(dict.fromkeys(  # models measured beside a step (PTQ beside QAT) that no row is
+        (c["artifact"], c["backend"]) for r in report.steps for c in r.compare.values()
+        if c.get("artifact") and c["artifact"] not in known and Path(c["artifact"]).is_file()))
     with ExitStack() as stack:
         runners = [EagerTorch(model, "cpu"), stack.enter_context(create_backend(report.baseline.backend, model))]
         for r in rows:
             runners.append(stack.enter_context(create_backend(r.backend, load_card(r.artifact))))
+        for card, backend in extras:
+            runners.append(stack.enter_context(create_backend(backend, load_card(card))))
         stack.callback(runners[0].close)
         times = interleaved_latencies(runners, batch, cancel=cancel)
     eager = times[0]
     latency = {str(model.card_path): times[1]}
+    latency.update({card: ms for (card, _), ms in zip(extras, times[2 + len(rows):])})
     report.baseline.details = {**report.baseline.details, "eager_fp32_ms_alone": report.eager_fp32_ms}
     report.eager_fp32_ms = eager
     report.baseline.latency_ms, report.baseline.speedup_vs_baseline = times[1], eager / times[1]
@@ -511,6 +578,11 @@ def _remeasure_interleaved(report: OptimizeReport, model: Model, batch: np.ndarr
     for r in rows:
         if r.parent is not None and str(r.parent) in latency:
             r.speedup_vs_parent = latency[str(r.parent)] / r.latency_ms
+    for r in report.steps:
+        for c in r.compare.values():
+            if c.get("artifact") in latency:
+                c["latency_ms"] = latency[c["artifact"]]
+                c["speedup_vs_baseline"] = eager / c["latency_ms"]
 
 
 def _json_default(o):
@@ -574,6 +646,40 @@ def _chart(report: dict) -> str:
     return "".join(parts)
 
 
+def _budget_cell(row: dict, max_drop: float) -> str:
+    """How much of the run's AP50 budget a step used (and of its own allowance)."""
+    used = row.get("budget_used")
+    if used is None:
+        return ""
+    text = f"{used:+.4f} of {max_drop:g}"
+    if row.get("allowance") is not None:
+        text += f" (allowance {row['allowance']:g})"
+    return text
+
+
+def _compare_html(row: dict) -> str:
+    """The models one step made side by side (PTQ beside QAT): accuracy, speed and per-layer INT8 error."""
+    names = list(row["compare"])
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
+    lines = [f"<h2>{html.escape(row['name'])}: {' and '.join(html.escape(n) for n in names)} of the same network</h2>",
+             f"<table><tr><th></th>{head}</tr>"]
+    for key, label, fmt in (("ap50", "AP50", "{:.4f}"), ("speedup_vs_baseline", "speed-up", "{:.2f}x"),
+                            ("latency_ms", "latency ms", "{:.1f}"), ("backend", "backend", "{}")):
+        lines.append(f"<tr><td>{label}</td>" + "".join(
+            f"<td>{html.escape(fmt.format(row['compare'][n][key]))}</td>" for n in names) + "</tr>")
+    lines.append("</table>")
+    errors = row.get("layer_error") or {}
+    if errors:
+        lines.append("<p>Per-layer error of the INT8 activations against the float network on the validation "
+                     "tiles (mean |INT8 - float| / mean |float|; lower is closer):</p>"
+                     f"<table><tr><th>layer</th>{head}</tr>")
+        for layer, by in errors.items():
+            lines.append(f"<tr><td>{html.escape(layer)}</td>" + "".join(
+                f"<td>{by[n]:.4f}</td>" if n in by else "<td>-</td>" for n in names) + "</tr>")
+        lines.append("</table>")
+    return "".join(lines)
+
+
 def render_html(report: OptimizeReport | dict) -> str:
     if isinstance(report, OptimizeReport):
         report = json.loads(json.dumps(report.to_dict(), default=_json_default))
@@ -587,7 +693,8 @@ def render_html(report: OptimizeReport | dict) -> str:
             "<tr>" + "".join(f"<td>{c}</td>" for c in (
                 html.escape(r["name"]), html.escape(r["status"]), cell("ap50", "{:.4f}"), cell("ap50_delta", "{:+.4f}"),
                 cell("speedup_vs_baseline", "{:.2f}x"), cell("latency_ms", "{:.1f}"), cell("size_mb", "{:.2f}"),
-                html.escape(r.get("variant") or "-"), html.escape(r.get("reason") or ""))) + "</tr>")
+                html.escape(r.get("variant") or "-"), _budget_cell(r, report["max_drop"]),
+                html.escape(r.get("reason") or ""))) + "</tr>")
     metric = report["validation"]["metric"]
     return f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>segstudio optimization report: {html.escape(report['model'])}</title>
@@ -604,10 +711,11 @@ PyTorch eager FP32 ({f['latency_ms']:.1f} ms on {html.escape(f['variant'])}), mo
 {html.escape(f['artifact'])}.</p>
 {_chart(report)}
 <table><tr><th>step</th><th>status</th><th>AP50</th><th>change</th><th>speed-up</th><th>latency ms</th>
-<th>size MB</th><th>backend</th><th>why</th></tr>
+<th>size MB</th><th>backend</th><th>budget used</th><th>why</th></tr>
 <tr><td>original</td><td>-</td><td>{b['ap50']:.4f}</td><td></td><td>{b['speedup_vs_baseline']:.2f}x</td>
-<td>{b['latency_ms']:.1f}</td><td>{b['size_mb']:.2f}</td><td>{html.escape(b['variant'])}</td><td></td></tr>
+<td>{b['latency_ms']:.1f}</td><td>{b['size_mb']:.2f}</td><td>{html.escape(b['variant'])}</td><td></td><td></td></tr>
 {''.join(rows)}</table>
+{''.join(_compare_html(r) for r in report["steps"] if r.get("compare"))}
 <p>Calibration set: {html.escape(json.dumps({k: v for k, v in (report.get('calibration') or {}).items() if k != 'files'}))}</p>
 <p style="color:#777">Written by segstudio in {report['seconds']:.0f} s.</p>
 </body></html>

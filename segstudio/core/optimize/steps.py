@@ -40,11 +40,20 @@ class Context:
     cancel: CancelToken = field(default_factory=CancelToken)
     threads: int = 0
     _teacher: object = None
+    _teacher_logits: list | None = None
 
     def teacher(self):
         if self._teacher is None:
             self._teacher = load_torch(self.original)
         return self._teacher
+
+    def teacher_logits(self) -> list:
+        """The original model's outputs on every calibration image (computed once per run)."""
+        if self._teacher_logits is None:
+            from .distill import tiled_outputs
+
+            self._teacher_logits = tiled_outputs(self.teacher(), self.calib.images(), self.cancel)
+        return self._teacher_logits
 
 
 class Step(ABC):
@@ -90,6 +99,10 @@ class Step(ABC):
         specs = {o.name: o for o in self.option_specs}
         return self.name + (f":{self.argument.text(self.arg)}" if self.arg is not None else "") + "".join(
             f":{k}={specs[k].text(v)}" for k, v in self.opts.items() if specs[k].default != v)
+
+    def budget_keys(self) -> tuple[str, ...]:
+        """The kinds of accuracy loss this step spends (``--budget prune=0.006,int8=0.004`` names them)."""
+        return (self.name,)
 
     def sensitivity(self) -> tuple:
         """Per-layer INT8 sensitivity measured by this step (:class:`LayerSensitivity`), if any."""
@@ -216,9 +229,19 @@ class RecoverStep(Step):
         OptionSpec("crop", int, 192, "training crop size in pixels", low=32, high=4096),
         OptionSpec("retune", str, "auto", "re-choose the post-processing thresholds afterwards (off keeps them)",
                    choices=("auto", "off")),
+        OptionSpec("qat", bool, False, "then quantization-aware training: fine-tune with INT8 fake quantization "
+                   "on and export the INT8 model (the guardrail judges that INT8 model)"),
+        OptionSpec("qat_steps", int, 400, "with qat=true: steps of quantization-aware training after the float "
+                   "recovery", low=1, high=10**6),
+        OptionSpec("qat_lr", float, 4e-5, "with qat=true: peak learning rate of the quantization-aware training",
+                   low=1e-9, high=1.0),
     )
     doc = ("distill from the unpruned model on the calibration images (and fine-tune on labels when given), "
-           "then re-tune the post-processing thresholds (retune=off keeps them)")
+           "then re-tune the post-processing thresholds (retune=off keeps them); with qat=true, then train "
+           "with INT8 fake quantization and export INT8")
+
+    def budget_keys(self):  # a recovery spends the budget of the pruning it follows (and of INT8 with qat)
+        return ("int8",) if self.opts["qat"] else ()
 
     def check(self, parent, ctx):
         problems = _need_torch(parent)
@@ -235,16 +258,134 @@ class RecoverStep(Step):
 
             raise _InputError("recover:labels=yes needs labelled calibration images (--calib-labels)")
         use_labels = ctx.calib.labels if self.opts["labels"] in ("auto", "yes") else None
-        cfg = KDConfig(steps=int(self.opts["steps"]), lr=float(self.opts["lr"]), crop=int(self.opts["crop"]),
+        steps, qat = int(self.opts["steps"]), bool(self.opts["qat"])
+        total = steps + (int(self.opts["qat_steps"]) if qat else 0)
+        cfg = KDConfig(steps=steps, lr=float(self.opts["lr"]), crop=int(self.opts["crop"]),
                        temperature=float(self.opts["temperature"]), alpha=float(self.opts["alpha"]),
                        threads=ctx.threads)
-        info = yield from distill_job(student, ctx.teacher(), ctx.calib.images(), cfg, labels=use_labels,
-                                      cancel=ctx.cancel)
-        post = yield from _retune(self, student, parent, ctx, use_labels is not None, info)
-        spec = renamed(ctx.original.spec, "-recovered", config=student.config, postprocess=post)
-        child = new_artifact(out, spec, net=student, prov=provenance(
-            parent, self.name, self.params(), calibration=ctx.calib.digest, teacher=ctx.original.name),
-            cancel=ctx.cancel)
+        logits = ctx.teacher_logits() if qat else None
+        info = yield from _shifted(distill_job(student, ctx.teacher(), ctx.calib.images(), cfg, labels=use_labels,
+                                               cancel=ctx.cancel, teacher_logits=logits), 0, total)
+        prov = provenance(parent, self.name, self.params(), calibration=ctx.calib.digest, teacher=ctx.original.name)
+        if not qat:
+            post = yield from _retune(self, student, parent, ctx, use_labels is not None, info)
+            spec = renamed(ctx.original.spec, "-recovered", config=student.config, postprocess=post)
+            return new_artifact(out, spec, net=student, prov=prov, cancel=ctx.cancel), info
+        spec = renamed(ctx.original.spec, "-recovered", config=student.config)
+        floating = new_artifact(out / "float", spec, net=student, prov=prov, cancel=ctx.cancel)
+        child, qinfo = yield from _quantization_aware(
+            self, floating, None, ctx, out, steps=int(self.opts["qat_steps"]), lr=float(self.opts["qat_lr"]),
+            labels=use_labels, offset=steps, total=total, prov=prov)
+        details = {**info, "qat": qinfo}
+        details["compare"], details["float_onnx"] = qinfo.pop("compare"), qinfo.pop("float_onnx")
+        return child, details
+
+
+def _shifted(job, offset: int, total: int):
+    """Relay a training job's events as steps ``offset + k`` of ``total`` (two phases, one loss curve)."""
+    while True:
+        try:
+            p = next(job)
+        except StopIteration as stop:
+            return stop.value
+        if p.stage == "distill" and p.total:
+            p = replace(p, done=p.done + offset, total=total)
+        yield p
+
+
+def _quantization_aware(step: Step, parent: Model, ptq: Path | None, ctx: Context, out: Path, *, steps: int,
+                        lr: float, labels, offset: int = 0, total: int | None = None, prov: dict):
+    """Quantization-aware training of ``parent``'s float network (a job returning ``(child, details)``).
+
+    ``ptq``: its post-training INT8 graph when there is one (else it is
+    calibrated here on the calibration tiles, as ``quantize:int8`` does).
+    QAT starts from that graph's activation ranges and ``parent``'s float
+    weights and learns both against the original model
+    (:func:`~segstudio.core.optimize.qat.qat_job`); the child carries the
+    exported INT8 graph beside ``parent``'s float files.  The post-training
+    INT8 model of the same network is kept beside it (``details["compare"]``)
+    so the report puts PTQ and QAT side by side.
+    """
+    from .distill import KDConfig
+    from .qat import qat_job, qdq_net
+    from .quantize import quantize_int8
+
+    name = parent.spec.name
+    made_ptq = ptq is None
+    if made_ptq:
+        yield Progress("quantize", 0, 1, f"calibrating INT8 on {len(ctx.calib.tiles())} tiles (the QAT start)")
+        (out / "ptq").mkdir(parents=True, exist_ok=True)
+        ptq = quantize_int8(parent.files["onnx"], out / "ptq" / f"{name}_int8.onnx", ctx.calib.tiles(),
+                            cancel=ctx.cancel)
+    kd = KDConfig(steps=steps, lr=lr, crop=int(step.opts["crop"]), temperature=float(step.opts["temperature"]),
+                  alpha=float(step.opts["alpha"]), threads=ctx.threads, weight_decay=0.0, photometric=False)
+    yield Progress("distill", offset, total or steps, "quantization-aware training (INT8 fake quantization)")
+    net, info = yield from _shifted(qat_job(ptq, parent.files["onnx"], parent.spec.config, ctx.teacher(),
+                                            ctx.calib.images(), kd, labels=labels, cancel=ctx.cancel,
+                                            teacher_logits=ctx.teacher_logits()), offset, total or steps)
+    out.mkdir(parents=True, exist_ok=True)
+    qat_path = net.export(out / f"{name}_qat_int8.onnx")
+    post = yield from _retune(step, net, parent, ctx, labels is not None, info)
+    files = {k: v for k, v in parent.files.items() if k in ("torch", "onnx")}
+    child = new_artifact(out, replace(parent.spec, postprocess=post), copy=files, new_files={"onnx_int8": qat_path},
+                         prov={**prov, "qat": {"steps": steps, "lr": lr, "from": "ptq"}})
+    compare = {}
+    if made_ptq:
+        ptq_info: dict = {}
+        ptq_post = yield from _retune(step, qdq_net(ptq, None, parent.spec.config), parent, ctx, labels is not None,
+                                      ptq_info)
+        sibling = new_artifact(out / "ptq", replace(parent.spec, postprocess=ptq_post), copy=files,
+                               new_files={"onnx_int8": ptq}, prov=provenance(parent, "quantize", {"arg": "int8"},
+                                                                           calibration=ctx.calib.digest))
+        compare["ptq"] = str(sibling.card_path)
+    else:
+        compare["ptq"] = "parent"
+    info.update(compare=compare, float_onnx=str(parent.files["onnx"]))
+    return child, info
+
+
+class QatStep(Step):
+    name = "qat"
+    title = "Quantization-aware training (INT8)"
+    option_specs = (
+        OptionSpec("steps", int, 400, "training steps with INT8 fake quantization (batches of 8 crops)", low=1,
+                   high=10**6),
+        OptionSpec("lr", float, 4e-5, "peak learning rate (one-cycle schedule)", low=1e-9, high=1.0),
+        OptionSpec("temperature", float, 3.0, "distillation temperature T", low=0.01, high=100.0),
+        OptionSpec("alpha", float, 0.5, "weight of the distillation term against the hard targets (0 to 1)",
+                   low=0.0, high=1.0),
+        OptionSpec("labels", str, "auto", "also train on labelled calibration images: auto (when there are), "
+                   "yes or no", choices=("auto", "yes", "no")),
+        OptionSpec("crop", int, 192, "training crop size in pixels", low=32, high=4096),
+        OptionSpec("retune", str, "auto", "re-choose the post-processing thresholds afterwards (off keeps them)",
+                   choices=("auto", "off")),
+    )
+    doc = ("quantization-aware training: fine-tune the INT8 model (the one quantize:int8 made, or calibrated "
+           "here) with fake quantization against the original model, learning weights and activation ranges, "
+           "and export INT8")
+
+    def budget_keys(self):
+        return ("int8",)
+
+    def check(self, parent, ctx):
+        problems = []
+        if "onnx" not in parent.files:
+            problems.append(f"{parent.name} has no ONNX file to train")
+        for package, why in (("torch", torch_hint()), ("onnxruntime", "pip install segstudio[onnx]")):
+            if not installed(package):
+                problems.append(f"quantization-aware training needs {package} ({why})")
+        if ctx.calib is None:
+            problems.append("quantization-aware training needs the user's images (--calib)")
+        return problems
+
+    def run(self, parent, ctx, out):
+        if self.opts["labels"] == "yes" and ctx.calib.labels is None:
+            raise InputError("qat:labels=yes needs labelled calibration images (--calib-labels)")
+        labels = ctx.calib.labels if self.opts["labels"] in ("auto", "yes") else None
+        prov = provenance(parent, self.name, self.params(), calibration=ctx.calib.digest, teacher=ctx.original.name)
+        child, info = yield from _quantization_aware(
+            self, parent, parent.files.get("onnx_int8"), ctx, out, steps=int(self.opts["steps"]),
+            lr=float(self.opts["lr"]), labels=labels, prov=prov)
         return child, info
 
 
@@ -409,6 +550,9 @@ class QuantizeStep(Step):
         method = self.opts["method"] + (f"{self.opts['percentile']:g}" if self.opts["method"] == "percentile" else "")
         return ctx.out_dir / "calibration" / f"{model_digest(parent)[:12]}-{ctx.calib.digest}-{method}.json"
 
+    def budget_keys(self):
+        return (self.precision,)
+
     def retry(self, parent, ctx, out):
         """Keep the next most sensitive layer in float (measured once per layer, then reused)."""
         if self.precision != "int8" or self.opts["fallback"] == "off":
@@ -571,7 +715,24 @@ class EngineStep(Step):
 
 
 STEPS: dict[str, type[Step]] = {cls.name: cls for cls in (PruneStep, RecoverStep, DistillStep, SparsifyStep,
-                                                             ExportStep, QuantizeStep, EngineStep)}
+                                                             ExportStep, QuantizeStep, QatStep, EngineStep)}
+BUDGET_KINDS = ("prune", "distill", "sparsify", "export", "int8", "fp16", "engine")
+
+
+def parse_budget(text: str | None) -> dict[str, float]:
+    """``prune=0.006,int8=0.004`` -> per-kind AP50 allowances (refusing unknown kinds and bad numbers)."""
+    spec = OptionSpec("allowance", float, 0.0, low=0.0, high=1.0)
+    budget: dict[str, float] = {}
+    for item in [p.strip() for p in (text or "").split(",") if p.strip()]:
+        kind, sep, value = item.partition("=")
+        kind = kind.strip().lower()
+        if not sep or kind not in BUDGET_KINDS:
+            raise InputError(f"--budget: {item!r} is not KIND=AP50", hint=f"kinds: {', '.join(BUDGET_KINDS)}; "
+                             "e.g. --budget prune=0.006,int8=0.004")
+        budget[kind] = spec.parse(value, f"--budget {kind}")
+    return budget
+
+
 STEP_SPECS: dict[str, StepSpec] = {name: cls.step_spec() for name, cls in STEPS.items()}
 
 

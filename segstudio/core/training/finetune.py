@@ -77,11 +77,11 @@ def split_image(plane: np.ndarray, labels: np.ndarray, parts: int = 5, min_side:
 
 
 def _val_ap50(net, samples, params) -> float:
-    from ..optimize.distill import _outputs
+    from ..optimize.distill import tiled_outputs
     from ..segment.postprocess import fg_dist_to_labels
     from ..tasks.evaluate import score
 
-    outs = _outputs(net, [s.image for s in samples])
+    outs = tiled_outputs(net, [s.image for s in samples])
     return float(np.mean([score(s.labels, fg_dist_to_labels(o[0], o[1], params), thresholds=(0.5,)).ap[0.5]
                           for o, s in zip(outs, samples)]))
 

@@ -207,7 +207,8 @@ def hard_photometric(x: np.ndarray, fg: np.ndarray, rng: np.random.Generator) ->
 
 
 def augment_crops(stacks: list[np.ndarray], n_image: int, crop: int, zoom: tuple[float, float],
-                  rng: np.random.Generator, blur: float = 0.0, hard: bool | list[bool] = False):
+                  rng: np.random.Generator, blur: float = 0.0, hard: bool | list[bool] = False,
+                  photometric: bool = True):
     """Random augmented crops of ``(C, H, W)`` stacks whose first ``n_image`` channels are the image.
 
     Zoom (crop size scaled, resized back to ``crop``), flip, 90-degree
@@ -216,6 +217,7 @@ def augment_crops(stacks: list[np.ndarray], n_image: int, crop: int, zoom: tuple
     (sigma 0.5-1.5 px) before the noise.  With ``hard`` (channel
     ``n_image`` must be the foreground) the intensities get
     :func:`hard_photometric` instead (``hard`` may also say it per stack).
+    ``photometric=False`` leaves the intensities as they are (geometry only).
     Returns a ``(B, C, crop, crop)`` float32 tensor.
     """
     import torch
@@ -244,6 +246,9 @@ def augment_crops(stacks: list[np.ndarray], n_image: int, crop: int, zoom: tuple
         if is_hard:
             out.append(torch.cat([torch.from_numpy(hard_photometric(x.numpy(), t[n_image].numpy(), rng)),
                                   t[n_image:]]))
+            continue
+        if not photometric:
+            out.append(t)
             continue
         gain, offset = rng.uniform(0.6, 1.4), rng.uniform(-0.1, 0.1)
         gamma = math.exp(rng.uniform(math.log(0.7), math.log(1.4)))
