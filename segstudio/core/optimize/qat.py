@@ -151,8 +151,9 @@ class QDQNet(torch.nn.Module):
         self.log_scales = torch.nn.ParameterDict()  # activation scale initializer -> log(scale)
         self.float_inits = torch.nn.ParameterDict()  # float initializers a node reads (ConvTranspose bias)
         self.names: dict[str, tuple[str, ...]] = {}  # parameter key -> the initializers it is written to
-        self.quantized = True  # False: the same graph and weights in float (no rounding, no clipping)
+        self.quantized = True  # False: the same graph and weights in float (no rounding, no saturation)
         self.config = None
+        self._conv_outputs = {outs[0] for op, _, outs, _ in self.nodes if op in ("Conv", "ConvTranspose")}
         self._collect(floats)
 
     def _collect(self, floats: dict) -> None:
@@ -207,6 +208,11 @@ class QDQNet(torch.nn.Module):
         s = weight_scale(self.weights[wkey], self.w_axis[wkey]) * (self.scale(x_scale) if x_scale else 1.0)
         return fake_quant(b, s, 0.0, *INT32)
 
+    def _relu_range(self, ins) -> bool:
+        """Does this QuantizeLinear stand for a ReLU the quantizer folded (a Conv output in [0, max])?"""
+        zp = self.inits[ins[2]]
+        return zp.dtype == np.uint8 and int(zp) == 0 and ins[0] in self._conv_outputs
+
     def forward(self, x):
         return self._env(x)[self.output_name]
 
@@ -227,6 +233,9 @@ class QDQNet(torch.nn.Module):
                 return self.weights[_safe(outs[0])]
             if outs[0] in self.bias_of:
                 return self.biases[_safe(outs[0])]
+            if op == "QuantizeLinear" and self._relu_range(ins):
+                # the quantizer drops a ReLU before an unsigned range that starts at 0: its clipping is the ReLU
+                return F.relu(env[ins[0]])
             return env[ins[0]]
         if op == "QuantizeLinear":
             zp = float(self.inits[ins[2]])
@@ -349,7 +358,7 @@ def qat_job(int8_onnx: str | Path, float_onnx: str | Path, config, teacher, imag
 
 
 def layer_errors(int8_onnx: dict[str, str | Path], float_onnx: str | Path, tiles: list[np.ndarray]) -> dict:
-    """How far each INT8 graph's layer outputs are from the float network's, layer by layer.
+    """How far each INT8 graph's layer outputs are from float, layer by layer, two ways.
 
     Parameters
     ----------
@@ -357,30 +366,38 @@ def layer_errors(int8_onnx: dict[str, str | Path], float_onnx: str | Path, tiles
         Name (``"ptq"``, ``"qat"``) -> a Q/DQ graph of the same network
         (the same nodes, other weights and scales).
     float_onnx : str or pathlib.Path
-        The float network they approximate (the reference for all of them).
+        The float network they all started from.
     tiles : list of numpy.ndarray
         ``(1, C, H, W)`` float32 tiles.
 
     Returns
     -------
     dict
-        Conv node output -> name -> relative error
-        ``mean |int8 - float| / mean |float|`` over the tiles.
+        Conv node output -> name -> ``{"vs_start": e, "vs_own_float": e}``:
+        the relative error ``mean |int8 - float| / mean |float|`` over the
+        tiles against ``float_onnx`` (QAT also moves away from it on purpose:
+        it goes on learning from the teacher), and against the same graph's
+        own weights run in float (what quantizing its activations costs).
     """
     names = list(int8_onnx)
-    ref = qdq_net(next(iter(int8_onnx.values())), float_onnx)
-    ref.quantized = False
+    start = qdq_net(next(iter(int8_onnx.values())), float_onnx)
+    start.quantized = False
     nets = [qdq_net(int8_onnx[n]) for n in names]
-    err: dict[str, np.ndarray] = {}
-    scale: dict[str, float] = {}
+    owns = [qdq_net(int8_onnx[n]) for n in names]
+    for own in owns:
+        own.quantized = False
+    sums: dict[str, dict[str, list[float]]] = {}
     with torch.no_grad():
         for t in tiles:
             x = torch.from_numpy(np.ascontiguousarray(t, np.float32))
-            r = ref.activations(x)
-            outs = [net.activations(x) for net in nets]
-            for layer, v in r.items():
-                scale[layer] = scale.get(layer, 0.0) + float(v.abs().mean())
-                e = err.setdefault(layer, np.zeros(len(names)))
-                e += [float((o[layer] - v).abs().mean()) for o in outs]
-    return {layer: {n: float(e[k] / max(scale[layer], 1e-12)) for k, n in enumerate(names)}
-            for layer, e in err.items()}
+            ref = start.activations(x)
+            for n, net, own in zip(names, nets, owns):
+                got, mine = net.activations(x), own.activations(x)
+                for layer, v in ref.items():
+                    acc = sums.setdefault(layer, {}).setdefault(n, [0.0, 0.0, 0.0, 0.0])
+                    acc[0] += float((got[layer] - v).abs().mean())
+                    acc[1] += float(v.abs().mean())
+                    acc[2] += float((got[layer] - mine[layer]).abs().mean())
+                    acc[3] += float(mine[layer].abs().mean())
+    return {layer: {n: {"vs_start": a[0] / max(a[1], 1e-12), "vs_own_float": a[2] / max(a[3], 1e-12)}
+                    for n, a in by.items()} for layer, by in sums.items()}

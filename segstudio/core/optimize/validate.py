@@ -164,14 +164,24 @@ def variant_latencies(model: Model, batch: np.ndarray, target: str = "cpu",
     return dict(sorted(timed.items(), key=lambda kv: kv[1]))
 
 
-def segment_all(model: Model, backend, vset: ValidationSet, cancel: CancelToken | None = None) -> Job[list]:
-    """Instance labels of every validation image (a job)."""
-    labels = []
+def segment_all(model: Model, backend, vset: ValidationSet, cancel: CancelToken | None = None,
+                diameters: list[float | None] | None = None) -> Job[tuple[list, list]]:
+    """Instance labels of every validation image and the nuclei diameter each was segmented at (a job).
+
+    ``diameters``: segment image ``i`` at ``diameters[i]`` pixels instead of
+    the model's own estimate (``None`` entries: estimated).
+    """
+    from ..segment.options import Diameter
+
+    labels, used = [], []
     for i, img in enumerate(vset.images):
-        res = yield from segment_job(img, model, backend, SegmentOptions(measure_cells=False), cancel=cancel)
+        d = diameters[i] if diameters is not None else None
+        opts = SegmentOptions(measure_cells=False, diameter=Diameter("px", float(d)) if d else Diameter())
+        res = yield from segment_job(img, model, backend, opts, cancel=cancel)
         labels.append(res.labels.reshape(res.labels.shape[-2:]) if res.labels.ndim > 2 else res.labels)
+        used.append(res.diameter)
         yield Progress("validate", i + 1, len(vset.images))
-    return labels
+    return labels, used
 
 
 def agreement(pred: list[np.ndarray], reference: list[np.ndarray]) -> float:
@@ -191,17 +201,20 @@ def accuracy(pred: list[np.ndarray], vset: ValidationSet, parent_pred: list[np.n
 
 
 def measure_artifact(model: Model, vset: ValidationSet, batch: np.ndarray, *, target: str = "cpu",
-                     parent: dict | None = None, cancel: CancelToken | None = None) -> Job[dict]:
+                     parent: dict | None = None, cancel: CancelToken | None = None,
+                     diameters: list[float | None] | None = None) -> Job[dict]:
     """Accuracy, agreement with the parent, output difference, speed, size, parameters and FLOPs.
 
     ``parent`` is this function's result for the parent (its ``_pred`` and
-    ``_out`` are used for agreement and output difference).
+    ``_out`` are used for agreement and output difference); ``diameters``:
+    segment at these nuclei diameters (:func:`segment_all`) instead of the
+    model's own estimates, which are in ``_diameters`` otherwise.
     """
     latencies = variant_latencies(model, batch, target, cancel=cancel)
     variant, ms = next(iter(latencies.items()))
     yield Progress("validate", 0, len(vset.images), f"validating on {variant}")
     with create_backend(variant, model) as backend:
-        pred = yield from segment_all(model, backend, vset, cancel)
+        pred, used = yield from segment_all(model, backend, vset, cancel, diameters)
         out = backend.predict(batch[:1])
     cfg = model.spec.config
     tile = batch.shape[-1]
@@ -220,6 +233,7 @@ def measure_artifact(model: Model, vset: ValidationSet, batch: np.ndarray, *, ta
         **accuracy(pred, vset, parent.get("_pred") if parent else None),
         "_pred": pred,
         "_out": out,
+        "_diameters": used,
     }
     if parent is not None and parent.get("_out") is not None:
         result["output_vs_parent"] = compare_outputs(parent["_out"], out)
