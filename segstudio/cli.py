@@ -547,7 +547,7 @@ def cmd_optimize(args) -> int:
     from .core.models.catalog import get_model
     from .core.optimize.calibration import CalibrationSource
     from .core.optimize.estimate import format_seconds
-    from .core.optimize.report import EventKind, OptimizeEvent, StepStatus
+    from .core.optimize.report import EventKind, OptimizeEvent
     from .core.optimize.runner import OptimizeOptions, optimize_job, read_state
     from .core.optimize.steps import Context, parse_budget, parse_steps
     from .core.optimize.validate import ValidationSet
@@ -608,6 +608,15 @@ def cmd_optimize(args) -> int:
                                                    budget=budget),
                                    inputs=inputs),
                       on_progress)
+    _print_optimize_summary(report)
+    print(f"wrote {Path(args.out) / 'report.json'} and report.html in {report.seconds / 60:.1f} min")
+    return 0
+
+
+def _print_optimize_summary(report) -> None:
+    """The run's table: every step's verdict, accuracy, speed, budget used and the models beside it."""
+    from .core.optimize.report import StepStatus
+
     b = report.baseline
     print(f"{'step':<34} {'status':<12} {'AP50':>7} {'change':>8} {'speed-up':>9} {'ms':>8}  backend")
     print(f"{'original':<34} {'':<12} {b.ap50:7.4f} {'':>8} {b.speedup_vs_baseline:8.2f}x "
@@ -628,8 +637,6 @@ def cmd_optimize(args) -> int:
     f = report.final
     print(f"final: AP50 {f.ap50:.4f} ({f.ap50_delta:+.4f}), {f.speedup_vs_baseline:.2f}x PyTorch eager FP32, "
           f"{f.artifact}")
-    print(f"wrote {Path(args.out) / 'report.json'} and report.html in {report.seconds / 60:.1f} min")
-    return 0
 
 
 def cmd_train(args) -> int:

@@ -243,7 +243,7 @@ def test_step_specifications_describe_every_option():
     from segstudio.core.optimize.options import OptionSpec
     from segstudio.core.optimize.steps import STEP_SPECS
 
-    assert set(STEP_SPECS) == {"prune", "recover", "distill", "sparsify", "export", "quantize", "engine"}
+    assert set(STEP_SPECS) == {"prune", "recover", "distill", "sparsify", "export", "quantize", "qat", "engine"}
     for spec in STEP_SPECS.values():
         assert spec.title and spec.doc
         for o in ((spec.argument,) if spec.argument else ()) + spec.options:
@@ -263,7 +263,7 @@ def test_step_specifications_describe_every_option():
 def test_presets_parse_and_say_why_they_cannot_run():
     from segstudio.core.optimize.presets import PRESETS, preset
 
-    assert [p.key for p in PRESETS] == ["int8", "prune-recover-int8", "light", "gpu-fp16-engine"]
+    assert [p.key for p in PRESETS] == ["int8", "prune-recover-int8", "prune-qat", "light", "gpu-fp16-engine"]
     for p in PRESETS:
         assert parse_steps(p.steps) and p.sentence
     gpu = preset("gpu-fp16-engine").unavailable()

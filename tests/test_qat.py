@@ -127,7 +127,8 @@ def test_short_qat_of_a_pruned_network_beats_its_ptq_and_the_report_shows_both(t
     assert ptq["speedup_vs_baseline"] == pytest.approx(report.eager_fp32_ms / ptq["latency_ms"])  # round-robin
     layers = recover.layer_error
     assert len(layers) >= 10 and all(set(v) == {"this step", "ptq"} for v in layers.values())
-    assert all(0 <= e < 1 for v in layers.values() for by in v.values() for e in by.values())
+    assert all(0 <= e < 10 for v in layers.values() for by in v.values() for e in by.values())
+    assert all(v["ptq"]["vs_own_float"] < 1 for v in layers.values())  # activation rounding: a fraction of the signal
     steps = [s for s, _ in recover.loss_curve]  # one curve over both phases: float recovery, then QAT
     assert steps == sorted(steps) and steps[-1] == 40 and len(steps) == 4
     assert recover.details["qat"]["steps"] == 20 and recover.details["steps"] == 20

@@ -337,22 +337,22 @@ def _export(net, path: Path) -> Path:
     return finalize_onnx(tmp, path)
 
 
-def qat_job(int8_onnx: str | Path, float_onnx: str | Path, config, teacher, images: list[np.ndarray], kd, *,
-            labels=None, teacher_logits=None, cancel=None):
+def qat_job(int8_onnx: str | Path, float_onnx: str | Path, config, teacher, images: list[np.ndarray], kd,
+            **distill):
     """Quantization-aware training of the INT8 graph ``int8_onnx`` (a job returning ``(net, info)``).
 
     ``float_onnx``'s weights start it (with ``int8_onnx``'s calibrated
     activation scales); it then learns, weights and scales together, to
     match ``teacher`` on crops of ``images`` with the distillation loss of
     :func:`~segstudio.core.optimize.distill.distill_job` (``kd``: its
-    :class:`~segstudio.core.optimize.distill.KDConfig`; ``labels`` as there).
-    The returned :class:`QDQNet` exports with :meth:`QDQNet.export`.
+    :class:`~segstudio.core.optimize.distill.KDConfig`; ``distill``: its
+    ``labels``, ``cancel`` and ``teacher_logits``).  The returned
+    :class:`QDQNet` exports with :meth:`QDQNet.export`.
     """
     from .distill import distill_job
 
     net = qdq_net(int8_onnx, float_onnx, config)
-    info = yield from distill_job(net, teacher, images, kd, labels=labels, cancel=cancel,
-                                  teacher_logits=teacher_logits)
+    info = yield from distill_job(net, teacher, images, kd, **distill)
     net.eval()
     return net, info
 

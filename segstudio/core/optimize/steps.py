@@ -274,8 +274,8 @@ class RecoverStep(Step):
         spec = renamed(ctx.original.spec, "-recovered", config=student.config)
         floating = new_artifact(out / "float", spec, net=student, prov=prov, cancel=ctx.cancel)
         child, qinfo = yield from _quantization_aware(
-            self, floating, None, ctx, out, steps=int(self.opts["qat_steps"]), lr=float(self.opts["qat_lr"]),
-            labels=use_labels, offset=steps, total=total, prov=prov)
+            self, floating, None, ctx, out, _Phase(int(self.opts["qat_steps"]), float(self.opts["qat_lr"]), steps,
+                                                   total), labels=use_labels, prov=prov)
         details = {**info, "qat": qinfo}
         details["compare"], details["float_onnx"] = qinfo.pop("compare"), qinfo.pop("float_onnx")
         return child, details
@@ -293,8 +293,18 @@ def _shifted(job, offset: int, total: int):
         yield p
 
 
-def _quantization_aware(step: Step, parent: Model, ptq: Path | None, ctx: Context, out: Path, *, steps: int,
-                        lr: float, labels, offset: int = 0, total: int | None = None, prov: dict):
+@dataclass(frozen=True)
+class _Phase:
+    """A training phase: ``steps`` at peak ``lr``, shown as steps ``offset + 1 ..`` of ``total`` (one curve)."""
+
+    steps: int
+    lr: float
+    offset: int = 0
+    total: int | None = None
+
+
+def _quantization_aware(step: Step, parent: Model, ptq: Path | None, ctx: Context, out: Path, phase: _Phase, *,
+                        labels, prov: dict):
     """Quantization-aware training of ``parent``'s float network (a job returning ``(child, details)``).
 
     ``ptq``: its post-training INT8 graph when there is one (else it is
@@ -317,18 +327,19 @@ def _quantization_aware(step: Step, parent: Model, ptq: Path | None, ctx: Contex
         (out / "ptq").mkdir(parents=True, exist_ok=True)
         ptq = quantize_int8(parent.files["onnx"], out / "ptq" / f"{name}_int8.onnx", ctx.calib.tiles(),
                             cancel=ctx.cancel)
-    kd = KDConfig(steps=steps, lr=lr, crop=int(step.opts["crop"]), temperature=float(step.opts["temperature"]),
+    steps, total = phase.steps, phase.total or phase.steps
+    kd = KDConfig(steps=steps, lr=phase.lr, crop=int(step.opts["crop"]), temperature=float(step.opts["temperature"]),
                   alpha=float(step.opts["alpha"]), threads=ctx.threads, weight_decay=0.0, photometric=False)
-    yield Progress("distill", offset, total or steps, "quantization-aware training (INT8 fake quantization)")
+    yield Progress("distill", phase.offset, total, "quantization-aware training (INT8 fake quantization)")
     net, info = yield from _shifted(qat_job(ptq, parent.files["onnx"], parent.spec.config, ctx.teacher(),
                                             ctx.calib.images(), kd, labels=labels, cancel=ctx.cancel,
-                                            teacher_logits=ctx.teacher_logits()), offset, total or steps)
+                                            teacher_logits=ctx.teacher_logits()), phase.offset, total)
     out.mkdir(parents=True, exist_ok=True)
     qat_path = net.export(out / f"{name}_qat_int8.onnx")
     post = yield from _retune(step, net, parent, ctx, labels is not None, info)
     files = {k: v for k, v in parent.files.items() if k in ("torch", "onnx")}
     child = new_artifact(out, replace(parent.spec, postprocess=post), copy=files, new_files={"onnx_int8": qat_path},
-                         prov={**prov, "qat": {"steps": steps, "lr": lr, "from": "ptq"}})
+                         prov={**prov, "qat": {"steps": steps, "lr": phase.lr, "from": "ptq"}})
     compare = {}
     if made_ptq:
         ptq_info: dict = {}
@@ -384,8 +395,8 @@ class QatStep(Step):
         labels = ctx.calib.labels if self.opts["labels"] in ("auto", "yes") else None
         prov = provenance(parent, self.name, self.params(), calibration=ctx.calib.digest, teacher=ctx.original.name)
         child, info = yield from _quantization_aware(
-            self, parent, parent.files.get("onnx_int8"), ctx, out, steps=int(self.opts["steps"]),
-            lr=float(self.opts["lr"]), labels=labels, prov=prov)
+            self, parent, parent.files.get("onnx_int8"), ctx, out,
+            _Phase(int(self.opts["steps"]), float(self.opts["lr"])), labels=labels, prov=prov)
         return child, info
 
 
