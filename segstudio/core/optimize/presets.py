@@ -23,10 +23,12 @@ class Preset:
 
     def unavailable(self) -> str | None:
         """Why this preset cannot run on this machine, or ``None``."""
-        names = {s.split(":")[0] for s in self.steps.split(",")}
-        if names & {"prune", "recover", "distill", "export", "qat"} and not installed("torch"):
+        from .steps import parse_steps
+
+        steps = parse_steps(self.steps)
+        if {s.name for s in steps} & {"prune", "recover", "distill", "export", "qat"} and not installed("torch"):
             return f"needs PyTorch ({torch_hint()})"
-        if ("quantize" in names or "qat" in names or "qat=true" in self.steps) and not installed("onnxruntime"):
+        if any(s.name in ("quantize", "qat") or s.opts.get("qat") for s in steps) and not installed("onnxruntime"):
             return "needs ONNX Runtime (pip install segstudio[onnx])"
         if self.target == "gpu":
             if not gpu_available():

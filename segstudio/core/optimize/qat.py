@@ -117,9 +117,7 @@ def qdq_net(int8_onnx: str | Path, float_onnx: str | Path | None = None, config=
     ValueError
         An op this interpreter does not know.
     """
-    net = QDQNet(Path(int8_onnx), Path(float_onnx) if float_onnx else None)
-    net.config = config
-    return net
+    return QDQNet(Path(int8_onnx), Path(float_onnx) if float_onnx else None, config)
 
 
 class QDQNet(torch.nn.Module):
@@ -128,7 +126,7 @@ class QDQNet(torch.nn.Module):
     OPS = ("QuantizeLinear", "DequantizeLinear", "Conv", "ConvTranspose", "MaxPool", "Concat", "Relu", "Add",
            "Mul")
 
-    def __init__(self, int8_onnx: Path, float_onnx: Path | None):
+    def __init__(self, int8_onnx: Path, float_onnx: Path | None, config=None):
         import onnx
         from onnx import numpy_helper
 
@@ -152,7 +150,7 @@ class QDQNet(torch.nn.Module):
         self.float_inits = torch.nn.ParameterDict()  # float initializers a node reads (ConvTranspose bias)
         self.names: dict[str, tuple[str, ...]] = {}  # parameter key -> the initializers it is written to
         self.quantized = True  # False: the same graph and weights in float (no rounding, no saturation)
-        self.config = None
+        self.config = config
         self._conv_outputs = {outs[0] for op, _, outs, _ in self.nodes if op in ("Conv", "ConvTranspose")}
         self._collect(floats)
 
@@ -383,16 +381,13 @@ def layer_errors(int8_onnx: dict[str, str | Path], float_onnx: str | Path, tiles
     start = qdq_net(next(iter(int8_onnx.values())), float_onnx)
     start.quantized = False
     nets = [qdq_net(int8_onnx[n]) for n in names]
-    owns = [qdq_net(int8_onnx[n]) for n in names]
-    for own in owns:
-        own.quantized = False
     sums: dict[str, dict[str, list[float]]] = {}
     with torch.no_grad():
         for t in tiles:
             x = torch.from_numpy(np.ascontiguousarray(t, np.float32))
             ref = start.activations(x)
-            for n, net, own in zip(names, nets, owns):
-                got, mine = net.activations(x), own.activations(x)
+            for n, net in zip(names, nets):
+                got, mine = _both_ways(net, x)
                 for layer, v in ref.items():
                     acc = sums.setdefault(layer, {}).setdefault(n, [0.0, 0.0, 0.0, 0.0])
                     acc[0] += float((got[layer] - v).abs().mean())
@@ -401,3 +396,13 @@ def layer_errors(int8_onnx: dict[str, str | Path], float_onnx: str | Path, tiles
                     acc[3] += float(mine[layer].abs().mean())
     return {layer: {n: {"vs_start": a[0] / max(a[1], 1e-12), "vs_own_float": a[2] / max(a[3], 1e-12)}
                     for n, a in by.items()} for layer, by in sums.items()}
+
+
+def _both_ways(net: QDQNet, x) -> tuple[dict, dict]:
+    """``net``'s layer outputs on ``x`` quantized, then with the same weights in float."""
+    got = net.activations(x)
+    net.quantized = False
+    try:
+        return got, net.activations(x)
+    finally:
+        net.quantized = True

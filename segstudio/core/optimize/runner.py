@@ -375,13 +375,23 @@ class _Optimizer:
             return None
         return float(sum(budget[k] for k in dict.fromkeys(keys)))
 
+    def _start(self) -> tuple[Model, dict]:
+        """The model the current step is judged against: before the pruning it recovers, else its parent."""
+        return self.before_prune or (self.current, self.cur_meas)
+
     def _over_budget(self, step: Step, meas: dict) -> bool:
         metric = _metric(meas, self.labelled)
         if self.base_metric - metric > self.options.max_drop:
             return True
         allowance = self._allowance(step)
-        start = (self.before_prune or (self.current, self.cur_meas))[1]
-        return allowance is not None and _metric(start, self.labelled) - metric > allowance
+        return allowance is not None and _metric(self._start()[1], self.labelled) - metric > allowance
+
+    def _reject(self, row: StepReport, reason: str, pruning_reason: str) -> None:
+        """Roll the step back (and the pruning it was recovering, if any), saying why."""
+        row.status, row.reason = StepStatus.ROLLED_BACK, reason
+        if self.before_prune is not None:
+            row.reason += "; the pruning it was recovering is rolled back too"
+        self._roll_back_pruning(pruning_reason)
 
     def _awaits_recovery(self, i: int, step: Step) -> bool:
         return step.needs_recovery and i + 1 < len(self.steps) and self.steps[i + 1].name == "recover"
@@ -408,29 +418,21 @@ class _Optimizer:
         if self._awaits_recovery(i, step):
             row.status, row.reason = StepStatus.KEPT, PENDING
             self.pending.append(row)
-            self.before_prune = self.before_prune or (self.current, self.cur_meas)
+            self.before_prune = self._start()
             self.current, self.cur_meas = child, meas
             return
-        start_meas = (self.before_prune or (self.current, self.cur_meas))[1]
-        row.budget_used = _metric(start_meas, self.labelled) - metric
+        speed_parent, speed_meas = self._start()
+        row.budget_used = _metric(speed_meas, self.labelled) - metric
         row.allowance = allowance = self._allowance(step)
         if base_metric - metric > max_drop:
-            row.status = StepStatus.ROLLED_BACK
-            row.reason = (f"AP50 {metric:.4f} is {base_metric - metric:.4f} below the original's "
-                          f"{base_metric:.4f}, more than the allowed {max_drop}")
-            if self.before_prune is not None:
-                row.reason += "; the pruning it was recovering is rolled back too"
-            self._roll_back_pruning("its recovery did not bring the accuracy back within the budget")
+            self._reject(row, f"AP50 {metric:.4f} is {base_metric - metric:.4f} below the original's "
+                         f"{base_metric:.4f}, more than the allowed {max_drop}",
+                         "its recovery did not bring the accuracy back within the budget")
             return
         if allowance is not None and row.budget_used > allowance:
-            row.status = StepStatus.ROLLED_BACK
-            row.reason = (f"it lost {row.budget_used:.4f} AP50 against the model it started from, more than its "
-                          f"allowance of {allowance:g} (--budget)")
-            if self.before_prune is not None:
-                row.reason += "; the pruning it was recovering is rolled back too"
-            self._roll_back_pruning("its recovery used more than its allowance")
+            self._reject(row, f"it lost {row.budget_used:.4f} AP50 against the model it started from, more than "
+                         f"its allowance of {allowance:g} (--budget)", "its recovery used more than its allowance")
             return
-        speed_parent, speed_meas = self.before_prune or (self.current, self.cur_meas)
         faster = None
         if step.judged_on_speed and self.options.min_speedup > 0:
             yield self.run.event(EventKind.STEP_PROGRESS, i, "timing it against its parent, round-robin",
@@ -439,13 +441,9 @@ class _Optimizer:
                               self.ctx.cancel)
             row.details = {**details, "speedup_vs_parent_at_verdict": faster}
         if faster is not None and faster < self.options.min_speedup:
-            row.status = StepStatus.ROLLED_BACK
-            row.reason = (f"not faster on this machine: {faster:.2f}x its parent "
-                          f"({meas['variant']} against {speed_meas['variant']}, timed round-robin), "
-                          f"less than the {self.options.min_speedup:.2f}x asked for")
-            if self.before_prune is not None:
-                row.reason += "; the pruning it was recovering is rolled back too"
-            self._roll_back_pruning("the pruned and recovered model was not faster")
+            self._reject(row, f"not faster on this machine: {faster:.2f}x its parent ({meas['variant']} against "
+                         f"{speed_meas['variant']}, timed round-robin), less than the "
+                         f"{self.options.min_speedup:.2f}x asked for", "the pruned and recovered model was not faster")
             return
         drop = base_metric - metric
         row.status = StepStatus.KEPT

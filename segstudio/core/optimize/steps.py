@@ -214,21 +214,34 @@ def _retune(step: Step, student, parent: Model, ctx: Context, with_labels: bool,
     return post
 
 
+# training against the original model: recover and qat take these the same way
+_TEACHER_OPTIONS = (
+    OptionSpec("temperature", float, 3.0, "distillation temperature T: softens the teacher's outputs",
+               low=0.01, high=100.0),
+    OptionSpec("alpha", float, 0.5, "weight of the distillation term against the hard targets (0 to 1)",
+               low=0.0, high=1.0),
+    OptionSpec("labels", str, "auto", "also fine-tune on labelled calibration images: auto (when there are), "
+               "yes or no", choices=("auto", "yes", "no")),
+    OptionSpec("crop", int, 192, "training crop size in pixels", low=32, high=4096),
+    OptionSpec("retune", str, "auto", "re-choose the post-processing thresholds afterwards (off keeps them)",
+               choices=("auto", "off")),
+)
+
+
+def _training_labels(step: Step, ctx: Context):
+    """The calibration labels the step trains on (its ``labels`` option), or None; refuses yes without labels."""
+    if step.opts["labels"] == "yes" and ctx.calib.labels is None:
+        raise InputError(f"{step.name}:labels=yes needs labelled calibration images (--calib-labels)")
+    return ctx.calib.labels if step.opts["labels"] in ("auto", "yes") else None
+
+
 class RecoverStep(Step):
     name = "recover"
     title = "Recovery by distillation"
     option_specs = (
         OptionSpec("steps", int, 2500, "training steps (batches of 8 crops)", low=1, high=10**6),
         OptionSpec("lr", float, 1e-3, "peak learning rate (one-cycle schedule)", low=1e-8, high=1.0),
-        OptionSpec("temperature", float, 3.0, "distillation temperature T: softens the teacher's outputs",
-                   low=0.01, high=100.0),
-        OptionSpec("alpha", float, 0.5, "weight of the distillation term against the hard targets (0 to 1)",
-                   low=0.0, high=1.0),
-        OptionSpec("labels", str, "auto", "also fine-tune on labelled calibration images: auto (when there are), "
-                   "yes or no", choices=("auto", "yes", "no")),
-        OptionSpec("crop", int, 192, "training crop size in pixels", low=32, high=4096),
-        OptionSpec("retune", str, "auto", "re-choose the post-processing thresholds afterwards (off keeps them)",
-                   choices=("auto", "off")),
+        *_TEACHER_OPTIONS,
         OptionSpec("qat", bool, False, "then quantization-aware training: fine-tune with INT8 fake quantization "
                    "on and export the INT8 model (the guardrail judges that INT8 model)"),
         OptionSpec("qat_steps", int, 400, "with qat=true: steps of quantization-aware training after the float "
@@ -253,11 +266,7 @@ class RecoverStep(Step):
         from .distill import KDConfig, distill_job
 
         student = load_torch(parent)
-        if self.opts["labels"] == "yes" and ctx.calib.labels is None:
-            from ..errors import InputError as _InputError
-
-            raise _InputError("recover:labels=yes needs labelled calibration images (--calib-labels)")
-        use_labels = ctx.calib.labels if self.opts["labels"] in ("auto", "yes") else None
+        use_labels = _training_labels(self, ctx)
         steps, qat = int(self.opts["steps"]), bool(self.opts["qat"])
         total = steps + (int(self.opts["qat_steps"]) if qat else 0)
         cfg = KDConfig(steps=steps, lr=float(self.opts["lr"]), crop=int(self.opts["crop"]),
@@ -362,14 +371,7 @@ class QatStep(Step):
         OptionSpec("steps", int, 400, "training steps with INT8 fake quantization (batches of 8 crops)", low=1,
                    high=10**6),
         OptionSpec("lr", float, 4e-5, "peak learning rate (one-cycle schedule)", low=1e-9, high=1.0),
-        OptionSpec("temperature", float, 3.0, "distillation temperature T", low=0.01, high=100.0),
-        OptionSpec("alpha", float, 0.5, "weight of the distillation term against the hard targets (0 to 1)",
-                   low=0.0, high=1.0),
-        OptionSpec("labels", str, "auto", "also train on labelled calibration images: auto (when there are), "
-                   "yes or no", choices=("auto", "yes", "no")),
-        OptionSpec("crop", int, 192, "training crop size in pixels", low=32, high=4096),
-        OptionSpec("retune", str, "auto", "re-choose the post-processing thresholds afterwards (off keeps them)",
-                   choices=("auto", "off")),
+        *_TEACHER_OPTIONS,
     )
     doc = ("quantization-aware training: fine-tune the INT8 model (the one quantize:int8 made, or calibrated "
            "here) with fake quantization against the original model, learning weights and activation ranges, "
@@ -390,9 +392,7 @@ class QatStep(Step):
         return problems
 
     def run(self, parent, ctx, out):
-        if self.opts["labels"] == "yes" and ctx.calib.labels is None:
-            raise InputError("qat:labels=yes needs labelled calibration images (--calib-labels)")
-        labels = ctx.calib.labels if self.opts["labels"] in ("auto", "yes") else None
+        labels = _training_labels(self, ctx)
         prov = provenance(parent, self.name, self.params(), calibration=ctx.calib.digest, teacher=ctx.original.name)
         child, info = yield from _quantization_aware(
             self, parent, parent.files.get("onnx_int8"), ctx, out,
